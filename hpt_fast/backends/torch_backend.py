@@ -1,0 +1,92 @@
+"""Row kernels in plain PyTorch: the readable reference every other backend must match.
+
+A backend is a module with three functions that work on one block of logits, shape [C, V], the
+rows being tokens (all valid: ignored positions are removed before any backend sees them) and the
+columns the vocabulary. The GEMMs around them live in ``hpt_fast.ops`` and are shared by all
+backends. With ``z = logits * inv_temp`` (float32 arithmetic whatever the block's dtype; float64
+blocks, used for gradcheck, stay float64 in this backend only):
+
+- ``row_stats`` returns ``logp = z[target] - logsumexp(z)``, ``lse = logsumexp(z)`` and, when asked,
+  ``entropy = -sum(softmax(z) * log_softmax(z))``.
+- ``grad_logits`` writes ``d loss / d logits`` for per-token ``g_logp = d loss / d logp`` and
+  ``g_ent = d loss / d entropy``:
+  ``inv_temp * (g_logp * (onehot - p) - g_ent * p * (log p + H))``.
+- ``accumulate_`` adds a low-precision block into a float32 accumulator.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def row_stats(
+    logits: Tensor, targets: Tensor, inv_temp: float, with_entropy: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-row statistics of one logits block.
+
+    Args:
+        logits: [C, V] float32 / bfloat16 / float16, contiguous.
+        targets: [C] int64, every id in [0, V).
+        inv_temp: 1 / temperature.
+        with_entropy: whether to compute the entropy.
+    Returns:
+        logp [C] float32 (always <= 0), lse [C] float32, entropy [C] float32 (>= 0) or None
+        (float64 for a float64 block).
+    """
+    z = _compute(logits) * inv_temp
+    m = z.amax(dim=1, keepdim=True)
+    # shifted logits keep exp() finite for logits of any magnitude
+    zs = z - m
+    e = zs.exp()
+    s = e.sum(dim=1)
+    log_s = s.log()
+    # (z_t - m) <= 0 and log(s) >= 0 in floating point too, so logp <= 0 holds exactly
+    logp = zs.gather(1, targets[:, None]).squeeze(1) - log_s
+    lse = m.squeeze(1) + log_s
+    entropy = None
+    if with_entropy:
+        entropy = (log_s - (e * zs).sum(dim=1) / s).clamp_min_(0.0)
+    return logp, lse, entropy
+
+
+def grad_logits(
+    logits: Tensor,
+    targets: Tensor,
+    lse: Tensor,
+    entropy: Tensor | None,
+    g_logp: Tensor,
+    g_ent: Tensor | None,
+    inv_temp: float,
+    out: Tensor,
+) -> Tensor:
+    """Write d loss / d logits of one block into ``out``.
+
+    Args:
+        logits: [C, V] float32 / bfloat16 / float16, the raw (untempered) logits.
+        targets: [C] int64 in [0, V).
+        lse: [C] float32 from ``row_stats``; entropy: [C] float32 or None.
+        g_logp: [C] float32; g_ent: [C] float32 or None (no entropy term).
+        inv_temp: 1 / temperature.
+        out: [C, V], any float dtype; may be ``logits`` itself (in place).
+    Returns:
+        ``out``.
+    """
+    logp_all = _compute(logits) * inv_temp - lse[:, None]
+    p = logp_all.exp()
+    d = p * (-g_logp[:, None])
+    if g_ent is not None:
+        d -= p * (logp_all + entropy[:, None]) * g_ent[:, None]
+    d.scatter_add_(1, targets[:, None], g_logp[:, None])
+    d *= inv_temp
+    out.copy_(d)
+    return out
+
+
+def _compute(logits: Tensor) -> Tensor:
+    """The block in its arithmetic dtype: float32, or float64 for a float64 block."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
+def accumulate_(acc: Tensor, x: Tensor) -> Tensor:
+    """acc += x, with ``acc`` float32 and ``x`` any float dtype of the same shape."""
+    return acc.add_(x)
