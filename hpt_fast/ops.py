@@ -331,20 +331,15 @@ class _LinearLoss(torch.autograd.Function):
                     None if grad_h is None else grad_h[s:e], params,
                 )
         grad_w, grad_b = params.result()
-        ctx.grads = (grad_h, grad_w, grad_b)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
         ent_out = entropy if with_entropy else logp.new_zeros(0)
         ctx.mark_non_differentiable(logp, ent_out)
         return total, logp, ent_out
 
     @staticmethod
     def backward(ctx, grad_loss, _g_logp, _g_ent):
-        if not hasattr(ctx, "grads"):
-            raise RuntimeError(
-                "fused_linear_loss computes its gradients once, in the forward pass: its backward "
-                "can run only once per call (retain_graph is not supported)"
-            )
-        grads = ctx.grads
-        del ctx.grads  # free the [V, H] gradient as soon as autograd has it
+        # saved tensors, so autograd frees the [V, H] gradient right after backward
+        grads = ctx.saved_tensors
         if float(grad_loss) != 1.0:
             grads = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in grads)
         return (*grads, None, None, None, None, None)

@@ -36,7 +36,7 @@ def row_stats(
     z = _compute(logits) * inv_temp
     m = z.amax(dim=1, keepdim=True)
     # shifted logits keep exp() finite for logits of any magnitude
-    zs = z - m
+    zs = z.sub_(m)
     e = zs.exp()
     s = e.sum(dim=1)
     log_s = s.log()
@@ -45,7 +45,7 @@ def row_stats(
     lse = m.squeeze(1) + log_s
     entropy = None
     if with_entropy:
-        entropy = (log_s - (e * zs).sum(dim=1) / s).clamp_min_(0.0)
+        entropy = (log_s - torch.linalg.vecdot(e, zs) / s).clamp_min_(0.0)
     return logp, lse, entropy
 
 
@@ -71,14 +71,20 @@ def grad_logits(
     Returns:
         ``out``.
     """
-    logp_all = _compute(logits) * inv_temp - lse[:, None]
+    # two block-sized temporaries: log p (reused for the per-element factor) and p (becomes d)
+    logp_all = _compute(logits) * inv_temp
+    logp_all -= lse[:, None]
     p = logp_all.exp()
-    d = p * (-g_logp[:, None])
-    if g_ent is not None:
-        d -= p * (logp_all + entropy[:, None]) * g_ent[:, None]
-    d.scatter_add_(1, targets[:, None], g_logp[:, None])
-    d *= inv_temp
-    out.copy_(d)
+    # d = -p * (g_logp + g_ent * (log p + H)), then + g_logp at the target column
+    if g_ent is None:
+        p.mul_(-g_logp[:, None])
+    else:
+        logp_all.add_(entropy[:, None]).mul_(g_ent[:, None]).add_(g_logp[:, None])
+        p.mul_(logp_all).neg_()
+    del logp_all
+    p.scatter_add_(1, targets[:, None], g_logp[:, None])
+    p.mul_(inv_temp)
+    out.copy_(p)
     return out
 
 

@@ -1,0 +1,176 @@
+"""Row kernels in Triton: the default backend on CUDA GPUs.
+
+Same functions, signatures and semantics as ``torch_backend`` (see its docstrings), each a launch
+of the kernels in ``hpt_fast.kernels``. Importing this module raises ImportError when Triton is
+missing. On CPU tensors the kernels run only under the Triton interpreter (TRITON_INTERPRET=1
+set before Triton is imported), which is how they are tested without a GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import triton
+from torch import Tensor
+
+from ..kernels import grad_logits_kernel, row_stats_combine_kernel, row_stats_kernel
+
+# Tile widths: wide enough to stream a 151k-column row in few loop steps with 16-byte loads per
+# thread, small enough to keep registers low. Not tuned by measurement.
+_STATS_MAX_BLOCK_V = 4096
+_GRAD_MAX_BLOCK_V = 2048
+_MIN_BLOCK_V = 128
+# Splitting a row over several programs pays off while there are fewer rows than this many
+# programs per SM: a memory-bound stream needs several resident programs per SM to hide latency.
+_PROGRAMS_PER_SM = 4
+# SM count assumed off CUDA (interpreter runs), that of an H100 SXM.
+_DEFAULT_SMS = 132
+
+
+def row_stats(
+    logits: Tensor, targets: Tensor, inv_temp: float, with_entropy: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-row statistics of one logits block.
+
+    Args:
+        logits: [C, V] float32 / bfloat16 / float16, unit column stride.
+        targets: [C] int64, every id in [0, V).
+        inv_temp: 1 / temperature.
+        with_entropy: whether to compute the entropy.
+    Returns:
+        logp [C] float32 (always <= 0), lse [C] float32, entropy [C] float32 (>= 0) or None.
+    """
+    n_rows, vocab = logits.shape
+    block_v = _block(vocab, _STATS_MAX_BLOCK_V)
+    return _row_stats(
+        logits, targets, inv_temp, with_entropy, block_v, _split_size(n_rows, vocab, block_v, logits.device)
+    )
+
+
+def grad_logits(
+    logits: Tensor,
+    targets: Tensor,
+    lse: Tensor,
+    entropy: Tensor | None,
+    g_logp: Tensor,
+    g_ent: Tensor | None,
+    inv_temp: float,
+    out: Tensor,
+) -> Tensor:
+    """Write d loss / d logits of one block into ``out``.
+
+    Args:
+        logits: [C, V] float32 / bfloat16 / float16, the raw (untempered) logits, unit column stride.
+        targets: [C] int64 in [0, V).
+        lse: [C] float32 from ``row_stats``; entropy: [C] float32 or None.
+        g_logp: [C] float32; g_ent: [C] float32 or None (no entropy term).
+        inv_temp: 1 / temperature.
+        out: [C, V], any float dtype, unit column stride; may be ``logits`` itself (in place).
+    Returns:
+        ``out``.
+    """
+    _check_columns(logits, "logits")
+    _check_columns(out, "out")
+    n_rows, vocab = logits.shape
+    if n_rows == 0:
+        return out
+    has_ent = g_ent is not None
+    targets, lse, g_logp = targets.contiguous(), lse.contiguous(), g_logp.contiguous()
+    # without the entropy term the kernel never reads these pointers; any float32 tensor will do
+    entropy = entropy.contiguous() if has_ent else lse
+    g_ent = g_ent.contiguous() if has_ent else g_logp
+    block_v = _block(vocab, _GRAD_MAX_BLOCK_V)
+    grid = (n_rows, triton.cdiv(vocab, block_v))
+    with _on_device(logits):
+        grad_logits_kernel[grid](
+            logits, targets, lse, entropy, g_logp, g_ent, out,
+            vocab, logits.stride(0), out.stride(0), inv_temp,
+            BLOCK_V=block_v, HAS_ENT=has_ent, num_warps=_warps(block_v),
+        )
+    return out
+
+
+def accumulate_(acc: Tensor, x: Tensor) -> Tensor:
+    """acc += x, with ``acc`` float32 and ``x`` any float dtype of the same shape.
+
+    torch's in-place add already converts ``x`` inside its single elementwise kernel, reading
+    each operand once, so a Triton kernel would bring nothing.
+    """
+    return acc.add_(x)
+
+
+def _row_stats(
+    logits: Tensor, targets: Tensor, inv_temp: float, with_entropy: bool, block_v: int, split_v: int
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``row_stats`` with explicit tiling: BLOCK_V ``block_v`` (a power of two) and rows split into
+    pieces of ``split_v`` columns (a multiple of ``block_v``) merged by a second kernel."""
+    _check_columns(logits, "logits")
+    n_rows, vocab = logits.shape
+    device = logits.device
+    logp = torch.empty(n_rows, dtype=torch.float32, device=device)
+    lse = torch.empty_like(logp)
+    entropy = torch.empty_like(logp) if with_entropy else None
+    if n_rows == 0:
+        return logp, lse, entropy
+    targets = targets.contiguous()
+    ent_arg = entropy if with_entropy else lse
+    n_splits = triton.cdiv(vocab, split_v)
+    finish = n_splits == 1
+    if finish:
+        part_m = part_s = part_s1 = lse
+    else:
+        part_m, part_s, part_s1 = torch.empty(3, n_rows, n_splits, dtype=torch.float32, device=device)
+    with _on_device(logits):
+        row_stats_kernel[(n_rows, n_splits)](
+            logits, targets, part_m, part_s, part_s1, logp, lse, ent_arg,
+            vocab, logits.stride(0), n_splits, split_v, inv_temp,
+            BLOCK_V=block_v, WITH_ENT=with_entropy, FINISH=finish, num_warps=_warps(block_v),
+        )
+        if not finish:
+            row_stats_combine_kernel[(n_rows,)](
+                logits, targets, part_m, part_s, part_s1, logp, lse, ent_arg,
+                logits.stride(0), n_splits, inv_temp,
+                BLOCK_S=triton.next_power_of_2(n_splits), WITH_ENT=with_entropy, num_warps=1,
+            )
+    return logp, lse, entropy
+
+
+def _split_size(n_rows: int, vocab: int, block_v: int, device: torch.device) -> int:
+    """Columns per program for the stats kernel: whole rows when there are enough rows to fill
+    the GPU, otherwise the fewest equal pieces (whole tiles) that give about
+    ``_PROGRAMS_PER_SM`` programs per SM."""
+    tiles = triton.cdiv(vocab, block_v)
+    wanted = triton.cdiv(_PROGRAMS_PER_SM * _sm_count(device), max(n_rows, 1))
+    n_splits = max(1, min(tiles, wanted))
+    return triton.cdiv(tiles, n_splits) * block_v
+
+
+def _block(vocab: int, max_block: int) -> int:
+    return min(max_block, max(_MIN_BLOCK_V, triton.next_power_of_2(vocab)))
+
+
+def _warps(block_v: int) -> int:
+    return 8 if block_v >= 2048 else 4
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_cuda(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _DEFAULT_SMS
+    return _sm_count_cuda(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _on_device(t: Tensor):
+    """Make ``t``'s GPU the current one, where Triton launches, for tensors off the default GPU."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _check_columns(t: Tensor, name: str) -> None:
+    if t.dim() != 2 or (t.stride(1) != 1 and t.shape[1] > 1):
+        raise ValueError(f"{name} must be a [C, V] tensor with unit column stride; got shape "
+                         f"{tuple(t.shape)}, strides {t.stride()}")

@@ -1,0 +1,36 @@
+"""Float64 reference of the fused op: materialised logits, log_softmax, gather, entropy."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def reference_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> tuple[Tensor, Tensor]:
+    """logp and entropy [...] in float64 (0 at ignored positions), differentiable."""
+    h, w = hidden.double(), weight.double()
+    logits = h @ w.t()
+    if bias is not None:
+        logits = logits + bias.double()
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    valid = targets != ignore_index
+    logp = logprobs.gather(-1, targets.clamp(0, weight.shape[0] - 1).unsqueeze(-1)).squeeze(-1)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    return logp * valid, entropy * valid
+
+
+def rel_err(actual: Tensor, expected: Tensor) -> float:
+    """max |actual - expected| / max |expected| (NaN and inf count as infinitely wrong)."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    if not torch.isfinite(actual).all():
+        return float("inf")
+    scale = expected.abs().max().clamp_min(1e-12)
+    return float((actual - expected).abs().max() / scale) if actual.numel() else 0.0

@@ -1,0 +1,45 @@
+"""Peak memory of the fused op stays far below the size of the logits it never materialises."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+CHILD = textwrap.dedent(
+    """
+    import json, resource, sys
+    import torch
+    from hpt_fast import fused_linear_loss, fused_token_logprobs
+
+    mode, backend = sys.argv[1], sys.argv[2]
+    n, h, v = 2048, 32, 151936
+    torch.manual_seed(0)
+    hidden = torch.randn(n, h, requires_grad=True)
+    weight = torch.randn(v, h, requires_grad=True)
+    targets = torch.randint(0, v, (n,))
+    # warm up on a tiny problem so one-off library allocations are in the baseline
+    fused_token_logprobs(torch.randn(4, h), torch.randn(9, h), torch.zeros(4, dtype=torch.long), backend=backend)
+    grads_bytes = (hidden.numel() + weight.numel()) * 4
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if mode == "A":
+        logp, ent = fused_token_logprobs(hidden, weight, targets, return_entropy=True, backend=backend)
+        (logp.sum() + 0.01 * ent.sum()).backward()
+    else:
+        loss, _, _ = fused_linear_loss(hidden, weight, targets, lambda lp, e, r: -lp - 0.01 * e,
+                                       with_entropy=True, backend=backend)
+        loss.backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"extra": peak - base - grads_bytes, "naive": n * v * 4}))
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["A", "B"])
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_peak_memory_far_below_logits(mode, backend):
+    out = subprocess.run([sys.executable, "-c", CHILD, mode, backend], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    # the naive computation would hold several [2048 x 151936] float32 tensors (1.2 GB each)
+    assert result["extra"] < result["naive"] / 5, result

@@ -1,0 +1,88 @@
+"""Bad input to the fused op gives a clear error naming the problem, before any work starts."""
+import math
+
+import pytest
+import torch
+
+from hpt_fast import fused_linear_loss, fused_token_logprobs
+
+
+def _ok():
+    return torch.randn(2, 5, 8), torch.randn(11, 8), torch.randint(0, 11, (2, 5))
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (lambda h, w, t: (h, torch.randn(11, 7), t), ValueError, "hidden size mismatch"),
+        (lambda h, w, t: (h, w.to(torch.bfloat16), t), TypeError, "weight dtype"),
+        (lambda h, w, t: (h.long(), w, t), TypeError, "hidden must be"),
+        (lambda h, w, t: (h, w, t.float()), TypeError, "targets must be int64"),
+        (lambda h, w, t: (h, w, t[:, :4]), ValueError, "targets shape"),
+        (lambda h, w, t: (h, w[None], t), ValueError, "weight must have shape"),
+        (lambda h, w, t: (h, w, t.masked_fill(t == t[0, 0], 11)), ValueError, "target id 11"),
+        (lambda h, w, t: (h, w, t.index_fill(1, torch.tensor([3]), -5)), ValueError, "target id -5"),
+        (lambda h, w, t: (h.numpy(), w, t), TypeError, "hidden must be a torch.Tensor"),
+    ],
+)
+def test_bad_tensors(change, error, match):
+    h, w, t = change(*_ok())
+    with pytest.raises(error, match=match):
+        fused_token_logprobs(h, w, t)
+    with pytest.raises(error, match=match):
+        fused_linear_loss(h, w, t, lambda lp, e, r: -lp)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"temperature": 0.0}, ValueError, "temperature must be a finite number > 0"),
+        ({"temperature": -1.0}, ValueError, "temperature"),
+        ({"temperature": math.nan}, ValueError, "temperature"),
+        ({"temperature": "1"}, TypeError, "temperature must be a number"),
+        ({"bias": torch.randn(10)}, ValueError, "bias must have shape"),
+        ({"bias": torch.randn(11, dtype=torch.float64)}, TypeError, "bias dtype"),
+        ({"backend": "cuda"}, ValueError, "backend must be one of"),
+        ({"chunk_size": 0}, ValueError, "chunk_size must be a positive int"),
+        ({"ignore_index": 1.5}, TypeError, "ignore_index must be an int"),
+    ],
+)
+def test_bad_options(kwargs, error, match):
+    h, w, t = _ok()
+    with pytest.raises(error, match=match):
+        fused_token_logprobs(h, w, t, **kwargs)
+
+
+def test_float64_only_on_the_torch_backend():
+    h, w, t = (x.double() if x.is_floating_point() else x for x in _ok())
+    with pytest.raises(TypeError, match="float64 runs on 'torch'"):
+        fused_token_logprobs(h, w, t, backend="cpu")
+
+
+def test_ignore_index_is_not_out_of_range():
+    h, w, t = _ok()
+    t[0, 0] = -1
+    logp, _ = fused_token_logprobs(h, w, t, ignore_index=-1)
+    assert logp[0, 0] == 0
+
+
+@pytest.mark.parametrize(
+    "fn, error, match",
+    [
+        (lambda lp, e, r: -lp[:-1], ValueError, "per-token losses of shape"),
+        (lambda lp, e, r: -lp.sum(), ValueError, "per-token losses of shape"),
+        (lambda lp, e, r: (lp * 0).long(), TypeError, "float tensor"),
+        (lambda lp, e, r: lp.tolist(), TypeError, "must return a Tensor"),
+        (lambda lp, e, r: -lp * torch.nan, FloatingPointError, "non-finite"),
+        (lambda lp, e, r: torch.sqrt(lp - lp), FloatingPointError, "non-finite"),  # finite loss, inf gradient
+    ],
+)
+def test_bad_token_loss_fn(fn, error, match):
+    h, w, t = _ok()
+    with pytest.raises(error, match=match):
+        fused_linear_loss(h.requires_grad_(), w, t, fn)
+
+
+def test_token_loss_fn_not_callable():
+    with pytest.raises(TypeError, match="token_loss_fn must be callable"):
+        fused_linear_loss(*_ok(), None)
