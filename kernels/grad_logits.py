@@ -1,0 +1,38 @@
+"""Triton kernel for the gradient of a per-token loss with respect to a logits block."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def grad_logits_kernel(
+    logits_ptr, targets_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, out_ptr,
+    V, stride_logits, stride_out, inv_temp,
+    BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr,
+):
+    """Grid (C, cdiv(V, BLOCK_V)): program (row, j) writes columns [j * BLOCK_V, (j + 1) * BLOCK_V).
+
+    With ``z = logits * inv_temp`` and ``log p = z - lse`` it stores
+    ``inv_temp * (g_logp * (onehot(target) - p) - g_ent * p * (log p + H))`` in out's dtype.
+
+    logits: [C, V] float32 / bfloat16 / float16, row stride ``stride_logits``; out: [C, V] any
+    float dtype, row stride ``stride_out``, may alias logits (each program reads its tile before
+    writing it); both have unit column stride. targets: [C] integer; lse, g_logp: [C] float32;
+    entropy and g_ent: [C] float32, read only when ``HAS_ENT``.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask = cols < V
+    z = tl.load(logits_ptr + row * stride_logits + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp
+    # a no-op on real columns (z <= max <= lse); keeps exp() of padded lanes, where z = 0, finite
+    logp = tl.minimum(z - tl.load(lse_ptr + row), 0.0)
+    p = tl.exp(logp)
+    g_logp = tl.load(g_logp_ptr + row)
+    d = -g_logp * p
+    if HAS_ENT:
+        d -= tl.load(g_ent_ptr + row) * p * (logp + tl.load(ent_ptr + row))
+    target = tl.load(targets_ptr + row)
+    d = tl.where(cols == target, d + g_logp, d)
+    d *= inv_temp
+    tl.store(out_ptr + row * stride_out + cols, d.to(out_ptr.dtype.element_ty), mask=mask)

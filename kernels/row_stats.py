@@ -1,0 +1,117 @@
+"""Triton kernels for per-row log-softmax statistics of a logits block.
+
+For each row of ``z = logits * inv_temp`` (float32 arithmetic whatever the input dtype) they
+compute, in one read of the row, the running maximum ``m``, ``s = sum(exp(z - m))`` and, for the
+entropy, ``s1 = sum(exp(z - m) * (z - m))``. A row may be split over several programs, each
+covering ``split_v`` columns and writing a partial ``(m, s, s1)``; a second kernel then merges the
+partials of each row. From the final state:
+``logp = (z_t - m) - log(s)``, ``lse = m + log(s)``, ``entropy = log(s) - s1 / s``.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _finish_row(
+    logits_ptr, targets_ptr, logp_ptr, lse_ptr, ent_ptr, row, stride_row, inv_temp, m, s, s1,
+    WITH_ENT: tl.constexpr,
+):
+    """Store logp, lse (and entropy) of ``row`` from its merged state ``(m, s, s1)``."""
+    target = tl.load(targets_ptr + row)
+    # the same load-convert-scale as the tiles, so z_t <= m holds bit for bit
+    z_t = tl.load(logits_ptr + row * stride_row + target).to(tl.float32) * inv_temp
+    log_s = tl.log(s)
+    # s >= 1 because the maximum contributes exp(0) = 1; the clamp only guards an approximate log
+    tl.store(logp_ptr + row, tl.minimum((z_t - m) - log_s, 0.0))
+    tl.store(lse_ptr + row, m + log_s)
+    if WITH_ENT:
+        tl.store(ent_ptr + row, tl.maximum(log_s - s1 / s, 0.0))
+
+
+@triton.jit
+def row_stats_kernel(
+    logits_ptr, targets_ptr, part_m_ptr, part_s_ptr, part_s1_ptr, logp_ptr, lse_ptr, ent_ptr,
+    V, stride_row, n_splits, split_v, inv_temp,
+    BLOCK_V: tl.constexpr, WITH_ENT: tl.constexpr, FINISH: tl.constexpr,
+):
+    """Grid (C, n_splits): program (row, k) reduces columns [k * split_v, (k + 1) * split_v).
+
+    logits: [C, V] float32 / bfloat16 / float16 with unit column stride, row stride
+    ``stride_row``; targets: [C] integer. With ``FINISH`` (n_splits == 1) the program writes
+    logp / lse / entropy ([C] float32) directly, otherwise it writes its partial state into
+    part_m / part_s / part_s1 ([C, n_splits] float32, contiguous) for ``row_stats_combine_kernel``.
+    ``split_v`` is a multiple of BLOCK_V.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    row_ptr = logits_ptr + row * stride_row
+    start = split * split_v
+    end = tl.minimum(start + split_v, V)
+    cols = tl.arange(0, BLOCK_V)
+
+    m = -float("inf")
+    s = 0.0
+    s1 = 0.0
+    for off in range(start, end, BLOCK_V):
+        mask = off + cols < end
+        z = tl.load(row_ptr + off + cols, mask=mask, other=-float("inf")).to(tl.float32) * inv_temp
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        # shift by 0 while everything seen is -inf, so no (-inf) - (-inf) = NaN appears
+        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_ref)
+        zs = z - m_ref
+        e = tl.exp(zs)
+        if WITH_ENT:
+            # re-centre the old sum on m_new: sum e'(z - m_new) = alpha * (s1 + (m - m_new) * s).
+            # Where alpha or e is 0 (nothing finite seen yet, masked lanes, -inf logits) the
+            # difference may be -inf; zeroing it first avoids 0 * (-inf) = NaN.
+            shift = tl.where(alpha > 0.0, m - m_ref, 0.0)
+            s1 = alpha * (s1 + shift * s) + tl.sum(e * tl.where(e > 0.0, zs, 0.0), axis=0)
+        s = s * alpha + tl.sum(e, axis=0)
+        m = m_new
+
+    if FINISH:
+        _finish_row(
+            logits_ptr, targets_ptr, logp_ptr, lse_ptr, ent_ptr, row, stride_row, inv_temp,
+            m, s, s1, WITH_ENT,
+        )
+    else:
+        part = row * n_splits + split
+        tl.store(part_m_ptr + part, m)
+        tl.store(part_s_ptr + part, s)
+        if WITH_ENT:
+            tl.store(part_s1_ptr + part, s1)
+
+
+@triton.jit
+def row_stats_combine_kernel(
+    logits_ptr, targets_ptr, part_m_ptr, part_s_ptr, part_s1_ptr, logp_ptr, lse_ptr, ent_ptr,
+    stride_row, n_splits, inv_temp,
+    BLOCK_S: tl.constexpr, WITH_ENT: tl.constexpr,
+):
+    """Grid (C,): merge the ``n_splits`` partial states of a row and write its statistics.
+
+    Shapes and dtypes as in ``row_stats_kernel``; BLOCK_S >= n_splits.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    k = tl.arange(0, BLOCK_S)
+    mask = k < n_splits
+    base = row * n_splits
+    m_k = tl.load(part_m_ptr + base + k, mask=mask, other=-float("inf"))
+    s_k = tl.load(part_s_ptr + base + k, mask=mask, other=0.0)
+    m = tl.max(m_k, axis=0)
+    m_ref = tl.where(m == -float("inf"), 0.0, m)
+    w = tl.exp(m_k - m_ref)
+    s = tl.sum(w * s_k, axis=0)
+    s1 = 0.0
+    if WITH_ENT:
+        s1_k = tl.load(part_s1_ptr + base + k, mask=mask, other=0.0)
+        # w == 0 for padding and all -inf splits, whose m_k - m is -inf: zero it to avoid NaN
+        shift = tl.where(w > 0.0, m_k - m_ref, 0.0)
+        s1 = tl.sum(w * (s1_k + shift * s_k), axis=0)
+    _finish_row(
+        logits_ptr, targets_ptr, logp_ptr, lse_ptr, ent_ptr, row, stride_row, inv_temp,
+        m, s, s1, WITH_ENT,
+    )
