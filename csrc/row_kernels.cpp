@@ -1,0 +1,531 @@
+// Row kernels for one CPU capability (see row_kernels.h).
+//
+// CMake compiles this file once per capability with CPU_CAPABILITY set to DEFAULT, AVX2 or AVX512
+// and the matching -m flags, exactly like ATen's own kernels: at::vec::Vectorized<float> then
+// maps to scalar arrays, 256-bit or 512-bit registers. Every pass streams its block once; all
+// arithmetic is float32, the per-row sums are finished in double.
+//
+// The file must be built with -ffp-contract=off: the guarantee logp <= 0 relies on z = x * inv_temp
+// being rounded to float before the max is subtracted, in the vector and the scalar code alike.
+#include "row_kernels.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace hpt {
+namespace CPU_CAPABILITY {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+using c10::BFloat16;
+using c10::Half;
+
+constexpr int64_t kVec = Vec::size();
+// Elements per step: two float vectors, which is one full vector of a 16-bit type.
+constexpr int64_t kStep = 2 * kVec;
+// row_stats works on chunks of this many scaled logits, kept in an 8 KiB buffer that stays in L1
+// between the max pass and the exp pass, so memory is read once.
+constexpr int64_t kChunk = 2048;
+// Rows are split between threads only when there are fewer rows than threads, and never into
+// pieces shorter than this.
+constexpr int64_t kMinSplit = 16384;
+// Fewer elements than this are not worth waking the thread pool for.
+constexpr int64_t kGrain = 32768;
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+static_assert(at::vec::Vectorized<BFloat16>::size() == kStep);
+static_assert(at::vec::Vectorized<Half>::size() == kStep);
+static_assert(kChunk % kStep == 0);
+
+int64_t divup(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// 2^n for t = 1.5 * 2^23 + 127 + n (n integer): the low mantissa bits of t, shifted into the
+// exponent field.
+Vec exponent_to_pow2(const Vec& t) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(t), 23));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
+#else
+  alignas(64) float lanes[kVec];
+  t.store(lanes);
+  for (int64_t i = 0; i < kVec; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, &lanes[i], sizeof(bits));
+    bits <<= 23;
+    std::memcpy(&lanes[i], &bits, sizeof(bits));
+  }
+  return Vec::loadu(lanes);
+#endif
+}
+
+// exp(x) = 2^n * exp(r) with n = round(x / ln 2) and |r| <= ln(2) / 2, as in XNNPACK's softmax
+// kernels but with a degree-6 polynomial for exp(r) - 1 (minimax relative error 2e-9, fitted for
+// this file): about 1 ulp and unbiased, where exp_u20 reaches 3.4e-7 with a bias and
+// Vectorized::exp is an out-of-line Sleef call. x is clamped to [-88, 88]: at -88 the 2^n factor
+// is exactly 0, so exp(-inf) == 0; exp(0) == 1 exactly; NaN propagates (clamp_min/clamp_max
+// return their first argument when it is NaN).
+Vec vexp(const Vec& x_in) {
+  const Vec x = at::vec::clamp_max(at::vec::clamp_min(x_in, Vec(-88.f)), Vec(88.f));
+  // adding 1.5 * 2^23 rounds to an integer; the + 127 biases it as a float exponent
+  const Vec shifter(12582912.f + 127.f);
+  const Vec t = at::vec::fmadd(x, Vec(0x1.715476p+0f), shifter);
+  const Vec n = t - shifter;
+  const Vec scale = exponent_to_pow2(t);
+  // r = x - n * ln 2, with ln 2 split in two so that n * ln2_hi is exact
+  Vec r = at::vec::fmadd(n, Vec(-0x1.62E400p-1f), x);
+  r = at::vec::fmadd(n, Vec(-0x1.7F7D1Cp-20f), r);
+  Vec p(0x1.6ae71ep-10f);
+  p = at::vec::fmadd(p, r, Vec(0x1.126782p-7f));
+  p = at::vec::fmadd(p, r, Vec(0x1.555822p-5f));
+  p = at::vec::fmadd(p, r, Vec(0x1.55541ap-3f));
+  p = at::vec::fmadd(p, r, Vec(0x1.fffffcp-2f));
+  p = at::vec::fmadd(p, r, Vec(1.f));
+  // scale * (1 + r * p), rounded once at the end
+  return at::vec::fmadd(r * scale, p, scale);
+}
+
+// Loads and stores kStep elements of T as two float vectors; the counted forms move the first
+// n <= kStep elements and read the others as zero.
+template <typename T>
+struct Io16 {
+  using V16 = at::vec::Vectorized<T>;
+  static void load(const T* p, Vec& a, Vec& b) {
+    std::tie(a, b) = at::vec::convert_to_float<T>(V16::loadu(p));
+  }
+  static void load(const T* p, int64_t n, Vec& a, Vec& b) {
+    std::tie(a, b) = at::vec::convert_to_float<T>(V16::loadu(p, n));
+  }
+  static void store(T* p, const Vec& a, const Vec& b) {
+    at::vec::convert_from_float<T>(a, b).store(p);
+  }
+  static void store(T* p, int64_t n, const Vec& a, const Vec& b) {
+    at::vec::convert_from_float<T>(a, b).store(p, n);
+  }
+};
+
+template <typename T>
+struct Io;
+template <>
+struct Io<BFloat16> : Io16<BFloat16> {};
+template <>
+struct Io<Half> : Io16<Half> {};
+template <>
+struct Io<float> {
+  static void load(const float* p, Vec& a, Vec& b) {
+    a = Vec::loadu(p);
+    b = Vec::loadu(p + kVec);
+  }
+  static void load(const float* p, int64_t n, Vec& a, Vec& b) {
+    a = Vec::loadu(p, std::min(n, kVec));
+    b = n > kVec ? Vec::loadu(p + kVec, n - kVec) : Vec(0.f);
+  }
+  static void store(float* p, const Vec& a, const Vec& b) {
+    a.store(p);
+    b.store(p + kVec);
+  }
+  static void store(float* p, int64_t n, const Vec& a, const Vec& b) {
+    a.store(p, std::min(n, kVec));
+    if (n > kVec) {
+      b.store(p + kVec, n - kVec);
+    }
+  }
+};
+
+// Calls f(T{}) with the C++ type of a (validated) dtype.
+template <typename F>
+decltype(auto) visit_dtype(c10::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case c10::ScalarType::Float:
+      return f(float{});
+    case c10::ScalarType::BFloat16:
+      return f(BFloat16{});
+    case c10::ScalarType::Half:
+      return f(Half{});
+    default:
+      TORCH_INTERNAL_ASSERT(false, "hpt_fast row kernels: unexpected dtype ", dtype);
+  }
+}
+
+double sum_lanes(const Vec& v) {
+  alignas(64) float lanes[kVec];
+  v.store(lanes);
+  double total = 0.0;
+  for (int64_t i = 0; i < kVec; ++i) {
+    total += lanes[i];
+  }
+  return total;
+}
+
+float max_lanes(const Vec& v) {
+  return at::vec::vec_reduce_all<float>(
+      [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, v);
+}
+
+template <typename T>
+const T* row_in(const Block& b, int64_t r) {
+  return static_cast<const T*>(b.data) + r * b.ld;
+}
+
+// Items of work: `pieces` column ranges of `len` elements per row. Whole rows when there are
+// enough rows for every thread, otherwise rows are cut (e.g. C = 1 with a large V).
+struct Split {
+  int64_t len;
+  int64_t pieces;
+};
+
+Split split_rows(int64_t rows, int64_t cols, int64_t align) {
+  const int64_t threads = at::get_num_threads();
+  if (rows >= threads || cols < 2 * kMinSplit) {
+    return {cols, 1};
+  }
+  const int64_t want = std::min(divup(threads, rows), cols / kMinSplit);
+  const int64_t len = divup(divup(cols, want), align) * align;
+  return {len, divup(cols, len)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// row_stats
+
+// Softmax sums of a run of scaled logits z relative to the shift m:
+// s = sum exp(z - m) and s1 = sum exp(z - m) * (z - m).
+struct SoftmaxSums {
+  float m = kNegInf;
+  double s = 0.0;
+  double s1 = 0.0;
+
+  // Re-expresses the sums relative to a shift m_new >= m.
+  void shift_to(float m_new) {
+    if (s != 0.0 && m_new != m) {
+      const double delta = static_cast<double>(m_new) - m;
+      const double f = std::exp(-delta);
+      s1 = f * (s1 - delta * s);
+      s *= f;
+    }
+    m = m_new;
+  }
+
+  void merge(SoftmaxSums other) {
+    const float m_new = std::max(m, other.m);
+    shift_to(m_new);
+    other.shift_to(m_new);
+    s += other.s;
+    s1 += other.s1;
+  }
+};
+
+// z = x * inv_temp into the buffer; returns max(z).
+template <typename T>
+float scale_and_max(const T* x, int64_t n, float inv_temp, float* z) {
+  const Vec scale(inv_temp);
+  Vec mx0(kNegInf), mx1(kNegInf);
+  int64_t i = 0;
+  for (; i + kStep <= n; i += kStep) {
+    Vec a, b;
+    Io<T>::load(x + i, a, b);
+    a = a * scale;
+    b = b * scale;
+    Io<float>::store(z + i, a, b);
+    // plain max: a NaN may be dropped here, but it still reaches the sums through exp
+    mx0 = at::vec::clamp_min(a, mx0);
+    mx1 = at::vec::clamp_min(b, mx1);
+  }
+  if (i < n) {
+    const int64_t rest = n - i;
+    Vec a, b;
+    Io<T>::load(x + i, rest, a, b);
+    a = a * scale;
+    b = b * scale;
+    Io<float>::store(z + i, rest, a, b);
+    mx0 = at::vec::maximum(mx0, Vec::set(Vec(kNegInf), a, std::min(rest, kVec)));
+    if (rest > kVec) {
+      mx1 = at::vec::maximum(mx1, Vec::set(Vec(kNegInf), b, rest - kVec));
+    }
+  }
+  return max_lanes(at::vec::maximum(mx0, mx1));
+}
+
+// Adds exp(z - m) and, with kEntropy, exp(z - m) * (z - m) of the buffer to the sums (shift m).
+template <bool kEntropy>
+void add_exp_sums(const float* z, int64_t n, SoftmaxSums& sums) {
+  const Vec shift(sums.m);
+  Vec s0(0.f), s1(0.f), t0(0.f), t1(0.f);
+  int64_t i = 0;
+  for (; i + kStep <= n; i += kStep) {
+    const Vec d0 = Vec::loadu(z + i) - shift;
+    const Vec d1 = Vec::loadu(z + i + kVec) - shift;
+    const Vec e0 = vexp(d0);
+    const Vec e1 = vexp(d1);
+    s0 = s0 + e0;
+    s1 = s1 + e1;
+    if constexpr (kEntropy) {
+      t0 = at::vec::fmadd(e0, d0, t0);
+      t1 = at::vec::fmadd(e1, d1, t1);
+    }
+  }
+  for (; i < n; i += kVec) {
+    const int64_t rest = std::min(kVec, n - i);
+    const Vec zero(0.f);
+    const Vec d = Vec::set(zero, Vec::loadu(z + i, rest) - shift, rest);
+    const Vec e = Vec::set(zero, vexp(d), rest);
+    s0 = s0 + e;
+    if constexpr (kEntropy) {
+      t0 = at::vec::fmadd(e, d, t0);
+    }
+  }
+  sums.s += sum_lanes(s0 + s1);
+  if constexpr (kEntropy) {
+    sums.s1 += sum_lanes(t0 + t1);
+  }
+}
+
+// One streaming pass over n logits: a running max, the sums rescaled whenever it grows.
+template <typename T, bool kEntropy>
+SoftmaxSums softmax_sums(const T* x, int64_t n, float inv_temp) {
+  alignas(64) float z[kChunk];
+  SoftmaxSums sums;
+  for (int64_t begin = 0; begin < n; begin += kChunk) {
+    const int64_t len = std::min(kChunk, n - begin);
+    sums.shift_to(std::max(sums.m, scale_and_max(x + begin, len, inv_temp, z)));
+    add_exp_sums<kEntropy>(z, len, sums);
+  }
+  return sums;
+}
+
+// z_t - m <= 0 exactly (z_t is one of the values max-reduced into m) and s >= 1 (the max term is
+// exp(0) == 1), so logp <= 0 holds in floating point.
+void write_row_stats(const RowStatsArgs& a, int64_t r, float z_t, const SoftmaxSums& sums) {
+  const double log_s = std::log(sums.s);
+  a.logp[r] = (z_t - sums.m) - static_cast<float>(log_s);
+  a.lse[r] = static_cast<float>(sums.m + log_s);
+  if (a.entropy != nullptr) {
+    const float h = static_cast<float>(log_s - sums.s1 / sums.s);
+    a.entropy[r] = h < 0.f ? 0.f : h;  // clamps rounding below zero, keeps NaN
+  }
+}
+
+template <typename T, bool kEntropy>
+int64_t row_stats_impl(const RowStatsArgs& a) {
+  const Block& b = a.logits;
+  std::atomic<int64_t> bad_row{-1};
+  auto finish_row = [&](int64_t r, const SoftmaxSums& sums) {
+    const int64_t t = a.targets[r];
+    if (t < 0 || t >= b.cols) {
+      bad_row.store(r, std::memory_order_relaxed);
+      return;
+    }
+    write_row_stats(a, r, static_cast<float>(row_in<T>(b, r)[t]) * a.inv_temp, sums);
+  };
+
+  const Split split = split_rows(b.rows, b.cols, kChunk);
+  if (split.pieces == 1) {
+    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(b.cols, 1));
+    at::parallel_for(0, b.rows, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        finish_row(r, softmax_sums<T, kEntropy>(row_in<T>(b, r), b.cols, a.inv_temp));
+      }
+    });
+    return bad_row.load();
+  }
+
+  std::vector<SoftmaxSums> parts(b.rows * split.pieces);
+  at::parallel_for(0, b.rows * split.pieces, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / split.pieces;
+      const int64_t j = (i % split.pieces) * split.len;
+      const int64_t len = std::min(split.len, b.cols - j);
+      parts[i] = softmax_sums<T, kEntropy>(row_in<T>(b, r) + j, len, a.inv_temp);
+    }
+  });
+  // Fewer rows than threads here, so merging serially costs nothing.
+  for (int64_t r = 0; r < b.rows; ++r) {
+    SoftmaxSums sums;
+    for (int64_t k = 0; k < split.pieces; ++k) {
+      sums.merge(parts[r * split.pieces + k]);
+    }
+    finish_row(r, sums);
+  }
+  return bad_row.load();
+}
+
+int64_t row_stats(const RowStatsArgs& a) {
+  return visit_dtype(a.logits.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return a.entropy != nullptr ? row_stats_impl<T, true>(a) : row_stats_impl<T, false>(a);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// grad_logits
+
+// Per-row constants of d = inv_temp * (g_logp * (onehot - p) - g_ent * p * (log p + H)), written
+// as d = p * (a + b * (log p + H)) off the target.
+struct GradRow {
+  float inv_temp;
+  float lse;
+  float a;  // -g_logp * inv_temp
+  float b;  // -g_ent * inv_temp
+  float h;  // entropy
+  float target_add;  // g_logp * inv_temp
+
+  float at(float x) const {
+    const float log_p = std::fma(x, inv_temp, -lse);
+    return std::exp(log_p) * (a + b * (log_p + h));
+  }
+};
+
+template <bool kEntropy>
+Vec grad_of(const Vec& x, const GradRow& g) {
+  const Vec log_p = at::vec::fmsub(x, Vec(g.inv_temp), Vec(g.lse));
+  const Vec p = vexp(log_p);
+  if constexpr (kEntropy) {
+    return p * at::vec::fmadd(Vec(g.b), log_p + Vec(g.h), Vec(g.a));
+  } else {
+    return p * Vec(g.a);
+  }
+}
+
+// Reads each step before writing it, so `out` may be `x` itself.
+template <typename T, typename O, bool kEntropy>
+void grad_run(const T* x, O* out, int64_t n, const GradRow& g) {
+  int64_t i = 0;
+  for (; i + kStep <= n; i += kStep) {
+    Vec v0, v1;
+    Io<T>::load(x + i, v0, v1);
+    Io<O>::store(out + i, grad_of<kEntropy>(v0, g), grad_of<kEntropy>(v1, g));
+  }
+  if (i < n) {
+    Vec v0, v1;
+    Io<T>::load(x + i, n - i, v0, v1);
+    Io<O>::store(out + i, n - i, grad_of<kEntropy>(v0, g), grad_of<kEntropy>(v1, g));
+  }
+}
+
+template <typename O>
+void zero_run(O* out, int64_t n) {
+  const Vec zero(0.f);
+  int64_t i = 0;
+  for (; i + kStep <= n; i += kStep) {
+    Io<O>::store(out + i, zero, zero);
+  }
+  if (i < n) {
+    Io<O>::store(out + i, n - i, zero, zero);
+  }
+}
+
+// Columns [j, j + n) of one row; t is the row's target column.
+template <typename T, typename O>
+void grad_piece(const T* x, O* out, int64_t j, int64_t n, int64_t t, const GradRow& g) {
+  if (g.a == 0.f && g.b == 0.f) {
+    zero_run(out + j, n);
+    return;
+  }
+  const bool has_target = t >= j && t < j + n;
+  // read before the pass: in place, the pass overwrites it
+  const float x_t = has_target ? static_cast<float>(x[t]) : 0.f;
+  if (g.b != 0.f) {
+    grad_run<T, O, true>(x + j, out + j, n, g);
+  } else {
+    grad_run<T, O, false>(x + j, out + j, n, g);
+  }
+  if (has_target) {
+    out[t] = static_cast<O>(g.at(x_t) + g.target_add);
+  }
+}
+
+GradRow grad_row(const GradArgs& a, int64_t r) {
+  const float g_logp = a.g_logp[r];
+  const bool with_ent = a.g_ent != nullptr;
+  return GradRow{
+      a.inv_temp,
+      a.lse[r],
+      -g_logp * a.inv_temp,
+      with_ent ? -a.g_ent[r] * a.inv_temp : 0.f,
+      with_ent ? a.entropy[r] : 0.f,
+      g_logp * a.inv_temp,
+  };
+}
+
+template <typename T, typename O>
+int64_t grad_impl(const GradArgs& a) {
+  const Block& b = a.logits;
+  const Split split = split_rows(b.rows, b.cols, kStep);
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(split.len, 1));
+  std::atomic<int64_t> bad_row{-1};
+  at::parallel_for(0, b.rows * split.pieces, grain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / split.pieces;
+      const int64_t j = (i % split.pieces) * split.len;
+      const int64_t t = a.targets[r];
+      if (t < 0 || t >= b.cols) {
+        bad_row.store(r, std::memory_order_relaxed);
+        continue;
+      }
+      O* out = static_cast<O*>(a.out) + r * a.out_ld;
+      grad_piece(row_in<T>(b, r), out, j, std::min(split.len, b.cols - j), t, grad_row(a, r));
+    }
+  });
+  return bad_row.load();
+}
+
+int64_t grad_logits(const GradArgs& a) {
+  return visit_dtype(a.logits.dtype, [&](auto in_tag) {
+    return visit_dtype(a.out_dtype, [&](auto out_tag) {
+      return grad_impl<decltype(in_tag), decltype(out_tag)>(a);
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// accumulate
+
+template <typename T>
+void accumulate_run(float* acc, const T* x, int64_t n) {
+  int64_t i = 0;
+  for (; i + kStep <= n; i += kStep) {
+    Vec a0, a1, x0, x1;
+    Io<float>::load(acc + i, a0, a1);
+    Io<T>::load(x + i, x0, x1);
+    Io<float>::store(acc + i, a0 + x0, a1 + x1);
+  }
+  if (i < n) {
+    Vec a0, a1, x0, x1;
+    Io<float>::load(acc + i, n - i, a0, a1);
+    Io<T>::load(x + i, n - i, x0, x1);
+    Io<float>::store(acc + i, n - i, a0 + x0, a1 + x1);
+  }
+}
+
+void accumulate(float* acc, const void* x, c10::ScalarType x_dtype, int64_t n) {
+  visit_dtype(x_dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* src = static_cast<const T*>(x);
+    // grain in whole steps keeps every thread's range vector-aligned
+    at::parallel_for(0, divup(n, kStep), kGrain / kStep, [&](int64_t s0, int64_t s1) {
+      const int64_t begin = s0 * kStep;
+      accumulate_run(acc + begin, src + begin, std::min(s1 * kStep, n) - begin);
+    });
+  });
+}
+
+}  // namespace
+
+KernelTable kernel_table() {
+  return KernelTable{&row_stats, &grad_logits, &accumulate};
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace hpt

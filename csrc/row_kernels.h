@@ -1,0 +1,63 @@
+// Raw-pointer interface of the row kernels.
+//
+// row_kernels.cpp is compiled once per CPU capability (DEFAULT, AVX2, AVX512), each copy in its
+// own namespace named after the capability; bindings.cpp picks one table at run time. Nothing
+// here touches at::Tensor, so the capability-specific objects stay free of tensor code.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+
+namespace hpt {
+
+// One [rows, cols] block of logits; rows are `ld` elements apart, columns are contiguous.
+struct Block {
+  const void* data;
+  c10::ScalarType dtype;
+  int64_t rows;
+  int64_t cols;
+  int64_t ld;
+};
+
+struct RowStatsArgs {
+  Block logits;
+  const int64_t* targets;
+  float inv_temp;
+  float* logp;
+  float* lse;
+  float* entropy;  // nullptr: entropy not requested
+};
+
+struct GradArgs {
+  Block logits;
+  const int64_t* targets;
+  const float* lse;
+  const float* entropy;  // read only when g_ent is set
+  const float* g_logp;
+  const float* g_ent;  // nullptr: no entropy term
+  float inv_temp;
+  void* out;  // same shape as logits, may alias it exactly
+  c10::ScalarType out_dtype;
+  int64_t out_ld;
+};
+
+// The row kernels return the index of a row whose target lies outside [0, cols), or -1.
+struct KernelTable {
+  int64_t (*row_stats)(const RowStatsArgs&);
+  int64_t (*grad_logits)(const GradArgs&);
+  void (*accumulate)(float* acc, const void* x, c10::ScalarType x_dtype, int64_t n);
+};
+
+#define HPT_DECLARE_KERNELS(cap) \
+  namespace cap {                \
+  KernelTable kernel_table();    \
+  }
+
+HPT_DECLARE_KERNELS(DEFAULT)
+HPT_DECLARE_KERNELS(AVX2)
+HPT_DECLARE_KERNELS(AVX512)
+
+#undef HPT_DECLARE_KERNELS
+
+}  // namespace hpt
