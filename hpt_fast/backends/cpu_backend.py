@@ -2,7 +2,8 @@
 
 Same functions, signatures and semantics as :mod:`hpt_fast.backends.torch_backend`; the extension
 checks shapes, dtypes, strides and target ids itself and raises ``RuntimeError`` on bad input.
-float64 blocks, which the kernels do not take, go to the torch backend.
+The kernels take float32, bfloat16 and float16 blocks (``hpt_fast.ops`` sends float64 to the
+torch backend).
 Importing this module raises ``ImportError`` when the extension is missing or does not load.
 """
 from __future__ import annotations
@@ -10,15 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hpt_fast.backends import torch_backend
-
 try:
     from hpt_fast import _C
 except ImportError as err:  # not built, or built against another torch
     raise ImportError(f"hpt_fast._C (the cpu backend) could not be loaded: {err}") from err
-
-
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _f32(t: Tensor) -> Tensor:
@@ -29,8 +25,6 @@ def row_stats(
     logits: Tensor, targets: Tensor, inv_temp: float, with_entropy: bool
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """See :func:`hpt_fast.backends.torch_backend.row_stats`."""
-    if logits.dtype not in _KERNEL_DTYPES:
-        return torch_backend.row_stats(logits, targets, inv_temp, with_entropy)
     return _C.row_stats(logits, targets.long().contiguous(), float(inv_temp), bool(with_entropy))
 
 
@@ -45,8 +39,6 @@ def grad_logits(
     out: Tensor,
 ) -> Tensor:
     """See :func:`hpt_fast.backends.torch_backend.grad_logits`."""
-    if logits.dtype not in _KERNEL_DTYPES or out.dtype not in _KERNEL_DTYPES:
-        return torch_backend.grad_logits(logits, targets, lse, entropy, g_logp, g_ent, inv_temp, out)
     return _C.grad_logits(
         logits,
         targets.long().contiguous(),
@@ -61,6 +53,4 @@ def grad_logits(
 
 def accumulate_(acc: Tensor, x: Tensor) -> Tensor:
     """See :func:`hpt_fast.backends.torch_backend.accumulate_`."""
-    if acc.dtype != torch.float32 or x.dtype not in _KERNEL_DTYPES:
-        return torch_backend.accumulate_(acc, x)
     return _C.accumulate_(acc, x.contiguous())
