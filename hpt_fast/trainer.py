@@ -1,0 +1,413 @@
+"""The HPT training loop on DeepSpeed, top to bottom.
+
+One step (architecture.md's data flow):
+    prompts (sharded by rank) -> rollout engine (n samples each) -> reward (0/1 per sample)
+    -> batch rule (HPT gate, or the chosen baseline's) -> rows -> micro-batches packed by tokens
+    -> model trunk -> FusedUnifiedLoss (fused lm_head + estimator, no [tokens x vocab] tensor)
+    -> DeepSpeed backward / step -> rollout engine sees the new weights.
+
+Losses are normalised by token and sequence counts summed over every micro-batch and rank
+(``Normalizers``), and each rank's loss is multiplied by the world size because DeepSpeed averages
+gradients over ranks: so N ranks give the gradient of the same global loss as one rank would on
+the whole batch. All randomness of a step derives from (seed, step, rank), so a run resumed from a
+checkpoint continues exactly as the uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from hpt_fast.batching import MicroBatch, Row, collate, pack
+from hpt_fast.checkpoint import latest_checkpoint, load_state, save_checkpoint
+from hpt_fast.config import Config, build_estimators, dump_config
+from hpt_fast.data import PromptSampler, load_prompt_set, shard
+from hpt_fast.estimator import Normalizers
+from hpt_fast.hpt import BatchRows, assemble_hpt_rows, assemble_luffy_rows, assemble_rl_rows, assemble_sft_rows
+from hpt_fast.loss import FusedUnifiedLoss
+from hpt_fast.metrics import MetricsLogger
+from hpt_fast.ops import fused_token_logprobs
+from hpt_fast.reward import RewardPool
+from hpt_fast.rollout import NativeEngine
+
+logger = logging.getLogger(__name__)
+
+# which group advantage each preset's rollout rows use (hpt.md: GRPO normalises by the std,
+# Dr.GRPO and the mixed presets only centre)
+_ADVANTAGE_KIND = {"grpo": "grpo", "dapo": "grpo", "ppo": "grpo", "reinforce": "reinforce"}
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the process group when launched by torchrun / deepspeed (gloo on CPU, NCCL on GPU).
+
+    Returns (rank, world_size, device). A single process without launcher variables runs alone.
+    """
+    import deepspeed
+
+    if "WORLD_SIZE" not in os.environ:
+        # DeepSpeed always wants a process group: make a one-process one on a free local port
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend)
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across processes and Python versions."""
+    digest = hashlib.sha256(",".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _all_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+class Trainer:
+    """Builds everything a run needs from a ``Config`` and runs it (``fit``)."""
+
+    def __init__(self, cfg: Config) -> None:
+        import deepspeed
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg = cfg
+        self.rank, self.world, self.device = init_distributed()
+        self.out = Path(cfg.train.output_dir)
+        if cfg.train.prompts_per_step % self.world:
+            raise ValueError(
+                f"train.prompts_per_step = {cfg.train.prompts_per_step} must be a multiple of the "
+                f"world size {self.world}"
+            )
+        if cfg.rollout.engine != "native":
+            raise ValueError("rollout.engine: only 'native' is wired into the trainer so far")
+        if cfg.deepspeed.zero_stage != 0:
+            raise ValueError("deepspeed.zero_stage: the trainer supports stage 0 so far (checkpoints hold the full optimizer state)")
+        torch.manual_seed(_seed(cfg.train.seed, "init"))
+
+        resume = latest_checkpoint(self.out)
+        trust = cfg.model.trust_remote_code
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path, trust_remote_code=trust)
+        dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
+        if cfg.model.liger_kernels and self.device.type == "cuda":
+            self._apply_liger(cfg.model.path)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(resume) if resume else cfg.model.path, dtype=dtype, trust_remote_code=trust
+        )
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.to(self.device)
+
+        d = cfg.data
+        self.train_set = load_prompt_set(
+            d.train_files, self.tokenizer, d.max_prompt_length, d.max_response_length, d.prompt_template, d.prompt_suffix
+        )
+        self.val_sets = [
+            load_prompt_set(f, self.tokenizer, d.max_prompt_length, d.max_response_length, d.prompt_template, d.prompt_suffix)
+            for f in cfg.validation.files
+        ] if cfg.validation.every else []
+        self.sampler = PromptSampler(len(self.train_set), cfg.train.seed, d.shuffle)
+        self.losses = {
+            rule: FusedUnifiedLoss(est, temperature=cfg.rollout.temperature)
+            for rule, est in build_estimators(cfg).items()
+        }
+
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        total = cfg.train.total_steps * self._updates_per_step()
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cfg.optim.lr_factor(s, total))
+        ds_config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": cfg.optim.grad_clip or 0.0,
+            "bf16": {"enabled": cfg.deepspeed.bf16},
+            "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+            "steps_per_print": 2**31 - 1,
+        }
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+        )
+        self.model = self.engine.module
+        self.rollout = NativeEngine(self.model)
+        self.rewards = RewardPool()
+        self.step = 0
+        self.skipped = 0
+        if resume:
+            self._restore(resume)
+        self.metrics = MetricsLogger(self.out, enabled=self.rank == 0)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.out / "config.yaml")
+
+    # ---- set-up helpers ------------------------------------------------------------------------
+
+    @staticmethod
+    def _apply_liger(model_path: str) -> None:
+        """Liger's RMSNorm, SwiGLU and RoPE kernels on CUDA; the loss stays ours."""
+        from transformers import AutoConfig
+        from liger_kernel.transformers import monkey_patch
+
+        model_type = AutoConfig.from_pretrained(model_path).model_type
+        patch = getattr(monkey_patch, f"apply_liger_kernel_to_{model_type}", None)
+        if patch is None:
+            logger.warning("liger kernels: no patch for model type %r; running without", model_type)
+            return
+        patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+
+    def _updates_per_step(self) -> int:
+        t = self.cfg.train
+        return t.prompts_per_step // (t.mini_batch_prompts or t.prompts_per_step)
+
+    def _restore(self, path: Path) -> None:
+        state = load_state(path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step = int(state["step"])
+        self.skipped = int(state["skipped"])
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    def save(self) -> None:
+        if self.rank == 0:
+            state = {
+                "step": self.step,
+                "skipped": self.skipped,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "sampler": self.sampler.state_dict(),
+            }
+            save_checkpoint(self.out, self.step, self.model, self.tokenizer, state)
+        if self.world > 1:
+            dist.barrier()
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def _rows(self, rule: str, batch, samples, rewards: Tensor, demo_rewards: Optional[Tensor]) -> list[Row]:
+        """The training rows of a step under its batch rule (hpt_fast.hpt), as ``Row``s."""
+        cfg = self.cfg
+        has_demo = torch.tensor(batch.has_demo)
+        if rule == "hpt":
+            chosen: BatchRows = assemble_hpt_rows(rewards, cfg.algorithm.gamma, has_demo)
+        elif rule == "luffy":
+            chosen = assemble_luffy_rows(rewards, demo_rewards, has_demo)
+        elif rule == "rl":
+            name = self.losses["rl"].estimator.name
+            chosen = assemble_rl_rows(rewards, kind=_ADVANTAGE_KIND.get(name, "dr_grpo"))
+        else:
+            chosen = assemble_sft_rows(len(batch.prompt_ids), has_demo)
+        rows = []
+        for p, s, off, adv in zip(chosen.prompt.tolist(), chosen.sample.tolist(),
+                                  chosen.off_policy.tolist(), chosen.advantages.tolist()):
+            if s < 0:
+                reward = 1.0 if demo_rewards is None else float(demo_rewards[p])
+                rows.append(Row(p, batch.prompt_ids[p], batch.demo_ids[p], adv, True, reward))
+            else:
+                smp = samples[p][s]
+                rows.append(Row(p, batch.prompt_ids[p], smp.token_ids, adv, off, float(rewards[p, s]), smp.logprobs.tolist()))
+        return rows
+
+    def _hidden(self, mb: MicroBatch) -> Tensor:
+        """[B, T, H]: the trunk's last hidden state at each position that predicts a target."""
+        out = self.model.get_decoder()(input_ids=mb.input_ids, attention_mask=mb.attention_mask)
+        return out.last_hidden_state[:, :-1]
+
+    def _old_logp(self, mbs: list[MicroBatch]) -> list[Optional[Tensor]]:
+        """log pi_old per micro-batch, [B, T] float32, or None where the ratio is exactly 1.
+
+        With one optimizer update per step the policy that sampled is the one being trained, so
+        the ratio is 1 and no forward is spent on it. Otherwise: the sampler's log-probs
+        (rollout.old_logprobs = "sampler") or a no-grad forward of the fused op ("recompute").
+        """
+        if self._updates_per_step() == 1:
+            return [None] * len(mbs)
+        if self.cfg.rollout.old_logprobs == "sampler":
+            return [mb.sample_logprobs for mb in mbs]
+        head = self.model.get_output_embeddings()
+        out = []
+        with torch.no_grad():
+            for mb in mbs:
+                logp, _ = fused_token_logprobs(self._hidden(mb), head.weight, mb.targets, bias=head.bias,
+                                               temperature=self.cfg.rollout.temperature)
+                out.append(logp)
+        return out
+
+    def _update(self, rule: str, rows: list[Row]) -> dict[str, float]:
+        """One optimizer update on ``rows``: micro-batches, backward, clip / skip, step."""
+        loss_fn = self.losses[rule]
+        est = loss_fn.estimator
+        mbs = [collate(rows, g, self.tokenizer.pad_token_id).to(self.device)
+               for g in pack(rows, self.cfg.deepspeed.micro_batch_tokens)]
+        old = self._old_logp(mbs)
+        counts = [dataclasses.astuple(est.normalizers(mb.mask, mb.off_policy)) for mb in mbs]
+        # every rank must run the same number of backward passes (collectives in DeepSpeed)
+        n_local = len(mbs)
+        totals = _all_sum([sum(c[i] for c in counts) for i in range(len(Normalizers.__dataclass_fields__))] + [0.0], self.device)
+        n_max = int(_all_max(n_local, self.device))
+        norm = Normalizers(*(int(x) for x in totals[:-1]))
+        head = self.model.get_output_embeddings()
+        loss_sum, stats_sum = 0.0, {}
+        for k in range(n_max):
+            self.engine.set_gradient_accumulation_boundary(k == n_max - 1)
+            if k < n_local:
+                mb = mbs[k]
+                loss, stats = loss_fn(self._hidden(mb), head.weight, mb.targets, mb.mask, mb.advantages,
+                                      bias=head.bias, old_logp=old[k], off_policy=mb.off_policy,
+                                      rewards=mb.rewards, normalizers=norm)
+                for key, v in stats.items():
+                    stats_sum[key] = stats_sum.get(key, 0.0) + float(v) * mb.mask.sum().item()
+            else:  # a rank with fewer micro-batches joins the collectives with a zero loss
+                loss = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
+            self.engine.backward(loss * self.world)
+            loss_sum += float(loss.detach())
+        grad_norm = _grad_norm(self.model)
+        skip = self.cfg.optim.skip_grad_norm_above
+        if skip is not None and grad_norm > skip:
+            self.skipped += 1
+            self.engine.zero_grad()
+        else:
+            self.engine.step()
+        ntok = sum(mb.mask.sum().item() for mb in mbs)
+        stats = {k: v / max(ntok, 1) for k, v in stats_sum.items()}
+        loss_total, = _all_sum([loss_sum], self.device)
+        return {"loss": loss_total, "grad_norm": grad_norm, **stats}
+
+    def train_step(self) -> dict[str, float]:
+        """Rollout -> reward -> batch rule -> update(s) -> weights to the engine; returns metrics."""
+        cfg = self.cfg
+        rule = cfg.algorithm.batch_rule(self.step)
+        t0 = time.perf_counter()
+        indices = shard(self.sampler.next_batch(cfg.train.prompts_per_step), self.rank, self.world)
+        batch = self.train_set.batch(indices)
+        n_gen = {"sft": 0, "luffy": cfg.rollout.n - 1}.get(rule, cfg.rollout.n)
+        samples = [[] for _ in indices]
+        if n_gen:
+            samples = self.rollout.generate(
+                batch.prompt_ids, n=n_gen, max_new_tokens=cfg.data.max_response_length,
+                temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                stop_token_ids=[self.tokenizer.eos_token_id], seed=_seed(cfg.train.seed, self.step, self.rank),
+            )
+        t1 = time.perf_counter()
+        texts = [self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for group in samples for s in group]
+        truths = [gt for gt, group in zip(batch.ground_truths, samples) for _ in group]
+        rewards = torch.as_tensor(self.rewards.score(texts, truths).rewards, dtype=torch.float32).reshape(len(indices), n_gen)
+        demo_rewards = None
+        if rule == "luffy":
+            demo_texts = [self.tokenizer.decode(d or [], skip_special_tokens=True) for d in batch.demo_ids]
+            demo_rewards = torch.as_tensor(self.rewards.score(demo_texts, batch.ground_truths).rewards, dtype=torch.float32)
+        rows = self._rows(rule, batch, samples, rewards, demo_rewards)
+        t2 = time.perf_counter()
+
+        per_update = (cfg.train.mini_batch_prompts or cfg.train.prompts_per_step) // self.world
+        updates = []
+        for start in range(0, len(indices), per_update):
+            updates.append(self._update(rule, [r for r in rows if start <= r.prompt_index < start + per_update]))
+        t3 = time.perf_counter()
+        self.rollout.update_weights()
+        t4 = time.perf_counter()
+        self.step += 1
+
+        sums = _all_sum([
+            float(rewards.sum()), float(rewards.numel()),
+            sum(1.0 for r in rows if r.off_policy), float(len(indices)),
+            float(sum(len(s.token_ids) for g in samples for s in g)),
+            float(sum(len(r.response_ids) for r in rows)),
+        ], self.device)
+        metrics = {
+            "step": self.step,
+            "rule": rule,
+            "reward_mean": sums[0] / max(sums[1], 1.0),
+            "sft_fraction": sums[2] / max(sums[3], 1.0),
+            "response_length": sums[4] / max(sums[1], 1.0),
+            "train_tokens": sums[5],
+            "skipped_steps": self.skipped,
+            "lr": self.scheduler.get_last_lr()[0],
+            "time_rollout": t1 - t0,
+            "time_reward": t2 - t1,
+            "time_train": t3 - t2,
+            "time_weight_update": t4 - t3,
+            "tokens_per_s": (sums[4] + sums[5]) / max(t4 - t0, 1e-9),
+        }
+        for key in updates[-1]:
+            metrics[key] = sum(u[key] for u in updates) / len(updates)
+        return metrics
+
+    # ---- evaluation and the run ----------------------------------------------------------------
+
+    def validate(self) -> dict[str, float]:
+        """avg@n and pass@n per validation set, over all ranks."""
+        v = self.cfg.validation
+        out = {}
+        for vs in self.val_sets:
+            indices = shard(range(len(vs) - len(vs) % self.world), self.rank, self.world)
+            batch = vs.batch(indices)
+            samples = self.rollout.generate(
+                batch.prompt_ids, n=v.n, max_new_tokens=self.cfg.data.max_response_length,
+                temperature=v.temperature, top_p=v.top_p if v.temperature > 0 else 1.0,
+                stop_token_ids=[self.tokenizer.eos_token_id], seed=_seed(self.cfg.train.seed, "val", self.rank),
+            )
+            texts = [self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for g in samples for s in g]
+            truths = [gt for gt, g in zip(batch.ground_truths, samples) for _ in g]
+            r = torch.as_tensor(self.rewards.score(texts, truths).rewards).reshape(len(indices), v.n)
+            correct, passed, count = _all_sum([float(r.sum()), float((r > 0).any(1).sum()), float(len(indices))], self.device)
+            out[f"val/{vs.name}/avg@{v.n}"] = correct / max(count * v.n, 1)
+            out[f"val/{vs.name}/pass@{v.n}"] = passed / max(count, 1)
+        return out
+
+    def fit(self) -> dict[str, float]:
+        """Train to ``train.total_steps`` (validating and checkpointing on schedule); returns the last metrics."""
+        cfg = self.cfg
+        last: dict[str, float] = {}
+        every = cfg.validation.every
+        if every and self.step == 0:
+            self.metrics.log({"step": 0, **self.validate()})
+        with self.metrics.progress(total=cfg.train.total_steps, initial=self.step) as bar:
+            while self.step < cfg.train.total_steps:
+                last = self.train_step()
+                if every and (self.step % every == 0 or self.step == cfg.train.total_steps):
+                    last.update(self.validate())
+                self.metrics.log(last)
+                bar.update(last)
+                k = cfg.train.checkpoint_every
+                if (k and self.step % k == 0) or self.step == cfg.train.total_steps:
+                    self.save()
+        return last
+
+    def close(self) -> None:
+        self.rewards.close()
+        self.metrics.close()
+
+
+def _grad_norm(model: torch.nn.Module) -> float:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.nn.utils.get_total_norm(grads))
+
+
+def _all_max(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
