@@ -8,7 +8,7 @@ import pytest
 
 CHILD = textwrap.dedent(
     """
-    import json, resource, sys
+    import ctypes, json, sys
     import torch
     from hpt_fast import fused_linear_loss, fused_token_logprobs
 
@@ -21,7 +21,18 @@ CHILD = textwrap.dedent(
     # warm up on a tiny problem so one-off library allocations are in the baseline
     fused_token_logprobs(torch.randn(4, h), torch.randn(9, h), torch.zeros(4, dtype=torch.long), backend=backend)
     grads_bytes = (hidden.numel() + weight.numel()) * 4
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+
+    # ru_maxrss can carry the parent's peak into a child started with vfork: measure this
+    # process's own high-water mark instead, reset to the current size right here
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = status("VmRSS")
     if mode == "A":
         logp, ent = fused_token_logprobs(hidden, weight, targets, return_entropy=True, backend=backend)
         (logp.sum() + 0.01 * ent.sum()).backward()
@@ -29,7 +40,7 @@ CHILD = textwrap.dedent(
         loss, _, _ = fused_linear_loss(hidden, weight, targets, lambda lp, e, r: -lp - 0.01 * e,
                                        with_entropy=True, backend=backend)
         loss.backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = status("VmHWM")
     print(json.dumps({"extra": peak - base - grads_bytes, "naive": n * v * 4}))
     """
 )
@@ -41,5 +52,7 @@ def test_peak_memory_far_below_logits(mode, backend):
     out = subprocess.run([sys.executable, "-c", CHILD, mode, backend], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    # the naive computation would hold several [2048 x 151936] float32 tensors (1.2 GB each)
-    assert result["extra"] < result["naive"] / 5, result
+    # the naive computation holds several [2048 x 151936] float32 tensors (1.2 GB each); the
+    # readable torch backend keeps a few block-sized temporaries, the default backend one block
+    limit = result["naive"] / (4 if backend == "torch" else 6)
+    assert 0 < result["extra"] < limit, result

@@ -1,0 +1,473 @@
+"""Training and validation data: the openr1 parquet schema, validation JSON files, tokenisation, order.
+
+Training files (parquet, hpt.md section 3; the published ``openr1.parquet`` has exactly this form):
+
+| column | type | read as |
+|---|---|---|
+| ``prompt`` | list<struct<role: string, content: string>> | the chat messages (required, non-empty) |
+| ``target`` | list<struct<role, content>> or string | the demonstration: the first message's content, or the string; null: none |
+| ``reward_model`` | struct<ground_truth: string, ...> | the answer the reward checks (required) |
+| ``data_source`` | string | for per-source metrics (optional, default "") |
+| ``ability``, ``extra_info`` | string, struct<split: string, index: int64> | written, not needed to read |
+
+``target`` is required when the method trains on demonstrations (``require_target``); a null
+target on a row means that prompt has no demonstration (the HPT gate then keeps it on RL).
+
+Validation files (JSON): a list of objects, one per problem, with exactly one of
+``"prompt"`` (a string: the user message, or a list of ``{role, content}`` messages) or
+``"problem"`` (a string), and ``"answer"`` (a string, or a number, read as its decimal string).
+Other keys are ignored. A set is named after the file: its parent directory for a file named
+``test.json`` (``data/AIME24/test.json`` -> "AIME24"), else the file's stem.
+
+Tokenisation (``PromptSet``): a prompt is rendered by the tokenizer's chat template with the
+generation prompt (``apply_chat_template(..., add_generation_prompt=True)``) and encoded without
+adding special tokens (the template writes them), or, with a ``prompt_template`` such as
+``"Question:\\n{prompt}\\nAnswer:"``, by replacing its ``{prompt}`` with the last message's
+content, encoded with the tokenizer's special tokens (a base model's BOS). ``prompt_suffix`` is
+appended to every user message first. Prompts longer than ``max_prompt_length`` tokens are
+dropped, and the count is logged. Demonstrations are encoded when a batch asks for them, truncated to
+``max_response_length - 1`` tokens and ended with EOS (truncations counted); a leading
+``<think>\\n`` is dropped when the prompt already ends with one (R1-style templates).
+
+Order (``PromptSampler``): each epoch is a permutation of the prompts drawn from (seed, epoch)
+alone, so a run resumed at position (epoch, index) sees exactly the prompts it would have seen.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+_THINK = "<think>\n"
+
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+# the schema ``write_train_parquet`` writes (that of the published openr1.parquet)
+TRAIN_SCHEMA = pa.schema([
+    ("data_source", pa.string()),
+    ("prompt", pa.list_(MESSAGE)),
+    ("target", pa.list_(MESSAGE)),
+    ("ability", pa.string()),
+    ("reward_model", pa.struct([("ground_truth", pa.string()), ("style", pa.string())])),
+    ("extra_info", pa.struct([("split", pa.string()), ("index", pa.int64())])),
+])
+
+
+class DataError(ValueError):
+    """A data file that cannot be used; the message names the file (and column or item)."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One prompt with its answer and, for training, its demonstration.
+
+    Attributes:
+        prompt: chat messages, each {"role": str, "content": str}.
+        ground_truth: the answer string the reward checks against.
+        target: the demonstration (a reasoning trace starting with ``<think>``), or None.
+        data_source: where the problem comes from (per-source metrics).
+        index: its position in the file it was read from.
+    """
+
+    prompt: list[dict[str, str]]
+    ground_truth: str
+    target: Optional[str] = None
+    data_source: str = ""
+    index: int = 0
+
+
+# ---- parquet -----------------------------------------------------------------------------------
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t)
+
+
+def _is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_messages(t: pa.DataType) -> bool:
+    """list<struct<role: string, content: string, ...>>."""
+    if not _is_list(t) or not pa.types.is_struct(t.value_type):
+        return False
+    fields = {f.name: f.type for f in t.value_type}
+    return all(k in fields and _is_string(fields[k]) for k in ("role", "content"))
+
+
+def _column(table: pa.Table, path: Path, name: str, ok, expected: str) -> Optional[list]:
+    """Column ``name`` as Python values after checking its type; None if the table lacks it."""
+    if name not in table.column_names:
+        return None
+    t = table.schema.field(name).type
+    if not ok(t):
+        raise DataError(f"{path}: column {name!r} must be {expected}, got {t}")
+    return table.column(name).to_pylist()
+
+
+def _messages(where: str, value) -> list[dict[str, str]]:
+    """A non-empty list of {role, content} string messages, or DataError starting with ``where``."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: expected a non-empty list of messages, got {value!r:.80}")
+    out = []
+    for m in value:
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise DataError(f"{where}: each message needs string 'role' and 'content', got {m!r:.80}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def read_train_parquet(path: PathLike, require_target: bool = True) -> list[Problem]:
+    """The problems of an openr1-schema parquet file (schema in the module docstring).
+
+    Raises DataError naming the file and column for a missing column, a wrong type, a null where
+    a value is required, or a file with no rows.
+    """
+    path = Path(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as err:
+        raise DataError(f"{path}: cannot read as parquet: {err}") from None
+    if table.num_rows == 0:
+        raise DataError(f"{path}: no rows")
+    for name in ("prompt", "reward_model") + (("target",) if require_target else ()):
+        if name not in table.column_names:
+            raise DataError(f"{path}: missing column {name!r} (columns: {', '.join(table.column_names)})")
+    prompts = _column(table, path, "prompt", _is_messages, "a list of {role, content} messages")
+    rm_type = table.schema.field("reward_model").type
+    if not (pa.types.is_struct(rm_type) and rm_type.get_field_index("ground_truth") >= 0
+            and _is_string(rm_type.field("ground_truth").type)):
+        raise DataError(f"{path}: column 'reward_model' must be a struct with a string 'ground_truth', got {rm_type}")
+    truths = [None if rm is None else rm["ground_truth"] for rm in table.column("reward_model").to_pylist()]
+    targets = _column(
+        table, path, "target", lambda t: _is_string(t) or _is_messages(t),
+        "a string or a list of {role, content} messages",
+    )
+    sources = _column(table, path, "data_source", _is_string, "a string")
+    out = []
+    for i, (prompt, truth) in enumerate(zip(prompts, truths)):
+        if truth is None:
+            raise DataError(f"{path}: column 'reward_model', row {i}: null (or null ground_truth)")
+        target = None if targets is None else targets[i]
+        if isinstance(target, list):
+            target = _messages(f"{path}: column 'target', row {i}", target)[0]["content"]
+        out.append(Problem(
+            prompt=_messages(f"{path}: column 'prompt', row {i}", prompt),
+            ground_truth=truth,
+            target=target,
+            data_source="" if sources is None else (sources[i] or ""),
+            index=i,
+        ))
+    return out
+
+
+def write_train_parquet(path: PathLike, problems: Sequence[Problem], split: str = "train") -> None:
+    """Write ``problems`` in the openr1 schema (``TRAIN_SCHEMA``); targets as one assistant message."""
+    rows = {
+        "data_source": [p.data_source for p in problems],
+        "prompt": [p.prompt for p in problems],
+        "target": [None if p.target is None else [{"role": "assistant", "content": p.target}] for p in problems],
+        "ability": ["math"] * len(problems),
+        "reward_model": [{"ground_truth": p.ground_truth, "style": "rule"} for p in problems],
+        "extra_info": [{"split": split, "index": p.index} for p in problems],
+    }
+    pq.write_table(pa.Table.from_pydict(rows, schema=TRAIN_SCHEMA), Path(path))
+
+
+# ---- validation JSON ---------------------------------------------------------------------------
+
+
+def _json_item(path: Path, i: int, item: Any) -> Problem:
+    where = f"{path}: item {i}"
+    if not isinstance(item, dict):
+        raise DataError(f"{where}: expected an object with 'prompt' or 'problem' and 'answer', got {type(item).__name__}")
+    keys = [k for k in ("prompt", "problem") if k in item]
+    if len(keys) != 1:
+        raise DataError(f"{where}: needs exactly one of 'prompt' and 'problem', has {keys or 'neither'}")
+    question = item[keys[0]]
+    if isinstance(question, str) and question:
+        messages = [{"role": "user", "content": question}]
+    elif keys[0] == "prompt" and isinstance(question, list):
+        messages = _messages(f"{where}, key 'prompt'", question)
+    else:
+        raise DataError(f"{where}: {keys[0]!r} must be a non-empty string{' or a list of messages' if keys[0] == 'prompt' else ''}")
+    if "answer" not in item:
+        raise DataError(f"{where}: missing key 'answer'")
+    answer = item["answer"]
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        raise DataError(f"{where}: 'answer' must be a string or a number, got {type(answer).__name__}")
+    return Problem(prompt=messages, ground_truth=str(answer), data_source=validation_name(path), index=i)
+
+
+def read_validation_json(path: PathLike) -> list[Problem]:
+    """The problems of a validation JSON file (format in the module docstring)."""
+    path = Path(path)
+    try:
+        items = json.loads(path.read_text())
+    except OSError as err:
+        raise DataError(f"{path}: cannot read: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON: {err}") from None
+    if not isinstance(items, list):
+        raise DataError(f"{path}: expected a JSON list of problems, got {type(items).__name__}")
+    if not items:
+        raise DataError(f"{path}: no problems")
+    return [_json_item(path, i, item) for i, item in enumerate(items)]
+
+
+def write_validation_json(path: PathLike, problems: Sequence[Problem]) -> None:
+    """Write ``problems`` as a validation file: {"prompt": messages or the user text, "answer"}."""
+    items = [
+        {"prompt": p.prompt[0]["content"] if len(p.prompt) == 1 and p.prompt[0]["role"] == "user" else p.prompt,
+         "answer": p.ground_truth}
+        for p in problems
+    ]
+    Path(path).write_text(json.dumps(items, indent=1, ensure_ascii=False))
+
+
+def validation_name(path: PathLike) -> str:
+    """The benchmark name of a validation file (see the module docstring)."""
+    path = Path(path)
+    return path.parent.name if path.name == "test.json" and path.parent.name else path.stem
+
+
+def read_problems(path: PathLike, require_target: bool = False) -> list[Problem]:
+    """Problems of a ``.parquet`` training file or a ``.json`` validation file."""
+    suffix = Path(path).suffix
+    if suffix == ".parquet":
+        return read_train_parquet(path, require_target)
+    if suffix == ".json":
+        if require_target:
+            raise DataError(f"{path}: validation JSON files have no demonstrations; training needs a parquet file")
+        return read_validation_json(path)
+    raise DataError(f"{path}: unknown data file type {suffix!r}; expected .parquet (training) or .json (validation)")
+
+
+# ---- tokenisation ------------------------------------------------------------------------------
+
+
+def render_prompt(tokenizer, messages: list[dict[str, str]], template: Optional[str] = None, suffix: str = "") -> str:
+    """The prompt text the model sees (rules in the module docstring)."""
+    if suffix:
+        messages = [dict(m, content=m["content"] + suffix) if m["role"] == "user" else m for m in messages]
+    if template is not None:
+        # replace, not str.format: a template may hold other braces (\boxed{}, say)
+        return template.replace("{prompt}", messages[-1]["content"])
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("the tokenizer has no chat template; set data.prompt_template (e.g. 'Question:\\n{prompt}\\nAnswer:')")
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+class Ragged:
+    """Variable-length int32 rows in one flat buffer: ``values`` [total], ``offsets`` int64 [N + 1]."""
+
+    def __init__(self, rows: Sequence[Sequence[int]]) -> None:
+        arrays = [np.asarray(r, dtype=np.int32) for r in rows]
+        self.offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+        np.cumsum([len(a) for a in arrays], out=self.offsets[1:])
+        self.values = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.values[self.offsets[i] : self.offsets[i + 1]]
+
+    def lengths(self) -> np.ndarray:
+        """int64 [N], the rows' lengths."""
+        return np.diff(self.offsets)
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """The prompts of one batch, tokenized.
+
+    Attributes:
+        indices: [B] positions in the PromptSet.
+        prompt_ids: B lists of token ids, each at most max_prompt_length long.
+        demo_ids: B lists of demonstration token ids (at most max_response_length, ending with
+            EOS), or None where the prompt has no demonstration.
+        ground_truths: [B] answer strings.
+        data_sources: [B].
+    """
+
+    indices: list[int]
+    prompt_ids: list[list[int]]
+    demo_ids: list[Optional[list[int]]]
+    ground_truths: list[str]
+    data_sources: list[str]
+
+    @property
+    def has_demo(self) -> list[bool]:
+        return [d is not None for d in self.demo_ids]
+
+
+class PromptSet:
+    """Problems with their prompts tokenized (over-long ones dropped) and demonstrations on demand.
+
+    Args:
+        problems: the problems, e.g. ``read_problems(path)``.
+        tokenizer: a transformers tokenizer (chat template, EOS).
+        max_prompt_length: prompts longer than this many tokens are dropped (count in ``dropped``).
+        max_response_length: demonstrations are cut to this many tokens, EOS included.
+        template, suffix: ``data.prompt_template`` and ``data.prompt_suffix``.
+        name: for log messages (a file name or a benchmark name).
+
+    Attributes:
+        prompts: Ragged int32, the kept prompts' token ids.
+        prompt_texts: the kept prompts as rendered text.
+        problems: the kept problems.
+        dropped: how many prompts were too long.
+        demos_truncated: how many demonstrations ``batch`` has truncated so far.
+    """
+
+    def __init__(
+        self,
+        problems: Sequence[Problem],
+        tokenizer,
+        max_prompt_length: int,
+        max_response_length: int,
+        template: Optional[str] = None,
+        suffix: str = "",
+        name: str = "",
+    ) -> None:
+        if tokenizer.eos_token_id is None:
+            raise DataError("the tokenizer has no EOS token: demonstrations must end with one")
+        self.tokenizer = tokenizer
+        self.max_response_length = max_response_length
+        self.name = name
+        if not problems:
+            raise DataError(f"{name}: no problems")
+        texts = [render_prompt(tokenizer, p.prompt, template, suffix) for p in problems]
+        ids = tokenizer(texts, add_special_tokens=template is not None)["input_ids"] if texts else []
+        keep = [i for i, row in enumerate(ids) if len(row) <= max_prompt_length]
+        self.dropped = len(problems) - len(keep)
+        if self.dropped:
+            logger.warning(
+                "%s: dropped %d of %d prompts longer than max_prompt_length = %d tokens",
+                name, self.dropped, len(problems), max_prompt_length,
+            )
+        if not keep:
+            raise DataError(f"{name}: every prompt is longer than max_prompt_length = {max_prompt_length} tokens")
+        self.problems = [problems[i] for i in keep]
+        self.prompt_texts = [texts[i] for i in keep]
+        self.prompts = Ragged([ids[i] for i in keep])
+        self.demos_truncated = 0
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+    def batch(self, indices: Sequence[int]) -> PromptBatch:
+        """The prompts ``indices`` with their demonstrations tokenized (see the class docstring)."""
+        indices = [int(i) for i in indices]
+        problems = [self.problems[i] for i in indices]
+        with_demo = [k for k, p in enumerate(problems) if p.target is not None]
+        demo_ids: list[Optional[list[int]]] = [None] * len(indices)
+        if with_demo:
+            texts = []
+            for k in with_demo:
+                target = problems[k].target
+                if self.prompt_texts[indices[k]].endswith(_THINK) and target.startswith(_THINK):
+                    target = target[len(_THINK):]
+                texts.append(target)
+            encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+            limit = self.max_response_length - 1
+            for k, ids in zip(with_demo, encoded):
+                if len(ids) > limit:
+                    self.demos_truncated += 1
+                demo_ids[k] = list(ids[:limit]) + [self.tokenizer.eos_token_id]
+        return PromptBatch(
+            indices=indices,
+            prompt_ids=[self.prompts[i].tolist() for i in indices],
+            demo_ids=demo_ids,
+            ground_truths=[p.ground_truth for p in problems],
+            data_sources=[p.data_source for p in problems],
+        )
+
+
+def load_prompt_set(
+    paths: Union[PathLike, Sequence[PathLike]],
+    tokenizer,
+    max_prompt_length: int,
+    max_response_length: int,
+    template: Optional[str] = None,
+    suffix: str = "",
+    require_target: bool = False,
+) -> PromptSet:
+    """Read one or more data files (``read_problems``), concatenated, into a PromptSet.
+
+    The set is named after the file (``validation_name``) when there is one, else "train".
+    """
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise DataError("no data files given")
+    problems = [p for path in paths for p in read_problems(path, require_target)]
+    name = validation_name(paths[0]) if len(paths) == 1 else "train"
+    return PromptSet(problems, tokenizer, max_prompt_length, max_response_length, template, suffix, name)
+
+
+# ---- order -------------------------------------------------------------------------------------
+
+
+class PromptSampler:
+    """Batches of prompt indices in a deterministic order that can resume from a checkpoint.
+
+    Epoch e visits ``permutation(size)`` drawn from numpy's generator seeded with (seed, e) (or
+    0 .. size - 1 without shuffling). A batch never spans two epochs: the last ``size % batch_size``
+    prompts of an epoch's order are skipped (different ones each epoch).
+
+    Attributes:
+        epoch, index: the position of the next batch: epoch and offset into its order.
+    """
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.epoch, self.index = 0, 0
+        self._order_epoch, self._order = -1, np.arange(0)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """int64 [size], the visiting order of ``epoch``."""
+        if epoch != self._order_epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._order = rng.permutation(self.size) if self.shuffle else np.arange(self.size)
+            self._order_epoch = epoch
+        return self._order
+
+    def next_batch(self, batch_size: int) -> list[int]:
+        """The next ``batch_size`` prompt indices; advances the position."""
+        if not 1 <= batch_size <= self.size:
+            raise ValueError(f"batch_size must be in [1, {self.size}] (the number of prompts), got {batch_size}")
+        if self.index + batch_size > self.size:
+            self.epoch, self.index = self.epoch + 1, 0
+        batch = self.order(self.epoch)[self.index : self.index + batch_size]
+        self.index += batch_size
+        return batch.tolist()
+
+    def state_dict(self) -> dict[str, int]:
+        """The position, for a checkpoint: {"epoch", "index"}."""
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume at a position from ``state_dict``."""
+        epoch, index = int(state["epoch"]), int(state["index"])
+        if epoch < 0 or not 0 <= index <= self.size:
+            raise ValueError(f"bad sampler position epoch={epoch}, index={index} for {self.size} prompts")
+        self.epoch, self.index = epoch, index
+
+
+def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """Rank ``rank``'s contiguous share of a global batch; the batch must split evenly."""
+    if len(indices) % world_size:
+        raise ValueError(f"a batch of {len(indices)} prompts does not split evenly over {world_size} ranks")
+    per = len(indices) // world_size
+    return list(indices[rank * per : (rank + 1) * per])

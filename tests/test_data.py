@@ -1,0 +1,247 @@
+"""Data files (openr1 parquet, validation JSON), tokenisation with length limits, the resumable order."""
+import json
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from hpt_fast.data import (
+    DataError, Problem, PromptSampler, PromptSet, Ragged, load_prompt_set, read_problems, read_train_parquet,
+    read_validation_json, render_prompt, shard, validation_name, write_train_parquet, write_validation_json,
+)
+from hpt_fast.toy import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def _problem(i: int, target="<think>\nx\n</think>\n\\boxed{1}") -> Problem:
+    return Problem(prompt=[{"role": "user", "content": f"What is {i}+1?"}], ground_truth=str(i + 1),
+                   target=target, data_source="src", index=i)
+
+
+def _table(**columns) -> pa.Table:
+    base = {
+        "prompt": pa.array([[{"role": "user", "content": "q"}]]),
+        "target": pa.array([[{"role": "assistant", "content": "<think>\na\n</think>"}]]),
+        "reward_model": pa.array([{"ground_truth": "1"}]),
+    }
+    base.update(columns)
+    return pa.table({k: v for k, v in base.items() if v is not None})
+
+
+# ---- files -------------------------------------------------------------------------------------
+
+
+def test_parquet_round_trip_in_the_published_schema(tmp_path):
+    problems = [_problem(0), _problem(1, target=None), _problem(2)]
+    write_train_parquet(tmp_path / "train.parquet", problems)
+    schema = pq.read_schema(tmp_path / "train.parquet")
+    assert schema.names == ["data_source", "prompt", "target", "ability", "reward_model", "extra_info"]
+    assert read_train_parquet(tmp_path / "train.parquet") == problems
+
+
+def test_parquet_target_as_string_and_extra_columns(tmp_path):
+    table = _table(target=pa.array(["<think>\nb", None], type=pa.large_string()),
+                   prompt=pa.array([[{"role": "user", "content": "q1"}], [{"role": "user", "content": "q2"}]]),
+                   reward_model=pa.array([{"ground_truth": "1", "style": "rule"}, {"ground_truth": "2", "style": "rule"}]),
+                   unused=pa.array([1, 2]))
+    pq.write_table(table, tmp_path / "t.parquet")
+    problems = read_train_parquet(tmp_path / "t.parquet")
+    assert [p.target for p in problems] == ["<think>\nb", None]
+    assert [p.ground_truth for p in problems] == ["1", "2"] and problems[0].data_source == ""
+
+
+@pytest.mark.parametrize("columns, message", [
+    (dict(prompt=None), r"missing column 'prompt'"),
+    (dict(reward_model=None), r"missing column 'reward_model'"),
+    (dict(target=None), r"missing column 'target'"),
+    (dict(prompt=pa.array(["q"])), r"column 'prompt' must be a list of \{role, content\} messages, got string"),
+    (dict(prompt=pa.array([[{"role": "user"}]])), r"column 'prompt' must be a list of \{role, content\}"),
+    (dict(prompt=pa.array([[]], type=pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])))),
+     r"column 'prompt', row 0: expected a non-empty list"),
+    (dict(target=pa.array([3])), r"column 'target' must be a string or a list of \{role, content\} messages, got int64"),
+    (dict(reward_model=pa.array(["1"])), r"column 'reward_model' must be a struct with a string 'ground_truth'"),
+    (dict(reward_model=pa.array([{"answer": "1"}])), r"column 'reward_model' must be a struct with a string 'ground_truth'"),
+    (dict(reward_model=pa.array([{"ground_truth": None}], type=pa.struct([("ground_truth", pa.string())]))),
+     r"column 'reward_model', row 0: null \(or null ground_truth\)"),
+    (dict(reward_model=pa.array([None], type=pa.struct([("ground_truth", pa.string())]))),
+     r"column 'reward_model', row 0: null"),
+    (dict(data_source=pa.array([1])), r"column 'data_source' must be a string, got int64"),
+])
+def test_bad_parquet_names_file_and_column(tmp_path, columns, message):
+    path = tmp_path / "bad.parquet"
+    pq.write_table(_table(**columns), path)
+    with pytest.raises(DataError, match=rf"bad\.parquet: {message}"):
+        read_train_parquet(path)
+
+
+def test_target_column_is_optional_when_not_required(tmp_path):
+    pq.write_table(_table(target=None), tmp_path / "rl.parquet")
+    assert read_train_parquet(tmp_path / "rl.parquet", require_target=False)[0].target is None
+
+
+def test_empty_and_unreadable_parquet(tmp_path):
+    pq.write_table(_table().slice(0, 0), tmp_path / "empty.parquet")
+    with pytest.raises(DataError, match=r"empty\.parquet: no rows"):
+        read_train_parquet(tmp_path / "empty.parquet")
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match=r"junk\.parquet: cannot read as parquet"):
+        read_train_parquet(tmp_path / "junk.parquet")
+
+
+def test_validation_json_accepted_keys(tmp_path):
+    items = [
+        {"prompt": "What is 1+1?", "answer": "2", "id": 7},
+        {"problem": "What is 2+2?", "answer": 4},
+        {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], "answer": 0.5},
+    ]
+    path = tmp_path / "AIME24" / "test.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(items))
+    problems = read_validation_json(path)
+    assert [p.ground_truth for p in problems] == ["2", "4", "0.5"]
+    assert problems[1].prompt == [{"role": "user", "content": "What is 2+2?"}] and len(problems[2].prompt) == 2
+    assert {p.data_source for p in problems} == {"AIME24"} and validation_name(tmp_path / "math500.json") == "math500"
+    write_validation_json(tmp_path / "out.json", problems)
+    assert [p.prompt for p in read_validation_json(tmp_path / "out.json")] == [p.prompt for p in problems]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "q", "answer": "1"}', r"expected a JSON list of problems, got dict"),
+    ("[]", r"no problems"),
+    ("[1, 2", r"not valid JSON"),
+    ('["q"]', r"item 0: expected an object"),
+    ('[{"prompt": "q", "problem": "q", "answer": "1"}]', r"item 0: needs exactly one of 'prompt' and 'problem'"),
+    ('[{"question": "q", "answer": "1"}]', r"item 0: needs exactly one of 'prompt' and 'problem', has neither"),
+    ('[{"prompt": "q", "answer": "1"}, {"prompt": "q"}]', r"item 1: missing key 'answer'"),
+    ('[{"prompt": "q", "answer": null}]', r"item 0: 'answer' must be a string or a number"),
+    ('[{"prompt": "", "answer": "1"}]', r"item 0: 'prompt' must be a non-empty string"),
+    ('[{"problem": ["q"], "answer": "1"}]', r"item 0: 'problem' must be a non-empty string"),
+    ('[{"prompt": [{"role": "user"}], "answer": "1"}]', r"item 0, key 'prompt': each message needs string"),
+])
+def test_bad_validation_json_names_file_and_item(tmp_path, content, message):
+    path = tmp_path / "bench.json"
+    path.write_text(content)
+    with pytest.raises(DataError, match=rf"bench\.json: {message}"):
+        read_validation_json(path)
+
+
+def test_read_problems_dispatch(tmp_path):
+    with pytest.raises(DataError, match=r"unknown data file type '\.csv'"):
+        read_problems(tmp_path / "x.csv")
+    with pytest.raises(DataError, match=r"validation JSON files have no demonstrations"):
+        read_problems(tmp_path / "x.json", require_target=True)
+
+
+# ---- tokenisation ------------------------------------------------------------------------------
+
+
+def test_prompts_use_the_chat_template(tok):
+    ps = PromptSet([_problem(i) for i in range(3)], tok, max_prompt_length=64, max_response_length=32)
+    text = tok.apply_chat_template(_problem(1).prompt, add_generation_prompt=True, tokenize=False)
+    assert ps.prompt_texts[1] == text and text.endswith("<|im_start|>assistant\n")
+    assert ps.prompts[1].tolist() == tok(text, add_special_tokens=False)["input_ids"]
+    assert ps.prompts[1].dtype == np.int32 and ps.dropped == 0
+
+
+def test_overlong_prompts_are_dropped_and_logged(tok, caplog):
+    problems = [_problem(1), Problem(prompt=[{"role": "user", "content": "x" * 100}], ground_truth="1"), _problem(2)]
+    with caplog.at_level(logging.WARNING, logger="hpt_fast.data"):
+        ps = PromptSet(problems, tok, max_prompt_length=40, max_response_length=32, name="set")
+    assert ps.dropped == 1 and [p.ground_truth for p in ps.problems] == ["2", "3"]
+    assert "set: dropped 1 of 3 prompts longer than max_prompt_length = 40" in caplog.text
+    with pytest.raises(DataError, match="every prompt is longer"):
+        PromptSet(problems, tok, max_prompt_length=5, max_response_length=32)
+    with pytest.raises(DataError, match="no problems"):
+        PromptSet([], tok, max_prompt_length=5, max_response_length=32)
+
+
+def test_demonstrations_are_truncated_and_end_with_eos(tok):
+    short, long = "<think>\n1+1=2\n</think>\n\\boxed{2}", "<think>\n" + "9" * 100
+    problems = [_problem(0, target=short), _problem(1, target=None), _problem(2, target=long)]
+    ps = PromptSet(problems, tok, max_prompt_length=64, max_response_length=40)
+    batch = ps.batch([2, 1, 0])
+    eos = tok.eos_token_id
+    assert batch.has_demo == [True, False, True] and batch.demo_ids[1] is None
+    assert len(batch.demo_ids[0]) == 40 and batch.demo_ids[0][-1] == eos
+    assert batch.demo_ids[0][:-1] == tok(long, add_special_tokens=False)["input_ids"][:39]
+    assert batch.demo_ids[2] == tok(short, add_special_tokens=False)["input_ids"] + [eos]
+    assert ps.demos_truncated == 1 and batch.ground_truths == ["3", "2", "1"] and batch.indices == [2, 1, 0]
+    assert batch.prompt_ids[0] == ps.prompts[2].tolist()
+
+
+def test_plain_template_suffix_and_think_prefix(tok):
+    template = "Q: {prompt}\nA (in \\boxed{}): <think>\n"
+    text = render_prompt(tok, _problem(0).prompt, template, suffix=" Box it.")
+    assert text == "Q: What is 0+1? Box it.\nA (in \\boxed{}): <think>\n"
+    ps = PromptSet([_problem(0, target="<think>\nok")], tok, 64, 16, template=template)
+    # the prompt already opens the <think> block, so the demonstration does not repeat it
+    assert ps.batch([0]).demo_ids[0] == tok("ok", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def test_tokenizer_without_chat_template(tok):
+    bare = build_tokenizer()
+    bare.chat_template = None
+    with pytest.raises(DataError, match="no chat template; set data.prompt_template"):
+        render_prompt(bare, _problem(0).prompt)
+
+
+def test_load_prompt_set_concatenates_files(tok, tmp_path):
+    write_train_parquet(tmp_path / "a.parquet", [_problem(0)])
+    write_train_parquet(tmp_path / "b.parquet", [_problem(1), _problem(2)])
+    ps = load_prompt_set([tmp_path / "a.parquet", tmp_path / "b.parquet"], tok, 64, 32, require_target=True)
+    assert [p.ground_truth for p in ps.problems] == ["1", "2", "3"] and ps.name == "train"
+
+
+def test_ragged():
+    r = Ragged([[1, 2], [], [3]])
+    assert len(r) == 3 and r[0].tolist() == [1, 2] and r[1].tolist() == [] and r.lengths().tolist() == [2, 0, 1]
+
+
+# ---- order -------------------------------------------------------------------------------------
+
+
+def test_sampler_is_deterministic_by_seed_and_epoch():
+    a, b = PromptSampler(10, seed=3), PromptSampler(10, seed=3)
+    assert [a.next_batch(4) for _ in range(6)] == [b.next_batch(4) for _ in range(6)]
+    c = PromptSampler(10, seed=4)
+    assert c.order(0).tolist() != a.order(0).tolist()
+    assert sorted(a.order(1).tolist()) == list(range(10)) and a.order(1).tolist() != a.order(0).tolist()
+    assert PromptSampler(5, seed=0, shuffle=False).next_batch(5) == [0, 1, 2, 3, 4]
+
+
+def test_sampler_batches_stay_within_an_epoch():
+    s = PromptSampler(10, seed=0)
+    batches = [s.next_batch(4) for _ in range(3)]
+    assert batches[0] + batches[1] == s.order(0)[:8].tolist()
+    assert batches[2] == s.order(1)[:4].tolist() and s.state_dict() == {"epoch": 1, "index": 4}
+    assert len(set(batches[0] + batches[1])) == 8
+
+
+def test_sampler_resumes_from_its_position():
+    s = PromptSampler(37, seed=9)
+    for _ in range(5):
+        s.next_batch(8)
+    state = s.state_dict()
+    expected = [s.next_batch(8) for _ in range(7)]
+    resumed = PromptSampler(37, seed=9)
+    resumed.load_state_dict(state)
+    assert [resumed.next_batch(8) for _ in range(7)] == expected
+
+
+def test_sampler_errors():
+    with pytest.raises(ValueError, match="batch_size must be in"):
+        PromptSampler(4, 0).next_batch(5)
+    with pytest.raises(ValueError, match="bad sampler position"):
+        PromptSampler(4, 0).load_state_dict({"epoch": 0, "index": 9})
+
+
+def test_shard():
+    assert [shard(list(range(8)), r, 4) for r in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    with pytest.raises(ValueError, match="does not split evenly"):
+        shard([1, 2, 3], 0, 2)

@@ -1,0 +1,146 @@
+"""The reward: boxed-answer extraction, normalised matching, math-verify in a time-limited process pool."""
+import os
+import time
+
+import numpy as np
+import pytest
+
+from hpt_fast.reward import OUTCOMES, RewardPool, extract_boxed, normalize_answer, quick_check
+
+# a power tower sympy evaluates as an exact integer: verify() never returns, and SIGALRM cannot stop it
+PATHOLOGICAL = r"\boxed{9^{9^{9^{9}}}}"
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with RewardPool(num_workers=2, timeout_s=5.0) as p:
+        yield p
+
+
+@pytest.mark.parametrize("text, answer", [
+    (r"so \boxed{42}", "42"),
+    (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}"),
+    (r"\boxed{\sqrt{\frac{a^{2}}{b_{1}}}} done", r"\sqrt{\frac{a^{2}}{b_{1}}}"),
+    (r"first \boxed{1} then \boxed{2}", "2"),
+    (r"\boxed {3}", "3"),
+    (r"\boxed{ 7 }", "7"),
+    (r"\boxed{\{1,2\}}", r"\{1,2\}"),  # escaped braces are not delimiters
+    (r"\boxed{\{1,2}", r"\{1,2"),
+    (r"the answer is $\boxed 5$.", "5"),  # the bare form ends at $ or whitespace
+    (r"\boxed{1} and \boxedfoo{2}", "1"),  # \boxedfoo is another macro
+])
+def test_extract_boxed(text, answer):
+    assert extract_boxed(text) == answer
+
+
+@pytest.mark.parametrize("text", [
+    "no box here", "", r"\boxed{}", r"\boxed", r"\boxed{1} then a truncated \boxed{2", r"\boxed{\frac{1}{2}",
+])
+def test_extract_boxed_none(text):
+    assert extract_boxed(text) is None
+
+
+def test_huge_input_is_linear():
+    filler = "x = y + 1, " * 500_000  # 5.5 MB
+    nested = "{" * 20_000 + "7" + "}" * 20_000
+    start = time.perf_counter()
+    assert extract_boxed(filler + r"\boxed{12}") == "12"
+    assert extract_boxed(r"\boxed{" + nested + "}" + filler) == nested
+    assert extract_boxed(filler + r"\boxed{" + filler) is None
+    assert time.perf_counter() - start < 5.0
+
+
+def test_normalize_answer():
+    assert normalize_answer(r"$\dfrac{1}{2}$") == normalize_answer(r"\frac{1}{2}") == r"\frac{1}{2}"
+    assert normalize_answer(r"90^\circ") == "90"
+    assert normalize_answer(r"\text{(B)}") == "(B)"
+    assert normalize_answer(r"\left( 1, 2 \right).") == "(1,2)"
+    assert normalize_answer("50\\%") == "50"
+    assert normalize_answer("X") != normalize_answer("x")
+
+
+@pytest.mark.parametrize("response, truth, outcome", [
+    (r"\boxed{12}", "12", "match"),
+    (r"\boxed{\dfrac{1}{2}}", r"$\frac{1}{2}$", "match"),
+    (r"\boxed{007}", "7", "integer"),
+    (r"\boxed{-0}", "0", "integer"),
+    (r"\boxed{8}", "7", "wrong"),
+    (r"no answer", "7", "no_answer"),
+    (r"\boxed{0.5}", r"\frac{1}{2}", None),  # only math-verify can tell
+    (r"\boxed{5}", r"the answer is \boxed{5}", "match"),  # a boxed ground truth is unwrapped
+])
+def test_quick_check(response, truth, outcome):
+    assert quick_check(response, truth)[0] == outcome
+
+
+def test_pool_scores_a_batch(pool):
+    responses = [r"\boxed{12}", r"\boxed{0.5}", r"\boxed{x^2+2x+1}", r"\boxed{x^2+1}", "none", r"\boxed{8}"]
+    truths = ["12", r"\frac{1}{2}", "(x+1)^2", "(x+1)^2", "3", "7"]
+    scores = pool.score(responses, truths)
+    assert scores.outcomes == ("match", "verified", "verified", "wrong", "no_answer", "wrong")
+    assert scores.rewards.dtype == np.float32
+    np.testing.assert_array_equal(scores.rewards, [1, 1, 1, 0, 0, 0])
+    counts = scores.counts()
+    assert set(counts) == set(OUTCOMES) and counts["verified"] == 2 and counts["timeout"] == 0
+
+
+def test_empty_batch(pool):
+    scores = pool.score([], [])
+    assert scores.rewards.shape == (0,) and scores.outcomes == ()
+
+
+def test_pathological_answer_times_out_and_the_pool_recovers():
+    with RewardPool(num_workers=2, timeout_s=1.0) as p:
+        start = time.perf_counter()
+        scores = p.score([PATHOLOGICAL, r"\boxed{0.25}", PATHOLOGICAL], ["1", r"\frac14", "2"])
+        elapsed = time.perf_counter() - start
+        assert scores.outcomes == ("timeout", "verified", "timeout")
+        assert scores.counts()["timeout"] == 2
+        assert elapsed < 4.0, f"two timed-out checks of 1 s on two workers took {elapsed:.1f} s"
+        # the killed workers were replaced
+        assert p.score([r"\boxed{0.5}"], [r"\frac12"]).outcomes == ("verified",)
+
+
+def crash_check(answer: str, gold: str) -> bool:
+    """A check that kills its worker process on "crash" (a segfault in a C extension, say)."""
+    if answer == "crash":
+        os._exit(3)
+    return answer == "ok"
+
+
+def raising_check(answer: str, gold: str) -> bool:
+    raise RuntimeError("parser bug")
+
+
+def test_crashed_worker_scores_zero_and_is_replaced():
+    with RewardPool(num_workers=1, timeout_s=5.0, check=crash_check) as p:
+        scores = p.score([r"\boxed{crash}", r"\boxed{ok}", r"\boxed{crash}"], ["b", "fine", "c"])
+        assert scores.outcomes == ("crash", "verified", "crash")
+        np.testing.assert_array_equal(scores.rewards, [0, 1, 0])
+
+
+def test_exception_in_check_scores_zero():
+    with RewardPool(num_workers=1, check=raising_check) as p:
+        assert p.score([r"\boxed{a}"], ["b"]).outcomes == ("error",)
+
+
+def test_close_is_idempotent_and_the_pool_restarts():
+    p = RewardPool(num_workers=1)
+    assert p.score([r"\boxed{0.5}"], [r"\frac12"]).outcomes == ("verified",)
+    procs = [w.proc for w in p._workers]
+    p.close()
+    p.close()
+    assert all(not proc.is_alive() for proc in procs)
+    assert p.score([r"\boxed{0.5}"], [r"\frac12"]).outcomes == ("verified",)
+    p.close()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="2 responses but 1"):
+        RewardPool().score(["a", "b"], ["a"])
+    with pytest.raises(TypeError, match="must be str"):
+        RewardPool().score([b"bytes"], ["a"])
+    with pytest.raises(ValueError, match="num_workers"):
+        RewardPool(num_workers=0)
+    with pytest.raises(ValueError, match="timeout_s"):
+        RewardPool(timeout_s=0)
