@@ -1,0 +1,309 @@
+"""The implementations the benchmarks compare, each as a zero-argument forward+backward step.
+
+Shared by ``bench/fused_op_table.py`` (one markdown table per shape) and
+``bench/test_bench_fused_op.py`` (pytest-benchmark). Every step runs on one ``Problem``: hidden
+[T, H] and weight [V, H] leaves in the benchmark dtype, targets [T] int64, and per-token float32
+side inputs for a GRPO-like loss. A step leaves its gradients in ``hidden.grad`` / ``weight.grad``;
+callers reset them with ``Problem.zero_grads`` outside the timed region, so every step allocates
+its gradients the way a training step without gradient accumulation does.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from hpt_fast import backends, fused_linear_loss, fused_token_logprobs
+
+Step = Callable[[], None]
+
+# Tokens per sequence when an implementation needs a [B, S] layout (Liger): a typical completion
+# length, and Liger's default chunk is one sequence, so this is also its token chunk.
+SEQ_LEN = 512
+ENTROPY_COEF = 0.001
+
+
+@dataclass
+class Problem:
+    """Inputs of one benchmark case.
+
+    hidden: [T, H] dtype, requires grad. weight: [V, H] dtype, requires grad. targets: [T] int64.
+    adv: [T] float32 per-token advantages, constant within each sequence of ``seq_len`` tokens.
+    old_logp: [T] float32 (<= 0), the behaviour policy's log-probs. g_logp, g_ent: [T] float32
+    upstream gradients for the implementations that return per-token values.
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    targets: Tensor
+    adv: Tensor
+    old_logp: Tensor
+    g_logp: Tensor
+    g_ent: Tensor
+    seq_len: int
+
+    @property
+    def tokens(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def vocab(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    def zero_grads(self) -> None:
+        """Drop the previous step's gradients so the next step allocates its own."""
+        self.hidden.grad = None
+        self.weight.grad = None
+
+    def grad_bytes(self) -> int:
+        """Bytes of the gradients a step leaves behind (same shapes and dtype as the inputs)."""
+        return (self.hidden.numel() + self.weight.numel()) * self.hidden.element_size()
+
+    def naive_logits_bytes(self) -> int:
+        """The memory unit of the tables: the [T, V] float32 logits the naive version holds."""
+        return self.tokens * self.vocab * 4
+
+    def head(self, n: int) -> "Problem":
+        """The first ``n`` tokens as a problem of their own, sharing the weight.
+
+        Warm-ups use it: they run the same code at the same H and V without a second [V, H] tensor.
+        The per-token tensors are copies, not views: compiled code (CCE) guards on whether an input
+        is a view, and the full-size tensors are not.
+        """
+
+        def first(t: Tensor) -> Tensor:
+            return t.detach()[:n].clone()
+
+        return Problem(
+            hidden=first(self.hidden).requires_grad_(True),
+            weight=self.weight,
+            targets=first(self.targets),
+            adv=first(self.adv),
+            old_logp=first(self.old_logp),
+            g_logp=first(self.g_logp),
+            g_ent=first(self.g_ent),
+            seq_len=min(self.seq_len, n),
+        )
+
+    @cached_property
+    def gemm_buffers(self) -> "GemmBuffers":
+        """Built on first use only: at large V they take two [T, V] tensors."""
+        return GemmBuffers(self)
+
+
+def make_problem(tokens: int, hidden_size: int, vocab: int, dtype: torch.dtype, device: str, seed: int = 0) -> Problem:
+    """Random inputs whose logits have unit scale, so softmax is neither flat nor one-hot."""
+    gen = torch.Generator().manual_seed(seed)
+    seq_len = min(SEQ_LEN, tokens)
+    if tokens % seq_len:
+        raise ValueError(f"tokens ({tokens}) must be a multiple of the sequence length {seq_len}")
+
+    def randn(*shape: int, scale: float = 1.0) -> Tensor:
+        return (torch.randn(*shape, generator=gen) * scale).to(device)
+
+    adv_per_seq = randn(tokens // seq_len)
+    return Problem(
+        hidden=randn(tokens, hidden_size).to(dtype).requires_grad_(True),
+        weight=randn(vocab, hidden_size, scale=hidden_size**-0.5).to(dtype).requires_grad_(True),
+        targets=torch.randint(0, vocab, (tokens,), generator=gen).to(device),
+        adv=adv_per_seq.repeat_interleave(seq_len),
+        # near the policy's own log-probs of random targets, so exp(logp - old) stays near 1
+        old_logp=randn(tokens, scale=0.1) - math.log(vocab) - 0.5,
+        g_logp=randn(tokens, scale=1.0 / tokens),
+        g_ent=randn(tokens, scale=1.0 / tokens),
+        seq_len=seq_len,
+    )
+
+
+def grpo_token_loss(p: Problem) -> Callable[[Tensor, Optional[Tensor], Tensor], Tensor]:
+    """Per-token loss -adv * exp(logp - old) - c * entropy, for ``fused_linear_loss`` and naive.
+
+    (logp [C] float32, entropy [C] float32, rows [C] int64) -> losses [C] float32.
+    """
+
+    def loss(logp: Tensor, entropy: Optional[Tensor], rows: Tensor) -> Tensor:
+        return -p.adv[rows] * torch.exp(logp - p.old_logp[rows]) - ENTROPY_COEF * entropy
+
+    return loss
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One benchmarked implementation.
+
+    name: short id (command line, pytest ids). label: the table's row text. floor: how many
+    [T x H x V] GEMMs form its floor (None for the bare GEMM rows themselves). build: Problem ->
+    Step. missing: device type -> why it cannot run there, or None when it can.
+    """
+
+    name: str
+    label: str
+    floor: Optional[int]
+    build: Callable[[Problem], Step]
+    missing: Callable[[str], Optional[str]] = lambda device: None
+
+
+def _hpt_mode_a(backend: str) -> Callable[[Problem], Step]:
+    def build(p: Problem) -> Step:
+        def step() -> None:
+            logp, ent = fused_token_logprobs(p.hidden, p.weight, p.targets, return_entropy=True, backend=backend)
+            torch.autograd.backward((logp, ent), (p.g_logp, p.g_ent))
+
+        return step
+
+    return build
+
+
+def _hpt_mode_b(backend: str) -> Callable[[Problem], Step]:
+    def build(p: Problem) -> Step:
+        token_loss = grpo_token_loss(p)
+
+        def step() -> None:
+            loss, _, _ = fused_linear_loss(p.hidden, p.weight, p.targets, token_loss, with_entropy=True, backend=backend)
+            loss.backward()
+
+        return step
+
+    return build
+
+
+def _naive(p: Problem) -> Step:
+    token_loss = grpo_token_loss(p)
+    rows = torch.arange(p.tokens, device=p.device)
+
+    def step() -> None:
+        logits = p.hidden @ p.weight.t()
+        logp_all = torch.log_softmax(logits.float(), dim=-1)
+        logp = logp_all.gather(1, p.targets[:, None]).squeeze(1)
+        entropy = -(logp_all.exp() * logp_all).sum(dim=-1)
+        token_loss(logp, entropy, rows).sum().backward()
+
+    return step
+
+
+def _liger_grpo(p: Problem) -> Step:
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    # beta=0 and no reference model match our loss; compiled=False because the part Liger compiles
+    # is only the O(tokens) loss math, and compiling it costs warm-up time and inductor memory.
+    loss_fn = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, compiled=False)
+    batch = p.tokens // p.seq_len
+    targets = p.targets.view(batch, p.seq_len)
+    mask = torch.ones(batch, p.seq_len, dtype=torch.long, device=p.device)
+    adv = p.adv.view(batch, p.seq_len)[:, 0].contiguous()
+    old = p.old_logp.view(batch, p.seq_len)
+
+    def step() -> None:
+        hidden = p.hidden.view(batch, p.seq_len, -1)
+        loss, _ = loss_fn(hidden, p.weight, targets, mask, adv, old_per_token_logps=old)
+        loss.backward()
+
+    return step
+
+
+def _cce(p: Problem) -> Step:
+    from cut_cross_entropy import linear_cross_entropy
+
+    # the Triton "cce" kernel needs CUDA; "torch_compile" is its portable path
+    impl = "cce" if p.device.type == "cuda" else "torch_compile"
+
+    def step() -> None:
+        linear_cross_entropy(p.hidden, p.weight, p.targets, impl=impl).backward()
+
+    return step
+
+
+class GemmBuffers:
+    """Preallocated operands and outputs, so the bare GEMM rows time the GEMM and nothing else.
+
+    h: [T, H], w: [V, H] (the problem's inputs, detached); logits, dlogits: [T, V]; dh: [T, H];
+    dw: [V, H]; all in the problem's dtype.
+    """
+
+    def __init__(self, p: Problem) -> None:
+        self.h, self.w = p.hidden.detach(), p.weight.detach()
+        self.logits = torch.empty(p.tokens, p.vocab, dtype=self.h.dtype, device=p.device)
+        self.dlogits = torch.randn(p.tokens, p.vocab, dtype=self.h.dtype, device=p.device)
+        self.dh = torch.empty_like(self.h)
+        self.dw = torch.empty_like(self.w)
+
+
+def _gemm_logits(p: Problem) -> Step:
+    b = p.gemm_buffers
+
+    def step() -> None:
+        torch.mm(b.h, b.w.t(), out=b.logits)
+
+    return step
+
+
+def _gemm_dh(p: Problem) -> Step:
+    b = p.gemm_buffers
+
+    def step() -> None:
+        torch.mm(b.dlogits, b.w, out=b.dh)
+
+    return step
+
+
+def _gemm_dw(p: Problem) -> Step:
+    b = p.gemm_buffers
+
+    def step() -> None:
+        torch.mm(b.dlogits.t(), b.h, out=b.dw)
+
+    return step
+
+
+def _needs_module(module: str) -> Callable[[str], Optional[str]]:
+    def missing(device: str) -> Optional[str]:
+        return None if importlib.util.find_spec(module) else f"{module} is not installed"
+
+    return missing
+
+
+GEMM_NAMES = ("gemm_logits", "gemm_dh", "gemm_dw")
+
+
+def _hpt_backends(device: str) -> list[str]:
+    """The hpt_fast backends that run on ``device`` at a speed worth timing.
+
+    triton runs on CPU only through its interpreter, far too slow to time; the C++ "cpu" backend
+    takes CPU tensors only.
+    """
+    excluded = "cpu" if device == "cuda" else "triton"
+    return [name for name in backends.available() if name != excluded]
+
+
+def implementations(device: str) -> list[Impl]:
+    """Every implementation to compare on ``device`` ("cpu" or "cuda"), bare GEMMs first."""
+    impls = [
+        Impl("gemm_logits", "GEMM logits = h @ W.T", None, _gemm_logits),
+        Impl("gemm_dh", "GEMM dh = dlogits @ W", None, _gemm_dh),
+        Impl("gemm_dw", "GEMM dW = dlogits.T @ h", None, _gemm_dw),
+    ]
+    for backend in _hpt_backends(device):
+        impls.append(Impl(f"hpt_a_{backend}", f"hpt_fast mode A, backend {backend}", 4, _hpt_mode_a(backend)))
+        impls.append(Impl(f"hpt_b_{backend}", f"hpt_fast mode B, backend {backend}", 3, _hpt_mode_b(backend)))
+    impls += [
+        Impl("naive", "naive PyTorch (materialised logits)", 3, _naive),
+        Impl("liger_grpo", "Liger LigerFusedLinearGRPOLoss (no entropy)", 3, _liger_grpo, _needs_module("liger_kernel")),
+        Impl("cce", f"cut-cross-entropy {'cce' if device == 'cuda' else 'torch_compile'} (CE only)", 3, _cce,
+             _needs_module("cut_cross_entropy")),
+    ]
+    return impls
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels, so a wall-clock interval covers the work it launched."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
