@@ -1,0 +1,262 @@
+"""VLLMEngine against a fake ``vllm`` (tests/fake_vllm.py) that mirrors the real API it uses:
+the order of the phases, what is passed, the streamed weights, and the errors on misuse."""
+import dataclasses
+import inspect
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import is_typeddict
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+import fake_vllm
+from hpt_fast.rollout import RolloutEngine, VLLMEngine
+from hpt_fast.rollout.vllm import VLLM_API_USED, VLLM_MODEL_PATH, VLLM_FIELDS_USED
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def vllm(monkeypatch):
+    """``import vllm`` gives the fake; the environment variable the engine sets is restored after."""
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    return fake_vllm
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(config).float()
+
+
+def _engine(model, **kwargs) -> VLLMEngine:
+    return VLLMEngine(model, "Qwen/tiny", **kwargs)
+
+
+def _kinds(events):
+    return [e[0] if e[0] != "wake_up" else f"wake_up{list(e[1])}" for e in events if e[0] != "load_weights"]
+
+
+def test_created_asleep_with_sleep_mode_dummy_weights_and_in_process(vllm, model):
+    engine = _engine(model, gpu_memory_utilization=0.25, kv_cache_memory_bytes=2**30, max_model_len=48,
+                     max_num_seqs=128, seed=5, sleep_level=2)
+    llm = engine._llm
+    assert llm.init_kwargs == dict(
+        model="Qwen/tiny", skip_tokenizer_init=True, tensor_parallel_size=1, dtype="bfloat16", seed=5,
+        gpu_memory_utilization=0.25, enforce_eager=True, kv_cache_memory_bytes=2**30, enable_sleep_mode=True,
+        load_format="dummy", logprobs_mode="processed_logprobs", distributed_executor_backend="uni",
+        max_model_len=48, max_num_seqs=128, enable_prefix_caching=True,
+    )
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert llm.events == [("init",), ("sleep", 2)]
+    assert isinstance(engine, RolloutEngine)
+
+
+def test_one_step_runs_the_phases_in_order_and_times_them(vllm, model):
+    engine = _engine(model)
+    engine.update_weights()
+    out = engine.generate([[1, 2, 3]], n=2, max_new_tokens=4, seed=1)
+    engine.sleep()
+    assert _kinds(engine._llm.events) == [
+        "init", "sleep", "wake_up['weights']", "reset_prefix_cache", "wake_up['kv_cache']", "generate", "sleep",
+    ]
+    loads = [i for i, e in enumerate(engine._llm.events) if e[0] == "load_weights"]
+    resets = [i for i, e in enumerate(engine._llm.events) if e[0] == "reset_prefix_cache"]
+    assert loads and max(loads) < resets[0]  # the prefix cache is dropped after the new weights are in
+    assert set(engine.timings) == {"wake_weights", "load_weights", "reset_prefix_cache", "wake_kv_cache",
+                                   "generate", "sleep"}
+    assert len(out) == 1 and len(out[0]) == 2
+
+
+def test_weights_stream_with_hf_names_in_the_rollout_dtype(vllm, model):
+    engine = _engine(model, dtype=torch.bfloat16)
+    engine.update_weights()
+    received = engine._llm.model.weights
+    assert list(received) == [name for name, _ in model.named_parameters()]
+    for name, param in model.named_parameters():
+        assert received[name].dtype == torch.bfloat16
+        torch.testing.assert_close(received[name], param.detach().to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_each_step_streams_the_current_weights(vllm, model):
+    engine = _engine(model, dtype=torch.float32)
+    engine.update_weights()
+    engine.generate([[1]], max_new_tokens=1)
+    engine.sleep()
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)  # an optimizer step
+    try:
+        engine.update_weights()
+        torch.testing.assert_close(engine._llm.model.weights["lm_head.weight"], model.lm_head.weight.detach())
+    finally:
+        with torch.no_grad():
+            model.lm_head.weight.sub_(1.0)
+    assert [e for e in _kinds(engine._llm.events) if e == "reset_prefix_cache"] == ["reset_prefix_cache"] * 2
+
+
+def test_zero3_parameters_are_gathered_one_at_a_time(vllm, model, monkeypatch):
+    import deepspeed
+
+    log = []
+
+    @contextmanager
+    def gathered(params, modifier_rank=None, fwd_module=None, enabled=True):
+        assert modifier_rank is None  # read-only gather
+        log.append(("gather", params[0].ds_name))
+        yield
+        log.append(("release", params[0].ds_name))
+
+    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", gathered)
+    names = [name for name, _ in model.named_parameters()]
+    for name, param in model.named_parameters():
+        param.ds_id, param.ds_name = 1, name
+    try:
+        engine = _engine(model)
+        engine._llm.events = log  # load_weights events land in the same log as the gathers
+        engine._llm.model.events = log
+        engine.update_weights()
+    finally:
+        for _, param in model.named_parameters():
+            del param.ds_id, param.ds_name
+    streamed = [e for e in log if e[0] in ("gather", "load_weights", "release")]
+    expected = [step for name in names for step in (("gather", name), ("load_weights", name, torch.bfloat16),
+                                                      ("release", name))]
+    assert streamed == expected
+
+
+def test_samples_and_sampling_params(vllm, model):
+    engine = _engine(model)
+    engine.update_weights()
+    out = engine.generate([[3, 4], [7]], n=3, max_new_tokens=5, temperature=0.8, stop_token_ids=[10, 9], seed=11)
+    params = next(e[2] for e in engine._llm.events if e[0] == "generate")
+    assert params == fake_vllm.SamplingParams(n=3, temperature=0.8, top_p=1.0, top_k=0, seed=11,
+                                              stop_token_ids=[9, 10], max_tokens=5, logprobs=0,
+                                              detokenize=False, ignore_eos=True)
+    assert [s.token_ids for s in out[0]] == [[4, 5, 6, 7, 8], [5, 6, 7, 8, 9], [6, 7, 8, 9]]
+    assert [s.finish_reason for s in out[0]] == ["length", "stop", "stop"]
+    assert [s.token_ids for s in out[1]] == [[7, 8, 9], [8, 9], [9]]
+    sample = out[0][2]
+    assert sample.logprobs.dtype == torch.float32
+    torch.testing.assert_close(sample.logprobs, torch.tensor([-0.25, -0.5, -0.75, -1.0]))
+
+
+def test_misuse_raises(vllm, model):
+    engine = _engine(model)
+    with pytest.raises(RuntimeError, match="call update_weights"):
+        engine.generate([[1]], max_new_tokens=2)
+    engine.update_weights()
+    engine.generate([[1]], max_new_tokens=2)
+    with pytest.raises(RuntimeError, match="call sleep"):
+        engine.update_weights()
+    engine.sleep()
+    # level 1 keeps the weights: they come back with the engine
+    engine.generate([[1]], max_new_tokens=2)
+    assert _kinds(engine._llm.events)[-3:] == ["wake_up['weights']", "wake_up['kv_cache']", "generate"]
+
+
+def test_sleep_level_2_drops_the_weights(vllm, model):
+    engine = _engine(model, sleep_level=2)
+    engine.update_weights()
+    engine.generate([[1]], max_new_tokens=2)
+    engine.sleep()
+    with pytest.raises(RuntimeError, match="sleep level 2"):
+        engine.wake()
+    engine.update_weights()
+    engine.generate([[1]], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"top_p": 0.9}, "without top-k / top-p"),
+    ({"top_k": 5}, "without top-k / top-p"),
+    ({"n": 0}, "n must be >= 1"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+])
+def test_bad_requests_fail_before_any_work(vllm, model, kwargs, match):
+    engine = _engine(model)
+    engine.update_weights()
+    before = list(engine._llm.events)
+    with pytest.raises(ValueError, match=match):
+        engine.generate([[1, 2]], **{"max_new_tokens": 3, **kwargs})
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        engine.generate([[]], max_new_tokens=3)
+    assert engine._llm.events == before
+    # greedy decoding ignores top-k / top-p, so they are allowed there
+    engine.generate([[1, 2]], max_new_tokens=1, temperature=0.0, top_k=5)
+
+
+def _recording(target, fn, passed):
+    """fn, noting the names of the arguments each call binds (the keys of **kwargs included)."""
+    signature = inspect.signature(fn)
+
+    def wrapper(*args, **kwargs):
+        for name, value in signature.bind(*args, **kwargs).arguments.items():
+            if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                passed[target] |= set(value)
+            elif name != "self":
+                passed[target].add(name)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def test_the_engine_uses_exactly_the_listed_vllm_names(vllm, model, monkeypatch):
+    """VLLM_API_USED, which bench/check_vllm_api.py checks against real vLLM, is what the engine passes."""
+    passed = {target: set() for target in VLLM_API_USED}
+    for target in VLLM_API_USED:
+        cls_name, _, meth = target.partition(".")
+        cls = getattr(vllm, cls_name)
+        monkeypatch.setattr(cls, meth or "__init__", _recording(target, getattr(cls, meth or "__init__"), passed))
+    engine = _engine(model, sleep_level=2)
+    engine.update_weights()
+    engine.generate([[1, 2]], n=2, max_new_tokens=3, stop_token_ids=[4], seed=0)
+    engine.sleep()
+    assert passed == {target: set(keywords) for target, keywords in VLLM_API_USED.items()}
+
+
+def test_the_fake_mirrors_every_name_the_engine_uses(vllm):
+    """The fake accepts each listed keyword by name and has each listed field, as vLLM does."""
+    for target, keywords in VLLM_API_USED.items():
+        obj = vllm
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        accepted = set(inspect.signature(obj).parameters)
+        if target == "LLM":
+            accepted |= set(fake_vllm.ENGINE_ARGS_DEFAULTS)
+        assert set(keywords) <= accepted, (target, set(keywords) - accepted)
+    llm = vllm.LLM("m", enable_sleep_mode=True)
+    obj = llm
+    for attr in VLLM_MODEL_PATH:
+        obj = getattr(obj, attr)
+    assert hasattr(obj, "load_weights")
+    for cls, attrs in VLLM_FIELDS_USED.items():
+        cls = getattr(vllm, cls)
+        if dataclasses.is_dataclass(cls):
+            known = {f.name for f in dataclasses.fields(cls)}
+        elif is_typeddict(cls):
+            known = set(cls.__annotations__)
+        else:
+            known = set(inspect.signature(cls).parameters)
+        assert set(attrs) <= known, (cls, set(attrs) - known)
+
+
+def test_importing_hpt_fast_needs_no_vllm():
+    # vllm made unimportable in a fresh interpreter: the package and the native engine still work
+    code = (
+        "import sys; sys.modules['vllm'] = None\n"
+        "import hpt_fast, hpt_fast.rollout\n"
+        "from hpt_fast.rollout import NativeEngine, VLLMEngine\n"
+        "try:\n"
+        "    VLLMEngine(None, 'm')\n"
+        "except ImportError as err:\n"
+        "    print(err)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "VLLMEngine needs vLLM" in result.stdout
