@@ -199,7 +199,7 @@ class OptimConfig:
             norm exceeds this; None: never (the Qwen2.5-Math-7B HPT run: 80).
     """
 
-    lr: float = 1e-3
+    lr: float = 1e-4
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0

@@ -226,10 +226,17 @@ def test_srft_checks_its_inputs_before_the_gemms(monkeypatch):
         fused(x["hidden"], x["weight"], x["targets"], x["mask"], x["adv"], off_policy=OFF)
 
 
-def test_docs_example_runs():
-    docs = (Path(__file__).resolve().parents[1] / "docs" / "estimators.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", docs, flags=re.S)
-    assert blocks, "docs/estimators.md has no python example"
-    namespace = {"__name__": "__docs__"}  # the blocks run in order, like a reader pasting them
+def _readme_section(title: str) -> str:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index(f"## {title}\n")
+    end = readme.find("\n## ", start + 1)
+    return readme[start:end if end != -1 else None]
+
+
+@pytest.mark.parametrize("section", ["The fused op", "Using the fused loss in another trainer"])
+def test_readme_examples_run(section):
+    blocks = re.findall(r"```python\n(.*?)```", _readme_section(section), flags=re.S)
+    assert blocks, f"README section {section!r} has no python example"
+    namespace = {"__name__": "__readme__"}  # the blocks run in order, like a reader pasting them
     for i, code in enumerate(blocks, 1):
-        exec(compile(code, f"docs/estimators.md, python block {i}", "exec"), namespace)
+        exec(compile(code, f"README {section}, python block {i}", "exec"), namespace)
