@@ -1,6 +1,6 @@
 """Outcome advantages from per-sample rewards, computed within each prompt's group of samples.
 
-The advantage is the unified estimator's A_hat component (see docs/estimators.md). Kinds:
+The advantage is the unified estimator's A_hat component (see the README's estimator section). Kinds:
 
 | kind | A_i for sample i of a group g with rewards r_g (size n) |
 |---|---|
