@@ -362,6 +362,27 @@ def _gather_valid(hidden: Tensor, targets: Tensor, index: Optional[Tensor]) -> t
     return flat_h.index_select(0, index), flat_t.index_select(0, index)
 
 
+def _prepare(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor],
+    temperature: float,
+    ignore_index: int,
+    backend: str,
+    chunk_size: Optional[int],
+) -> tuple[Tensor, Tensor, Optional[Tensor], _Plan]:
+    """Check the arguments, keep the scored rows, plan the chunks.
+
+    Returns (hidden [N, H] and targets [N] of the N non-ignored positions, their flat indices or
+    None when none is ignored, the plan).
+    """
+    _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, chunk_size)
+    index = _valid_rows(targets, ignore_index, weight.shape[0])
+    h, t = _gather_valid(hidden, targets, index)
+    return h, t, index, _plan(backend, hidden, weight.shape[0], h.shape[0], chunk_size, temperature)
+
+
 def fused_token_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -391,12 +412,8 @@ def fused_token_logprobs(
         logp: float32 [...] (<= 0), entropy: float32 [...] or None. Both differentiable w.r.t.
         hidden, weight and bias; the backward recomputes the logits block by block.
     """
-    _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, chunk_size)
-    shape = tuple(targets.shape)
-    n_total = targets.numel()
-    index = _valid_rows(targets, ignore_index, weight.shape[0])
-    h, t = _gather_valid(hidden, targets, index)
-    plan = _plan(backend, hidden, weight.shape[0], h.shape[0], chunk_size, temperature)
+    h, t, index, plan = _prepare(hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size)
+    shape, n_total = tuple(targets.shape), targets.numel()
     logp, entropy = _TokenLogprobs.apply(h, weight.contiguous(), bias, t, plan, return_entropy)
     logp = _scatter_rows(logp, index, n_total, shape)
     return logp, (_scatter_rows(entropy, index, n_total, shape) if return_entropy else None)
@@ -431,12 +448,8 @@ def fused_linear_loss(
     """
     if not callable(token_loss_fn):
         raise TypeError(f"token_loss_fn must be callable, got {type(token_loss_fn).__name__}")
-    _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, chunk_size)
-    shape = tuple(targets.shape)
-    n_total = targets.numel()
-    index = _valid_rows(targets, ignore_index, weight.shape[0])
-    h, t = _gather_valid(hidden, targets, index)
-    plan = _plan(backend, hidden, weight.shape[0], h.shape[0], chunk_size, temperature)
+    h, t, index, plan = _prepare(hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size)
+    shape, n_total = tuple(targets.shape), targets.numel()
     rows = index if index is not None else torch.arange(n_total, device=hidden.device)
     loss, logp, entropy = _LinearLoss.apply(
         h, weight.contiguous(), bias, t, rows, token_loss_fn, plan, with_entropy

@@ -300,7 +300,7 @@ class Trainer:
         t0 = time.perf_counter()
         indices = shard(self.sampler.next_batch(cfg.train.prompts_per_step), self.rank, self.world)
         batch = self.train_set.batch(indices)
-        n_gen = {"sft": 0, "luffy": cfg.rollout.n - 1}.get(rule, cfg.rollout.n)
+        n_gen = cfg.rollouts_per_prompt(rule)
         samples = [[] for _ in indices]
         if n_gen:
             samples = self.rollout.generate(
