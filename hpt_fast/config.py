@@ -199,9 +199,9 @@ class OptimConfig:
             norm exceeds this; None: never (the Qwen2.5-Math-7B HPT run: 80).
     """
 
-    lr: float = 1e-4
+    lr: float = 3e-4
     schedule: Literal["constant", "cosine", "linear"] = "constant"
-    warmup_steps: int = 0
+    warmup_steps: int = 10
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.01
     grad_clip: Optional[float] = 1.0
@@ -234,8 +234,8 @@ class TrainConfig:
             only at the end.
     """
 
-    total_steps: int = 60
-    prompts_per_step: int = 16
+    total_steps: int = 200
+    prompts_per_step: int = 32
     mini_batch_prompts: Optional[int] = None
     seed: int = 0
     output_dir: str = "runs/toy"
@@ -255,7 +255,7 @@ class ValidationConfig:
     """
 
     files: list[str] = field(default_factory=lambda: [TOY])
-    every: int = 10
+    every: int = 50
     n: int = 4
     temperature: float = 0.6
     top_p: float = 0.95

@@ -90,7 +90,7 @@ def test_yaml_reads_exponent_floats_and_base_merges_sections(tmp_path):
     (["algorithm.gamma=1.5"], r"algorithm\.gamma: must be a fraction in \[0, 1\]"),
     (["rollout.top_p=0"], r"rollout\.top_p: must be in \(0, 1\]"),
     (["rollout.temperature=0"], r"rollout\.temperature: must be > 0"),
-    (["train.mini_batch_prompts=5"], r"train\.mini_batch_prompts: must divide train\.prompts_per_step = 16"),
+    (["train.mini_batch_prompts=5"], r"train\.mini_batch_prompts: must divide train\.prompts_per_step = 32"),
     (["deepspeed.micro_batch_tokens=100"], r"deepspeed\.micro_batch_tokens: must hold one whole sequence"),
     (["data.prompt_template=Q: {question}"], r"data\.prompt_template: must contain \{prompt\}"),
     (["data.train_files=[]"], r"data\.train_files: needs at least one file"),
@@ -155,7 +155,7 @@ def test_config_built_in_code_is_type_checked():
 
 def test_lr_schedules():
     assert [OptimConfig(schedule="constant", warmup_steps=2).lr_factor(s, 10) for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
-    cosine = OptimConfig(schedule="cosine", min_lr_ratio=0.1)
+    cosine = OptimConfig(schedule="cosine", warmup_steps=0, min_lr_ratio=0.1)
     assert cosine.lr_factor(0, 11) == pytest.approx(1.0)
     assert cosine.lr_factor(5, 11) == pytest.approx(0.55)
     assert cosine.lr_factor(10, 11) == pytest.approx(0.1)
