@@ -263,9 +263,10 @@ class Trainer:
         counts = [dataclasses.astuple(est.normalizers(mb.mask, mb.off_policy)) for mb in mbs]
         # every rank must run the same number of backward passes (collectives in DeepSpeed)
         n_local = len(mbs)
-        totals = _all_sum([sum(c[i] for c in counts) for i in range(len(Normalizers.__dataclass_fields__))] + [0.0], self.device)
+        # a rank may have no rows at all (SFT prompts without a demonstration): still all-reduce
+        totals = _all_sum([sum(c[i] for c in counts) for i in range(len(dataclasses.fields(Normalizers)))], self.device)
         n_max = int(_all_max(n_local, self.device))
-        norm = Normalizers(*(int(x) for x in totals[:-1]))
+        norm = Normalizers(*(int(x) for x in totals))
         head = self.model.get_output_embeddings()
         loss_sum, stats_sum = 0.0, {}
         for k in range(n_max):
