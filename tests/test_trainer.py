@@ -75,7 +75,8 @@ def test_two_ranks_match_one_rank(tmp_path):
 
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    steps = ["train.total_steps=4", "train.checkpoint_every=1"]
+    # enough steps that the run cannot finish between seeing checkpoint 2 and the kill
+    steps = ["train.total_steps=12", "train.checkpoint_every=1"]
     _run(full, *steps)
     proc = _run(killed, *steps, wait=False)
     deadline = time.time() + 300
@@ -85,10 +86,10 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
             break
         if proc.poll() is not None:
             pytest.fail(f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}")
-        time.sleep(0.2)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert latest_checkpoint(killed).name < "step_00000004"
+    assert latest_checkpoint(killed).name < "step_00000012"
     _run(killed, *steps)  # resumes from the last complete checkpoint
     w_full, w_resumed = _weights(full), _weights(killed)
     for name in w_full:
