@@ -276,8 +276,12 @@ class Trainer:
                 loss, stats = loss_fn(self._hidden(mb), head.weight, mb.targets, mb.mask, mb.advantages,
                                       bias=head.bias, old_logp=old[k], off_policy=mb.off_policy,
                                       rewards=mb.rewards, normalizers=norm)
+                # loss parts add up over micro-batches (global normalisers); the rest are
+                # per-token means, averaged with token weights
+                weight = mb.mask.sum().item()
                 for key, v in stats.items():
-                    stats_sum[key] = stats_sum.get(key, 0.0) + float(v) * mb.mask.sum().item()
+                    w = 1.0 if key.endswith("_loss") else weight
+                    stats_sum[key] = stats_sum.get(key, 0.0) + float(v) * w
             else:  # a rank with fewer micro-batches joins the collectives with a zero loss
                 loss = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
             self.engine.backward(loss * self.world)
@@ -290,7 +294,7 @@ class Trainer:
         else:
             self.engine.step()
         ntok = sum(mb.mask.sum().item() for mb in mbs)
-        stats = {k: v / max(ntok, 1) for k, v in stats_sum.items()}
+        stats = {k: v if k.endswith("_loss") else v / max(ntok, 1) for k, v in stats_sum.items()}
         loss_total, = _all_sum([loss_sum], self.device)
         return {"loss": loss_total, "grad_norm": grad_norm, **stats}
 
