@@ -2,7 +2,8 @@
 
 With no arguments it runs the embedded default: the synthetic arithmetic task and a tiny Qwen2
 model built on the spot (hpt_fast.toy), no download, a few minutes on a 2-core CPU.
-Under ``torchrun --nproc_per_node N -m hpt_fast.train ...`` each process is one rank.
+Under ``torchrun --nproc_per_node N -m hpt_fast.train ...`` (or the ``deepspeed`` launcher) each
+process is one rank.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hpt_fast.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("args", nargs="*", help="an optional YAML config, then key=value overrides")
+    # the deepspeed launcher passes --local_rank; the rank comes from the LOCAL_RANK variable it also sets
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     path = args.args[0] if args.args and "=" not in args.args[0] else None
     overrides = args.args[1:] if path else args.args
