@@ -6,6 +6,7 @@ signatures documented in ``torch_backend``; ``hpt_fast.ops`` runs the GEMMs arou
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 from types import ModuleType
 
@@ -72,6 +73,4 @@ def resolve(name: str, device: torch.device) -> tuple[str, ModuleType]:
 
 
 def _triton_interpreted() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
