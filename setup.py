@@ -82,7 +82,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "triton", "matplotlib"],
-        "bench": ["pytest-benchmark", "liger-kernel", "cut-cross-entropy", "triton"],
+        # TRL and what it needs, pinned to the versions bench/step_time_vs_trl.py was measured with
+        "bench": ["pytest-benchmark", "liger-kernel", "cut-cross-entropy", "triton",
+                  "trl==1.16.0", "accelerate==1.15.0", "datasets==5.2.0"],
         "gpu": ["triton", "liger-kernel"],
         "vllm": ["vllm"],
         "plot": ["matplotlib"],
