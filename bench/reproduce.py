@@ -60,8 +60,12 @@ def total_steps(config: str, steps: Optional[int]) -> int:
     return load_config(REPO / config).train.total_steps
 
 
-def train(method: str, seed: int, out: Path, steps: Optional[int], extra: Sequence[str]) -> float:
+def train(method: str, seed: int, out: Path, steps: Optional[int], extra: Sequence[str],
+          config: Optional[str] = None) -> float:
     """Train one (method, seed) through the CLI; its log goes to ``RUN/train.log``. Returns seconds.
+
+    ``config`` (default ``CONFIGS[method]``) lets a caller train a config under another run name
+    (bench/ablations.py: several variants of one method).
 
     Raises:
         RuntimeError: the trainer exited non-zero (the message names the log).
@@ -71,7 +75,7 @@ def train(method: str, seed: int, out: Path, steps: Optional[int], extra: Sequen
     overrides = [f"train.seed={seed}", f"train.output_dir={run}", *extra]
     if steps is not None:
         overrides.append(f"train.total_steps={steps}")
-    cmd = [sys.executable, "-m", "hpt_fast.train", CONFIGS[method], *overrides]
+    cmd = [sys.executable, "-m", "hpt_fast.train", config or CONFIGS[method], *overrides]
     start = time.perf_counter()
     with open(run / "train.log", "w") as log:
         rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -164,15 +168,16 @@ def aggregate(runs: dict[str, list[dict]]) -> dict[str, dict]:
     return out
 
 
-def markdown(summary: dict[str, dict], seeds: Sequence[int], steps: dict[str, int]) -> str:
-    """The results table (avg@8 then pass@8 per level, mean ± std over seeds) and the training table."""
+def markdown(summary: dict[str, dict], seeds: Sequence[int], steps: dict[str, int], label: str = "method") -> str:
+    """The results table (avg@8 then pass@8 per level, mean ± std over seeds) and the training table;
+    ``label`` heads the first column (the keys of ``summary``)."""
     levels = list(next(iter(summary.values()))["levels"])
-    head = "| method | " + " | ".join(levels) + " |"
+    head = f"| {label} | " + " | ".join(levels) + " |"
     rule = "|---|" + "---:|" * len(levels)
     lines = [f"Held-out accuracy of the final checkpoint, mean ± std over seeds {', '.join(map(str, seeds))} "
              f"(64 problems per level, {EVAL_N} samples each at temperature {EVAL_TEMPERATURE}).", ""]
-    for metric, label in (("avg", f"avg@{EVAL_N}"), ("pass", f"pass@{EVAL_N}")):
-        lines += [f"**{label}**", "", head, rule]
+    for metric, title in (("avg", f"avg@{EVAL_N}"), ("pass", f"pass@{EVAL_N}")):
+        lines += [f"**{title}**", "", head, rule]
         for method, s in summary.items():
             best = {lv: max(summary[m]["levels"][lv][metric][0] for m in summary) for lv in levels}
             cells = []
@@ -183,7 +188,7 @@ def markdown(summary: dict[str, dict], seeds: Sequence[int], steps: dict[str, in
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["**training** (mean over seeds)", "",
-              "| method | steps | mean SFT fraction | mean rollout reward | seconds per run |",
+              f"| {label} | steps | mean SFT fraction | mean rollout reward | seconds per run |",
               "|---|---:|---:|---:|---:|"]
     for method, s in summary.items():
         lines.append(f"| {method} | {steps[method]} | {s['sft_fraction'][0]:.3f} | {s['reward_mean'][0]:.3f} | "
@@ -234,13 +239,14 @@ def plot_pass_at_k(summary: dict[str, dict], path: Path) -> None:
 
 
 def run_one(method: str, seed: int, out: Path, steps: Optional[int], extra: Sequence[str],
-            files: Sequence[str]) -> dict:
-    """Train (unless the final checkpoint exists) and evaluate (unless ``RUN/eval.json`` exists) one run."""
+            files: Sequence[str], config: Optional[str] = None) -> dict:
+    """Train (unless the final checkpoint exists) and evaluate (unless ``RUN/eval.json`` exists) one
+    run; ``config`` as in ``train``."""
     run = run_dir(out, method, seed)
-    ckpt = final_checkpoint(run, total_steps(CONFIGS[method], steps))
+    ckpt = final_checkpoint(run, total_steps(config or CONFIGS[method], steps))
     timing, cached = run / "train_seconds.txt", run / "eval.json"
     if not ckpt.is_dir():
-        seconds = train(method, seed, out, steps, extra)
+        seconds = train(method, seed, out, steps, extra, config)
         timing.write_text(f"{seconds:.1f}\n")
         cached.unlink(missing_ok=True)  # a stale evaluation of an earlier checkpoint
     if not cached.is_file():

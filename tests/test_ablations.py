@@ -1,0 +1,56 @@
+"""bench/ablations.py: the variants are valid configs, and the task-mix file drops exactly its levels."""
+import math
+
+import pytest
+
+from bench.ablations import VARIANTS, task_mix_file, variant_overrides, welch_t
+from bench.reproduce import CONFIGS, REPO
+from hpt_fast.config import build_estimators, load_config
+from hpt_fast.data import Problem, read_train_parquet, write_train_parquet
+
+
+def _problem(source: str, i: int) -> Problem:
+    return Problem(prompt=[{"role": "user", "content": f"What is {i}+1?"}], ground_truth=str(i + 1),
+                   target=f"<think>\n{i}+1={i + 1}\n</think>\n\\boxed{{{i + 1}}}", data_source=source, index=i)
+
+
+@pytest.fixture
+def train_file(tmp_path):
+    path = tmp_path / "train.parquet"
+    write_train_parquet(path, [_problem(s, i) for i, s in enumerate(["toy-add1", "toy-add2digit", "toy-add3"] * 3)])
+    return path
+
+
+def test_every_variant_is_a_valid_config(tmp_path, train_file):
+    # an override the config or the estimator rejects would fail only after minutes of sweeping
+    names = [v.name for v in VARIANTS]
+    assert len(set(names)) == len(names)
+    for v in VARIANTS:
+        cfg = load_config(REPO / CONFIGS[v.method], variant_overrides(v, tmp_path / "data", train_file))
+        build_estimators(cfg)
+        assert cfg.algorithm.method == v.method
+        if v.drop_levels:
+            assert cfg.data.train_files != ["toy"]
+
+
+def test_task_mix_file_drops_only_the_named_levels(tmp_path, train_file):
+    path = task_mix_file(train_file, ["toy-add2digit"], tmp_path / "data")
+    kept = read_train_parquet(path)
+    assert [p.data_source for p in kept] == ["toy-add1", "toy-add3"] * 3
+    assert [p.ground_truth for p in kept] == [p.ground_truth for p in read_train_parquet(train_file)
+                                              if p.data_source != "toy-add2digit"]
+    # the same levels give the same path: a resumed sweep trains on the same file
+    assert task_mix_file(train_file, ["toy-add2digit"], tmp_path / "data") == path
+
+
+def test_task_mix_file_rejects_an_unknown_level(tmp_path, train_file):
+    with pytest.raises(ValueError, match="toy-add5"):
+        task_mix_file(train_file, ["toy-add5"], tmp_path / "data")
+
+
+def test_welch_t():
+    assert welch_t([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == 0.0
+    # diff 1, both variances 1 over 3 samples: se = sqrt(2 / 3)
+    assert welch_t([2.0, 3.0, 4.0], [1.0, 2.0, 3.0]) == pytest.approx(1 / math.sqrt(2 / 3))
+    assert math.isnan(welch_t([1.0, 1.0], [1.0, 1.0]))
+    assert math.isnan(welch_t([1.0], [1.0, 2.0]))
