@@ -45,8 +45,8 @@ if str(REPO) not in sys.path:  # run as a script: make ``bench`` importable
     sys.path.insert(0, str(REPO))
 
 from bench.reproduce import (  # noqa: E402
-    CONFIGS, EVAL_N, OVERALL, SEEDS, _figure, aggregate, markdown, mean_std, run_dir, run_one, total_steps,
-    validation_files,
+    CONFIGS, EVAL_N, OVERALL, _figure, aggregate, make_parser, markdown, mean_std, parse_args, run_dir, run_one,
+    total_steps, validation_files,
 )
 
 # the last LATE_STEPS training steps are averaged for the "late" diagnostics (entropy)
@@ -237,23 +237,15 @@ def plot(runs: dict[str, list[dict]], path: Path) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python bench/ablations.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser("python bench/ablations.py", __doc__, "variant")
     p.add_argument("--variants", nargs="+", choices=list(BY_NAME), default=list(BY_NAME))
-    p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
-    p.add_argument("--out", type=Path, default=REPO / "bench" / "reproduction")
     p.add_argument("--runs", type=Path, help="run directories (default OUT/runs_ablations)")
-    p.add_argument("--steps", type=int, help="train.total_steps for every variant (default: the configs' own)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="extra overrides passed to every variant alike, e.g. validation.every=25")
     return p
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = _parser().parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        _parser().error(f"--steps must be >= 1, got {args.steps}")
+    args = parse_args(_parser(), argv)
     out = args.out.resolve()
     runs_root = (args.runs or out / "runs_ablations").resolve()
     variants = [BY_NAME[n] for n in args.variants]

@@ -287,23 +287,35 @@ def write_outputs(runs: dict[str, list[dict]], out: Path, seeds: Sequence[int], 
     print(md)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python bench/reproduce.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+def make_parser(prog: str, doc: Optional[str], unit: str) -> argparse.ArgumentParser:
+    """A parser with the options this script shares with bench/ablations.py (--seeds, --out,
+    --steps, --set); ``unit`` names what is trained ("method", "variant") in the help."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     p.add_argument("--out", type=Path, default=REPO / "bench" / "reproduction")
-    p.add_argument("--steps", type=int, help="train.total_steps for every method (default: each config's)")
+    p.add_argument("--steps", type=int, help=f"train.total_steps for every {unit} (default: each config's)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="extra overrides passed to every method alike, e.g. validation.every=25")
+                   help=f"extra overrides passed to every {unit} alike, e.g. validation.every=25")
+    return p
+
+
+def parse_args(p: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """``p.parse_args(argv)``, exiting with a usage error on --steps < 1."""
+    args = p.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    return args
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = make_parser("python bench/reproduce.py", __doc__, "method")
+    p.add_argument("--methods", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     return p
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = _parser().parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        _parser().error(f"--steps must be >= 1, got {args.steps}")
+    args = parse_args(_parser(), argv)
     start = time.perf_counter()
     out = args.out.resolve()
     try:
