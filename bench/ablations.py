@@ -257,7 +257,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     wall = time.perf_counter() - start
     steps = {v.name: total_steps(CONFIGS[v.method], args.steps) for v in variants}
-    command = " ".join(["python bench/ablations.py", *argv])
+    # the thread count is part of how the sweep ran: on a busy 2-core machine one thread per
+    # process is several times faster than two (OpenMP spin-waiting; see hpt_fast.toy._one_thread)
+    threads = os.environ.get("OMP_NUM_THREADS")
+    command = " ".join([*([f"OMP_NUM_THREADS={threads}"] if threads else []), "python bench/ablations.py", *argv])
     md, data = report(runs, variants, args.seeds, steps, command, wall, (load_start, os.getloadavg()[0]))
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablations.md").write_text(md)
