@@ -82,7 +82,9 @@ class StepRecord:
         seconds: wall time of the whole step.
         split: seconds per ``SPLIT`` part (TRL: no weight update, 0).
         rollouts: completions sampled; generated: tokens generated (stop token included);
-        trained: response tokens in the loss; generate_seconds: TRL only, inside ``model.generate``.
+        trained: response tokens in the loss; generate_seconds: TRL only, inside ``model.generate``;
+        positions, tokens: TRL only, the training forward's positions (padding included) and the real
+        prompt + completion tokens among them.
     """
 
     seconds: float
@@ -91,6 +93,8 @@ class StepRecord:
     generated: int
     trained: int
     generate_seconds: float = 0.0
+    positions: int = 0
+    tokens: int = 0
 
 
 @dataclass
@@ -100,15 +104,17 @@ class Stopwatch:
     totals: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
 
-    def wrap(self, name: str, fn: Callable[..., Any], count: Optional[Callable[[Any], int]] = None) -> Callable[..., Any]:
-        """``fn`` timed under ``name``; ``count(result)`` (optional) is summed into ``counts[name]``."""
+    def wrap(
+        self, name: str, fn: Callable[..., Any], count: Optional[Callable[[Any], dict[str, int]]] = None
+    ) -> Callable[..., Any]:
+        """``fn`` timed under ``name``; ``count(result)`` (optional, {key: number}) is summed into ``counts``."""
         @functools.wraps(fn)
         def timed(*args, **kwargs):
             start = time.perf_counter()
             result = fn(*args, **kwargs)
             self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
-            if count is not None:
-                self.counts[name] = self.counts.get(name, 0) + count(result)
+            for key, number in (count(result) if count is not None else {}).items():
+                self.counts[key] = self.counts.get(key, 0) + int(number)
             return result
         return timed
 
@@ -194,8 +200,9 @@ def build_trl(cfg: Config, args, rows: list[dict], pool: RewardPool, callback):
     """TRL's GRPOTrainer on ``cfg``'s model with ``args`` (``trl_config``), with timers on its stages.
 
     Returns:
-        (trainer, stopwatch): the stopwatch collects "generate" (``_generate``, counting generated
-        tokens), "model.generate" and "prepare" (``_prepare_inputs``).
+        (trainer, stopwatch): the stopwatch times "generate" (``_generate``), "model.generate" and
+        "prepare" (``_prepare_inputs``) and counts "generated" tokens and the training inputs'
+        "positions" (padded) and real "tokens".
     """
     from accelerate.utils import DistributedType
     from datasets import Dataset
@@ -212,8 +219,11 @@ def build_trl(cfg: Config, args, rows: list[dict], pool: RewardPool, callback):
         raise RuntimeError(f"TRL runs as {trainer.accelerator.distributed_type}, not as one plain process")
     watch = Stopwatch()
     # instance attributes shadow the methods, so TRL's own calls (self._generate(...)) go through the timers
-    trainer._generate = watch.wrap("generate", trainer._generate, count=lambda out: sum(map(len, out[1])))
-    trainer._prepare_inputs = watch.wrap("prepare", trainer._prepare_inputs)
+    trainer._generate = watch.wrap("generate", trainer._generate, count=lambda out: {"generated": sum(map(len, out[1]))})
+    trainer._prepare_inputs = watch.wrap("prepare", trainer._prepare_inputs, count=lambda b: {
+        "positions": b["prompt_ids"].numel() + b["completion_ids"].numel(),
+        "tokens": b["prompt_mask"].sum() + b["completion_mask"].sum(),
+    })
     trainer.model.generate = watch.wrap("model.generate", trainer.model.generate)
     return trainer, watch
 
@@ -246,12 +256,13 @@ def make_interleaver(ours: dict[str, Any], records: dict[str, list[StepRecord]],
             totals, counts = self.watch.take()
             rollout = totals.get("generate", 0.0)
             reward = totals.get("prepare", 0.0) - rollout
-            generated = counts.get("generate", 0)
+            generated = counts.get("generated", 0)
             records["TRL GRPOTrainer"].append(StepRecord(
                 seconds=seconds,
                 split={"rollout": rollout, "reward": reward, "train": seconds - rollout - reward, "weight update": 0.0},
                 rollouts=args.generation_batch_size, generated=generated, trained=generated,
                 generate_seconds=totals.get("model.generate", 0.0),
+                positions=counts.get("positions", 0), tokens=counts.get("tokens", 0),
             ))
             for side, trainer in ours.items():
                 records[side].append(our_step(trainer))
@@ -278,6 +289,8 @@ def summarise(records: list[StepRecord], warmup: int) -> dict[str, float]:
         "trained": med([r.trained for r in timed]),
         "gen_rate": med([r.generated / max(r.split["rollout"], 1e-9) for r in timed]),
         "generate_seconds": med([r.generate_seconds for r in timed]),
+        "positions": med([r.positions for r in timed]),
+        "tokens": med([r.tokens for r in timed]),
     }
     for part in SPLIT:
         out[part] = med([r.split[part] for r in timed])
@@ -322,7 +335,7 @@ def _uptime() -> str:
 def _git_state() -> str:
     """HEAD and the uncommitted changes to the code being measured (others may be editing the tree)."""
     def git(*cmd: str) -> str:
-        return subprocess.run(["git", *cmd], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", *cmd], cwd=REPO_ROOT, capture_output=True, text=True).stdout.rstrip()
 
     dirty = git("status", "--porcelain", "--", "hpt_fast", "csrc", "kernels").splitlines()
     changed = ", ".join(line[3:] for line in dirty) or "none"
@@ -346,7 +359,10 @@ def report(summary: dict, records: dict[str, list[StepRecord]], args: argparse.N
         per_step.append(f"| {k + 1}{tag} | " + " | ".join(f"{records[s][k].seconds:.2f}" for s in SIDES) + " |")
     return "\n".join([
         head, "", format_table(summary), "",
-        f"TRL's rollout time inside `model.generate` alone: {trl['generate_seconds']:.2f} s (median).", "",
+        f"TRL's rollout time inside `model.generate` alone: {trl['generate_seconds']:.2f} s (median). TRL's "
+        f"training forward covers {trl['positions']:.0f} positions (prompts left-padded and completions "
+        f"right-padded to the longest of the step) for {trl['tokens']:.0f} real prompt + completion tokens "
+        f"({1 - trl['tokens'] / max(trl['positions'], 1):.0%} padding; medians).", "",
         "Step times, seconds:", "", *per_step, "",
         "How it was measured: see the docstring of `bench/step_time_vs_trl.py` (hpt_fast: wall time around "
         "`Trainer.train_step()`, split by the time_* metrics it returns; TRL: wall time between its step ends "
