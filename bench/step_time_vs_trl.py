@@ -333,13 +333,20 @@ def _uptime() -> str:
 
 
 def _git_state() -> str:
-    """HEAD and the uncommitted changes to the code being measured (others may be editing the tree)."""
-    def git(*cmd: str) -> str:
-        return subprocess.run(["git", *cmd], cwd=REPO_ROOT, capture_output=True, text=True).stdout.rstrip()
+    """HEAD and the uncommitted changes to the code being measured (others may be editing the tree).
 
+    ``--no-optional-locks``: status must not take the index lock that others committing need.
+    """
+    def git(*cmd: str) -> str:
+        out = subprocess.run(["git", "--no-optional-locks", *cmd], cwd=REPO_ROOT, capture_output=True, text=True)
+        return out.stdout.rstrip()
+
+    head = git("rev-parse", "--short", "HEAD")
+    if not head:
+        return "hpt_fast: not run from a git checkout (commit unknown)"
     dirty = git("status", "--porcelain", "--", "hpt_fast", "csrc", "kernels").splitlines()
     changed = ", ".join(line[3:] for line in dirty) or "none"
-    return f"hpt_fast at commit {git('rev-parse', '--short', 'HEAD') or 'unknown'}; uncommitted changes in: {changed}"
+    return f"hpt_fast at commit {head}; uncommitted changes in: {changed}"
 
 
 def report(summary: dict, records: dict[str, list[StepRecord]], args: argparse.Namespace, command: str,
