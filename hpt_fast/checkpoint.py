@@ -1,12 +1,17 @@
-"""Atomic, pickle-free checkpoints: safetensors weights + a tensors-and-numbers training state.
+"""Atomic, pickle-free checkpoints: safetensors weights + tensors-and-numbers training state.
 
 A checkpoint is a directory ``step_{N:08d}`` under ``<output_dir>/checkpoints`` holding:
 - the model as ``save_pretrained`` writes it (safetensors, loadable by
   ``transformers.AutoModelForCausalLM`` and so by vLLM) and the tokenizer;
-- ``trainer_state.pt``: optimizer, scheduler and data-sampler state plus the step, written with
-  ``torch.save`` and read with ``torch.load(weights_only=True)`` (no arbitrary unpickling).
-It is written to a temporary directory first and renamed into place, so a crash mid-write leaves
-only a ``.tmp-*`` directory that is ignored (and removed by the next save).
+- ``rank_{r:05d}.pt``, one per rank, when the optimizer state is partitioned over ranks (ZeRO
+  stages 1-3): each rank's share, float32 master weights included;
+- ``trainer_state.pt``, written last: scheduler and data-sampler state, the step, the world size
+  and ZeRO stage it was written with, and the whole optimizer state when it is not partitioned.
+State files are written with ``torch.save`` and read with ``torch.load(weights_only=True)``: only
+tensors, numbers, strings and containers are rebuilt, plus the three small DeepSpeed classes a ZeRO
+optimizer state holds (its loss scaler, the stage enum, a fragment address), allow-listed by name.
+Everything goes to a temporary directory first and is renamed into place, so a crash mid-write
+leaves only a ``.tmp-*`` directory, which is ignored (and removed by the next save).
 """
 from __future__ import annotations
 
@@ -16,9 +21,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from torch import nn
+import torch.distributed as dist
+from torch import Tensor, nn
 
 STATE_FILE = "trainer_state.pt"
+RANK_FILE = "rank_{:05d}.pt"
 _NAME = re.compile(r"^step_(\d{8})$")
 
 
@@ -35,23 +42,76 @@ def latest_checkpoint(output_dir: Path) -> Optional[Path]:
     return max(done, key=lambda p: int(_NAME.match(p.name).group(1)), default=None)
 
 
-def save_checkpoint(output_dir: Path, step: int, model: nn.Module, tokenizer: Any, state: dict[str, Any]) -> Path:
-    """Write checkpoint ``step`` atomically; ``state`` holds tensors, numbers, strings, lists, dicts."""
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def save_checkpoint(
+    output_dir: Path,
+    step: int,
+    model: nn.Module,
+    tokenizer: Any,
+    state: dict[str, Any],
+    *,
+    rank_state: Optional[dict[str, Any]] = None,
+    state_dict: Optional[dict[str, Tensor]] = None,
+) -> Path:
+    """Write checkpoint ``step`` atomically. Collective: in a distributed job every rank calls it.
+
+    Args:
+        model, tokenizer, state: used on rank 0 only; ``state`` holds tensors, numbers, strings,
+            lists and dicts.
+        rank_state: this rank's share of a partitioned state (every rank passes one), or None.
+        state_dict: the weights to save instead of ``model``'s own (a ZeRO-3 model's gathered
+            weights; see ``hpt_fast.policy.gathered_state_dict``), on rank 0.
+    Returns the checkpoint's final path.
+    """
+    rank = dist.get_rank() if _distributed() else 0
     root = checkpoint_dir(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    torch.save(state, tmp / STATE_FILE)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()  # the directory exists before any rank writes into it
+    if rank_state is not None:
+        torch.save(rank_state, tmp / RANK_FILE.format(rank))
+    _barrier()  # every rank's share is on disk before rank 0 completes the checkpoint
+    if rank == 0:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        torch.save(state, tmp / STATE_FILE)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    _barrier()  # nobody moves on (or resumes) before the checkpoint is in place
     return final
+
+
+def _safe_load(path: Path) -> dict[str, Any]:
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_state(path: Path) -> dict[str, Any]:
     """The training state of checkpoint ``path`` (weights are loaded by ``from_pretrained``)."""
-    return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
+    return _safe_load(Path(path) / STATE_FILE)
+
+
+def load_rank_state(path: Path, rank: int) -> dict[str, Any]:
+    """Rank ``rank``'s share of the partitioned state of checkpoint ``path``."""
+    file = Path(path) / RANK_FILE.format(rank)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing: checkpoint {path} was not written by a rank {rank}")
+    return _safe_load(file)

@@ -137,7 +137,8 @@ class RolloutConfig:
         temperature, top_p: sampling settings.
         old_logprobs: where the "pi_old" presets get log pi_old: "recompute" (a no-grad forward of
             the trainer over the batch, as the HPT code does) or "sampler" (the engine's sampling
-            log-probs; only exact with the native engine in float32).
+            log-probs; only exact with the native engine in float32). Used only when a step makes
+            several optimizer updates (train.mini_batch_prompts); with one, the ratio is exactly 1.
         vllm: the vLLM engine's settings.
     """
 
@@ -633,7 +634,8 @@ def validate(cfg: Config) -> None:
     if r.engine == "vllm":
         _require(r.top_p == 1.0, "rollout.top_p", "must be 1.0 with the vLLM engine: with top-p it returns the "
                  "log-probs of the truncated distribution, not of the policy")
-    if r.old_logprobs == "sampler":
+    several_updates = t.mini_batch_prompts is not None and t.mini_batch_prompts < t.prompts_per_step
+    if r.old_logprobs == "sampler" and several_updates:  # with one update per step they are not used
         _require(r.engine == "native" and not ds.bf16, "rollout.old_logprobs",
                  "'sampler' log-probs equal the trainer's only with the native engine in float32 "
                  f"(rollout.engine = {r.engine!r}, deepspeed.bf16 = {ds.bf16}); use 'recompute'")

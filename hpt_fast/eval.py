@@ -151,7 +151,7 @@ def evaluate_set(
         groups = engine.generate(
             batch.prompt_ids, n=settings.n, max_new_tokens=settings.max_new_tokens,
             temperature=settings.temperature, top_p=settings.top_p, stop_token_ids=stop_token_ids,
-            seed=_batch_seed(settings.seed, benchmark, b),
+            seed=_batch_seed(settings.seed, benchmark, b), logprobs_needed=False,
         )
         samples = [s for g in groups for s in g]
         texts = tok.batch_decode([s.token_ids for s in samples], skip_special_tokens=True)

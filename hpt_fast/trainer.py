@@ -6,6 +6,12 @@ One step (architecture.md's data flow):
     -> model trunk -> FusedUnifiedLoss (fused lm_head + estimator, no [tokens x vocab] tensor)
     -> DeepSpeed backward / step -> rollout engine sees the new weights.
 
+The trunk and the fused head run inside DeepSpeed's forward (``hpt_fast.policy.FusedHeadPolicy``),
+so ZeRO stages 0-3 all apply; under ZeRO-3 the weights are gathered one parameter at a time for
+checkpoints and for the vLLM engine. The rollout engine is either ``NativeEngine`` (the same module)
+or ``VLLMEngine`` (an in-process vLLM that sleeps while the trainer trains and is fed the new
+weights after each step).
+
 Losses are normalised by token and sequence counts summed over every micro-batch and rank
 (``Normalizers``), and each rank's loss is multiplied by the world size because DeepSpeed averages
 gradients over ranks: so N ranks give the gradient of the same global loss as one rank would on
@@ -27,16 +33,16 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hpt_fast.batching import MicroBatch, Row, collate, pack
-from hpt_fast.checkpoint import latest_checkpoint, load_state, save_checkpoint
+from hpt_fast.checkpoint import latest_checkpoint, load_rank_state, load_state, save_checkpoint
 from hpt_fast.config import Config, build_estimators, dump_config
 from hpt_fast.data import PromptSampler, load_prompt_set, shard
 from hpt_fast.estimator import Normalizers
 from hpt_fast.hpt import BatchRows, assemble_hpt_rows, assemble_luffy_rows, assemble_rl_rows, assemble_sft_rows
 from hpt_fast.loss import FusedUnifiedLoss
 from hpt_fast.metrics import MetricsLogger
-from hpt_fast.ops import fused_token_logprobs
+from hpt_fast.policy import FusedHeadPolicy, gathered_state_dict
 from hpt_fast.reward import RewardPool
-from hpt_fast.rollout import NativeEngine
+from hpt_fast.rollout import NativeEngine, RolloutEngine
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +108,15 @@ class Trainer:
                 f"train.prompts_per_step = {cfg.train.prompts_per_step} must be a multiple of the "
                 f"world size {self.world}"
             )
-        if cfg.rollout.engine != "native":
-            raise ValueError("rollout.engine: only 'native' is wired into the trainer so far")
-        if cfg.deepspeed.zero_stage != 0:
-            raise ValueError("deepspeed.zero_stage: the trainer supports stage 0 so far (checkpoints hold the full optimizer state)")
+        generates = cfg.validation.every > 0 or any(cfg.rollouts_per_prompt(rule) for rule in build_estimators(cfg))
+        if cfg.deepspeed.zero_stage == 3 and self.world > 1 and cfg.rollout.engine == "native" and generates:
+            # each generated token is a forward of the partitioned model, i.e. collective gathers,
+            # and ranks finish their samples after different numbers of tokens
+            raise ValueError(
+                "rollout.engine: 'native' cannot generate under deepspeed.zero_stage = 3 on several ranks "
+                "(the ranks would need the same number of forwards); use rollout.engine = 'vllm', or "
+                "zero_stage <= 2"
+            )
         torch.manual_seed(_seed(cfg.train.seed, "init"))
 
         resume = latest_checkpoint(self.out)
@@ -114,6 +125,21 @@ class Trainer:
         dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
         if cfg.model.liger_kernels and self.device.type == "cuda":
             self._apply_liger(cfg.model.path)
+        self.zero_stage = cfg.deepspeed.zero_stage
+        ds_config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": cfg.optim.grad_clip or 0.0,
+            "bf16": {"enabled": cfg.deepspeed.bf16},
+            "zero_optimization": {"stage": self.zero_stage},
+            "steps_per_print": 2**31 - 1,
+        }
+        if self.zero_stage == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            # while this object lives, from_pretrained loads under zero.Init: each rank
+            # materialises only its partition of the weights
+            self._hf_deepspeed = HfDeepSpeedConfig(ds_config)
         model = AutoModelForCausalLM.from_pretrained(
             str(resume) if resume else cfg.model.path, dtype=dtype, trust_remote_code=trust
         )
@@ -135,27 +161,26 @@ class Trainer:
             for rule, est in build_estimators(cfg).items()
         }
 
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        # vLLM sizes its KV cache from the free memory: it starts before the optimizer state exists
+        vllm = self._make_vllm(model) if cfg.rollout.engine == "vllm" else None
+        policy = FusedHeadPolicy(model)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         total = cfg.train.total_steps * self._updates_per_step()
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cfg.optim.lr_factor(s, total))
-        ds_config = {
-            "train_micro_batch_size_per_gpu": 1,
-            "gradient_accumulation_steps": 1,
-            "gradient_clipping": cfg.optim.grad_clip or 0.0,
-            "bf16": {"enabled": cfg.deepspeed.bf16},
-            "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
-            "steps_per_print": 2**31 - 1,
-        }
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+            model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
         )
-        self.model = self.engine.module
-        self.rollout = NativeEngine(self.model)
+        if self.zero_stage == 3:
+            policy.declare_head_to_zero3()
+        self.model = policy.lm
+        self.rollout: RolloutEngine = vllm if vllm is not None else NativeEngine(self.model)
         self.rewards = RewardPool()
         self.step = 0
         self.skipped = 0
         if resume:
             self._restore(resume)
+        # vLLM starts with dummy weights: give it the trainer's before the first generate
+        self.rollout.update_weights()
         self.metrics = MetricsLogger(self.out, enabled=self.rank == 0)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -176,13 +201,38 @@ class Trainer:
             return
         patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
 
+    def _make_vllm(self, model: torch.nn.Module) -> RolloutEngine:
+        """The in-process vLLM engine of ``rollout.vllm``, fed from ``model``'s parameters."""
+        from hpt_fast.rollout import VLLMEngine
+
+        v, d = self.cfg.rollout.vllm, self.cfg.data
+        return VLLMEngine(
+            model, self.cfg.model.path, dtype=getattr(torch, v.dtype), sleep_level=v.sleep_level,
+            gpu_memory_utilization=v.gpu_memory_utilization, kv_cache_memory_bytes=v.kv_cache_memory_bytes,
+            max_model_len=d.max_prompt_length + d.max_response_length, max_num_seqs=v.max_num_seqs,
+            tensor_parallel_size=v.tensor_parallel_size, seed=self.cfg.train.seed,
+            enable_prefix_caching=v.enable_prefix_caching,
+        )
+
     def _updates_per_step(self) -> int:
         t = self.cfg.train
         return t.prompts_per_step // (t.mini_batch_prompts or t.prompts_per_step)
 
     def _restore(self, path: Path) -> None:
         state = load_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved = (state.get("zero_stage", 0), state.get("world_size", 1))
+        if self.zero_stage and saved != (self.zero_stage, self.world):
+            raise ValueError(
+                f"checkpoint {path} was written with ZeRO stage {saved[0]} on {saved[1]} ranks; its optimizer "
+                f"state is partitioned, so resume with the same (now: stage {self.zero_stage}, {self.world} ranks)"
+            )
+        if self.zero_stage:
+            # ZeRO reads only this rank's entry; the float32 master weights come from it too
+            shares: list = [None] * self.world
+            shares[self.rank] = load_rank_state(path, self.rank)["optimizer"]
+            self.optimizer.load_state_dict(shares, load_optimizer_states=True, load_from_fp32_weights=True)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         self.step = int(state["step"])
@@ -190,17 +240,22 @@ class Trainer:
         logger.info("resumed from %s at step %d", path, self.step)
 
     def save(self) -> None:
-        if self.rank == 0:
-            state = {
-                "step": self.step,
-                "skipped": self.skipped,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "sampler": self.sampler.state_dict(),
-            }
-            save_checkpoint(self.out, self.step, self.model, self.tokenizer, state)
-        if self.world > 1:
-            dist.barrier()
+        """Checkpoint the step (collective: every rank calls it)."""
+        state = {
+            "step": self.step,
+            "skipped": self.skipped,
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "zero_stage": self.zero_stage,
+            "world_size": self.world,
+        }
+        rank_state = None
+        if self.zero_stage:
+            rank_state = {"optimizer": self.optimizer.state_dict()}
+        elif self.rank == 0:
+            state["optimizer"] = self.optimizer.state_dict()
+        weights = gathered_state_dict(self.model, self.rank) if self.zero_stage == 3 else None
+        save_checkpoint(self.out, self.step, self.model, self.tokenizer, state, rank_state=rank_state, state_dict=weights)
 
     # ---- one step ------------------------------------------------------------------------------
 
@@ -228,11 +283,6 @@ class Trainer:
                 rows.append(Row(p, batch.prompt_ids[p], smp.token_ids, adv, off, float(rewards[p, s]), smp.logprobs.tolist()))
         return rows
 
-    def _hidden(self, mb: MicroBatch) -> Tensor:
-        """[B, T, H]: the trunk's last hidden state at each position that predicts a target."""
-        out = self.model.get_decoder()(input_ids=mb.input_ids, attention_mask=mb.attention_mask)
-        return out.last_hidden_state[:, :-1]
-
     def _old_logp(self, mbs: list[MicroBatch]) -> list[Optional[Tensor]]:
         """log pi_old per micro-batch, [B, T] float32, or None where the ratio is exactly 1.
 
@@ -244,14 +294,8 @@ class Trainer:
             return [None] * len(mbs)
         if self.cfg.rollout.old_logprobs == "sampler":
             return [mb.sample_logprobs for mb in mbs]
-        head = self.model.get_output_embeddings()
-        out = []
         with torch.no_grad():
-            for mb in mbs:
-                logp, _ = fused_token_logprobs(self._hidden(mb), head.weight, mb.targets, bias=head.bias,
-                                               temperature=self.cfg.rollout.temperature)
-                out.append(logp)
-        return out
+            return [self.engine(mb, temperature=self.cfg.rollout.temperature) for mb in mbs]
 
     def _update(self, rule: str, rows: list[Row]) -> dict[str, float]:
         """One optimizer update on ``rows``: micro-batches, backward, clip / skip, step."""
@@ -267,36 +311,55 @@ class Trainer:
         totals = _all_sum([sum(c[i] for c in counts) for i in range(len(dataclasses.fields(Normalizers)))], self.device)
         n_max = int(_all_max(n_local, self.device))
         norm = Normalizers(*(int(x) for x in totals))
-        head = self.model.get_output_embeddings()
         loss_sum, stats_sum = 0.0, {}
         for k in range(n_max):
             self.engine.set_gradient_accumulation_boundary(k == n_max - 1)
             if k < n_local:
                 mb = mbs[k]
-                loss, stats = loss_fn(self._hidden(mb), head.weight, mb.targets, mb.mask, mb.advantages,
-                                      bias=head.bias, old_logp=old[k], off_policy=mb.off_policy,
-                                      rewards=mb.rewards, normalizers=norm)
+                loss, stats = self.engine(mb, loss_fn, old_logp=old[k], normalizers=norm)
                 # loss parts add up over micro-batches (global normalisers); the rest are
                 # per-token means, averaged with token weights
                 weight = mb.mask.sum().item()
                 for key, v in stats.items():
                     w = 1.0 if key.endswith("_loss") else weight
                     stats_sum[key] = stats_sum.get(key, 0.0) + float(v) * w
-            else:  # a rank with fewer micro-batches joins the collectives with a zero loss
-                loss = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
+            else:
+                # a rank with fewer micro-batches joins the collectives with a zero loss that still
+                # runs through every parameter (ZeRO's gradient hooks fire per parameter)
+                loss = self.engine(self._idle_batch()).sum() * 0.0
             self.engine.backward(loss * self.world)
             loss_sum += float(loss.detach())
-        grad_norm = _grad_norm(self.model)
         skip = self.cfg.optim.skip_grad_norm_above
+        grad_norm = self._grad_norm() if (skip is not None or self.zero_stage == 0) else None
         if skip is not None and grad_norm > skip:
             self.skipped += 1
+            # the engine clears parameters' .grad; ZeRO's optimizer also drops its partitioned sums
+            # (stage 3 would otherwise add the next step's gradient to this one)
             self.engine.zero_grad()
+            self.optimizer.zero_grad()
         else:
             self.engine.step()
+        if grad_norm is None:  # ZeRO computed it during the step (for clipping)
+            grad_norm = float(self.engine.get_global_grad_norm())
         ntok = sum(mb.mask.sum().item() for mb in mbs)
         stats = {k: v if k.endswith("_loss") else v / max(ntok, 1) for k, v in stats_sum.items()}
         loss_total, = _all_sum([loss_sum], self.device)
         return {"loss": loss_total, "grad_norm": grad_norm, **stats}
+
+    def _idle_batch(self) -> MicroBatch:
+        """A one-token micro-batch for a rank that has run out of micro-batches of its own."""
+        pad = self.tokenizer.pad_token_id
+        return collate([Row(0, [pad], [pad], 0.0, True, 0.0)], [0], pad).to(self.device)
+
+    def _grad_norm(self) -> float:
+        """The global norm of the accumulated gradient, before clipping; collective under ZeRO."""
+        if self.zero_stage == 0:
+            return _grad_norm(self.model)
+        from deepspeed.utils import safe_get_full_grad
+
+        # each parameter's full gradient is assembled from its partitions, one at a time
+        sq = sum(float(g.float().pow(2).sum()) for g in map(safe_get_full_grad, self.model.parameters()) if g is not None)
+        return sq ** 0.5
 
     def train_step(self) -> dict[str, float]:
         """Rollout -> reward -> batch rule -> update(s) -> weights to the engine; returns metrics."""
@@ -313,6 +376,7 @@ class Trainer:
                 temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                 stop_token_ids=[self.tokenizer.eos_token_id], seed=_seed(cfg.train.seed, self.step, self.rank),
             )
+        self.rollout.sleep()  # hand the engine's memory to training
         t1 = time.perf_counter()
         texts = [self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for group in samples for s in group]
         truths = [gt for gt, group in zip(batch.ground_truths, samples) for _ in group]
@@ -371,9 +435,11 @@ class Trainer:
                 batch.prompt_ids, n=v.n, max_new_tokens=self.cfg.data.max_response_length,
                 temperature=v.temperature, top_p=v.top_p if v.temperature > 0 else 1.0,
                 stop_token_ids=[self.tokenizer.eos_token_id], seed=_seed(self.cfg.train.seed, "val", self.rank),
+                logprobs_needed=False,
             )
             texts = [self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for g in samples for s in g]
             truths = [gt for gt, g in zip(batch.ground_truths, samples) for _ in g]
+            self.rollout.sleep()
             r = torch.as_tensor(self.rewards.score(texts, truths).rewards).reshape(len(indices), v.n)
             correct, passed, count = _all_sum([float(r.sum()), float((r > 0).any(1).sum()), float(len(indices))], self.device)
             out[f"val/{vs.name}/avg@{v.n}"] = correct / max(count * v.n, 1)

@@ -67,9 +67,11 @@ class ScriptedEngine:
         self.plan = {tuple(prompts.prompts[i].tolist()): (p.ground_truth, right[i])
                      for i, p in enumerate(prompts.problems)}
         self.seeds = []
+        self.logprobs_needed = []
 
-    def generate(self, prompt_ids, *, n, max_new_tokens, temperature, top_p, stop_token_ids, seed):
+    def generate(self, prompt_ids, *, n, max_new_tokens, temperature, top_p, stop_token_ids, seed, logprobs_needed=True):
         self.seeds.append(seed)
+        self.logprobs_needed.append(logprobs_needed)
         out = []
         for ids in prompt_ids:
             answer, right = self.plan[tuple(ids)]
@@ -100,6 +102,7 @@ def test_evaluate_set_counts_correct_samples_per_problem():
     assert result.pass_curve[-1] == pytest.approx(4 / 5)
     assert result.truncated == pytest.approx(1 / 3)  # the first sample of each problem
     assert len(engine.seeds) == 3 and len(set(engine.seeds)) == 3  # 5 prompts in batches of 2
+    assert engine.logprobs_needed == [False] * 3  # evaluation may sample with top-p on any engine
 
 
 # ---- the eval CLI on the toy model ---------------------------------------------------------------

@@ -147,6 +147,15 @@ def test_samples_and_sampling_params(vllm, model):
     torch.testing.assert_close(sample.logprobs, torch.tensor([-0.25, -0.5, -0.75, -1.0]))
 
 
+def test_truncated_sampling_when_the_caller_needs_no_logprobs(vllm, model):
+    """Evaluation samples with top-p; the trainer's rollouts (logprobs_needed=True) never do."""
+    engine = _engine(model)
+    engine.update_weights()
+    engine.generate([[3]], n=2, max_new_tokens=2, temperature=0.6, top_p=0.95, seed=1, logprobs_needed=False)
+    params = next(e[2] for e in engine._llm.events if e[0] == "generate")
+    assert params.top_p == 0.95 and params.temperature == 0.6
+
+
 def test_misuse_raises(vllm, model):
     engine = _engine(model)
     with pytest.raises(RuntimeError, match="call update_weights"):

@@ -59,8 +59,13 @@ class RolloutEngine(Protocol):
         top_k: int = 0,
         stop_token_ids: Sequence[int] = (),
         seed: Optional[int] = None,
+        logprobs_needed: bool = True,
     ) -> list[list[Sample]]:
-        """``n`` samples for each prompt: result[i][j] is sample j of prompt i."""
+        """``n`` samples for each prompt: result[i][j] is sample j of prompt i.
+
+        ``logprobs_needed=False`` says the caller ignores ``Sample.logprobs`` (evaluation): an engine
+        that cannot give the untruncated log-probs under top-k / top-p may then sample anyway.
+        """
         ...
 
     def update_weights(self) -> None:

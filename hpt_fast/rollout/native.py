@@ -196,10 +196,12 @@ class NativeEngine:
         top_k: int = 0,
         stop_token_ids: Sequence[int] = (),
         seed: Optional[int] = None,
+        logprobs_needed: bool = True,
     ) -> list[list[Sample]]:
         """``n`` samples per prompt (see ``hpt_fast.rollout.base`` for the sampling contract).
 
-        The same arguments and seed give the same samples on the same device.
+        The same arguments and seed give the same samples on the same device. The log-probs are
+        always the untruncated ones, so ``logprobs_needed`` changes nothing here.
         """
         request = validate_request(
             prompt_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,

@@ -99,6 +99,10 @@ class VLLMEngine:
         distributed_executor_backend: default ``"external_launcher"`` inside a torch.distributed job
             (one engine per trainer rank) and ``"uni"`` otherwise; either way the engine core runs in
             this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so its model is reachable.
+            With ``"external_launcher"`` and ``tensor_parallel_size`` > 1, consecutive ranks form one
+            vLLM engine: ``generate`` gathers the prompts of the ranks of a group, all of them
+            generate the whole group's batch together (with the first rank's seed), and each keeps
+            the samples of its own prompts.
         **llm_kwargs: any other ``vllm.LLM`` / ``EngineArgs`` keyword.
     """
 
@@ -128,9 +132,12 @@ class VLLMEngine:
         except ImportError as err:
             raise ImportError("VLLMEngine needs vLLM, on a GPU machine: pip install 'hpt-fast[vllm]'") from err
 
+        in_job = torch.distributed.is_available() and torch.distributed.is_initialized()
         if distributed_executor_backend is None:
-            in_job = torch.distributed.is_available() and torch.distributed.is_initialized()
             distributed_executor_backend = "external_launcher" if in_job else "uni"
+        self._tp_group = None
+        if in_job and distributed_executor_backend == "external_launcher" and tensor_parallel_size > 1:
+            self._tp_group = _tensor_parallel_group(tensor_parallel_size)
         # the engine core must run in this process for its model to be reachable (load_weights)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self.model = model
@@ -240,30 +247,44 @@ class VLLMEngine:
         top_k: int = 0,
         stop_token_ids: Sequence[int] = (),
         seed: Optional[int] = None,
+        logprobs_needed: bool = True,
     ) -> list[list[Sample]]:
         """``n`` samples per prompt (contract: ``hpt_fast.rollout.base``); wakes the engine if asleep.
 
-        Top-k / top-p are refused at temperature > 0: vLLM's log-probs are then those of the
-        truncated distribution, not the untruncated one the contract (and the trainer) needs.
+        Top-k / top-p are refused at temperature > 0 unless ``logprobs_needed=False``: vLLM's
+        log-probs are then those of the truncated distribution, not the untruncated one the
+        contract (and the trainer) needs; with ``logprobs_needed=False`` (evaluation) they are
+        returned as vLLM gives them.
         """
         request = validate_request(
             prompt_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             stop_token_ids=stop_token_ids, seed=seed, vocab_size=self.vocab_size, max_context=self.max_context,
         )
-        if request.truncates:
+        if request.truncates and logprobs_needed:
             raise ValueError(
                 "VLLMEngine samples without top-k / top-p (top_k=0, top_p=1.0): with them vLLM returns the "
-                "log-probs of the truncated distribution; use NativeEngine for truncated sampling"
+                "log-probs of the truncated distribution; use NativeEngine for truncated sampling, or pass "
+                "logprobs_needed=False when they are not used"
             )
         self.wake()
         from vllm import SamplingParams
+
+        prompts, seed, mine = list(request.prompts), request.seed, slice(0, len(request.prompts))
+        if self._tp_group is not None:
+            # the ranks of one engine must feed it identical requests
+            gathered: list = [None] * torch.distributed.get_world_size(self._tp_group)
+            torch.distributed.all_gather_object(gathered, (prompts, seed), group=self._tp_group)
+            me = torch.distributed.get_rank(self._tp_group)
+            start = sum(len(g[0]) for g in gathered[:me])
+            prompts, seed = [p for g in gathered for p in g[0]], gathered[0][1]
+            mine = slice(start, start + len(request.prompts))
 
         params = SamplingParams(
             n=request.n,
             temperature=request.temperature,
             top_p=request.top_p,
             top_k=request.top_k,
-            seed=request.seed,
+            seed=seed,
             stop_token_ids=list(request.stop_token_ids),
             max_tokens=request.max_new_tokens,
             logprobs=0,  # the sampled token's log-prob only
@@ -272,9 +293,20 @@ class VLLMEngine:
         )
         with self._phase("generate"):
             outputs = self._llm.generate(
-                [{"prompt_token_ids": p} for p in request.prompts], sampling_params=params, use_tqdm=False
+                [{"prompt_token_ids": p} for p in prompts], sampling_params=params, use_tqdm=False
             )
-        return [[_to_sample(c) for c in out.outputs] for out in outputs]
+        return [[_to_sample(c) for c in out.outputs] for out in outputs[mine]]
+
+
+def _tensor_parallel_group(size: int):
+    """This rank's group of ``size`` consecutive ranks (vLLM's external launcher groups them so)."""
+    world = torch.distributed.get_world_size()
+    if world % size:
+        raise ValueError(f"tensor_parallel_size {size} must divide the world size {world}")
+    mine, _ = torch.distributed.new_subgroups_by_enumeration(
+        [list(range(start, start + size)) for start in range(0, world, size)]
+    )
+    return mine
 
 
 def _to_sample(completion: Any) -> Sample:

@@ -1,0 +1,85 @@
+"""The trainer under DeepSpeed ZeRO stages 1-3 and bf16, on the CPU (gloo): the same run as stage 0,
+and checkpoints of partitioned state that resume exactly."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from hpt_fast.checkpoint import latest_checkpoint, load_state
+from hpt_fast.metrics import read_metrics
+from test_trainer import _run, _weights
+
+# SFT rows make the batch independent of sampling (so of the rank count); micro-batches of one row
+# each make every update accumulate several backward passes; the skip threshold sits between the
+# gradient norms of the three steps, so step 2 is skipped and step 3 follows a skipped step
+SFT = ["algorithm.method=sft", "train.total_steps=3", "deepspeed.micro_batch_tokens=96",
+       "optim.skip_grad_norm_above=10.0"]
+
+
+@pytest.fixture(scope="module")
+def stage0_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stage0") / "run"
+    _run(out, *SFT)
+    skipped = [m["skipped_steps"] for m in read_metrics(out)]
+    assert skipped == [0, 1, 1], f"the threshold no longer skips exactly step 2: {skipped}"
+    return out
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_under_zero_match_one_rank_at_stage_0(tmp_path, stage0_run, stage):
+    out = tmp_path / "run"
+    _run(out, *SFT, f"deepspeed.zero_stage={stage}", nproc=2)
+    ref, got = read_metrics(stage0_run), read_metrics(out)
+    for a, b in zip(ref, got):
+        assert b["skipped_steps"] == a["skipped_steps"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    w_ref, w = _weights(stage0_run), _weights(out)
+    assert set(w) == set(w_ref)  # ZeRO-3 checkpoints hold the gathered, full weights
+    for name in w_ref:
+        assert w[name].shape == w_ref[name].shape, name
+        assert torch.allclose(w[name], w_ref[name], atol=1e-5), name
+    state = load_state(latest_checkpoint(out))
+    assert (state["zero_stage"], state["world_size"]) == (stage, 2) and "optimizer" not in state
+    assert sorted(p.name for p in latest_checkpoint(out).glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
+
+
+@pytest.mark.parametrize("setting,nproc", [
+    (["deepspeed.zero_stage=3", "algorithm.method=sft"], 2),  # no generation: see the last test
+    (["deepspeed.zero_stage=1", "deepspeed.bf16=true"], 1),
+    (["deepspeed.bf16=true"], 1),
+], ids=["zero3-2ranks", "zero1-bf16", "zero0-bf16"])
+def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(tmp_path, setting, nproc):
+    """Run 4 steps (checkpoints at 2 and 4); drop checkpoint 4 and resume: the same weights, bit for bit
+    (the float32 master weights and each rank's optimizer partition come back from the checkpoint)."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    steps = ["train.total_steps=4", "train.checkpoint_every=2"]
+    _run(full, *setting, *steps, nproc=nproc)
+    shutil.copytree(full, resumed)
+    shutil.rmtree(latest_checkpoint(resumed))
+    assert latest_checkpoint(resumed).name == "step_00000002"
+    _run(resumed, *setting, *steps, nproc=nproc)
+    assert latest_checkpoint(resumed).name == "step_00000004"
+    w_full, w_resumed = _weights(full), _weights(resumed)
+    dtype = torch.bfloat16 if "deepspeed.bf16=true" in setting else torch.float32
+    for name in w_full:
+        assert w_full[name].dtype == dtype, name
+        assert torch.equal(w_full[name], w_resumed[name]), name
+    for m in read_metrics(resumed):
+        assert all(v == v for v in m.values() if isinstance(v, float)), m  # no NaN, bf16 included
+
+
+def test_resuming_partitioned_state_on_another_world_size_is_a_clear_error(tmp_path):
+    out = tmp_path / "run"
+    _run(out, "deepspeed.zero_stage=2", "train.total_steps=1")
+    done = _run(out, "deepspeed.zero_stage=2", "train.total_steps=2", nproc=2, check=False)
+    assert done.returncode != 0
+    assert "written with ZeRO stage 2 on 1 ranks" in done.stderr and "2 ranks" in done.stderr
+
+
+def test_native_generation_under_zero3_on_several_ranks_is_refused(tmp_path):
+    done = _run(tmp_path / "run", "deepspeed.zero_stage=3", "train.total_steps=1", nproc=2, check=False)
+    assert done.returncode != 0 and "'native' cannot generate under deepspeed.zero_stage = 3" in done.stderr
