@@ -2,7 +2,7 @@
 embedded default's tiny Qwen2, in one process.
 
 Usage (from the repository root; needs the ``bench`` extra, which brings TRL):
-    python -m bench.step_time_vs_trl [--warmup 2] [--steps 8] [--threads 1]
+    python -m bench.step_time_vs_trl [--warmup 2] [--steps 20] [--threads 1] [--trl-micro-batches 1]
         [--out bench/results_step_time_cpu.md]
 
 What runs (all float32, CPU, starting from the same toy weights, ``hpt_fast.toy``):
@@ -389,7 +389,7 @@ def report(summary: dict, records: dict[str, list[StepRecord]], args: argparse.N
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per side")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per side")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for every side (one: the toy's tensors are too small for two, see hpt_fast.toy)")
     parser.add_argument("--trl-micro-batches", type=int, default=1,
