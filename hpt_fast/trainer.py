@@ -103,11 +103,10 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.world, self.device = init_distributed()
         self.out = Path(cfg.train.output_dir)
-        if cfg.train.prompts_per_step % self.world:
-            raise ValueError(
-                f"train.prompts_per_step = {cfg.train.prompts_per_step} must be a multiple of the "
-                f"world size {self.world}"
-            )
+        mini = cfg.train.mini_batch_prompts or cfg.train.prompts_per_step
+        if mini % self.world:
+            key = "train.mini_batch_prompts" if cfg.train.mini_batch_prompts else "train.prompts_per_step"
+            raise ValueError(f"{key} = {mini} must be a multiple of the world size {self.world}")
         generates = cfg.validation.every > 0 or any(cfg.rollouts_per_prompt(rule) for rule in build_estimators(cfg))
         if cfg.deepspeed.zero_stage == 3 and self.world > 1 and cfg.rollout.engine == "native" and generates:
             # each generated token is a forward of the partitioned model, i.e. collective gathers,
@@ -366,7 +365,11 @@ class Trainer:
         cfg = self.cfg
         rule = cfg.algorithm.batch_rule(self.step)
         t0 = time.perf_counter()
-        indices = shard(self.sampler.next_batch(cfg.train.prompts_per_step), self.rank, self.world)
+        # each mini-batch (one optimizer update) is split over the ranks, so that every update sees
+        # the same global prompts whatever the number of ranks
+        mini = cfg.train.mini_batch_prompts or cfg.train.prompts_per_step
+        prompts = self.sampler.next_batch(cfg.train.prompts_per_step)
+        indices = [i for k in range(0, len(prompts), mini) for i in shard(prompts[k:k + mini], self.rank, self.world)]
         batch = self.train_set.batch(indices)
         n_gen = cfg.rollouts_per_prompt(rule)
         samples = [[] for _ in indices]
