@@ -392,11 +392,12 @@ class Trainer:
         t2 = time.perf_counter()
 
         per_update = (cfg.train.mini_batch_prompts or cfg.train.prompts_per_step) // self.world
-        updates = []
+        updates, skipped_before = [], self.skipped
         for start in range(0, len(indices), per_update):
             updates.append(self._update(rule, [r for r in rows if start <= r.prompt_index < start + per_update]))
         t3 = time.perf_counter()
-        self.rollout.update_weights()
+        if self.skipped - skipped_before < len(updates):  # the weights changed (skips agree across ranks)
+            self.rollout.update_weights()
         t4 = time.perf_counter()
         self.step += 1
 

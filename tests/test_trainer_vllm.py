@@ -64,11 +64,17 @@ def test_each_step_generates_sleeps_trains_then_streams_the_new_weights(tmp_path
 
 def test_a_tensor_parallel_group_generates_its_ranks_prompts_together(tmp_path):
     """Two ranks, one vLLM engine of tensor_parallel_size 2: each rank's engine sees both ranks'
-    prompts (2 + 2), and the run completes with each rank training on its own samples."""
+    prompts (2 + 2), and the run completes with each rank training on its own samples.
+
+    Every update is skipped here (a gradient-norm limit no step meets): the weights never change,
+    so after the first load nothing is streamed again."""
     out = tmp_path / "run"
-    _run(out, *VLLM, "rollout.vllm.tensor_parallel_size=2", "validation.every=0", nproc=2, prefix=DRIVER)
+    _run(out, *VLLM, "rollout.vllm.tensor_parallel_size=2", "validation.every=0", "optim.skip_grad_norm_above=1e-9",
+         nproc=2, prefix=DRIVER)
     for rank in (0, 1):
         rec = _record(out, rank)
         assert rec["init"]["distributed_executor_backend"] == "external_launcher"
         assert [e[1] for e in rec["events"] if e[0] == "generate"] == [4, 4]
+        assert _phases(rec["events"]).count("reset_prefix_cache") == 1
+    assert [m["skipped_steps"] for m in read_metrics(out)] == [1, 2]
     assert len(read_metrics(out)) == 2
