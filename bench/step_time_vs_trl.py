@@ -297,20 +297,28 @@ def summarise(records: list[StepRecord], warmup: int) -> dict[str, float]:
     return out
 
 
-def format_table(summary: dict[str, dict[str, float]]) -> str:
+def paired_ratios(records: dict[str, list[StepRecord]], side: str, warmup: int) -> list[float]:
+    """TRL's step time over ``side``'s, per interleaved round: drift of the machine's load cancels."""
+    return [t.seconds / o.seconds for t, o in zip(records["TRL GRPOTrainer"][warmup:], records[side][warmup:])]
+
+
+def format_table(summary: dict[str, dict[str, float]], records: dict[str, list[StepRecord]], warmup: int) -> str:
     """One markdown row per side: step time, its split, tokens, and the speed-up over TRL."""
     trl = summary["TRL GRPOTrainer"]["seconds"]
     lines = [
         "| side | step s, median (min-max) | rollout s | reward s | train s | weight update s | rollouts | "
-        "generated tokens | train tokens | generated tokens/s (rollout) | TRL step / this step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "generated tokens | train tokens | generated tokens/s (rollout) | TRL / this: ratio of medians | "
+        "TRL / this: per round, median (min-max) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for side in SIDES:
         s = summary[side]
+        ratios = paired_ratios(records, side, warmup)
         lines.append(
             f"| {side} | {s['seconds']:.2f} ({s['min']:.2f}-{s['max']:.2f}) | {s['rollout']:.2f} | {s['reward']:.2f} | "
             f"{s['train']:.2f} | {s['weight update']:.3f} | {s['rollouts']:.0f} | {s['generated']:.0f} | "
-            f"{s['trained']:.0f} | {s['gen_rate']:,.0f} | {trl / s['seconds']:.2f}x |"
+            f"{s['trained']:.0f} | {s['gen_rate']:,.0f} | {trl / s['seconds']:.2f}x | "
+            f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |"
         )
     return "\n".join(lines)
 
@@ -365,7 +373,7 @@ def report(summary: dict, records: dict[str, list[StepRecord]], args: argparse.N
         tag = " (warm-up)" if k < args.warmup else ""
         per_step.append(f"| {k + 1}{tag} | " + " | ".join(f"{records[s][k].seconds:.2f}" for s in SIDES) + " |")
     return "\n".join([
-        head, "", format_table(summary), "",
+        head, "", format_table(summary, records, args.warmup), "",
         f"TRL's rollout time inside `model.generate` alone: {trl['generate_seconds']:.2f} s (median). TRL's "
         f"training forward covers {trl['positions']:.0f} positions (prompts left-padded and completions "
         f"right-padded to the longest of the step) for {trl['tokens']:.0f} real prompt + completion tokens "
@@ -411,7 +419,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     from hpt_fast.trainer import Trainer
 
-    command = "python -m bench.step_time_vs_trl " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = " ".join(["python -m bench.step_time_vs_trl", *(sys.argv[1:] if argv is None else argv)])
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     load_before = _uptime()
