@@ -87,16 +87,16 @@ void check_inv_temp(double inv_temp) {
       inv_temp);
 }
 
-void check_targets_result(int64_t bad_row, const at::Tensor& targets, int64_t cols) {
+// `problem` says what is wrong with the reported target, e.g. "is outside the vocabulary [0, 9)".
+void check_targets_result(int64_t bad_row, const at::Tensor& targets, const std::string& problem) {
   TORCH_CHECK(
       bad_row < 0,
       "targets[",
       bad_row,
       "] = ",
       bad_row < 0 ? 0 : targets.data_ptr<int64_t>()[bad_row],
-      " is outside the vocabulary [0, ",
-      cols,
-      ")");
+      " ",
+      problem);
 }
 
 // Bytes spanned by a block, for overlap checks.
@@ -161,7 +161,10 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> row_stats(
       lse.data_ptr<float>(),
       with_entropy ? entropy->data_ptr<float>() : nullptr,
   };
-  check_targets_result(kernels().table.row_stats(args), targets, block.cols);
+  check_targets_result(
+      kernels().table.row_stats(args),
+      targets,
+      "is outside the vocabulary [0, " + std::to_string(block.cols) + ")");
   return {logp, lse, entropy};
 }
 
@@ -173,8 +176,10 @@ at::Tensor grad_logits(
     const at::Tensor& g_logp,
     const std::optional<at::Tensor>& g_ent,
     double inv_temp,
-    at::Tensor out) {
+    at::Tensor out,
+    int64_t col_offset) {
   const Block block = block_of(logits, "logits");
+  TORCH_CHECK(col_offset >= 0, "col_offset must be >= 0, got ", col_offset);
   const Block out_block = block_of(out, "out");
   TORCH_CHECK(
       out.sizes() == logits.sizes(),
@@ -199,6 +204,7 @@ at::Tensor grad_logits(
 
   const GradArgs args{
       block,
+      col_offset,
       targets.data_ptr<int64_t>(),
       lse.data_ptr<float>(),
       entropy_ptr,
@@ -209,7 +215,8 @@ at::Tensor grad_logits(
       out_block.dtype,
       out_block.ld,
   };
-  check_targets_result(kernels().table.grad_logits(args), targets, block.cols);
+  // ids past this block's columns are valid: they belong to later slabs of the vocabulary
+  check_targets_result(kernels().table.grad_logits(args), targets, "is negative");
   return out;
 }
 
@@ -256,6 +263,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("g_ent"),
       py::arg("inv_temp"),
       py::arg("out"),
+      py::arg("col_offset") = 0,
       nogil);
   m.def("accumulate_", &hpt::accumulate_, py::arg("acc"), py::arg("x"), nogil);
   m.def(

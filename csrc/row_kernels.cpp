@@ -426,7 +426,8 @@ void zero_run(O* out, int64_t n) {
   }
 }
 
-// Columns [j, j + n) of one row; t is the row's target column.
+// Columns [j, j + n) of one row; t is the row's target column relative to the block (outside
+// [0, cols) when the target belongs to another slab: then no piece contains it).
 template <typename T, typename O>
 void grad_piece(const T* x, O* out, int64_t j, int64_t n, int64_t t, const GradRow& g) {
   if (g.a == 0.f && g.b == 0.f) {
@@ -470,12 +471,13 @@ int64_t grad_impl(const GradArgs& a) {
       const int64_t r = i / split.pieces;
       const int64_t j = (i % split.pieces) * split.len;
       const int64_t t = a.targets[r];
-      if (t < 0 || t >= b.cols) {
+      if (t < 0) {
         bad_row.store(r, std::memory_order_relaxed);
         continue;
       }
       O* out = static_cast<O*>(a.out) + r * a.out_ld;
-      grad_piece(row_in<T>(b, r), out, j, std::min(split.len, b.cols - j), t, grad_row(a, r));
+      grad_piece(
+          row_in<T>(b, r), out, j, std::min(split.len, b.cols - j), t - a.col_offset, grad_row(a, r));
     }
   });
   return bad_row.load();

@@ -29,8 +29,12 @@ struct RowStatsArgs {
   float* entropy;  // nullptr: entropy not requested
 };
 
+// `logits` may be a slab of vocabulary columns [col_offset, col_offset + cols) of the full rows;
+// lse and entropy are those of the full rows, and a row's one-hot term is written only when its
+// target lies inside the slab.
 struct GradArgs {
   Block logits;
+  int64_t col_offset;
   const int64_t* targets;
   const float* lse;
   const float* entropy;  // read only when g_ent is set
@@ -42,7 +46,9 @@ struct GradArgs {
   int64_t out_ld;
 };
 
-// The row kernels return the index of a row whose target lies outside [0, cols), or -1.
+// The row kernels return the index of a row with an invalid target, or -1: row_stats rejects
+// targets outside [0, cols), grad_logits negative ones (larger ones may belong to another slab;
+// it never indexes with a target outside its own columns).
 struct KernelTable {
   int64_t (*row_stats)(const RowStatsArgs&);
   int64_t (*grad_logits)(const GradArgs&);

@@ -8,7 +8,7 @@ import triton.language as tl
 @triton.jit
 def grad_logits_kernel(
     logits_ptr, targets_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, out_ptr,
-    V, stride_logits, stride_out, inv_temp,
+    V, col_offset, stride_logits, stride_out, inv_temp,
     BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr,
 ):
     """Grid (C, cdiv(V, BLOCK_V)): program (row, j) writes columns [j * BLOCK_V, (j + 1) * BLOCK_V).
@@ -16,10 +16,13 @@ def grad_logits_kernel(
     With ``z = logits * inv_temp`` and ``log p = z - lse`` it stores
     ``inv_temp * (g_logp * (onehot(target) - p) - g_ent * p * (log p + H))`` in out's dtype.
 
-    logits: [C, V] float32 / bfloat16 / float16, row stride ``stride_logits``; out: [C, V] any
-    float dtype, row stride ``stride_out``, may alias logits (each program reads its tile before
-    writing it); both have unit column stride. targets: [C] integer; lse, g_logp: [C] float32;
-    entropy and g_ent: [C] float32, read only when ``HAS_ENT``.
+    logits: [C, V] float32 / bfloat16 / float16, row stride ``stride_logits``, the columns of
+    vocabulary ids ``col_offset .. col_offset + V - 1`` (V is the block's width: a slab of the
+    vocabulary, or all of it); out: [C, V] any float dtype, row stride ``stride_out``, may alias
+    logits (each program reads its tile before writing it); both have unit column stride.
+    targets: [C] integer vocabulary ids, compared with column ids, never used as an address;
+    lse, g_logp: [C] float32 of the whole rows; entropy and g_ent: [C] float32, read only when
+    ``HAS_ENT``.
     """
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -33,6 +36,6 @@ def grad_logits_kernel(
     if HAS_ENT:
         d -= tl.load(g_ent_ptr + row) * p * (logp + tl.load(ent_ptr + row))
     target = tl.load(targets_ptr + row)
-    d = tl.where(cols == target, d + g_logp, d)
+    d = tl.where(cols + col_offset == target, d + g_logp, d)
     d *= inv_temp
     tl.store(out_ptr + row * stride_out + cols, d.to(out_ptr.dtype.element_ty), mask=mask)

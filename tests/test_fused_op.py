@@ -1,4 +1,5 @@
-"""Both modes of the fused op, on every backend, against a float64 reference of the naive computation."""
+"""Both modes of the fused op, on every backend and in both gradient orders, against a float64
+reference of the naive computation."""
 from __future__ import annotations
 
 import os
@@ -8,7 +9,7 @@ from typing import Optional
 import pytest
 import torch
 
-from hpt_fast import backends, fused_linear_loss, fused_token_logprobs
+from hpt_fast import backends, fused_linear_loss, fused_token_logprobs, ops
 from tests.reference import reference_logprobs, rel_err
 
 BACKENDS = ["torch", "cpu", "triton"]
@@ -18,6 +19,10 @@ TOL = {torch.float32: 2e-4, torch.bfloat16: 6e-2, torch.float16: 1e-2}
 # (tokens, hidden, vocab); the interpreted Triton kernels get the small ones only
 CASES = [(1, 1, 1), (5, 3, 7), (37, 64, 1001), (130, 300, 4099), (64, 17, 32003)]
 TRITON_CASES = [(5, 3, 7), (33, 16, 1001), (17, 40, 2999)]
+# tokens per block, by case: several token chunks, and vocabulary slabs (chunk * V // N columns)
+# that do not divide V, for most cases
+CHUNK_SIZES = [None, 4, 16, 33, 4]
+ORDERS = ["tokens", "vocab"]
 
 
 def _skip_unavailable(backend: str) -> None:
@@ -51,7 +56,7 @@ def draw_problem(backend: str, dtype: torch.dtype, case: int, scale: float = 1.0
         targets[ignored] = -100
     bias = torch.randn(v, generator=gen).to(dtype) if case % 3 == 1 else None
     temperature = [1.0, 0.7, 1.3][case % 3]
-    chunk_size = [None, 4, 16][case % 3]
+    chunk_size = CHUNK_SIZES[case]
     return Problem(
         hidden.to(dtype).requires_grad_(),
         weight.to(dtype).requires_grad_(),
@@ -81,28 +86,28 @@ def _reference(p: Problem, ref_in: list[torch.Tensor]):
 def test_mode_a_values_and_gradients(backend, dtype, case):
     _skip_unavailable(backend)
     p = draw_problem(backend, dtype, case)
-    logp, entropy = fused_token_logprobs(
-        p.hidden, p.weight, p.targets, bias=p.bias, temperature=p.temperature,
-        return_entropy=True, backend=backend, chunk_size=p.chunk_size,
-    )
     ref_in = _reference_inputs(p)
     ref_logp, ref_ent = _reference(p, ref_in)
-    assert logp.dtype == torch.float32 and entropy.dtype == torch.float32
-    assert logp.shape == p.targets.shape
-    assert rel_err(logp, ref_logp) <= TOL[dtype]
-    assert rel_err(entropy, ref_ent) <= TOL[dtype]
-    assert (logp <= 0).all() and (entropy >= 0).all()
-    ignored = p.targets == -100
-    assert (logp[ignored] == 0).all() and (entropy[ignored] == 0).all()
-
     gen = torch.Generator().manual_seed(case)
     g_logp = torch.randn(p.targets.shape, generator=gen)
     g_ent = torch.randn(p.targets.shape, generator=gen)
-    got = torch.autograd.grad((logp * g_logp + entropy * g_ent).sum(), _inputs(p))
     want = torch.autograd.grad((ref_logp * g_logp + ref_ent * g_ent).sum(), ref_in)
-    for name, a, b in zip(("hidden", "weight", "bias"), got, want):
-        assert a.dtype == dtype, name
-        assert rel_err(a, b) <= TOL[dtype], name
+    ignored = p.targets == -100
+    for order in ORDERS:
+        logp, entropy = fused_token_logprobs(
+            p.hidden, p.weight, p.targets, bias=p.bias, temperature=p.temperature,
+            return_entropy=True, backend=backend, chunk_size=p.chunk_size, grad_order=order,
+        )
+        assert logp.dtype == torch.float32 and entropy.dtype == torch.float32
+        assert logp.shape == p.targets.shape
+        assert rel_err(logp, ref_logp) <= TOL[dtype]
+        assert rel_err(entropy, ref_ent) <= TOL[dtype]
+        assert (logp <= 0).all() and (entropy >= 0).all()
+        assert (logp[ignored] == 0).all() and (entropy[ignored] == 0).all()
+        got = torch.autograd.grad((logp * g_logp + entropy * g_ent).sum(), _inputs(p))
+        for name, a, b in zip(("hidden", "weight", "bias"), got, want):
+            assert a.dtype == dtype, (order, name)
+            assert rel_err(a, b) <= TOL[dtype], (order, name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -110,15 +115,16 @@ def test_mode_a_logp_only_gradient(backend):
     """Without the entropy output, the backward uses the logp term alone."""
     _skip_unavailable(backend)
     p = draw_problem(backend, torch.float32, 2)
-    logp, entropy = fused_token_logprobs(p.hidden, p.weight, p.targets, backend=backend,
-                                         temperature=p.temperature, bias=p.bias, chunk_size=7)
-    assert entropy is None
     ref_in = _reference_inputs(p)
     ref_logp, _ = _reference(p, ref_in)
-    got = torch.autograd.grad(logp.sum(), _inputs(p))
     want = torch.autograd.grad(ref_logp.sum(), ref_in)
-    for a, b in zip(got, want):
-        assert rel_err(a, b) <= TOL[torch.float32]
+    for order in ORDERS:
+        logp, entropy = fused_token_logprobs(p.hidden, p.weight, p.targets, backend=backend, grad_order=order,
+                                             temperature=p.temperature, bias=p.bias, chunk_size=7)
+        assert entropy is None
+        got = torch.autograd.grad(logp.sum(), _inputs(p))
+        for a, b in zip(got, want):
+            assert rel_err(a, b) <= TOL[torch.float32], order
 
 
 def clipped_ratio_loss(old_logp: torch.Tensor, advantages: torch.Tensor, entropy_coef: float):
@@ -141,6 +147,7 @@ def clipped_ratio_loss(old_logp: torch.Tensor, advantages: torch.Tensor, entropy
 def test_mode_b_values_and_gradients(backend, dtype, case):
     _skip_unavailable(backend)
     p = draw_problem(backend, dtype, case)
+    with_entropy = case != 3  # one case without the entropy term
     ref_in = _reference_inputs(p)
     ref_logp, ref_ent = _reference(p, ref_in)
     gen = torch.Generator().manual_seed(case + 7)
@@ -149,24 +156,26 @@ def test_mode_b_values_and_gradients(backend, dtype, case):
     old = flat_ref + 0.3 * torch.randn(flat_ref.shape, generator=gen, dtype=torch.float64)
     adv = torch.randn(flat_ref.shape, generator=gen, dtype=torch.float64)
     fn = clipped_ratio_loss(old, adv, 0.01)
-
-    loss, logp, entropy = fused_linear_loss(
-        p.hidden, p.weight, p.targets, fn, bias=p.bias, temperature=p.temperature,
-        with_entropy=True, backend=backend, chunk_size=p.chunk_size,
-    )
     rows = (p.targets.reshape(-1) != -100).nonzero().squeeze(1)
-    ref_loss = fn(ref_logp.reshape(-1)[rows], ref_ent.reshape(-1)[rows], rows).sum()
-    assert loss.dtype == torch.float32 and loss.dim() == 0
-    assert abs(float(loss) - float(ref_loss)) <= TOL[dtype] * max(1.0, float(ref_loss.abs()) + rows.numel() ** 0.5)
-    assert rel_err(logp, ref_logp) <= TOL[dtype] and not logp.requires_grad
-    assert rel_err(entropy, ref_ent) <= TOL[dtype]
-
+    ref_loss = fn(ref_logp.reshape(-1)[rows], ref_ent.reshape(-1)[rows] if with_entropy else None, rows).sum()
     # an upstream gradient other than 1 (a loss coefficient) scales every input gradient
-    got = torch.autograd.grad(loss * 0.5, _inputs(p))
     want = torch.autograd.grad(ref_loss * 0.5, ref_in)
-    for name, a, b in zip(("hidden", "weight", "bias"), got, want):
-        assert a.dtype == dtype, name
-        assert rel_err(a, b) <= TOL[dtype], name
+
+    for order in ORDERS:
+        loss, logp, entropy = fused_linear_loss(
+            p.hidden, p.weight, p.targets, fn, bias=p.bias, temperature=p.temperature,
+            with_entropy=with_entropy, backend=backend, chunk_size=p.chunk_size, grad_order=order,
+        )
+        assert loss.dtype == torch.float32 and loss.dim() == 0
+        loss_tol = TOL[dtype] * max(1.0, float(ref_loss.detach().abs()) + rows.numel() ** 0.5)
+        assert abs(float(loss.detach()) - float(ref_loss.detach())) <= loss_tol, order
+        assert rel_err(logp, ref_logp) <= TOL[dtype] and not logp.requires_grad
+        assert (entropy is None) != with_entropy
+        assert not with_entropy or rel_err(entropy, ref_ent) <= TOL[dtype]
+        got = torch.autograd.grad(loss * 0.5, _inputs(p))
+        for name, a, b in zip(("hidden", "weight", "bias"), got, want):
+            assert a.dtype == dtype, (order, name)
+            assert rel_err(a, b) <= TOL[dtype], (order, name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -177,17 +186,20 @@ def test_mode_b_equals_mode_a_composed(backend):
     gen = torch.Generator().manual_seed(3)
     n = p.targets.numel()
     fn = clipped_ratio_loss(-3 + torch.randn(n, generator=gen), torch.randn(n, generator=gen), 0.05)
-    loss_b, _, _ = fused_linear_loss(p.hidden, p.weight, p.targets, fn, bias=p.bias, with_entropy=True,
-                                     temperature=p.temperature, backend=backend, chunk_size=5)
-    grads_b = torch.autograd.grad(loss_b, _inputs(p))
-    logp, ent = fused_token_logprobs(p.hidden, p.weight, p.targets, bias=p.bias, return_entropy=True,
-                                     temperature=p.temperature, backend=backend, chunk_size=5)
     rows = (p.targets.reshape(-1) != -100).nonzero().squeeze(1)
-    loss_a = fn(logp.reshape(-1)[rows], ent.reshape(-1)[rows], rows).sum()
-    grads_a = torch.autograd.grad(loss_a, _inputs(p))
-    assert torch.allclose(loss_a, loss_b, rtol=1e-5, atol=1e-5)
-    for a, b in zip(grads_a, grads_b):
-        assert rel_err(b, a) <= 1e-5
+    for order in ORDERS:
+        loss_b, _, _ = fused_linear_loss(p.hidden, p.weight, p.targets, fn, bias=p.bias, with_entropy=True,
+                                         temperature=p.temperature, backend=backend, chunk_size=5,
+                                         grad_order=order)
+        grads_b = torch.autograd.grad(loss_b, _inputs(p))
+        logp, ent = fused_token_logprobs(p.hidden, p.weight, p.targets, bias=p.bias, return_entropy=True,
+                                         temperature=p.temperature, backend=backend, chunk_size=5,
+                                         grad_order=order)
+        loss_a = fn(logp.reshape(-1)[rows], ent.reshape(-1)[rows], rows).sum()
+        grads_a = torch.autograd.grad(loss_a, _inputs(p))
+        assert torch.allclose(loss_a, loss_b, rtol=1e-5, atol=1e-5), order
+        for a, b in zip(grads_a, grads_b):
+            assert rel_err(b, a) <= 1e-5, order
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -200,30 +212,122 @@ def test_extreme_logits_stay_finite(backend, dtype):
     """
     _skip_unavailable(backend)
     p = draw_problem(backend, dtype, 2)
+    max_logit = 1e4
     with torch.no_grad():
         logits = p.hidden.double().reshape(-1, p.hidden.shape[-1]) @ p.weight.double().t()
-        factor = 1e4 / float(logits.abs().max())
+        factor = max_logit / float(logits.abs().max())
         p.hidden.mul_(factor ** 0.5)
         p.weight.mul_(factor ** 0.5)
-    logp, entropy = fused_token_logprobs(p.hidden, p.weight, p.targets, return_entropy=True,
-                                         backend=backend, chunk_size=p.chunk_size)
     ref_in = _reference_inputs(p)
     ref_logp, ref_ent = reference_logprobs(ref_in[0], ref_in[1], p.targets)
-    assert torch.isfinite(logp).all() and torch.isfinite(entropy).all()
-    assert (logp <= 0).all() and (entropy >= 0).all()
-    assert rel_err(logp, ref_logp) <= TOL[dtype]
-    got = torch.autograd.grad((logp + entropy).sum(), [p.hidden, p.weight])
     want = torch.autograd.grad((ref_logp + ref_ent).sum(), ref_in[:2])
-    for a, b in zip(got, want):
-        assert torch.isfinite(a).all()
-        if dtype == torch.float32:
-            assert rel_err(a, b) <= TOL[dtype]
-
     fn = clipped_ratio_loss(ref_logp.detach().reshape(-1), torch.ones(p.targets.numel()), 0.01)
-    loss, _, _ = fused_linear_loss(p.hidden, p.weight, p.targets, fn, with_entropy=True,
-                                   backend=backend, chunk_size=p.chunk_size)
-    grads = torch.autograd.grad(loss, [p.hidden, p.weight])
-    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    for order in ORDERS:
+        logp, entropy = fused_token_logprobs(p.hidden, p.weight, p.targets, return_entropy=True,
+                                             backend=backend, chunk_size=p.chunk_size, grad_order=order)
+        assert torch.isfinite(logp).all() and torch.isfinite(entropy).all()
+        assert (logp <= 0).all() and (entropy >= 0).all()
+        assert rel_err(logp, ref_logp) <= TOL[dtype]
+        got = torch.autograd.grad((logp + entropy).sum(), [p.hidden, p.weight])
+        # Token order recomputes each block with the forward's GEMM shape, so bit for bit the same
+        # logits. A vocabulary slab is a GEMM of another shape, whose float32 result may differ by
+        # a few ulps of |logit| (measured: two), and p = exp(z - lse) inherits that as a relative
+        # error: about 1e-3 at |logit| = 1e4, below 1e-5 at the magnitudes of real models.
+        tol = TOL[dtype] + (4 * max_logit * 2.0**-23 if order == "vocab" else 0.0)
+        for a, b in zip(got, want):
+            assert torch.isfinite(a).all(), order
+            if dtype == torch.float32:
+                assert rel_err(a, b) <= tol, order
+
+        loss, _, _ = fused_linear_loss(p.hidden, p.weight, p.targets, fn, with_entropy=True,
+                                       backend=backend, chunk_size=p.chunk_size, grad_order=order)
+        grads = torch.autograd.grad(loss, [p.hidden, p.weight])
+        assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads), order
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vocab_slabs_of_width_one(backend, dtype):
+    """chunk_size 1 with fewer vocabulary ids than tokens: every slab is one column wide."""
+    _skip_unavailable(backend)
+    gen = torch.Generator().manual_seed(11)
+    n, h, v = 16, 8, 13
+    hidden = torch.randn(n, h, generator=gen).to(dtype).requires_grad_()
+    weight = torch.randn(v, h, generator=gen).mul(0.5).to(dtype).requires_grad_()
+    bias = torch.randn(v, generator=gen).to(dtype).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=gen)
+    targets[[2, 9]] = -100
+    assert ops._plan("A", backend, hidden, v, n - 2, 1, 0.9, "vocab").slab == 1
+    ref_in = [x.detach().double().requires_grad_() for x in (hidden, weight, bias)]
+    ref_logp, ref_ent = reference_logprobs(ref_in[0], ref_in[1], targets, ref_in[2], 0.9)
+    g_ent = torch.randn(n, generator=gen)
+    want_a = torch.autograd.grad((ref_logp + ref_ent * g_ent).sum(), ref_in, retain_graph=True)
+    logp, ent = fused_token_logprobs(hidden, weight, targets, bias=bias, temperature=0.9, return_entropy=True,
+                                     backend=backend, chunk_size=1, grad_order="vocab")
+    got_a = torch.autograd.grad((logp + ent * g_ent).sum(), [hidden, weight, bias])
+    fn = lambda lp, e, r: -torch.exp(lp) * (r % 3 - 1) - 0.1 * e
+    rows = (targets != -100).nonzero().squeeze(1)
+    want_b = torch.autograd.grad(fn(ref_logp[rows], ref_ent[rows], rows).sum(), ref_in)
+    loss, _, _ = fused_linear_loss(hidden, weight, targets, fn, bias=bias, temperature=0.9, with_entropy=True,
+                                   backend=backend, chunk_size=1, grad_order="vocab")
+    got_b = torch.autograd.grad(loss, [hidden, weight, bias])
+    for got, want in ((got_a, want_a), (got_b, want_b)):
+        for name, a, b in zip(("hidden", "weight", "bias"), got, want):
+            assert rel_err(a, b) <= TOL[dtype], name
+
+
+def _plan_order(mode: str, dtype: torch.dtype, n: int, v: int, h: int, chunk_size=None) -> str:
+    return ops._plan(mode, "torch", torch.empty(n, h, dtype=dtype), v, n, chunk_size, 1.0, "auto").order
+
+
+def test_plan_picks_vocab_order_exactly_when_it_should(monkeypatch):
+    """Mode A: vocabulary order whenever there are fewer tokens than V. Mode B: vocabulary order
+    only when token order would sum grad_weight in a float32 [V, H] buffer (low precision, more
+    than one chunk) larger than the memory budget, and there are fewer tokens than V."""
+    monkeypatch.setenv("HPT_FAST_MEMORY_BUDGET_MB", "1")  # V * H * 4 > budget from V * H > 2**18
+    bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
+    for dtype in (bf16, f32):
+        assert _plan_order("A", dtype, 64, 1000, 512) == "vocab"
+        assert _plan_order("A", dtype, 1000, 1000, 512) == "tokens"
+        assert _plan_order("A", dtype, 4000, 1000, 512) == "tokens"
+    assert _plan_order("B", bf16, 64, 1000, 512, chunk_size=8) == "vocab"
+    assert _plan_order("B", f16, 64, 1000, 512, chunk_size=8) == "vocab"
+    assert _plan_order("B", f32, 64, 1000, 512, chunk_size=8) == "tokens"  # no float32 buffer
+    assert _plan_order("B", bf16, 64, 1000, 512, chunk_size=64) == "tokens"  # one chunk: no buffer
+    assert _plan_order("B", bf16, 64, 1000, 200, chunk_size=8) == "tokens"  # buffer under the budget
+    assert _plan_order("B", bf16, 2000, 1000, 512, chunk_size=8) == "tokens"  # [N, H] no smaller
+    # the chunk from the budget: 1 MiB / (1000 * 2 bytes + the torch backend's extra) = 58 rows
+    assert _plan_order("B", bf16, 64, 1000, 512) == "vocab"
+    monkeypatch.setenv("HPT_FAST_MEMORY_BUDGET_MB", "2")
+    assert _plan_order("B", bf16, 64, 1000, 512, chunk_size=8) == "tokens"
+
+
+@pytest.mark.parametrize("requested", ["auto", "tokens", "vocab"])
+def test_gradient_pass_runs_in_the_planned_order(monkeypatch, requested):
+    """The logits blocks the backend sees are whole rows in token order, all tokens in vocabulary order."""
+    from hpt_fast.backends import torch_backend
+
+    blocks = []
+    real = torch_backend.grad_logits
+
+    def spy(logits, *args, col_offset=0, **kwargs):
+        blocks.append((tuple(logits.shape), col_offset))
+        return real(logits, *args, col_offset=col_offset, **kwargs)
+
+    monkeypatch.setattr(torch_backend, "grad_logits", spy)
+    monkeypatch.setenv("HPT_FAST_MEMORY_BUDGET_MB", "0.01")  # the [V, H] float32 buffer is 20 KiB
+    n, h, v = 12, 8, 640
+    hidden = torch.randn(n, h, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(v, h, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, v, (n,))
+    loss, _, _ = fused_linear_loss(hidden, weight, targets, lambda lp, e, r: -lp, backend="torch",
+                                   chunk_size=5, grad_order=requested)
+    loss.backward()
+    # chunk 5 of 12 tokens: slabs of 5 * 640 // 12 = 266 columns
+    if requested == "tokens":
+        assert blocks == [((5, v), 0), ((5, v), 0), ((2, v), 0)]
+    else:
+        assert blocks == [((n, 266), 0), ((n, 266), 266), ((n, 108), 532)]
 
 
 def test_gradcheck_float64_both_modes():
@@ -235,19 +339,22 @@ def test_gradcheck_float64_both_modes():
     targets = torch.randint(0, v, (n,), generator=gen)
     targets[2] = -100
 
-    def mode_a(hd, wt, b):
-        return fused_token_logprobs(hd, wt, targets, bias=b, temperature=0.8, return_entropy=True, chunk_size=4)
-
     old = torch.randn(n, generator=gen, dtype=torch.float64) - 2
     adv = torch.randn(n, generator=gen, dtype=torch.float64)
     # a smooth non-linear loss, so finite differences are valid everywhere
     fn = lambda lp, ent, rows: -adv[rows] * torch.exp(lp - old[rows]) - 0.1 * ent * torch.sigmoid(lp)
 
-    def mode_b(hd, wt, b):
-        return fused_linear_loss(hd, wt, targets, fn, bias=b, temperature=0.8, with_entropy=True, chunk_size=4)[0]
+    for order in ORDERS:
+        def mode_a(hd, wt, b):
+            return fused_token_logprobs(hd, wt, targets, bias=b, temperature=0.8, return_entropy=True,
+                                        chunk_size=4, grad_order=order)
 
-    assert torch.autograd.gradcheck(mode_a, (hidden, weight, bias))
-    assert torch.autograd.gradcheck(mode_b, (hidden, weight, bias))
+        def mode_b(hd, wt, b):
+            return fused_linear_loss(hd, wt, targets, fn, bias=b, temperature=0.8, with_entropy=True,
+                                     chunk_size=4, grad_order=order)[0]
+
+        assert torch.autograd.gradcheck(mode_a, (hidden, weight, bias)), order
+        assert torch.autograd.gradcheck(mode_b, (hidden, weight, bias)), order
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -256,13 +363,16 @@ def test_all_positions_ignored(backend):
     hidden = torch.randn(2, 3, 8, requires_grad=True)
     weight = torch.randn(11, 8, requires_grad=True)
     targets = torch.full((2, 3), -100)
-    logp, entropy = fused_token_logprobs(hidden, weight, targets, return_entropy=True, backend=backend)
-    assert (logp == 0).all() and (entropy == 0).all()
-    g_h, g_w = torch.autograd.grad(logp.sum() + entropy.sum(), [hidden, weight])
-    assert (g_h == 0).all() and (g_w == 0).all()
-    loss, _, _ = fused_linear_loss(hidden, weight, targets, lambda lp, e, r: -lp, backend=backend)
-    g_h, g_w = torch.autograd.grad(loss, [hidden, weight])
-    assert float(loss) == 0 and (g_h == 0).all() and (g_w == 0).all()
+    for order in ORDERS:
+        logp, entropy = fused_token_logprobs(hidden, weight, targets, return_entropy=True, backend=backend,
+                                             grad_order=order)
+        assert (logp == 0).all() and (entropy == 0).all()
+        g_h, g_w = torch.autograd.grad(logp.sum() + entropy.sum(), [hidden, weight])
+        assert (g_h == 0).all() and (g_w == 0).all()
+        loss, _, _ = fused_linear_loss(hidden, weight, targets, lambda lp, e, r: -lp, backend=backend,
+                                       grad_order=order)
+        g_h, g_w = torch.autograd.grad(loss, [hidden, weight])
+        assert float(loss) == 0 and (g_h == 0).all() and (g_w == 0).all()
 
 
 def test_mode_b_rows_index_the_flat_targets():

@@ -12,15 +12,16 @@ CHILD = textwrap.dedent(
     import torch
     from hpt_fast import fused_linear_loss, fused_token_logprobs
 
-    mode, backend = sys.argv[1], sys.argv[2]
-    n, h, v = 2048, 32, 151936
+    mode, backend, dtype, h = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3]), int(sys.argv[4])
+    n, v = 2048, 151936
     torch.manual_seed(0)
-    hidden = torch.randn(n, h, requires_grad=True)
-    weight = torch.randn(v, h, requires_grad=True)
+    hidden = torch.randn(n, h).to(dtype).requires_grad_()
+    weight = torch.randn(v, h).mul(h ** -0.5).to(dtype).requires_grad_()
     targets = torch.randint(0, v, (n,))
     # warm up on a tiny problem so one-off library allocations are in the baseline
-    fused_token_logprobs(torch.randn(4, h), torch.randn(9, h), torch.zeros(4, dtype=torch.long), backend=backend)
-    grads_bytes = (hidden.numel() + weight.numel()) * 4
+    fused_token_logprobs(torch.randn(4, h).to(dtype), torch.randn(9, h).to(dtype), torch.zeros(4, dtype=torch.long),
+                         backend=backend)
+    grads_bytes = (hidden.numel() + weight.numel()) * hidden.element_size()
 
     def status(key):
         for line in open("/proc/self/status"):
@@ -45,14 +46,23 @@ CHILD = textwrap.dedent(
     """
 )
 
+# (backend, dtype, H): float32 at a small H; bfloat16 at an H where the float32 [V, H] buffer a
+# token-order weight gradient would need (V * H * 4 = 156 MB) is larger than the default 128 MiB
+# budget, so mode B takes the vocabulary-order gradient pass and neither mode holds such a buffer
+# (the torch backend's bf16 row passes are too slow at this shape for the test suite: its float32
+# case shows its temporaries).
+CASES = [("torch", "float32", 32), ("auto", "float32", 32), ("auto", "bfloat16", 256)]
+
 
 @pytest.mark.parametrize("mode", ["A", "B"])
-@pytest.mark.parametrize("backend", ["torch", "auto"])
-def test_peak_memory_far_below_logits(mode, backend):
-    out = subprocess.run([sys.executable, "-c", CHILD, mode, backend], capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("backend, dtype, h", CASES, ids=[f"{b}-{d}" for b, d, _ in CASES])
+def test_peak_memory_far_below_logits(backend, dtype, h, mode):
+    out = subprocess.run([sys.executable, "-c", CHILD, mode, backend, dtype, str(h)],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     # the naive computation holds several [2048 x 151936] float32 tensors (1.2 GB each); the
     # readable torch backend keeps a few block-sized temporaries, the default backend one block
-    limit = result["naive"] / (4 if backend == "torch" else 6)
+    # (the issue's target: at most 1/8 of the naive float32 logits)
+    limit = result["naive"] / (4 if backend == "torch" else 8)
     assert 0 < result["extra"] < limit, result

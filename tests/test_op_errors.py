@@ -44,6 +44,7 @@ def test_bad_tensors(change, error, match):
         ({"bias": torch.randn(11, dtype=torch.float64)}, TypeError, "bias dtype"),
         ({"backend": "cuda"}, ValueError, "backend must be one of"),
         ({"chunk_size": 0}, ValueError, "chunk_size must be a positive int"),
+        ({"grad_order": "slabs"}, ValueError, "grad_order must be one of"),
         ({"ignore_index": 1.5}, TypeError, "ignore_index must be an int"),
     ],
 )

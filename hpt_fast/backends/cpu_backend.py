@@ -37,6 +37,7 @@ def grad_logits(
     g_ent: Tensor | None,
     inv_temp: float,
     out: Tensor,
+    col_offset: int = 0,
 ) -> Tensor:
     """See :func:`hpt_fast.backends.torch_backend.grad_logits`."""
     return _C.grad_logits(
@@ -48,6 +49,7 @@ def grad_logits(
         None if g_ent is None else _f32(g_ent),
         float(inv_temp),
         out,
+        int(col_offset),
     )
 
 

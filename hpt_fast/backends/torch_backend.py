@@ -10,7 +10,9 @@ blocks, used for gradcheck, stay float64 in this backend only):
   ``entropy = -sum(softmax(z) * log_softmax(z))``.
 - ``grad_logits`` writes ``d loss / d logits`` for per-token ``g_logp = d loss / d logp`` and
   ``g_ent = d loss / d entropy``:
-  ``inv_temp * (g_logp * (onehot - p) - g_ent * p * (log p + H))``.
+  ``inv_temp * (g_logp * (onehot - p) - g_ent * p * (log p + H))``. The block may be a slab of
+  vocabulary columns ``[col_offset, col_offset + cols)`` of the full rows: ``lse`` and the entropy
+  are those of the full rows, and the one-hot term lands only on rows whose target is in the slab.
 - ``accumulate_`` adds a low-precision block into a float32 accumulator.
 """
 from __future__ import annotations
@@ -58,16 +60,20 @@ def grad_logits(
     g_ent: Tensor | None,
     inv_temp: float,
     out: Tensor,
+    col_offset: int = 0,
 ) -> Tensor:
     """Write d loss / d logits of one block into ``out``.
 
     Args:
-        logits: [C, V] float32 / bfloat16 / float16, the raw (untempered) logits.
-        targets: [C] int64 in [0, V).
-        lse: [C] float32 from ``row_stats``; entropy: [C] float32 or None.
+        logits: [C, Vs] float32 / bfloat16 / float16, the raw (untempered) logits of vocabulary
+            ids ``col_offset .. col_offset + Vs - 1`` (Vs = V for a block of whole rows).
+        targets: [C] int64 vocabulary ids in [0, V); a target outside the block's columns adds
+            no one-hot term here and is never used as an index.
+        lse: [C] float32 from ``row_stats`` on the whole rows; entropy: [C] float32 or None.
         g_logp: [C] float32; g_ent: [C] float32 or None (no entropy term).
         inv_temp: 1 / temperature.
-        out: [C, V], any float dtype; may be ``logits`` itself (in place).
+        out: [C, Vs], any float dtype; may be ``logits`` itself (in place).
+        col_offset: vocabulary id of the block's first column, >= 0.
     Returns:
         ``out``.
     """
@@ -82,7 +88,10 @@ def grad_logits(
         logp_all.add_(entropy[:, None]).mul_(g_ent[:, None]).add_(g_logp[:, None])
         p.mul_(logp_all).neg_()
     del logp_all
-    p.scatter_add_(1, targets[:, None], g_logp[:, None])
+    local = targets - col_offset
+    in_block = (local >= 0) & (local < p.shape[1])
+    # rows whose target lies in another slab scatter a zero onto a clamped, in-range column
+    p.scatter_add_(1, local.clamp(0, p.shape[1] - 1)[:, None], (g_logp * in_block)[:, None])
     p.mul_(inv_temp)
     out.copy_(p)
     return out

@@ -57,16 +57,19 @@ def grad_logits(
     g_ent: Tensor | None,
     inv_temp: float,
     out: Tensor,
+    col_offset: int = 0,
 ) -> Tensor:
     """Write d loss / d logits of one block into ``out``.
 
     Args:
-        logits: [C, V] float32 / bfloat16 / float16, the raw (untempered) logits, unit column stride.
-        targets: [C] int64 in [0, V).
-        lse: [C] float32 from ``row_stats``; entropy: [C] float32 or None.
+        logits: [C, Vs] float32 / bfloat16 / float16, the raw (untempered) logits of vocabulary
+            ids ``col_offset .. col_offset + Vs - 1``, unit column stride.
+        targets: [C] int64 in [0, V); one outside the block's columns adds no one-hot term here.
+        lse: [C] float32 from ``row_stats`` on the whole rows; entropy: [C] float32 or None.
         g_logp: [C] float32; g_ent: [C] float32 or None (no entropy term).
         inv_temp: 1 / temperature.
-        out: [C, V], any float dtype, unit column stride; may be ``logits`` itself (in place).
+        out: [C, Vs], any float dtype, unit column stride; may be ``logits`` itself (in place).
+        col_offset: vocabulary id of the block's first column, >= 0.
     Returns:
         ``out``.
     """
@@ -85,7 +88,7 @@ def grad_logits(
     with _on_device(logits):
         grad_logits_kernel[grid](
             logits, targets, lse, entropy, g_logp, g_ent, out,
-            vocab, logits.stride(0), out.stride(0), inv_temp,
+            vocab, col_offset, logits.stride(0), out.stride(0), inv_temp,
             BLOCK_V=block_v, HAS_ENT=has_ent, num_warps=_warps(block_v),
         )
     return out
