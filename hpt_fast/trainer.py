@@ -107,15 +107,6 @@ class Trainer:
         if mini % self.world:
             key = "train.mini_batch_prompts" if cfg.train.mini_batch_prompts else "train.prompts_per_step"
             raise ValueError(f"{key} = {mini} must be a multiple of the world size {self.world}")
-        generates = cfg.validation.every > 0 or any(cfg.rollouts_per_prompt(rule) for rule in build_estimators(cfg))
-        if cfg.deepspeed.zero_stage == 3 and self.world > 1 and cfg.rollout.engine == "native" and generates:
-            # each generated token is a forward of the partitioned model, i.e. collective gathers,
-            # and ranks finish their samples after different numbers of tokens
-            raise ValueError(
-                "rollout.engine: 'native' cannot generate under deepspeed.zero_stage = 3 on several ranks "
-                "(the ranks would need the same number of forwards); use rollout.engine = 'vllm', or "
-                "zero_stage <= 2"
-            )
         torch.manual_seed(_seed(cfg.train.seed, "init"))
 
         resume = latest_checkpoint(self.out)
@@ -172,7 +163,8 @@ class Trainer:
         if self.zero_stage == 3:
             policy.declare_head_to_zero3()
         self.model = policy.lm
-        self.rollout: RolloutEngine = vllm if vllm is not None else NativeEngine(self.model)
+        # under ZeRO-3 each forward gathers weights from every rank: generate in lockstep
+        self.rollout: RolloutEngine = vllm if vllm is not None else NativeEngine(self.model, lockstep=self.zero_stage == 3)
         self.rewards = RewardPool()
         self.step = 0
         self.skipped = 0

@@ -11,7 +11,9 @@ Why it beats ``transformers.generate`` for RL rollouts (n samples per prompt):
 - finished sequences are dropped from the batch (cache rows included) once enough have finished.
 
 Works with the transformers causal LMs whose attention layers read a ``Cache`` (Llama, Qwen2 and
-their kin) in transformers >= 5, on CPU and CUDA.
+their kin) in transformers >= 5, on CPU and CUDA. With ``lockstep=True`` (a model whose weights
+DeepSpeed ZeRO-3 partitions over ranks: every forward is a collective) all ranks run the same number
+of forwards: the longest budget over ranks, until every rank's samples are done.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from dataclasses import dataclass, fields
 from typing import Iterator, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -162,13 +165,15 @@ class NativeEngine:
             attention in every layer; the same object the optimizer updates.
         max_context: the longest sequence (prompt + completion) to generate; default the config's
             ``max_position_embeddings``.
+        lockstep: every rank of the default process group calls ``generate`` together and runs
+            the same number of forwards (needed when a forward is a collective, as under ZeRO-3).
 
     ``generate`` puts the model in eval mode under ``torch.no_grad`` (not ``inference_mode``, whose
     tensors could not be used by a later backward) and restores each module's mode afterwards. The
     KV cache lives only during ``generate``, so ``sleep`` / ``wake`` have nothing to release.
     """
 
-    def __init__(self, model: nn.Module, *, max_context: Optional[int] = None):
+    def __init__(self, model: nn.Module, *, max_context: Optional[int] = None, lockstep: bool = False):
         config = model.config
         sliding = [t for t in getattr(config, "layer_types", None) or () if t != "full_attention"]
         if sliding:
@@ -184,6 +189,7 @@ class NativeEngine:
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.max_context = max_context if max_context is not None else getattr(config, "max_position_embeddings", None)
         self.num_layers = config.num_hidden_layers
+        self.lockstep = lockstep and dist.is_initialized() and dist.get_world_size() > 1
 
     def generate(
         self,
@@ -232,6 +238,14 @@ class NativeEngine:
             for module, training in modes:
                 module.training = training
 
+    def _all_max(self, value: int, device: torch.device) -> int:
+        """``value``'s maximum over the ranks in lockstep, else ``value``."""
+        if not self.lockstep:
+            return value
+        t = torch.tensor([value], dtype=torch.long, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t)
+
     def _forward(self, cache: Cache, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
         """input_ids, attention_mask, position_ids: int64 [b, q] / [b, kv] / [b, q] -> last-position logits [b, V]."""
         out = self.model(
@@ -248,7 +262,7 @@ class NativeEngine:
         budgets = [request.max_new_tokens] * len(prompts)
         if self.max_context is not None:
             budgets = [min(budget, self.max_context - length) for budget, length in zip(budgets, lengths)]
-        steps, width = max(budgets), max(lengths)
+        steps, width = self._all_max(max(budgets), device), max(lengths)
 
         # prompts left-padded to one width; pads are masked out and their positions are irrelevant
         input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -275,11 +289,13 @@ class NativeEngine:
             tokens, logprobs = sample_tokens(logits, request, generator)
             results.record(t, batch, tokens, logprobs, stop_ids)
             live = int(batch.active.sum())
-            if live == 0:
+            if self._all_max(live, device) == 0:
                 break
             size = batch.active.numel()
             if size - live >= DROP_FINISHED_FRACTION * size:
                 keep = batch.active.nonzero().squeeze(-1)
+                if live == 0:  # other ranks still decode: run on one finished row, never an empty batch
+                    keep = keep.new_zeros(1)
                 cache.batch_select_indices(keep)
                 batch, tokens = batch.select(keep), tokens[keep]
             logits = self._forward(cache, tokens[:, None], batch.mask[:, :width + t + 1], batch.next_pos[:, None])
