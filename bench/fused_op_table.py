@@ -292,7 +292,12 @@ FOOTNOTES = """\
   float32 logits (tokens x V x 4 bytes). The bare GEMM rows use preallocated outputs: no memory
   figure.
 - hpt_fast mode A: per-token logp and entropy, backward with random upstream gradients. Mode B and
-  naive: the per-token loss -adv * exp(logp - old) - 0.001 * entropy, summed. Liger: GRPO loss
+  naive: the per-token loss -adv * exp(logp - old) - 0.001 * entropy, summed. The hpt_fast rows
+  without an order run the plan's choice (``grad_order="auto"``): mode A's backward in vocabulary
+  order when tokens < V; mode B in token order (three GEMMs) unless low precision with several
+  token chunks would need a float32 [V, H] weight-gradient buffer larger than the memory budget,
+  then a statistics pass and a vocabulary-order gradient pass (four GEMMs, still divided by the
+  three-GEMM floor). The "token order" rows force ``grad_order="tokens"``. Liger: GRPO loss
   (loss_type "dapo", beta 0, no reference model, sequences of 512 tokens, its default chunk of one
   sequence, compiled=False), which computes no entropy. cut-cross-entropy: mean cross-entropy only
   (no entropy, no per-token output)."""
@@ -313,6 +318,11 @@ def machine_description(device: str) -> str:
         f"- torch {torch.__version__}, {torch.get_num_threads()} threads, python {sys.version.split()[0]}",
         f"- {_versions()}",
     ])
+
+
+def _load_average() -> str:
+    """The machine's load averages, as `uptime` prints them: other jobs on a shared machine show here."""
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _versions() -> str:
@@ -362,10 +372,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     started = time.perf_counter()
     for shape in args.shapes:
         repeats = args.repeats or default_repeats(shape)
+        load_before = _load_average()
         results = {dtype: run_case(shape, dtype, args.device, repeats) for dtype in args.dtypes}
         print(format_table(shape, implementations(args.device), results))
-        print(f"\n{repeats} timed rounds per implementation, after one warm-up step on {WARMUP_TOKENS} tokens.\n",
-              flush=True)
+        print(f"\n{repeats} timed rounds per implementation, after one warm-up step on {WARMUP_TOKENS} tokens. "
+              f"Load average (1, 5, 15 min) before: {load_before}; after: {_load_average()}.\n", flush=True)
     print(FOOTNOTES)
     print(f"\nWhole run: {(time.perf_counter() - started) / 60:.1f} min.")
 

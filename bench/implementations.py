@@ -152,10 +152,11 @@ class Impl:
     missing: Callable[[str], Optional[str]] = lambda device: None
 
 
-def _hpt_mode_a(backend: str) -> Callable[[Problem], Step]:
+def _hpt_mode_a(backend: str, grad_order: str = "auto") -> Callable[[Problem], Step]:
     def build(p: Problem) -> Step:
         def step() -> None:
-            logp, ent = fused_token_logprobs(p.hidden, p.weight, p.targets, return_entropy=True, backend=backend)
+            logp, ent = fused_token_logprobs(p.hidden, p.weight, p.targets, return_entropy=True, backend=backend,
+                                             grad_order=grad_order)
             torch.autograd.backward((logp, ent), (p.g_logp, p.g_ent))
 
         return step
@@ -163,12 +164,13 @@ def _hpt_mode_a(backend: str) -> Callable[[Problem], Step]:
     return build
 
 
-def _hpt_mode_b(backend: str) -> Callable[[Problem], Step]:
+def _hpt_mode_b(backend: str, grad_order: str = "auto") -> Callable[[Problem], Step]:
     def build(p: Problem) -> Step:
         token_loss = grpo_token_loss(p)
 
         def step() -> None:
-            loss, _, _ = fused_linear_loss(p.hidden, p.weight, p.targets, token_loss, with_entropy=True, backend=backend)
+            loss, _, _ = fused_linear_loss(p.hidden, p.weight, p.targets, token_loss, with_entropy=True,
+                                           backend=backend, grad_order=grad_order)
             loss.backward()
 
         return step
@@ -294,6 +296,15 @@ def implementations(device: str) -> list[Impl]:
     for backend in _hpt_backends(device):
         impls.append(Impl(f"hpt_a_{backend}", f"hpt_fast mode A, backend {backend}", 4, _hpt_mode_a(backend)))
         impls.append(Impl(f"hpt_b_{backend}", f"hpt_fast mode B, backend {backend}", 3, _hpt_mode_b(backend)))
+    # the default backend again with its gradient pass forced into token order, beside the plan's
+    # own choice (vocabulary order for mode A at N < V, and for mode B where token order's float32
+    # [V, H] buffer would exceed the memory budget)
+    default = "triton" if device == "cuda" else "cpu"
+    if default in _hpt_backends(device):
+        impls.append(Impl(f"hpt_a_{default}_tokens", f"hpt_fast mode A, backend {default}, token order", 4,
+                          _hpt_mode_a(default, "tokens")))
+        impls.append(Impl(f"hpt_b_{default}_tokens", f"hpt_fast mode B, backend {default}, token order", 3,
+                          _hpt_mode_b(default, "tokens")))
     impls += [
         Impl("naive", "naive PyTorch (materialised logits)", 3, _naive),
         Impl("liger_grpo", "Liger LigerFusedLinearGRPOLoss (no entropy)", 3, _liger_grpo, _needs_module("liger_kernel")),
