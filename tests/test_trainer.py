@@ -100,3 +100,22 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
 def test_bad_config_is_a_clear_error(tmp_path):
     done = subprocess.run([sys.executable, "-m", "hpt_fast.train", "rollout.nn=3"], capture_output=True, text=True)
     assert done.returncode == 2 and "rollout.nn" in done.stderr
+
+
+def test_liger_kernels_patch_the_model_classes():
+    """``model.liger_kernels``: the trainer's call into Liger's real API swaps in its RMSNorm and
+    SwiGLU modules and its RoPE function (their Triton kernels run on CUDA only, so none runs here)."""
+    code = (
+        "import transformers.models.qwen2.modeling_qwen2 as q\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "from hpt_fast.toy import build_toy, default_toy_dir\n"
+        "from hpt_fast.trainer import Trainer\n"
+        "toy = build_toy(default_toy_dir())\n"
+        "rope = q.apply_rotary_pos_emb\n"
+        "Trainer._apply_liger(str(toy.model))\n"
+        "m = AutoModelForCausalLM.from_pretrained(toy.model)\n"
+        "print(type(m.model.norm).__name__, type(m.model.layers[0].mlp).__name__, q.apply_rotary_pos_emb is not rope)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-3:] == ["LigerRMSNorm", "LigerSwiGLUMLP", "True"]
