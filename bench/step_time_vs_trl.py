@@ -48,7 +48,6 @@ inside ``main``, so ``pytest bench/`` never needs TRL.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import statistics
 import subprocess
@@ -219,7 +218,8 @@ def build_trl(cfg: Config, args, rows: list[dict], pool: RewardPool, callback):
         raise RuntimeError(f"TRL runs as {trainer.accelerator.distributed_type}, not as one plain process")
     watch = Stopwatch()
     # instance attributes shadow the methods, so TRL's own calls (self._generate(...)) go through the timers
-    trainer._generate = watch.wrap("generate", trainer._generate, count=lambda out: {"generated": sum(map(len, out[1]))})
+    trainer._generate = watch.wrap("generate", trainer._generate,
+                                   count=lambda out: {"generated": sum(map(len, out[1]))})
     trainer._prepare_inputs = watch.wrap("prepare", trainer._prepare_inputs, count=lambda b: {
         "positions": b["prompt_ids"].numel() + b["completion_ids"].numel(),
         "tokens": b["prompt_mask"].sum() + b["completion_mask"].sum(),
@@ -399,7 +399,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per side")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads for every side (one: the toy's tensors are too small for two, see hpt_fast.toy)")
+                        help="torch threads for every side (default one: the toy's tensors are too small "
+                             "for two, see hpt_fast.toy)")
     parser.add_argument("--trl-micro-batches", type=int, default=1,
                         help="micro-batches TRL splits a step's rollouts into (gradient accumulation)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown file to write")
