@@ -119,3 +119,14 @@ def test_liger_kernels_patch_the_model_classes():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split()[-3:] == ["LigerRMSNorm", "LigerSwiGLUMLP", "True"]
+
+
+def test_the_deepspeed_launcher_runs_two_ranks(tmp_path):
+    """``deepspeed --num_gpus 2 --module hpt_fast.train`` (the ``deepspeed`` command is this runner):
+    the launcher passes --local_rank and sets the rank variables; on the CPU it starts 2 gloo ranks."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(30500 + os.getpid() % 1000), "--module",
+           "hpt_fast.train", f"train.output_dir={out}", *SMALL, "train.total_steps=1"]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert load_state(latest_checkpoint(out))["world_size"] == 2
