@@ -91,7 +91,8 @@ def gathered_state_dict(lm: nn.Module, rank: int) -> Optional[dict[str, Tensor]]
             if out is not None:
                 out[name] = p.detach().to("cpu", copy=True)
     if out is not None:
+        persistent = set(lm.state_dict())  # buffers saved with the model (not e.g. RoPE's inv_freq)
         for name, buf in lm.named_buffers():
-            if name in lm.state_dict():  # persistent buffers only
+            if name in persistent:
                 out[name] = buf.detach().to("cpu", copy=True)
     return out
