@@ -21,7 +21,8 @@ checkpoint exists is not trained again, nor evaluated again once its ``eval.json
 interrupted sweep picks up where it stopped. Written to ``--out`` (default ``bench/reproduction``):
 
 - ``ablations.md``: the variants, avg@8 and pass@8 per level (mean ± std over seeds), training
-  diagnostics and the overall avg@8 difference to LUFFY and to HPT with Welch's t;
+  diagnostics, the final policy's entropy on demonstrations (``demo_entropy``) and the overall
+  avg@8 difference to LUFFY and to HPT with Welch's t;
 - ``ablations.json``: every number, per run included;
 - ``ablations.png``: overall and per-level avg@8 per variant, one dot per seed.
 """
@@ -45,12 +46,14 @@ if str(REPO) not in sys.path:  # run as a script: make ``bench`` importable
     sys.path.insert(0, str(REPO))
 
 from bench.reproduce import (  # noqa: E402
-    CONFIGS, EVAL_N, OVERALL, _figure, aggregate, make_parser, markdown, mean_std, parse_args, run_dir, run_one,
-    total_steps, validation_files,
+    CONFIGS, EVAL_N, OVERALL, _figure, aggregate, final_checkpoint, make_parser, markdown, mean_std, parse_args,
+    run_dir, run_one, total_steps, validation_files,
 )
 
 # the last LATE_STEPS training steps are averaged for the "late" diagnostics (entropy)
 LATE_STEPS = 50
+# demonstrations per level for the final checkpoint's teacher-forced entropy
+ENTROPY_DEMOS = 64
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,7 @@ def variant_overrides(variant: Variant, data_dir: Path, source: Optional[Path] =
     return out
 
 
-def diagnostics(run: Path) -> dict[str, float]:
+def diagnostics(run: Path) -> dict[str, Optional[float]]:
     """Training-side numbers of one run from ``RUN/metrics.jsonl``: mean grad norm (before
     clipping) over all steps, and the mean policy entropy and rollout reward over the last
     ``LATE_STEPS``. (The SFT loss is left out: its scale depends on the variant's normaliser.)"""
@@ -143,21 +146,56 @@ def diagnostics(run: Path) -> dict[str, float]:
     trained = [m for _, m in sorted(load_steps(run).items()) if "reward_mean" in m]
     late = trained[-LATE_STEPS:]
 
-    def avg(rows: list[dict], key: str) -> float:
+    def avg(rows: list[dict], key: str) -> Optional[float]:
+        # None where the trainer did not log it (no entropy without an entropy bonus)
         vals = [m[key] for m in rows if key in m]
-        return float(np.mean(vals)) if vals else float("nan")
+        return float(np.mean(vals)) if vals else None
 
     return {"grad_norm": avg(trained, "grad_norm"), "entropy_late": avg(late, "entropy_mean"),
             "reward_late": avg(late, "reward_mean")}
 
 
-def welch_t(a: Sequence[float], b: Sequence[float]) -> float:
-    """Welch's t of mean(a) - mean(b) (nan when both spreads are 0 or a side has one value)."""
+def demo_entropy(ckpt: Path, train_file: Path, per_level: int = ENTROPY_DEMOS) -> dict[str, float]:
+    """Mean next-token entropy (nats) of a checkpoint, teacher-forced on the first ``per_level``
+    demonstrations of each level of ``train_file``: level -> entropy over its demonstration tokens.
+
+    The trainer logs the rollouts' entropy only when the bonus is on, so this is the number that
+    compares every variant, the one without the bonus included, on the same tokens.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hpt_fast.config import load_config
+    from hpt_fast.data import PromptSet, read_train_parquet
+    from hpt_fast.toy import _sft_tensors
+
+    data = load_config(REPO / CONFIGS["hpt"]).data
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    problems = read_train_parquet(train_file)
+    out = {}
+    for level in dict.fromkeys(p.data_source for p in problems):
+        chosen = [p for p in problems if p.data_source == level][:per_level]
+        # the trainer's tokenization and truncation of prompts and demonstrations
+        ids, attention, labels = _sft_tensors(PromptSet(chosen, tokenizer, data.max_prompt_length,
+                                                        data.max_response_length, name=level), tokenizer.pad_token_id)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+        logp = torch.log_softmax(logits, -1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        # position t predicts token t + 1: score the positions whose next token is a demonstration token
+        mask = labels[:, 1:] != -100
+        out[level] = float(entropy[mask].mean())
+    return out
+
+
+def welch_t(a: Sequence[float], b: Sequence[float]) -> Optional[float]:
+    """Welch's t of mean(a) - mean(b) (None when both spreads are 0 or a side has one value)."""
     a, b = np.asarray(a, float), np.asarray(b, float)
     if len(a) < 2 or len(b) < 2:
-        return float("nan")
+        return None
     se = math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
-    return float((a.mean() - b.mean()) / se) if se > 0 else float("nan")
+    return float((a.mean() - b.mean()) / se) if se > 0 else None
 
 
 def comparisons(runs: dict[str, list[dict]], references: Sequence[str]) -> dict[str, dict[str, dict]]:
@@ -172,19 +210,26 @@ def sweep(variants: Sequence[Variant], seeds: Sequence[int], runs_root: Path, st
           extra: Sequence[str]) -> dict[str, list[dict]]:
     """Train and evaluate every (variant, seed), seed by seed (a sweep cut short still compares
     every variant), through ``bench.reproduce.run_one``; each result gains its diagnostics."""
-    files = validation_files()
-    overrides = {v.name: variant_overrides(v, runs_root / "data") for v in variants}
+    files, train_file = validation_files(), toy_train_file()
+    overrides = {v.name: variant_overrides(v, runs_root / "data", train_file) for v in variants}
     runs: dict[str, list[dict]] = {v.name: [] for v in variants}
     for seed in seeds:
         for v in variants:
             result = run_one(v.name, seed, runs_root, steps, [*overrides[v.name], *extra], files, CONFIGS[v.method])
-            result["diagnostics"] = diagnostics(run_dir(runs_root, v.name, seed))
+            run = run_dir(runs_root, v.name, seed)
+            cached = run / "demo_entropy.json"
+            if not cached.is_file() or cached.stat().st_mtime < (run / "eval.json").stat().st_mtime:
+                # every variant on the full task's demonstrations, the task-mix ones included
+                ckpt = final_checkpoint(run, total_steps(CONFIGS[v.method], steps))
+                cached.write_text(json.dumps(demo_entropy(ckpt, train_file)))
+            result["diagnostics"] = diagnostics(run)
+            result["demo_entropy"] = json.loads(cached.read_text())
             runs[v.name].append(result)
     return runs
 
 
-def _fmt_t(t: float) -> str:
-    return "n/a" if math.isnan(t) else f"{t:+.1f}"
+def _fmt(x: Optional[float], spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
 
 
 def report(runs: dict[str, list[dict]], variants: Sequence[Variant], seeds: Sequence[int], steps: dict[str, int],
@@ -192,9 +237,18 @@ def report(runs: dict[str, list[dict]], variants: Sequence[Variant], seeds: Sequ
     """ablations.md's text and ablations.json's content."""
     summary = aggregate(runs)
     comp = comparisons(runs, ("luffy", "hpt"))
-    diag = {name: {k: mean_std([r["diagnostics"][k] for r in rs]) for k in rs[0]["diagnostics"]}
+
+    def seed_mean(values: list[Optional[float]]) -> Optional[float]:
+        return None if None in values else mean_std(values)[0]
+
+    diag = {name: {k: seed_mean([r["diagnostics"][k] for r in rs]) for k in rs[0]["diagnostics"]}
             for name, rs in runs.items()}
-    lines = [f"`{command}`: {wall / 60:.1f} min wall time for the runs this invocation trained or evaluated "
+    levels = list(next(iter(runs.values()))[0]["demo_entropy"])
+    entropy = {name: {lv: mean_std([r["demo_entropy"][lv] for r in rs]) for lv in levels} for name, rs in runs.items()}
+    # each run's training time is kept in its run directory: the total survives a resumed sweep
+    trained = sum(r["train_seconds"] for rs in runs.values() for r in rs)
+    lines = [f"`{command}`: {wall / 60:.1f} min wall time for this invocation (runs found finished are not "
+             f"redone); training time of all {sum(map(len, runs.values()))} runs summed: {trained / 60:.1f} min "
              f"(1-min load average {load[0]:.2f} at the start, {load[1]:.2f} at the end; the machine is shared).", "",
              "| variant | config | overrides | what it tests |", "|---|---|---|---|"]
     for v in variants:
@@ -203,18 +257,27 @@ def report(runs: dict[str, list[dict]], variants: Sequence[Variant], seeds: Sequ
     lines += ["", markdown(summary, seeds, steps, label="variant")]
     refs = [r for r in ("luffy", "hpt") if r in runs]
     lines += [f"**diagnostics and overall avg@{EVAL_N} against the baselines** (mean over seeds; grad norm before "
-              f"clipping to 1.0, mean over all steps; entropy and rollout reward: mean over the last {LATE_STEPS} steps; "
-              "t: Welch's t over the seeds, |t| > 2.8 is p < 0.05 at 3 + 3 seeds)", "",
-              "| variant | grad norm | entropy | rollout reward | " + " | ".join(f"Δ vs {r} (t)" for r in refs) + " |",
+              f"clipping to 1.0, mean over all steps; rollout entropy (logged only with the bonus on) and rollout "
+              f"reward: mean over the last {LATE_STEPS} steps; t: Welch's t over the seeds, |t| > 2.8 is p < 0.05 at "
+              "3 + 3 seeds)", "",
+              "| variant | grad norm | rollout entropy | rollout reward | "
+              + " | ".join(f"Δ vs {r} (t)" for r in refs) + " |",
               "|---|---:|---:|---:|" + "---:|" * len(refs)]
     for name in runs:
         d = diag[name]
-        cells = [f"{comp[name][r]['diff']:+.3f} ({_fmt_t(comp[name][r]['t'])})" if r in comp[name] else "-" for r in refs]
-        lines.append(f"| {name} | {d['grad_norm'][0]:.1f} | {d['entropy_late'][0]:.3f} | {d['reward_late'][0]:.3f} | "
-                     + " | ".join(cells) + " |")
-    data = {"command": command, "wall_seconds": wall, "load_average_start_end": list(load), "seeds": list(seeds),
-            "steps": steps, "variants": [dataclasses.asdict(v) | {"config": CONFIGS[v.method]} for v in variants],
-            "summary": summary, "diagnostics": diag, "comparisons": comp, "runs": runs}
+        cells = [f"{comp[name][r]['diff']:+.3f} ({_fmt(comp[name][r]['t'], '+.1f')})" if r in comp[name] else "-"
+                 for r in refs]
+        lines.append(f"| {name} | {_fmt(d['grad_norm'], '.1f')} | {_fmt(d['entropy_late'], '.3f')} | "
+                     f"{_fmt(d['reward_late'], '.3f')} | " + " | ".join(cells) + " |")
+    lines += ["", f"**final policy entropy on demonstrations** (nats per token, teacher-forced on the first "
+              f"{ENTROPY_DEMOS} training demonstrations of each level, mean ± std over seeds)", "",
+              "| variant | " + " | ".join(levels) + " |", "|---|" + "---:|" * len(levels)]
+    for name in runs:
+        lines.append(f"| {name} | " + " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in entropy[name].values()) + " |")
+    data = {"command": command, "wall_seconds": wall, "train_seconds_total": trained,
+            "load_average_start_end": list(load), "seeds": list(seeds), "steps": steps,
+            "variants": [dataclasses.asdict(v) | {"config": CONFIGS[v.method]} for v in variants],
+            "summary": summary, "diagnostics": diag, "demo_entropy": entropy, "comparisons": comp, "runs": runs}
     return "\n".join(lines) + "\n", data
 
 
@@ -264,7 +327,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     md, data = report(runs, variants, args.seeds, steps, command, wall, (load_start, os.getloadavg()[0]))
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablations.md").write_text(md)
-    (out / "ablations.json").write_text(json.dumps(data, indent=1))
+    # strict JSON: a missing number is null, never NaN
+    (out / "ablations.json").write_text(json.dumps(data, indent=1, allow_nan=False))
     plot(runs, out / "ablations.png")
     print(md)
     print(f"total wall time: {wall:.0f} s ({wall / 60:.1f} min); outputs in {out}")

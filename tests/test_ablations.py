@@ -52,5 +52,22 @@ def test_welch_t():
     assert welch_t([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == 0.0
     # diff 1, both variances 1 over 3 samples: se = sqrt(2 / 3)
     assert welch_t([2.0, 3.0, 4.0], [1.0, 2.0, 3.0]) == pytest.approx(1 / math.sqrt(2 / 3))
-    assert math.isnan(welch_t([1.0, 1.0], [1.0, 1.0]))
-    assert math.isnan(welch_t([1.0], [1.0, 2.0]))
+    assert welch_t([1.0, 1.0], [1.0, 1.0]) is None
+    assert welch_t([1.0], [1.0, 2.0]) is None
+
+
+def test_demo_entropy_per_level(tmp_path, train_file):
+    import torch
+
+    from bench.ablations import demo_entropy
+    from hpt_fast.toy import ToySpec, build_model, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    model = build_model(tokenizer, ToySpec(hidden_size=16, intermediate_size=32, num_layers=1))
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    out = demo_entropy(tmp_path / "model", train_file, per_level=2)
+    assert list(out) == ["toy-add1", "toy-add2digit", "toy-add3"]
+    # an untrained model is close to uniform over its vocabulary
+    assert all(0.9 * math.log(len(tokenizer)) < h <= math.log(len(tokenizer)) + 1e-4 for h in out.values())
