@@ -21,7 +21,7 @@ checkpoint exists is not trained again, nor evaluated again once its ``eval.json
 interrupted sweep picks up where it stopped. Written to ``--out`` (default ``bench/reproduction``):
 
 - ``ablations.md``: the variants, avg@8 and pass@8 per level (mean ± std over seeds), training
-  diagnostics, the final policy's entropy on demonstrations (``demo_entropy``) and the overall
+  diagnostics, the final policy's NLL and entropy on demonstrations (``demo_fit``) and the overall
   avg@8 difference to LUFFY and to HPT with Welch's t;
 - ``ablations.json``: every number, per run included;
 - ``ablations.png``: overall and per-level avg@8 per variant, one dot per seed.
@@ -52,8 +52,8 @@ from bench.reproduce import (  # noqa: E402
 
 # the last LATE_STEPS training steps are averaged for the "late" diagnostics (entropy)
 LATE_STEPS = 50
-# demonstrations per level for the final checkpoint's teacher-forced entropy
-ENTROPY_DEMOS = 64
+# demonstrations per level for the final checkpoint's teacher-forced NLL and entropy (demo_fit)
+FIT_DEMOS = 64
 
 
 @dataclass(frozen=True)
@@ -155,12 +155,14 @@ def diagnostics(run: Path) -> dict[str, Optional[float]]:
             "reward_late": avg(late, "reward_mean")}
 
 
-def demo_entropy(ckpt: Path, train_file: Path, per_level: int = ENTROPY_DEMOS) -> dict[str, float]:
-    """Mean next-token entropy (nats) of a checkpoint, teacher-forced on the first ``per_level``
-    demonstrations of each level of ``train_file``: level -> entropy over its demonstration tokens.
+def demo_fit(ckpt: Path, train_file: Path, per_level: int = FIT_DEMOS) -> dict[str, dict[str, float]]:
+    """How a checkpoint sees the first ``per_level`` demonstrations of each level of ``train_file``,
+    teacher-forced: level -> {"entropy": mean next-token entropy, "nll": mean negative
+    log-likelihood of the demonstration token}, in nats per demonstration token.
 
-    The trainer logs the rollouts' entropy only when the bonus is on, so this is the number that
-    compares every variant, the one without the bonus included, on the same tokens.
+    The trainer logs the rollouts' entropy only when the bonus is on, so this compares every
+    variant, the one without the bonus included, on the same tokens; the NLL says how far the
+    demonstrations have been learned (entropy alone cannot tell confident-right from confident-wrong).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -184,8 +186,10 @@ def demo_entropy(ckpt: Path, train_file: Path, per_level: int = ENTROPY_DEMOS) -
         logp = torch.log_softmax(logits, -1)
         entropy = -(logp.exp() * logp).sum(-1)
         # position t predicts token t + 1: score the positions whose next token is a demonstration token
-        mask = labels[:, 1:] != -100
-        out[level] = float(entropy[mask].mean())
+        targets = labels[:, 1:]
+        mask = targets != -100
+        nll = -logp.gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+        out[level] = {"entropy": float(entropy[mask].mean()), "nll": float(nll[mask].mean())}
     return out
 
 
@@ -217,13 +221,13 @@ def sweep(variants: Sequence[Variant], seeds: Sequence[int], runs_root: Path, st
         for v in variants:
             result = run_one(v.name, seed, runs_root, steps, [*overrides[v.name], *extra], files, CONFIGS[v.method])
             run = run_dir(runs_root, v.name, seed)
-            cached = run / "demo_entropy.json"
+            cached = run / "demo_fit.json"
             if not cached.is_file() or cached.stat().st_mtime < (run / "eval.json").stat().st_mtime:
                 # every variant on the full task's demonstrations, the task-mix ones included
                 ckpt = final_checkpoint(run, total_steps(CONFIGS[v.method], steps))
-                cached.write_text(json.dumps(demo_entropy(ckpt, train_file)))
+                cached.write_text(json.dumps(demo_fit(ckpt, train_file)))
             result["diagnostics"] = diagnostics(run)
-            result["demo_entropy"] = json.loads(cached.read_text())
+            result["demo_fit"] = json.loads(cached.read_text())
             runs[v.name].append(result)
     return runs
 
@@ -243,8 +247,9 @@ def report(runs: dict[str, list[dict]], variants: Sequence[Variant], seeds: Sequ
 
     diag = {name: {k: seed_mean([r["diagnostics"][k] for r in rs]) for k in rs[0]["diagnostics"]}
             for name, rs in runs.items()}
-    levels = list(next(iter(runs.values()))[0]["demo_entropy"])
-    entropy = {name: {lv: mean_std([r["demo_entropy"][lv] for r in rs]) for lv in levels} for name, rs in runs.items()}
+    levels = list(next(iter(runs.values()))[0]["demo_fit"])
+    fit = {name: {key: {lv: mean_std([r["demo_fit"][lv][key] for r in rs]) for lv in levels} for key in ("nll", "entropy")}
+           for name, rs in runs.items()}
     # each run's training time is kept in its run directory: the total survives a resumed sweep
     trained = sum(r["train_seconds"] for rs in runs.values() for r in rs)
     lines = [f"`{command}`: {wall / 60:.1f} min wall time for this invocation (runs found finished are not "
@@ -269,15 +274,16 @@ def report(runs: dict[str, list[dict]], variants: Sequence[Variant], seeds: Sequ
                  for r in refs]
         lines.append(f"| {name} | {_fmt(d['grad_norm'], '.1f')} | {_fmt(d['entropy_late'], '.3f')} | "
                      f"{_fmt(d['reward_late'], '.3f')} | " + " | ".join(cells) + " |")
-    lines += ["", f"**final policy entropy on demonstrations** (nats per token, teacher-forced on the first "
-              f"{ENTROPY_DEMOS} training demonstrations of each level, mean ± std over seeds)", "",
-              "| variant | " + " | ".join(levels) + " |", "|---|" + "---:|" * len(levels)]
-    for name in runs:
-        lines.append(f"| {name} | " + " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in entropy[name].values()) + " |")
+    for key, title in (("nll", "negative log-likelihood"), ("entropy", "next-token entropy")):
+        lines += ["", f"**final policy on demonstrations: {title}** (nats per demonstration token, teacher-forced "
+                  f"on the first {FIT_DEMOS} training demonstrations of each level, mean ± std over seeds)", "",
+                  "| variant | " + " | ".join(levels) + " |", "|---|" + "---:|" * len(levels)]
+        for name in runs:
+            lines.append(f"| {name} | " + " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in fit[name][key].values()) + " |")
     data = {"command": command, "wall_seconds": wall, "train_seconds_total": trained,
             "load_average_start_end": list(load), "seeds": list(seeds), "steps": steps,
             "variants": [dataclasses.asdict(v) | {"config": CONFIGS[v.method]} for v in variants],
-            "summary": summary, "diagnostics": diag, "demo_entropy": entropy, "comparisons": comp, "runs": runs}
+            "summary": summary, "diagnostics": diag, "demo_fit": fit, "comparisons": comp, "runs": runs}
     return "\n".join(lines) + "\n", data
 
 

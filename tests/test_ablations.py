@@ -56,10 +56,10 @@ def test_welch_t():
     assert welch_t([1.0], [1.0, 2.0]) is None
 
 
-def test_demo_entropy_per_level(tmp_path, train_file):
+def test_demo_fit_per_level(tmp_path, train_file):
     import torch
 
-    from bench.ablations import demo_entropy
+    from bench.ablations import demo_fit
     from hpt_fast.toy import ToySpec, build_model, build_tokenizer
 
     tokenizer = build_tokenizer()
@@ -67,7 +67,10 @@ def test_demo_entropy_per_level(tmp_path, train_file):
     model = build_model(tokenizer, ToySpec(hidden_size=16, intermediate_size=32, num_layers=1))
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    out = demo_entropy(tmp_path / "model", train_file, per_level=2)
+    out = demo_fit(tmp_path / "model", train_file, per_level=2)
     assert list(out) == ["toy-add1", "toy-add2digit", "toy-add3"]
-    # an untrained model is close to uniform over its vocabulary
-    assert all(0.9 * math.log(len(tokenizer)) < h <= math.log(len(tokenizer)) + 1e-4 for h in out.values())
+    # an untrained model is close to uniform over its vocabulary: entropy and NLL near log V
+    log_v = math.log(len(tokenizer))
+    for level in out.values():
+        assert 0.9 * log_v < level["entropy"] <= log_v + 1e-4
+        assert abs(level["nll"] - log_v) < 0.5
