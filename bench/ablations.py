@@ -202,12 +202,28 @@ def welch_t(a: Sequence[float], b: Sequence[float]) -> Optional[float]:
     return float((a.mean() - b.mean()) / se) if se > 0 else None
 
 
-def comparisons(runs: dict[str, list[dict]], references: Sequence[str]) -> dict[str, dict[str, dict]]:
-    """variant -> reference -> {"diff": mean overall avg@8 difference, "t": Welch's t}."""
+def luffy_reference(variant: Variant, variants: Sequence[Variant]) -> Optional[str]:
+    """The plain LUFFY variant (no overrides) that trains on the same task mix as ``variant``: the
+    baseline an HPT variant has to beat; None if the sweep has none (or ``variant`` is it)."""
+    for v in variants:
+        if v.method == "luffy" and not v.overrides and v.drop_levels == variant.drop_levels and v != variant:
+            return v.name
+    return None
+
+
+def comparisons(runs: dict[str, list[dict]], variants: Sequence[Variant]) -> dict[str, dict[str, Optional[dict]]]:
+    """variant -> {"hpt": ..., "luffy_same_mix": ...}, each {"reference", "diff": mean overall avg@8
+    difference, "t": Welch's t} or None where the sweep has no such reference."""
     overall = {v: [r["eval"][OVERALL]["avg"] for r in rs] for v, rs in runs.items()}
-    return {v: {ref: {"diff": float(np.mean(overall[v]) - np.mean(overall[ref])), "t": welch_t(overall[v], overall[ref])}
-                for ref in references if ref in overall and ref != v}
-            for v in overall}
+
+    def compare(name: str, ref: Optional[str]) -> Optional[dict]:
+        if ref is None or ref == name or ref not in overall:
+            return None
+        return {"reference": ref, "diff": float(np.mean(overall[name]) - np.mean(overall[ref])),
+                "t": welch_t(overall[name], overall[ref])}
+
+    return {v.name: {"hpt": compare(v.name, "hpt"), "luffy_same_mix": compare(v.name, luffy_reference(v, variants))}
+            for v in variants if v.name in runs}
 
 
 def sweep(variants: Sequence[Variant], seeds: Sequence[int], runs_root: Path, steps: Optional[int],
@@ -240,7 +256,7 @@ def report(runs: dict[str, list[dict]], variants: Sequence[Variant], seeds: Sequ
            command: str, wall: float, load: tuple[float, float]) -> tuple[str, dict]:
     """ablations.md's text and ablations.json's content."""
     summary = aggregate(runs)
-    comp = comparisons(runs, ("luffy", "hpt"))
+    comp = comparisons(runs, variants)
 
     def seed_mean(values: list[Optional[float]]) -> Optional[float]:
         return None if None in values else mean_std(values)[0]
@@ -260,18 +276,17 @@ def report(runs: dict[str, list[dict]], variants: Sequence[Variant], seeds: Sequ
         ov = [*v.overrides, *([f"data.train_files=[training file without {', '.join(v.drop_levels)}]"] if v.drop_levels else [])]
         lines.append(f"| {v.name} | {CONFIGS[v.method]} | {'<br>'.join(f'`{o}`' for o in ov) or '-'} | {v.question} |")
     lines += ["", markdown(summary, seeds, steps, label="variant")]
-    refs = [r for r in ("luffy", "hpt") if r in runs]
     lines += [f"**diagnostics and overall avg@{EVAL_N} against the baselines** (mean over seeds; grad norm before "
               f"clipping to 1.0, mean over all steps; rollout entropy (logged only with the bonus on) and rollout "
-              f"reward: mean over the last {LATE_STEPS} steps; t: Welch's t over the seeds, |t| > 2.8 is p < 0.05 at "
-              "3 + 3 seeds)", "",
-              "| variant | grad norm | rollout entropy | rollout reward | "
-              + " | ".join(f"Δ vs {r} (t)" for r in refs) + " |",
-              "|---|---:|---:|---:|" + "---:|" * len(refs)]
+              f"reward: mean over the last {LATE_STEPS} steps; Δ: difference of the mean overall avg@{EVAL_N}, t: Welch's t "
+              "over the seeds; at 3 + 3 seeds |t| > 2.78 is p < 0.05 (two-sided) when the spreads are equal, and "
+              "the bar is higher when they differ)", "",
+              "| variant | grad norm | rollout entropy | rollout reward | Δ vs hpt (t) | Δ vs LUFFY, same task mix (t) |",
+              "|---|---:|---:|---:|---:|---:|"]
     for name in runs:
         d = diag[name]
-        cells = [f"{comp[name][r]['diff']:+.3f} ({_fmt(comp[name][r]['t'], '+.1f')})" if r in comp[name] else "-"
-                 for r in refs]
+        cells = ["-" if c is None else f"{c['diff']:+.3f} ({_fmt(c['t'], '+.1f')})"
+                 + ("" if c["reference"] in ("hpt", "luffy") else f" vs {c['reference']}") for c in comp[name].values()]
         lines.append(f"| {name} | {_fmt(d['grad_norm'], '.1f')} | {_fmt(d['entropy_late'], '.3f')} | "
                      f"{_fmt(d['reward_late'], '.3f')} | " + " | ".join(cells) + " |")
     for key, title in (("nll", "negative log-likelihood"), ("entropy", "next-token entropy")):

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from bench.ablations import VARIANTS, task_mix_file, variant_overrides, welch_t
+from bench.ablations import VARIANTS, Variant, luffy_reference, task_mix_file, variant_overrides, welch_t
 from bench.reproduce import CONFIGS, REPO
 from hpt_fast.config import build_estimators, load_config
 from hpt_fast.data import Problem, read_train_parquet, write_train_parquet
@@ -74,3 +74,15 @@ def test_demo_fit_per_level(tmp_path, train_file):
     for level in out.values():
         assert 0.9 * log_v < level["entropy"] <= log_v + 1e-4
         assert abs(level["nll"] - log_v) < 0.5
+
+
+def test_luffy_reference_trains_on_the_same_task_mix():
+    full, no2 = Variant("l", "luffy"), Variant("l2", "luffy", drop_levels=("toy-add2digit",))
+    tuned = Variant("l3", "luffy", ("algorithm.entropy_coef=0",))
+    variants = [tuned, full, no2]
+    assert luffy_reference(Variant("h", "hpt"), variants) == "l"
+    assert luffy_reference(Variant("h2", "hpt", drop_levels=("toy-add2digit",)), variants) == "l2"
+    assert luffy_reference(Variant("h3", "hpt", drop_levels=("toy-add4",)), variants) is None
+    assert luffy_reference(full, variants) is None
+    # the shipped sweep has a LUFFY baseline for every task mix it trains HPT on
+    assert all(luffy_reference(v, VARIANTS) for v in VARIANTS if v.method == "hpt")
