@@ -415,7 +415,9 @@ class Trainer:
             "tokens_per_s": (sums[4] + sums[5]) / max(t4 - t0, 1e-9),
         }
         for key in updates[-1]:
-            metrics[key] = sum(u[key] for u in updates) / len(updates)
+            # the estimator's stats are per row of the batch; where a name is taken by a step
+            # metric (sft_fraction: prompts sent to SFT) the row-level one is logged as batch_<name>
+            metrics[f"batch_{key}" if key in metrics else key] = sum(u[key] for u in updates) / len(updates)
         return metrics
 
     # ---- evaluation and the run ----------------------------------------------------------------

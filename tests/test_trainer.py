@@ -50,6 +50,11 @@ def test_one_hpt_step_end_to_end(tmp_path):
     m = metrics[0]
     for key in ("reward_mean", "sft_fraction", "loss", "grad_norm", "time_rollout", "time_train", "tokens_per_s"):
         assert key in m and m[key] == m[key], key  # present and not NaN
+    # sft_fraction is the share of the 4 prompts sent to SFT; the share of demonstration rows among
+    # the batch's rows (each SFT prompt has 1 row, each RL prompt 2) is logged beside it
+    assert m["sft_fraction"] * 4 == round(m["sft_fraction"] * 4)
+    k = round(m["sft_fraction"] * 4)
+    assert m["batch_sft_fraction"] == pytest.approx(k / (k + 2 * (4 - k)))
     ckpt = latest_checkpoint(out)
     assert ckpt is not None and ckpt.name == "step_00000001"
     assert load_state(ckpt)["step"] == 1
