@@ -81,6 +81,18 @@ class DtypeResult:
             return None
         return sum(medians) + (n_gemms - 3) * medians[0]
 
+    def paired_floor_ratio(self, name: str, n_gemms: int) -> Optional[float]:
+        """Median over rounds of ``name``'s time / the floor of ``n_gemms`` GEMMs timed in the same
+        round. Each round runs every implementation once within a short interval, so load from
+        other jobs on a shared machine hits a time and its floor alike and mostly cancels."""
+        series = [self.times_ms.get(g) for g in (name, *GEMM_NAMES)]
+        if any(not s for s in series) or len({len(s) for s in series}) != 1:
+            return None  # an implementation left the rotation: rounds no longer pair up
+        times, logits, dh, dw = series
+        return statistics.median(
+            t / (lg + h + w + (n_gemms - 3) * lg) for t, lg, h, w in zip(times, logits, dh, dw)
+        )
+
 
 def _short_error(exc: BaseException) -> str:
     """'fails: <Type>: <first line>' short enough for a table cell (pipes would break the row)."""
@@ -246,15 +258,15 @@ def _ms_cell(res: DtypeResult, name: str) -> str:
 
 
 def _impl_cells(impl: Impl, res: DtypeResult) -> list[str]:
-    """ms, x floor, x naive, memory for one implementation in one dtype."""
+    """ms, x floor (paired by round), x naive, memory for one implementation in one dtype."""
     if impl.name in res.notes and impl.name not in res.times_ms:
         return [res.notes[impl.name], "—", "—", "—"]
     med = res.median(impl.name)
-    floor = res.gemm_floor(impl.floor) if impl.floor else None
+    paired = res.paired_floor_ratio(impl.name, impl.floor) if impl.floor else None
     naive = res.median("naive") if impl.floor else None
     mem = res.memory.get(impl.name)
     mem_cell = f"{mem:.2f}x" if mem is not None else res.notes.get(impl.name, "—")
-    return [_ms_cell(res, impl.name), _ratio(med, floor), _ratio(med, naive), mem_cell]
+    return [_ms_cell(res, impl.name), "—" if paired is None else f"{paired:.2f}x", _ratio(med, naive), mem_cell]
 
 
 def _floor_cells(n_gemms: int, res: DtypeResult) -> list[str]:
@@ -284,9 +296,10 @@ def format_table(shape: Shape, impls: list[Impl], results: dict[str, DtypeResult
 
 FOOTNOTES = """\
 - Each row is forward + backward w.r.t. hidden and weight. ms: median of the timed rounds, (spread) =
-  slowest / fastest - 1. x floor: time / the summed median times of that many bare GEMMs on the same
-  shape and dtype: 4 for hpt_fast mode A (its backward recomputes the logits), 3 for every other
-  row. x naive: time / naive PyTorch's time in the same dtype.
+  slowest / fastest - 1. x floor: the median over rounds of time / the summed times of that many
+  bare GEMMs on the same shape and dtype in the same round (4 for hpt_fast mode A, whose backward
+  recomputes the logits, 3 for every other row); the floor rows show the summed medians. x naive:
+  median time / naive PyTorch's median time in the same dtype.
 - mem: peak memory beyond the inputs and the gradients left behind, measured once in a fresh
   process (VmHWM on CPU, torch.cuda.max_memory_allocated on CUDA), as a multiple of the naive
   float32 logits (tokens x V x 4 bytes). The bare GEMM rows use preallocated outputs: no memory
