@@ -164,13 +164,17 @@ def _hpt_mode_a(backend: str, grad_order: str = "auto") -> Callable[[Problem], S
     return build
 
 
-def _hpt_mode_b(backend: str, grad_order: str = "auto") -> Callable[[Problem], Step]:
+def _hpt_mode_b(backend: str, grad_order: str = "auto", one_chunk: bool = False) -> Callable[[Problem], Step]:
+    """Mode B's step; ``one_chunk``: all tokens in one logits block [T, V] instead of the memory
+    budget's chunks (the memory cut-cross-entropy's portable path takes, see ``implementations``)."""
+
     def build(p: Problem) -> Step:
         token_loss = grpo_token_loss(p)
+        chunk_size = p.tokens if one_chunk else None
 
         def step() -> None:
             loss, _, _ = fused_linear_loss(p.hidden, p.weight, p.targets, token_loss, with_entropy=True,
-                                           backend=backend, grad_order=grad_order)
+                                           backend=backend, grad_order=grad_order, chunk_size=chunk_size)
             loss.backward()
 
         return step
@@ -305,6 +309,10 @@ def implementations(device: str) -> list[Impl]:
                           _hpt_mode_a(default, "tokens")))
         impls.append(Impl(f"hpt_b_{default}_tokens", f"hpt_fast mode B, backend {default}, token order", 3,
                           _hpt_mode_b(default, "tokens")))
+        # mode B given about the memory cut-cross-entropy's portable path uses (a [T, V] block):
+        # time at equal memory, beside the default's time at its memory budget
+        impls.append(Impl(f"hpt_b_{default}_one_chunk", f"hpt_fast mode B, backend {default}, one token chunk", 3,
+                          _hpt_mode_b(default, "tokens", one_chunk=True)))
     impls += [
         Impl("naive", "naive PyTorch (materialised logits)", 3, _naive),
         Impl("liger_grpo", "Liger LigerFusedLinearGRPOLoss (no entropy)", 3, _liger_grpo, _needs_module("liger_kernel")),

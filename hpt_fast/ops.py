@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from hpt_fast import backends
+from hpt_fast import backends, hugepages
 
 TokenLossFn = Callable[[Tensor, Optional[Tensor], Tensor], Tensor]
 # (start, end, logits [end - start, V]) of one token chunk, see _stats_pass
@@ -229,7 +229,7 @@ def _chunks(n: int, size: int):
 def _block_buffer(plan: _Plan, hidden: Tensor, vocab: int) -> Tensor:
     """The flat logits buffer every block of one call is a view of: [chunk, V] or [N, slab]."""
     numel = max(plan.chunk * vocab, hidden.shape[0] * plan.slab)
-    return torch.empty(numel, dtype=hidden.dtype, device=hidden.device)
+    return hugepages.empty((numel,), hidden.dtype, hidden.device)
 
 
 def _block_view(buffer: Tensor, rows: int, cols: int) -> Tensor:
@@ -298,7 +298,7 @@ class _MatmulSum:
     def __init__(self, out: Tensor, n_blocks: int, backend: ModuleType) -> None:
         self.out, self.backend = out, backend
         lowp = out.dtype in (torch.bfloat16, torch.float16) and n_blocks > 1
-        self.acc = torch.empty(out.shape, dtype=torch.float32, device=out.device) if lowp else None
+        self.acc = hugepages.empty(out.shape, torch.float32, out.device) if lowp else None
         self.first = True
 
     def add(self, a: Tensor, b: Tensor) -> None:
@@ -340,8 +340,8 @@ class _GradientPass:
     ) -> None:
         self.plan, self.hidden, self.weight, self.targets, self.rows = plan, hidden, weight, targets, rows
         n, vocab = hidden.shape[0], weight.shape[0]
-        self.grad_h = torch.empty_like(hidden) if want_h else None
-        self.grad_w = torch.empty_like(weight) if want_w else None
+        self.grad_h = hugepages.empty(hidden.shape, hidden.dtype, hidden.device) if want_h else None
+        self.grad_w = hugepages.empty(weight.shape, weight.dtype, weight.device) if want_w else None
         self.sum_b = torch.zeros(vocab, dtype=_stat_dtype(hidden), device=hidden.device) if want_b else None
         if plan.order == "tokens":
             summed, n_blocks = self.grad_w, math.ceil(n / plan.chunk)
