@@ -137,35 +137,39 @@ void check_alias(const at::Tensor& dst, const at::Tensor& src, const char* dst_n
       " without being the same tensor (same storage offset, dtype and strides)");
 }
 
-std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> row_stats(
+at::Tensor row_stats(
     const at::Tensor& logits,
     const at::Tensor& targets,
     double inv_temp,
-    bool with_entropy) {
+    bool with_entropy,
+    at::Tensor state,
+    int64_t col_offset) {
   const Block block = block_of(logits, "logits");
+  TORCH_CHECK(col_offset >= 0, "col_offset must be >= 0, got ", col_offset);
   check_vector(targets, "targets", block.rows, at::kLong);
   check_inv_temp(inv_temp);
+  TORCH_CHECK(state.device().is_cpu(), "state must be a CPU tensor, got device ", state.device());
+  TORCH_CHECK(
+      state.dim() == 2 && state.size(0) == block.rows && state.size(1) == 4,
+      "state must have shape [",
+      block.rows,
+      ", 4], got ",
+      state.sizes());
+  TORCH_CHECK(state.scalar_type() == at::kFloat, "state must be float32, got ", state.scalar_type());
+  TORCH_CHECK(state.is_contiguous(), "state must be contiguous");
+  TORCH_CHECK(!overlaps(state, logits), "state overlaps logits");
 
-  const auto opts = logits.options().dtype(at::kFloat);
-  at::Tensor logp = at::empty({block.rows}, opts);
-  at::Tensor lse = at::empty({block.rows}, opts);
-  std::optional<at::Tensor> entropy;
-  if (with_entropy) {
-    entropy = at::empty({block.rows}, opts);
-  }
   const RowStatsArgs args{
       block,
+      col_offset,
       targets.data_ptr<int64_t>(),
       static_cast<float>(inv_temp),
-      logp.data_ptr<float>(),
-      lse.data_ptr<float>(),
-      with_entropy ? entropy->data_ptr<float>() : nullptr,
+      with_entropy,
+      state.data_ptr<float>(),
   };
-  check_targets_result(
-      kernels().table.row_stats(args),
-      targets,
-      "is outside the vocabulary [0, " + std::to_string(block.cols) + ")");
-  return {logp, lse, entropy};
+  // ids past this block's columns are valid: they belong to later slabs of the vocabulary
+  check_targets_result(kernels().table.row_stats(args), targets, "is negative");
+  return state;
 }
 
 at::Tensor grad_logits(
@@ -251,6 +255,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("targets"),
       py::arg("inv_temp"),
       py::arg("with_entropy"),
+      py::arg("state"),
+      py::arg("col_offset") = 0,
       nogil);
   m.def(
       "grad_logits",

@@ -305,29 +305,36 @@ SoftmaxSums softmax_sums(const T* x, int64_t n, float inv_temp) {
   return sums;
 }
 
-// z_t - m <= 0 exactly (z_t is one of the values max-reduced into m) and s >= 1 (the max term is
-// exp(0) == 1), so logp <= 0 holds in floating point.
-void write_row_stats(const RowStatsArgs& a, int64_t r, float z_t, const SoftmaxSums& sums) {
-  const double log_s = std::log(sums.s);
-  a.logp[r] = (z_t - sums.m) - static_cast<float>(log_s);
-  a.lse[r] = static_cast<float>(sums.m + log_s);
-  if (a.entropy != nullptr) {
-    const float h = static_cast<float>(log_s - sums.s1 / sums.s);
-    a.entropy[r] = h < 0.f ? 0.f : h;  // clamps rounding below zero, keeps NaN
-  }
+// Merges a row's sums over this block into its running state (row_state.py). The state keeps s
+// and s1 in float between blocks; within a block they are summed in double.
+void update_state(const RowStatsArgs& a, int64_t r, const SoftmaxSums& block_sums) {
+  float* st = a.state + 4 * r;
+  SoftmaxSums sums;
+  sums.m = st[0];
+  sums.s = st[1];
+  sums.s1 = st[2];
+  sums.merge(block_sums);
+  st[0] = sums.m;
+  st[1] = static_cast<float>(sums.s);
+  st[2] = static_cast<float>(sums.s1);
 }
 
 template <typename T, bool kEntropy>
 int64_t row_stats_impl(const RowStatsArgs& a) {
   const Block& b = a.logits;
   std::atomic<int64_t> bad_row{-1};
-  auto finish_row = [&](int64_t r, const SoftmaxSums& sums) {
+  // z_t with the arithmetic of scale_and_max, so that z_t <= m holds bit for bit
+  auto merge_row = [&](int64_t r, const SoftmaxSums& sums) {
     const int64_t t = a.targets[r];
-    if (t < 0 || t >= b.cols) {
+    if (t < 0) {
       bad_row.store(r, std::memory_order_relaxed);
       return;
     }
-    write_row_stats(a, r, static_cast<float>(row_in<T>(b, r)[t]) * a.inv_temp, sums);
+    update_state(a, r, sums);
+    const int64_t local = t - a.col_offset;
+    if (local >= 0 && local < b.cols) {
+      a.state[4 * r + 3] = static_cast<float>(row_in<T>(b, r)[local]) * a.inv_temp;
+    }
   };
 
   const Split split = split_rows(b.rows, b.cols, kChunk);
@@ -335,7 +342,7 @@ int64_t row_stats_impl(const RowStatsArgs& a) {
     const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(b.cols, 1));
     at::parallel_for(0, b.rows, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        finish_row(r, softmax_sums<T, kEntropy>(row_in<T>(b, r), b.cols, a.inv_temp));
+        merge_row(r, softmax_sums<T, kEntropy>(row_in<T>(b, r), b.cols, a.inv_temp));
       }
     });
     return bad_row.load();
@@ -356,7 +363,7 @@ int64_t row_stats_impl(const RowStatsArgs& a) {
     for (int64_t k = 0; k < split.pieces; ++k) {
       sums.merge(parts[r * split.pieces + k]);
     }
-    finish_row(r, sums);
+    merge_row(r, sums);
   }
   return bad_row.load();
 }
@@ -364,7 +371,7 @@ int64_t row_stats_impl(const RowStatsArgs& a) {
 int64_t row_stats(const RowStatsArgs& a) {
   return visit_dtype(a.logits.dtype, [&](auto tag) {
     using T = decltype(tag);
-    return a.entropy != nullptr ? row_stats_impl<T, true>(a) : row_stats_impl<T, false>(a);
+    return a.with_entropy ? row_stats_impl<T, true>(a) : row_stats_impl<T, false>(a);
   });
 }
 

@@ -20,13 +20,16 @@ struct Block {
   int64_t ld;
 };
 
+// Merges `logits`, a slab of vocabulary columns [col_offset, col_offset + cols) of the rows (all
+// of them when col_offset = 0 and cols = V), into each row's running softmax state; see
+// hpt_fast/backends/row_state.py for its layout.
 struct RowStatsArgs {
   Block logits;
+  int64_t col_offset;
   const int64_t* targets;
   float inv_temp;
-  float* logp;
-  float* lse;
-  float* entropy;  // nullptr: entropy not requested
+  bool with_entropy;
+  float* state;  // [rows, 4], contiguous: m, s, s1, z_t; updated in place
 };
 
 // `logits` may be a slab of vocabulary columns [col_offset, col_offset + cols) of the full rows;
@@ -46,9 +49,8 @@ struct GradArgs {
   int64_t out_ld;
 };
 
-// The row kernels return the index of a row with an invalid target, or -1: row_stats rejects
-// targets outside [0, cols), grad_logits negative ones (larger ones may belong to another slab;
-// it never indexes with a target outside its own columns).
+// The row kernels return the index of a row with a negative target, or -1 (larger ones may
+// belong to another slab; they never index with a target outside their own columns).
 struct KernelTable {
   int64_t (*row_stats)(const RowStatsArgs&);
   int64_t (*grad_logits)(const GradArgs&);

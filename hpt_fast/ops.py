@@ -7,16 +7,19 @@ Mode B, ``fused_linear_loss``: a scalar sum of an arbitrary per-token loss of (l
 gradients for hidden, weight and bias are computed during the forward pass, block by block, and
 backward only scales them (three GEMMs in all, or four in vocabulary order, see below).
 
-Two kinds of pass over blocks of logits, each block a GEMM into one reused buffer:
-- the statistics pass, over token chunks ``[C, V]``: a backend's ``row_stats`` reduces each block
-  to per-row logp, log-sum-exp and entropy (mode A's forward; mode B, which also evaluates the
-  per-token loss there);
+Two kinds of pass over blocks of logits, each block a GEMM into one reused buffer, in one of two
+loop orders (``_blocks``): token chunks ``[C, V]`` of whole rows, or vocabulary slabs ``[N, Vs]``
+of all N tokens, the GEMM's M dimension then being every token:
+- the statistics pass (``_stats_pass``): a backend's ``row_stats`` merges each block into the
+  rows' running softmax state, which gives per-row logp, log-sum-exp and entropy once all of V
+  has been seen (mode A's forward; mode B, which then evaluates the per-token loss);
 - the gradient pass (``_GradientPass``): ``grad_logits`` turns each block into its own gradient in
-  place, then two GEMMs give its share of the input gradients. In token order the blocks are token
-  chunks ``[C, V]``; in vocabulary order they are slabs ``[N, Vs]`` of all N tokens, so each slab
-  of grad_weight is written by one GEMM and only grad_hidden [N, H] is summed over blocks.
+  place, then two GEMMs give its share of the input gradients. In token order grad_hidden's rows
+  are written once and grad_weight [V, H] is summed over the blocks; in vocabulary order
+  grad_weight's rows are written once and grad_hidden [N, H] is summed.
   Mode B's token order runs it on the statistics pass's blocks (three GEMMs); mode A's backward
-  and mode B's vocabulary order recompute the logits.
+  and mode B's vocabulary order recompute the logits, block for block as the statistics pass
+  computed them.
 For any per-token loss, d loss / d logits = (1/T) * [g_logp * (onehot - p) - g_ent * p * (log p + H)],
 so the backends only ever need the two per-token scalars g_logp and g_ent.
 """
@@ -32,6 +35,7 @@ import torch
 from torch import Tensor
 
 from hpt_fast import backends, hugepages
+from hpt_fast.backends import row_state
 
 TokenLossFn = Callable[[Tensor, Optional[Tensor], Tensor], Tensor]
 # (start, end, logits [end - start, V]) of one token chunk, see _stats_pass
@@ -54,10 +58,12 @@ class _Plan:
     """How one call runs.
 
     backend: the row-kernel module. inv_temp: 1 / temperature.
-    chunk: tokens per logits block [chunk, V] in token order (every statistics pass is token order).
+    chunk: tokens per logits block [chunk, V] in token order, and per call of mode B's
+        token_loss_fn in either order.
     slab: vocabulary columns per logits block [N, slab] in vocabulary order, N the scored tokens:
         ``chunk * V // N`` (at least 1), so the block holds as many elements as a [chunk, V] one.
-    order: the gradient pass's loop, "tokens" (over token chunks) or "vocab" (over vocabulary slabs).
+    order: the loop of every pass over logits blocks, "tokens" (over token chunks) or "vocab"
+        (over vocabulary slabs).
     """
 
     backend: ModuleType
@@ -153,26 +159,28 @@ def _budget_bytes() -> float:
 
 
 def _auto_order(mode: str, lowp: bool, n_rows: int, vocab: int, hidden_size: int, chunk: int, budget: float) -> str:
-    """The gradient pass's loop order when the caller leaves it to the op.
+    """The loop order of the passes over logits blocks when the caller leaves it to the op.
 
     Both orders cut the logits into about the same number of blocks of the same size and run the
-    same three GEMMs per block; they differ in which input gradient is summed over the blocks.
-    Token order writes each chunk's rows of grad_hidden once and sums grad_weight [V, H] over the
-    chunks; vocabulary order writes each slab's rows of grad_weight once and sums grad_hidden
-    [N, H] over the slabs. A sum over several blocks rereads and rewrites its tensor once per
-    block, and in low precision it needs a float32 buffer of its size (rounded once, at the end).
+    same GEMMs per block; they differ in the GEMMs' shapes and in which input gradient is summed
+    over the blocks. Token order multiplies a chunk of C tokens by all of W (M = C, small when V is
+    large: 220 tokens at V = 151936 under the default budget), writes each chunk's rows of
+    grad_hidden once and sums grad_weight [V, H] over the chunks; vocabulary order multiplies all
+    N tokens by a slab of W (M = N), writes each slab's rows of grad_weight once and sums
+    grad_hidden [N, H] over the slabs. A sum over several blocks rereads and rewrites its tensor
+    once per block, and in low precision it needs a float32 buffer of its size (rounded once, at
+    the end).
 
-    Mode A (``mode="A"``): the backward recomputes the logits in either order, so it takes the
-    order with the smaller sum: vocabulary order when N < V. Measured on the 2-core CPU (tokens
-    2048, H 1024, V 151936): 1.06x instead of 1.11x of the four-GEMM floor in float32, 1.01x
-    instead of 1.22x in bfloat16; level at V = 32768. (A slab's logits come from a GEMM of another shape than the forward's chunk, so they
-    may round differently by an ulp or two of |logit|; p inherits that as a relative error, below
-    1e-5 at ordinary logit magnitudes.)
+    Mode A (``mode="A"``): its statistics pass and its backward's gradient pass are separate
+    either way, so it takes the order with the smaller sum and the larger M: vocabulary order
+    when N < V. Measured on the 2-core CPU (tokens 2048, H 1024, V 151936), float32: 1.09x
+    instead of 1.12x of the four-GEMM floor (MKL's float32 GEMM runs about 30% slower at M = 220
+    than at M = 2048; oneDNN's bf16 one about 5%); level at V = 32768.
     Mode B (``mode="B"``): token order runs the statistics, the loss and the gradient on one
     logits block (three GEMMs in all); vocabulary order needs the statistics of every token before
-    its first slab, so a separate token-order statistics pass (four GEMMs). It is taken only for
-    memory: when the float32 [V, H] buffer of token order (low precision, several chunks) exceeds
-    the memory budget and vocabulary order's [N, H] one is smaller.
+    its first gradient slab, so a statistics pass over the slabs first (four GEMMs). It is taken
+    only for memory: when the float32 [V, H] buffer of token order (low precision, several chunks)
+    exceeds the memory budget and vocabulary order's [N, H] one is smaller.
     """
     if mode == "A":
         return "vocab" if n_rows < vocab else "tokens"
@@ -258,6 +266,29 @@ class _RowData:
         logp = torch.empty(hidden.shape[0], dtype=_stat_dtype(hidden), device=hidden.device)
         return cls(logp, torch.empty_like(logp), torch.empty_like(logp) if with_entropy else None)
 
+    def finish(self, r: slice, state: Tensor) -> None:
+        """Set the statistics of rows ``r`` from their complete running state [len(r), 4]."""
+        self.logp[r], self.lse[r], entropy = row_state.finish(state, self.entropy is not None)
+        if entropy is not None:
+            self.entropy[r] = entropy
+
+
+def _blocks(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], buffer: Tensor):
+    """The logits blocks of one pass in ``plan.order``: yields (logits, rows, cols), the block
+    [rows, cols] of ``hidden @ weight.T (+ bias)`` computed by one GEMM into ``buffer``.
+
+    Every pass of a call cuts the logits the same way, so a recomputed block holds bit for bit
+    the logits the statistics pass saw.
+    """
+    n, vocab = hidden.shape[0], weight.shape[0]
+    if plan.order == "tokens":
+        for s, e in _chunks(n, plan.chunk):
+            yield _logits_block(hidden[s:e], weight, bias, _block_view(buffer, e - s, vocab)), slice(s, e), slice(0, vocab)
+    else:
+        for v0, v1 in _chunks(vocab, plan.slab):
+            b = None if bias is None else bias[v0:v1]
+            yield _logits_block(hidden, weight[v0:v1], b, _block_view(buffer, n, v1 - v0)), slice(0, n), slice(v0, v1)
+
 
 def _stats_pass(
     plan: _Plan,
@@ -269,21 +300,25 @@ def _stats_pass(
     buffer: Tensor,
     on_chunk: Optional[ChunkHook] = None,
 ) -> None:
-    """Fill rows.logp / lse / entropy, token chunk by token chunk: one GEMM and one row pass each.
+    """Fill rows.logp / lse / entropy: one GEMM and one ``row_stats`` per block, in ``plan.order``.
 
-    ``on_chunk(start, end, logits)``, when given, runs after the statistics of tokens
-    [start, end) while the block still holds their logits [end - start, V] (mode B's token order
-    turns the block into its gradient there).
+    In token order each chunk's statistics are final after its block, and ``on_chunk(start, end,
+    logits)``, when given, runs then, while the block still holds their logits [end - start, V]
+    (mode B's token order turns the block into its gradient there). In vocabulary order the
+    statistics are final after the last slab; ``on_chunk`` needs token order.
     """
-    vocab = weight.shape[0]
-    for s, e in _chunks(hidden.shape[0], plan.chunk):
-        logits = _logits_block(hidden[s:e], weight, bias, _block_view(buffer, e - s, vocab))
-        lp, lse, ent = plan.backend.row_stats(logits, targets[s:e], plan.inv_temp, rows.entropy is not None)
-        rows.logp[s:e], rows.lse[s:e] = lp, lse
-        if ent is not None:
-            rows.entropy[s:e] = ent
-        if on_chunk is not None:
-            on_chunk(s, e, logits)
+    if on_chunk is not None and plan.order != "tokens":
+        raise ValueError("on_chunk needs the statistics pass in token order")
+    with_entropy = rows.entropy is not None
+    state = row_state.empty(hidden.shape[0], _stat_dtype(hidden), hidden.device)
+    for logits, r, c in _blocks(plan, hidden, weight, bias, buffer):
+        plan.backend.row_stats(logits, targets[r], plan.inv_temp, with_entropy, state[r], col_offset=c.start)
+        if plan.order == "tokens":
+            rows.finish(r, state[r])
+            if on_chunk is not None:
+                on_chunk(r.start, r.stop, logits)
+    if plan.order != "tokens":
+        rows.finish(slice(0, hidden.shape[0]), state)
 
 
 class _MatmulSum:
@@ -373,16 +408,8 @@ class _GradientPass:
 
     def recompute(self, bias: Optional[Tensor], buffer: Tensor) -> None:
         """The whole pass in ``plan.order``: recompute each logits block (one GEMM), then ``step``."""
-        n, vocab = self.hidden.shape[0], self.weight.shape[0]
-        if self.plan.order == "tokens":
-            for s, e in _chunks(n, self.plan.chunk):
-                logits = _logits_block(self.hidden[s:e], self.weight, bias, _block_view(buffer, e - s, vocab))
-                self.step(logits, slice(s, e), slice(0, vocab))
-        else:
-            for v0, v1 in _chunks(vocab, self.plan.slab):
-                b = None if bias is None else bias[v0:v1]
-                logits = _logits_block(self.hidden, self.weight[v0:v1], b, _block_view(buffer, n, v1 - v0))
-                self.step(logits, slice(0, n), slice(v0, v1))
+        for logits, r, c in _blocks(self.plan, self.hidden, self.weight, bias, buffer):
+            self.step(logits, r, c)
 
     def result(self, bias_dtype: Optional[torch.dtype]) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
         """(grad_hidden, grad_weight, grad_bias in ``bias_dtype``), None where not wanted."""
@@ -455,8 +482,9 @@ def _token_loss_grads(
 
 
 class _LinearLoss(torch.autograd.Function):
-    """Mode B on valid rows only: the loss and its input gradients in one pass (token order) or
-    a statistics pass followed by a vocabulary-order gradient pass (see ``_auto_order``)."""
+    """Mode B on valid rows only: the loss and its input gradients in one pass over token chunks
+    (token order), or a statistics pass, the loss, then a gradient pass, both over vocabulary
+    slabs (vocabulary order; see ``_auto_order``)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, index, token_loss_fn, plan: _Plan, with_entropy: bool):
@@ -470,9 +498,8 @@ class _LinearLoss(torch.autograd.Function):
         grads = None
         if want_h or want_w or want_b:
             grads = _GradientPass(plan, hidden, weight, targets, rows, want_h, want_w, want_b)
-        fused = grads is not None and plan.order == "tokens"
 
-        def on_chunk(s: int, e: int, logits: Tensor) -> None:
+        def chunk_loss(s: int, e: int) -> None:
             ent = None if rows.entropy is None else rows.entropy[s:e]
             losses, g_logp, g_ent = _token_loss_grads(token_loss_fn, rows.logp[s:e], ent, index[s:e])
             total.add_(losses.sum())
@@ -480,12 +507,20 @@ class _LinearLoss(torch.autograd.Function):
             if rows.g_ent is not None:
                 # a loss that ignores the entropy has no gradient for it
                 rows.g_ent[s:e] = 0.0 if g_ent is None else g_ent
-            if fused:
-                grads.step(logits, slice(s, e), slice(0, logits.shape[1]))
 
-        _stats_pass(plan, hidden, weight, bias, targets, rows, buffer, on_chunk)
-        if grads is not None and not fused:
-            grads.recompute(bias, buffer)
+        if plan.order == "tokens":
+            def on_chunk(s: int, e: int, logits: Tensor) -> None:
+                chunk_loss(s, e)
+                if grads is not None:
+                    grads.step(logits, slice(s, e), slice(0, logits.shape[1]))
+
+            _stats_pass(plan, hidden, weight, bias, targets, rows, buffer, on_chunk)
+        else:
+            _stats_pass(plan, hidden, weight, bias, targets, rows, buffer)
+            for s, e in _chunks(hidden.shape[0], plan.chunk):
+                chunk_loss(s, e)
+            if grads is not None:
+                grads.recompute(bias, buffer)
         saved = (None, None, None) if grads is None else grads.result(None if bias is None else bias.dtype)
         ctx.save_for_backward(*saved)
         ent_out = rows.logp.new_zeros(0) if rows.entropy is None else rows.entropy
@@ -567,13 +602,14 @@ def fused_token_logprobs(
         return_entropy: also return the entropy of each position's distribution.
         backend: "auto" (triton on CUDA, cpu elsewhere, torch as fallback), "torch", "cpu", "triton".
         chunk_size: tokens per logits block [chunk_size, V]; by default chosen from a memory
-            budget of ``HPT_FAST_MEMORY_BUDGET_MB`` (128) MiB for the block. A gradient pass in
-            vocabulary order uses blocks [N, chunk_size * V // N] of the N scored tokens instead
-            (at least one column): the same number of elements.
-        grad_order: loop order of the backward's gradient pass: "tokens" (over token chunks,
-            summing grad_weight over them), "vocab" (over vocabulary slabs, summing grad_hidden)
-            or "auto": "vocab" when there are fewer scored tokens than V (the smaller sum). Both
-            run three GEMMs; the choice changes speed and memory, not the result beyond rounding.
+            budget of ``HPT_FAST_MEMORY_BUDGET_MB`` (128) MiB for the block. Vocabulary order
+            uses blocks [N, chunk_size * V // N] of the N scored tokens instead (at least one
+            column): the same number of elements.
+        grad_order: loop order of the forward's statistics pass and the backward's gradient
+            pass alike: "tokens" (over token chunks, summing grad_weight over them), "vocab"
+            (over vocabulary slabs of all tokens, summing grad_hidden) or "auto": "vocab" when
+            there are fewer scored tokens than V (the smaller sum, the larger GEMMs). Both run
+            four GEMMs; the choice changes speed and memory, not the result beyond rounding.
     Returns:
         logp: float32 [...] (<= 0), entropy: float32 [...] or None. Both differentiable w.r.t.
         hidden, weight and bias; the backward recomputes the logits block by block.
@@ -612,11 +648,11 @@ def fused_linear_loss(
             only: any other tensor it uses is treated as a constant.
         with_entropy: compute the entropy and pass it to ``token_loss_fn``.
         grad_order: "tokens": one pass over token chunks computes the loss and the gradients
-            (three GEMMs); "vocab": a statistics pass over token chunks, then a gradient pass
-            over vocabulary slabs (four GEMMs), whose grad_weight needs no float32 [V, H]
-            buffer in bfloat16 / float16; "auto": "vocab" only when that buffer (low precision,
-            several chunks) would exceed ``HPT_FAST_MEMORY_BUDGET_MB`` and there are fewer
-            scored tokens than V, else "tokens".
+            (three GEMMs); "vocab": a statistics pass, then a gradient pass, both over
+            vocabulary slabs of all tokens (four GEMMs), whose grad_weight needs no float32
+            [V, H] buffer in bfloat16 / float16; "auto": "vocab" only when that buffer (low
+            precision, several chunks) would exceed ``HPT_FAST_MEMORY_BUDGET_MB`` and there are
+            fewer scored tokens than V, else "tokens".
     Returns:
         loss: float32 scalar, differentiable w.r.t. hidden, weight and bias;
         logp: float32 [...] detached (0 at ignored positions); entropy: float32 [...] detached, or None.

@@ -4,8 +4,9 @@ For each row of ``z = logits * inv_temp`` (float32 arithmetic whatever the input
 compute, in one read of the row, the running maximum ``m``, ``s = sum(exp(z - m))`` and, for the
 entropy, ``s1 = sum(exp(z - m) * (z - m))``. A row may be split over several programs, each
 covering ``split_v`` columns and writing a partial ``(m, s, s1)``; a second kernel then merges the
-partials of each row. From the final state:
-``logp = (z_t - m) - log(s)``, ``lse = m + log(s)``, ``entropy = log(s) - s1 / s``.
+partials of each row. Either way the row's ``(m, s, s1)`` over the block is merged into its
+running state (``hpt_fast.backends.row_state``), the block being all of the row's columns or one
+slab of them; ``row_state.finish`` turns the complete state into logp, lse and entropy.
 """
 from __future__ import annotations
 
@@ -14,35 +15,50 @@ import triton.language as tl
 
 
 @triton.jit
-def _finish_row(
-    logits_ptr, targets_ptr, logp_ptr, lse_ptr, ent_ptr, row, stride_row, inv_temp, m, s, s1,
+def _merge_into_state(
+    logits_ptr, targets_ptr, state_ptr, row, V, col_offset, stride_row, inv_temp, m, s, s1,
     WITH_ENT: tl.constexpr,
 ):
-    """Store logp, lse (and entropy) of ``row`` from its merged state ``(m, s, s1)``."""
-    target = tl.load(targets_ptr + row)
-    # the same load-convert-scale as the tiles, so z_t <= m holds bit for bit
-    z_t = tl.load(logits_ptr + row * stride_row + target).to(tl.float32) * inv_temp
-    log_s = tl.log(s)
-    # s >= 1 because the maximum contributes exp(0) = 1; the clamp only guards an approximate log
-    tl.store(logp_ptr + row, tl.minimum((z_t - m) - log_s, 0.0))
-    tl.store(lse_ptr + row, m + log_s)
+    """Merge ``(m, s, s1)`` of ``row``'s columns in this block into its running state, and write
+    its z_t when the target lies in the block."""
+    st = state_ptr + row * 4
+    m_old = tl.load(st)
+    s_old = tl.load(st + 1)
+    m_new = tl.maximum(m_old, m)
+    m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
+    a_old = tl.exp(m_old - m_ref)
+    a_blk = tl.exp(m - m_ref)
+    tl.store(st, m_new)
+    tl.store(st + 1, a_old * s_old + a_blk * s)
     if WITH_ENT:
-        tl.store(ent_ptr + row, tl.maximum(log_s - s1 / s, 0.0))
+        # where a factor is 0 (nothing finite seen on that side) the shift may be -inf: zeroed
+        # first, so no 0 * (-inf) = NaN appears
+        shift_old = tl.where(a_old > 0.0, m_old - m_ref, 0.0)
+        shift_blk = tl.where(a_blk > 0.0, m - m_ref, 0.0)
+        s1_old = tl.load(st + 2)
+        tl.store(st + 2, a_old * (s1_old + shift_old * s_old) + a_blk * (s1 + shift_blk * s))
+    local = tl.load(targets_ptr + row) - col_offset
+    in_block = (local >= 0) & (local < V)
+    # the same load-convert-scale as the tiles, so z_t <= m holds bit for bit; an out-of-block
+    # target reads column 0 instead, and that value is not stored
+    z_t = tl.load(logits_ptr + row * stride_row + tl.where(in_block, local, 0)).to(tl.float32) * inv_temp
+    tl.store(st + 3, z_t, mask=in_block)
 
 
 @triton.jit
 def row_stats_kernel(
-    logits_ptr, targets_ptr, part_m_ptr, part_s_ptr, part_s1_ptr, logp_ptr, lse_ptr, ent_ptr,
-    V, stride_row, n_splits, split_v, inv_temp,
-    BLOCK_V: tl.constexpr, WITH_ENT: tl.constexpr, FINISH: tl.constexpr,
+    logits_ptr, targets_ptr, part_m_ptr, part_s_ptr, part_s1_ptr, state_ptr,
+    V, col_offset, stride_row, n_splits, split_v, inv_temp,
+    BLOCK_V: tl.constexpr, WITH_ENT: tl.constexpr, MERGE: tl.constexpr,
 ):
     """Grid (C, n_splits): program (row, k) reduces columns [k * split_v, (k + 1) * split_v).
 
     logits: [C, V] float32 / bfloat16 / float16 with unit column stride, row stride
-    ``stride_row``; targets: [C] integer. With ``FINISH`` (n_splits == 1) the program writes
-    logp / lse / entropy ([C] float32) directly, otherwise it writes its partial state into
-    part_m / part_s / part_s1 ([C, n_splits] float32, contiguous) for ``row_stats_combine_kernel``.
-    ``split_v`` is a multiple of BLOCK_V.
+    ``stride_row``, the columns of vocabulary ids ``col_offset .. col_offset + V - 1``; targets:
+    [C] integer vocabulary ids; state: [C, 4] float32, contiguous (m, s, s1, z_t). With ``MERGE``
+    (n_splits == 1) the program merges its sums into the state directly, otherwise it writes
+    them into part_m / part_s / part_s1 ([C, n_splits] float32, contiguous) for
+    ``row_stats_combine_kernel``. ``split_v`` is a multiple of BLOCK_V.
     """
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -72,9 +88,9 @@ def row_stats_kernel(
         s = s * alpha + tl.sum(e, axis=0)
         m = m_new
 
-    if FINISH:
-        _finish_row(
-            logits_ptr, targets_ptr, logp_ptr, lse_ptr, ent_ptr, row, stride_row, inv_temp,
+    if MERGE:
+        _merge_into_state(
+            logits_ptr, targets_ptr, state_ptr, row, V, col_offset, stride_row, inv_temp,
             m, s, s1, WITH_ENT,
         )
     else:
@@ -87,11 +103,11 @@ def row_stats_kernel(
 
 @triton.jit
 def row_stats_combine_kernel(
-    logits_ptr, targets_ptr, part_m_ptr, part_s_ptr, part_s1_ptr, logp_ptr, lse_ptr, ent_ptr,
-    stride_row, n_splits, inv_temp,
+    logits_ptr, targets_ptr, part_m_ptr, part_s_ptr, part_s1_ptr, state_ptr,
+    V, col_offset, stride_row, n_splits, inv_temp,
     BLOCK_S: tl.constexpr, WITH_ENT: tl.constexpr,
 ):
-    """Grid (C,): merge the ``n_splits`` partial states of a row and write its statistics.
+    """Grid (C,): merge the ``n_splits`` partial sums of a row into its running state.
 
     Shapes and dtypes as in ``row_stats_kernel``; BLOCK_S >= n_splits.
     """
@@ -111,7 +127,7 @@ def row_stats_combine_kernel(
         # w == 0 for padding and all -inf splits, whose m_k - m is -inf: zero it to avoid NaN
         shift = tl.where(w > 0.0, m_k - m_ref, 0.0)
         s1 = tl.sum(w * (s1_k + shift * s_k), axis=0)
-    _finish_row(
-        logits_ptr, targets_ptr, logp_ptr, lse_ptr, ent_ptr, row, stride_row, inv_temp,
+    _merge_into_state(
+        logits_ptr, targets_ptr, state_ptr, row, V, col_offset, stride_row, inv_temp,
         m, s, s1, WITH_ENT,
     )

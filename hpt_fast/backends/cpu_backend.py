@@ -22,10 +22,17 @@ def _f32(t: Tensor) -> Tensor:
 
 
 def row_stats(
-    logits: Tensor, targets: Tensor, inv_temp: float, with_entropy: bool
-) -> tuple[Tensor, Tensor, Tensor | None]:
+    logits: Tensor,
+    targets: Tensor,
+    inv_temp: float,
+    with_entropy: bool,
+    state: Tensor,
+    col_offset: int = 0,
+) -> Tensor:
     """See :func:`hpt_fast.backends.torch_backend.row_stats`."""
-    return _C.row_stats(logits, targets.long().contiguous(), float(inv_temp), bool(with_entropy))
+    return _C.row_stats(
+        logits, targets.long().contiguous(), float(inv_temp), bool(with_entropy), state, int(col_offset)
+    )
 
 
 def grad_logits(

@@ -6,8 +6,10 @@ columns the vocabulary. The GEMMs around them live in ``hpt_fast.ops`` and are s
 backends. With ``z = logits * inv_temp`` (float32 arithmetic whatever the block's dtype; float64
 blocks, used for gradcheck, stay float64 in this backend only):
 
-- ``row_stats`` returns ``logp = z[target] - logsumexp(z)``, ``lse = logsumexp(z)`` and, when asked,
-  ``entropy = -sum(softmax(z) * log_softmax(z))``.
+- ``row_stats`` merges the block's columns into each row's running softmax state
+  (``row_state``), from which ``row_state.finish`` gives ``logp = z[target] - logsumexp(z)``,
+  ``lse = logsumexp(z)`` and ``entropy = -sum(softmax(z) * log_softmax(z))`` once every column
+  of the row has been seen, in one block or in several vocabulary slabs.
 - ``grad_logits`` writes ``d loss / d logits`` for per-token ``g_logp = d loss / d logp`` and
   ``g_ent = d loss / d entropy``:
   ``inv_temp * (g_logp * (onehot - p) - g_ent * p * (log p + H))``. The block may be a slab of
@@ -20,35 +22,51 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hpt_fast.backends import row_state
+
 
 def row_stats(
-    logits: Tensor, targets: Tensor, inv_temp: float, with_entropy: bool
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Per-row statistics of one logits block.
+    logits: Tensor,
+    targets: Tensor,
+    inv_temp: float,
+    with_entropy: bool,
+    state: Tensor,
+    col_offset: int = 0,
+) -> Tensor:
+    """Merge one logits block into the rows' running softmax state (see ``row_state``).
 
     Args:
-        logits: [C, V] float32 / bfloat16 / float16, contiguous.
-        targets: [C] int64, every id in [0, V).
+        logits: [C, Vs] float32 / bfloat16 / float16 (float64 for gradcheck), the raw logits of
+            vocabulary ids ``col_offset .. col_offset + Vs - 1`` (Vs = V for whole rows).
+        targets: [C] int64 vocabulary ids in [0, V); a row's z_t is written by the block that
+            contains its target, and a target outside the block is never used as an index.
         inv_temp: 1 / temperature.
-        with_entropy: whether to compute the entropy.
+        with_entropy: whether to keep s1, which only the entropy needs.
+        state: [C, 4] float32 (float64 for a float64 block), updated in place.
+        col_offset: vocabulary id of the block's first column, >= 0.
     Returns:
-        logp [C] float32 (always <= 0), lse [C] float32, entropy [C] float32 (>= 0) or None
-        (float64 for a float64 block).
+        ``state``.
     """
     z = _compute(logits) * inv_temp
-    m = z.amax(dim=1, keepdim=True)
+    local = targets - col_offset
+    in_block = (local >= 0) & (local < z.shape[1])
+    # gathered before the shift below: finish() relies on z_t being bit for bit one of the z
+    z_t = z.gather(1, local.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
+    m_old, s_old = state[:, row_state.M], state[:, row_state.S]
+    m = torch.maximum(m_old, z.amax(dim=1))
     # shifted logits keep exp() finite for logits of any magnitude
-    zs = z.sub_(m)
+    zs = z.sub_(m[:, None])
     e = zs.exp()
-    s = e.sum(dim=1)
-    log_s = s.log()
-    # (z_t - m) <= 0 and log(s) >= 0 in floating point too, so logp <= 0 holds exactly
-    logp = zs.gather(1, targets[:, None]).squeeze(1) - log_s
-    lse = m.squeeze(1) + log_s
-    entropy = None
+    # rows with nothing seen yet have s_old = 0 and m_old = -inf: their old sums stay 0, not NaN
+    seen = s_old > 0
+    scale = torch.where(seen, torch.exp(m_old - m), 0.0)
     if with_entropy:
-        entropy = (log_s - torch.linalg.vecdot(e, zs) / s).clamp_min_(0.0)
-    return logp, lse, entropy
+        shift = torch.where(seen, m_old - m, 0.0)
+        state[:, row_state.S1] = scale * (state[:, row_state.S1] + shift * s_old) + torch.linalg.vecdot(e, zs)
+    state[:, row_state.S] = scale * s_old + e.sum(dim=1)
+    state[:, row_state.M] = m
+    state[:, row_state.Z_T] = torch.where(in_block, z_t, state[:, row_state.Z_T])
+    return state
 
 
 def grad_logits(
@@ -69,7 +87,7 @@ def grad_logits(
             ids ``col_offset .. col_offset + Vs - 1`` (Vs = V for a block of whole rows).
         targets: [C] int64 vocabulary ids in [0, V); a target outside the block's columns adds
             no one-hot term here and is never used as an index.
-        lse: [C] float32 from ``row_stats`` on the whole rows; entropy: [C] float32 or None.
+        lse: [C] float32 of the whole rows (``row_state.finish``); entropy: [C] float32 or None.
         g_logp: [C] float32; g_ent: [C] float32 or None (no entropy term).
         inv_temp: 1 / temperature.
         out: [C, Vs], any float dtype; may be ``logits`` itself (in place).

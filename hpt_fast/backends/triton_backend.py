@@ -29,22 +29,31 @@ _DEFAULT_SMS = 132
 
 
 def row_stats(
-    logits: Tensor, targets: Tensor, inv_temp: float, with_entropy: bool
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Per-row statistics of one logits block.
+    logits: Tensor,
+    targets: Tensor,
+    inv_temp: float,
+    with_entropy: bool,
+    state: Tensor,
+    col_offset: int = 0,
+) -> Tensor:
+    """Merge one logits block into the rows' running softmax state (see ``row_state``).
 
     Args:
-        logits: [C, V] float32 / bfloat16 / float16, unit column stride.
-        targets: [C] int64, every id in [0, V).
+        logits: [C, Vs] float32 / bfloat16 / float16, unit column stride, the raw logits of
+            vocabulary ids ``col_offset .. col_offset + Vs - 1``.
+        targets: [C] int64 in [0, V); a target outside the block's columns is never an address.
         inv_temp: 1 / temperature.
-        with_entropy: whether to compute the entropy.
+        with_entropy: whether to keep s1, which only the entropy needs.
+        state: [C, 4] float32, contiguous, updated in place.
+        col_offset: vocabulary id of the block's first column, >= 0.
     Returns:
-        logp [C] float32 (always <= 0), lse [C] float32, entropy [C] float32 (>= 0) or None.
+        ``state``.
     """
     n_rows, vocab = logits.shape
     block_v = _block(vocab, _STATS_MAX_BLOCK_V)
     return _row_stats(
-        logits, targets, inv_temp, with_entropy, block_v, _split_size(n_rows, vocab, block_v, logits.device)
+        logits, targets, inv_temp, with_entropy, state, col_offset, block_v,
+        _split_size(n_rows, vocab, block_v, logits.device),
     )
 
 
@@ -65,7 +74,7 @@ def grad_logits(
         logits: [C, Vs] float32 / bfloat16 / float16, the raw (untempered) logits of vocabulary
             ids ``col_offset .. col_offset + Vs - 1``, unit column stride.
         targets: [C] int64 in [0, V); one outside the block's columns adds no one-hot term here.
-        lse: [C] float32 from ``row_stats`` on the whole rows; entropy: [C] float32 or None.
+        lse: [C] float32 of the whole rows (``row_state.finish``); entropy: [C] float32 or None.
         g_logp: [C] float32; g_ent: [C] float32 or None (no entropy term).
         inv_temp: 1 / temperature.
         out: [C, Vs], any float dtype, unit column stride; may be ``logits`` itself (in place).
@@ -104,39 +113,38 @@ def accumulate_(acc: Tensor, x: Tensor) -> Tensor:
 
 
 def _row_stats(
-    logits: Tensor, targets: Tensor, inv_temp: float, with_entropy: bool, block_v: int, split_v: int
-) -> tuple[Tensor, Tensor, Tensor | None]:
+    logits: Tensor, targets: Tensor, inv_temp: float, with_entropy: bool, state: Tensor, col_offset: int,
+    block_v: int, split_v: int,
+) -> Tensor:
     """``row_stats`` with explicit tiling: BLOCK_V ``block_v`` (a power of two) and rows split into
     pieces of ``split_v`` columns (a multiple of ``block_v``) merged by a second kernel."""
     _check_columns(logits, "logits")
     n_rows, vocab = logits.shape
-    device = logits.device
-    logp = torch.empty(n_rows, dtype=torch.float32, device=device)
-    lse = torch.empty_like(logp)
-    entropy = torch.empty_like(logp) if with_entropy else None
+    if state.shape != (n_rows, 4) or state.dtype != torch.float32 or not state.is_contiguous():
+        raise ValueError(f"state must be a contiguous float32 [{n_rows}, 4] tensor; got "
+                         f"{state.dtype} {tuple(state.shape)}, strides {state.stride()}")
     if n_rows == 0:
-        return logp, lse, entropy
+        return state
     targets = targets.contiguous()
-    ent_arg = entropy if with_entropy else lse
     n_splits = triton.cdiv(vocab, split_v)
-    finish = n_splits == 1
-    if finish:
-        part_m = part_s = part_s1 = lse
+    merge = n_splits == 1
+    if merge:
+        part_m = part_s = part_s1 = state
     else:
-        part_m, part_s, part_s1 = torch.empty(3, n_rows, n_splits, dtype=torch.float32, device=device)
+        part_m, part_s, part_s1 = torch.empty(3, n_rows, n_splits, dtype=torch.float32, device=logits.device)
     with _on_device(logits):
         row_stats_kernel[(n_rows, n_splits)](
-            logits, targets, part_m, part_s, part_s1, logp, lse, ent_arg,
-            vocab, logits.stride(0), n_splits, split_v, inv_temp,
-            BLOCK_V=block_v, WITH_ENT=with_entropy, FINISH=finish, num_warps=_warps(block_v),
+            logits, targets, part_m, part_s, part_s1, state,
+            vocab, col_offset, logits.stride(0), n_splits, split_v, inv_temp,
+            BLOCK_V=block_v, WITH_ENT=with_entropy, MERGE=merge, num_warps=_warps(block_v),
         )
-        if not finish:
+        if not merge:
             row_stats_combine_kernel[(n_rows,)](
-                logits, targets, part_m, part_s, part_s1, logp, lse, ent_arg,
-                logits.stride(0), n_splits, inv_temp,
+                logits, targets, part_m, part_s, part_s1, state,
+                vocab, col_offset, logits.stride(0), n_splits, inv_temp,
                 BLOCK_S=triton.next_power_of_2(n_splits), WITH_ENT=with_entropy, num_warps=1,
             )
-    return logp, lse, entropy
+    return state
 
 
 def _split_size(n_rows: int, vocab: int, block_v: int, device: torch.device) -> int:

@@ -1,0 +1,130 @@
+"""Every backend's ``row_stats`` on its own: a row's logits merged slab by slab, in any order and
+any cut, give the statistics of the whole row (float64 reference), and one block gives the same."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hpt_fast import backends
+from hpt_fast.backends import row_state
+from tests.reference import rel_err
+
+BACKENDS = ["torch", "cpu", "triton"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _load(name: str):
+    try:
+        return backends.load(name)
+    except ImportError as exc:
+        pytest.skip(str(exc))
+
+
+def _reference(logits: torch.Tensor, targets: torch.Tensor, inv_temp: float):
+    """logp, lse, entropy [C] in float64 of the logits as stored (already rounded to their dtype)."""
+    z = logits.double() * inv_temp
+    logprobs = torch.log_softmax(z, dim=1)
+    logp = logprobs.gather(1, targets[:, None]).squeeze(1)
+    return logp, torch.logsumexp(z, dim=1), -(logprobs.exp() * logprobs).sum(1)
+
+
+def _cuts(vocab: int, gen: torch.Generator) -> list[tuple[int, int]]:
+    """Random slabs covering [0, vocab), one of them a single column when vocab > 2, shuffled."""
+    inner = torch.randperm(vocab - 1, generator=gen)[: min(4, vocab - 1)] + 1
+    edges = sorted({0, vocab, *inner.tolist()})
+    slabs = list(zip(edges[:-1], edges[1:]))
+    order = torch.randperm(len(slabs), generator=gen).tolist()
+    return [slabs[i] for i in order]
+
+
+def _merge(module, logits, targets, inv_temp, with_entropy, slabs):
+    state = row_state.empty(logits.shape[0], torch.float32, logits.device)
+    for v0, v1 in slabs:
+        # a column slice of the block, rows `vocab` elements apart, as the kernels must accept
+        module.row_stats(logits[:, v0:v1], targets, inv_temp, with_entropy, state, col_offset=v0)
+    return row_state.finish(state, with_entropy)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_slabs_merge_to_the_whole_row(backend, dtype):
+    module = _load(backend)
+    gen = torch.Generator().manual_seed(7 + DTYPES.index(dtype))
+    for rows, vocab, scale in ((1, 1, 1.0), (3, 2, 3.0), (9, 301, 5.0), (4, 2999, 30.0)):
+        logits = (torch.randn(rows, vocab, generator=gen) * scale).to(dtype)
+        targets = torch.randint(0, vocab, (rows,), generator=gen)
+        inv_temp = 1 / 0.7
+        want = _reference(logits, targets, inv_temp)
+        whole = _merge(module, logits, targets, inv_temp, True, [(0, vocab)])
+        cut = _merge(module, logits, targets, inv_temp, True, _cuts(vocab, gen))
+        for got in (whole, cut):
+            for name, a, b in zip(("logp", "lse", "entropy"), got, want):
+                assert a.dtype == torch.float32, name
+                assert rel_err(a, b) <= 1e-5, (rows, vocab, name)
+            assert (got[0] <= 0).all() and (got[2] >= 0).all()
+        for a, b in zip(whole, cut):
+            assert rel_err(a, b) <= 1e-6
+        _, _, no_entropy = _merge(module, logits, targets, inv_temp, False, _cuts(vocab, gen))
+        assert no_entropy is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_logits_in_slabs(backend):
+    """|logits| up to 1e4, the maximum in a late slab: finite, logp <= 0, entropy >= 0."""
+    module = _load(backend)
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 1000, generator=gen) * 3e3
+    logits[:, 900] = 1e4
+    logits[0, :] = -1e4
+    targets = torch.tensor([0, 900, 5, 999, 450, 900])
+    logp, lse, entropy = _merge(module, logits, targets, 1.0, True, [(0, 300), (300, 600), (600, 1000)])
+    assert torch.isfinite(logp).all() and torch.isfinite(lse).all() and torch.isfinite(entropy).all()
+    assert (logp <= 0).all() and (entropy >= 0).all()
+    want_logp, want_lse, want_ent = _reference(logits, targets, 1.0)
+    assert torch.allclose(logp.double(), want_logp, rtol=1e-6, atol=2e-3)
+    assert torch.allclose(lse.double(), want_lse, rtol=1e-6, atol=0)
+    assert torch.allclose(entropy.double(), want_ent, atol=1e-3)
+
+
+def test_triton_rows_split_over_programs():
+    """The Triton kernel's split path (partial sums merged by a second kernel) merges into the
+    state like its one-program path."""
+    _load("triton")
+    from hpt_fast.backends import triton_backend
+
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 1001, generator=gen) * 4
+    targets = torch.tensor([0, 500, 1000])
+    want = _reference(logits, targets, 1.0)
+    for v0, v1 in ((0, 1001), (137, 1001)):
+        state = row_state.empty(3, torch.float32, logits.device)
+        if v0:  # the first 137 columns through the one-program path, the rest split in 7
+            triton_backend._row_stats(logits[:, :v0], targets, 1.0, True, state, 0, 128, 256)
+        triton_backend._row_stats(logits[:, v0:v1], targets, 1.0, True, state, v0, 128, 128)
+        for a, b in zip(row_state.finish(state, True), want):
+            assert rel_err(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_target_no_block_contained_gives_nan(backend):
+    """A row whose target column was never merged has no z_t: its logp is NaN, not a number."""
+    module = _load(backend)
+    logits = torch.randn(2, 10)
+    targets = torch.tensor([3, 8])
+    logp, lse, _ = _merge(module, logits, targets, 1.0, False, [(0, 6)])
+    assert torch.isfinite(logp[0]) and torch.isnan(logp[1])
+    assert torch.isfinite(lse).all()
+
+
+def test_cpu_rejects_bad_state_and_negative_targets():
+    module = _load("cpu")
+    logits = torch.randn(3, 10)
+    state = row_state.empty(3, torch.float32, logits.device)
+    with pytest.raises(RuntimeError, match=r"targets\[1\] = -2 is negative"):
+        module.row_stats(logits, torch.tensor([1, -2, 3]), 1.0, True, state)
+    with pytest.raises(RuntimeError, match="state must have shape"):
+        module.row_stats(logits, torch.tensor([1, 2, 3]), 1.0, True, state[:2])
+    with pytest.raises(RuntimeError, match="state must be float32"):
+        module.row_stats(logits, torch.tensor([1, 2, 3]), 1.0, True, state.double())
+    with pytest.raises(RuntimeError, match="col_offset must be >= 0"):
+        module.row_stats(logits, torch.tensor([1, 2, 3]), 1.0, True, state, col_offset=-1)
