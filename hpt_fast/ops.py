@@ -158,7 +158,9 @@ def _budget_bytes() -> float:
     return float(os.environ.get("HPT_FAST_MEMORY_BUDGET_MB", _DEFAULT_BUDGET_MB)) * 2**20
 
 
-def _auto_order(mode: str, lowp: bool, n_rows: int, vocab: int, hidden_size: int, chunk: int, budget: float) -> str:
+def _auto_order(
+    mode: str, dtype: torch.dtype, n_rows: int, vocab: int, hidden_size: int, chunk: int, budget: float
+) -> str:
     """The loop order of the passes over logits blocks when the caller leaves it to the op.
 
     Both orders cut the logits into about the same number of blocks of the same size and run the
@@ -179,13 +181,19 @@ def _auto_order(mode: str, lowp: bool, n_rows: int, vocab: int, hidden_size: int
     Mode B (``mode="B"``): token order runs the statistics, the loss and the gradient on one
     logits block (three GEMMs in all); vocabulary order needs the statistics of every token before
     its first gradient slab, so a statistics pass over the slabs first (four GEMMs). It is taken
-    only for memory: when the float32 [V, H] buffer of token order (low precision, several chunks)
-    exceeds the memory budget and vocabulary order's [N, H] one is smaller.
+    only for memory, when token order (low precision, several chunks) needs a float32 [V, H]
+    buffer that is both over the memory budget and too large a share of the problem: with the
+    logits block it would exceed 1/8 of the naive float32 logits [N, V] (that is, about when
+    N < 8 H), and vocabulary order's [N, H] buffer is smaller. At N = 2048, H = 1024 that
+    buffer would be half the naive logits; at N = 16384, H = 1536 a sixteenth.
     """
     if mode == "A":
         return "vocab" if n_rows < vocab else "tokens"
+    lowp = dtype in (torch.bfloat16, torch.float16)
     token_buffer = vocab * hidden_size * 4 if lowp and chunk < n_rows else 0
-    return "vocab" if token_buffer > budget and n_rows < vocab else "tokens"
+    block = chunk * vocab * torch.finfo(dtype).bits // 8
+    small_share = token_buffer + block <= n_rows * vocab * 4 / 8
+    return "vocab" if token_buffer > budget and not small_share and n_rows < vocab else "tokens"
 
 
 def _plan(
@@ -212,8 +220,7 @@ def _plan(
     chunk = max(1, min(chunk_size, n_rows))
     slab = max(1, min(vocab, chunk * vocab // max(n_rows, 1)))
     if grad_order == "auto":
-        lowp = hidden.dtype in (torch.bfloat16, torch.float16)
-        grad_order = _auto_order(mode, lowp, n_rows, vocab, hidden.shape[-1], chunk, budget)
+        grad_order = _auto_order(mode, hidden.dtype, n_rows, vocab, hidden.shape[-1], chunk, budget)
     return _Plan(backend=module, inv_temp=1.0 / temperature, chunk=chunk, slab=slab, order=grad_order)
 
 
@@ -651,8 +658,9 @@ def fused_linear_loss(
             (three GEMMs); "vocab": a statistics pass, then a gradient pass, both over
             vocabulary slabs of all tokens (four GEMMs), whose grad_weight needs no float32
             [V, H] buffer in bfloat16 / float16; "auto": "vocab" only when that buffer (low
-            precision, several chunks) would exceed ``HPT_FAST_MEMORY_BUDGET_MB`` and there are
-            fewer scored tokens than V, else "tokens".
+            precision, several chunks) would exceed ``HPT_FAST_MEMORY_BUDGET_MB`` and, with the
+            logits block, 1/8 of the naive float32 logits [N, V], and there are fewer scored
+            tokens than V; else "tokens".
     Returns:
         loss: float32 scalar, differentiable w.r.t. hidden, weight and bias;
         logp: float32 [...] detached (0 at ignored positions); entropy: float32 [...] detached, or None.

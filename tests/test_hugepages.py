@@ -59,8 +59,11 @@ def _anon_huge_kib(ptr: int) -> int:
     reason="transparent huge pages are disabled on this machine",
 )
 def test_touched_buffer_is_backed_by_huge_pages():
-    out = hugepages.empty((32 * MIB,), torch.uint8, torch.device("cpu"))
+    # Above glibc's largest mmap threshold (32 MiB), so the buffer is a fresh mapping: a smaller
+    # one may reuse heap pages an earlier test already touched, which keep their 4 KiB pages
+    # (no page faults left to save there either).
+    out = hugepages.empty((64 * MIB,), torch.uint8, torch.device("cpu"))
     out.fill_(1)  # the first touch is where the kernel picks the page size
     # madvise splits the mapping at the advised range: look it up by an address in the middle
-    assert _anon_huge_kib(out.data_ptr() + 16 * MIB) >= 2 * 1024
-    assert int(out.sum()) == 32 * MIB
+    assert _anon_huge_kib(out.data_ptr() + 32 * MIB) >= 2 * 1024
+    assert int(out.sum()) == 64 * MIB
