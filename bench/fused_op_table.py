@@ -223,10 +223,21 @@ def measure_memory(name: str, shape: Shape, dtype: str, device: str, result: Dty
 
 # ---- one (shape, dtype) case and the table ----
 
-def run_case(shape: Shape, dtype: str, device: str, repeats: int) -> DtypeResult:
-    """Time all implementations on one shape and dtype, then measure their peak memory."""
-    result = DtypeResult()
+def selected_implementations(device: str, names: Optional[list[str]]) -> list[Impl]:
+    """The bare GEMMs and the implementations named in ``names`` (all of them for None)."""
     impls = implementations(device)
+    if names is None:
+        return impls
+    known = {impl.name for impl in impls}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise SystemExit(f"unknown implementation(s) {unknown}; choose from {sorted(known - set(GEMM_NAMES))}")
+    return [impl for impl in impls if impl.name in GEMM_NAMES or impl.name in names]
+
+
+def run_case(shape: Shape, dtype: str, device: str, repeats: int, impls: list[Impl]) -> DtypeResult:
+    """Time ``impls`` on one shape and dtype, then measure their peak memory."""
+    result = DtypeResult()
     runnable = []
     for impl in impls:
         reason = impl.missing(device)
@@ -370,6 +381,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed rounds (default: 5, 3 or 2 as T*H*V grows)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--impls", default=None, type=lambda s: s.split(","),
+                        help="comma-separated implementation names to time beside the bare GEMMs "
+                             "(default: all of them)")
     parser.add_argument("--memory-child", metavar="IMPL", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     bad = [d for d in args.dtypes if d not in DTYPES]
@@ -389,8 +403,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     for shape in args.shapes:
         repeats = args.repeats or default_repeats(shape)
         load_before = _load_average()
-        results = {dtype: run_case(shape, dtype, args.device, repeats) for dtype in args.dtypes}
-        print(format_table(shape, implementations(args.device), results))
+        impls = selected_implementations(args.device, args.impls)
+        results = {dtype: run_case(shape, dtype, args.device, repeats, impls) for dtype in args.dtypes}
+        print(format_table(shape, impls, results))
         print(f"\n{repeats} timed rounds per implementation, after one warm-up step on {WARMUP_TOKENS} tokens. "
               f"Load average (1, 5, 15 min) before: {load_before}; after: {_load_average()}.\n", flush=True)
     print(FOOTNOTES)

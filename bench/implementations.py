@@ -300,15 +300,17 @@ def implementations(device: str) -> list[Impl]:
     for backend in _hpt_backends(device):
         impls.append(Impl(f"hpt_a_{backend}", f"hpt_fast mode A, backend {backend}", 4, _hpt_mode_a(backend)))
         impls.append(Impl(f"hpt_b_{backend}", f"hpt_fast mode B, backend {backend}", 3, _hpt_mode_b(backend)))
-    # the default backend again with its gradient pass forced into token order, beside the plan's
-    # own choice (vocabulary order for mode A at N < V, and for mode B where token order's float32
-    # [V, H] buffer would exceed the memory budget)
+    # the default backend again with its loop order forced, beside the plan's own choice
+    # (vocabulary order for mode A at N < V, and for mode B where token order's float32 [V, H]
+    # buffer would be too large)
     default = "triton" if device == "cuda" else "cpu"
     if default in _hpt_backends(device):
         impls.append(Impl(f"hpt_a_{default}_tokens", f"hpt_fast mode A, backend {default}, token order", 4,
                           _hpt_mode_a(default, "tokens")))
         impls.append(Impl(f"hpt_b_{default}_tokens", f"hpt_fast mode B, backend {default}, token order", 3,
                           _hpt_mode_b(default, "tokens")))
+        impls.append(Impl(f"hpt_b_{default}_vocab", f"hpt_fast mode B, backend {default}, vocabulary order", 3,
+                          _hpt_mode_b(default, "vocab")))
         # mode B given about the memory cut-cross-entropy's portable path uses (a [T, V] block):
         # time at equal memory, beside the default's time at its memory budget
         impls.append(Impl(f"hpt_b_{default}_one_chunk", f"hpt_fast mode B, backend {default}, one token chunk", 3,

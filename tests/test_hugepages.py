@@ -1,7 +1,7 @@
 """hpt_fast.hugepages: large CPU buffers advised onto transparent huge pages."""
 from __future__ import annotations
 
-import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -41,16 +41,30 @@ def test_empty_advises_only_large_cpu_buffers(monkeypatch, numel, dtype, advised
     assert begin <= start and start + length <= end
 
 
-def _anon_huge_kib(ptr: int) -> int:
-    """AnonHugePages (KiB) of the mapping of this process that holds address ``ptr``."""
-    inside = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        m = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
-        if m:
-            inside = int(m.group(1), 16) <= ptr < int(m.group(2), 16)
-        elif inside and line.startswith("AnonHugePages:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no mapping holds address {ptr:#x}")
+# Runs in a fresh process: in a long one (the test suite) glibc may serve even a 64 MiB request
+# from heap memory an earlier test freed, whose pages are already touched and stay 4 KiB ones
+# (with no page faults left to save there either).
+_CHILD = r"""
+import re, sys
+from pathlib import Path
+import torch
+from hpt_fast import hugepages
+
+MIB = 2**20
+out = hugepages.empty((64 * MIB,), torch.uint8, torch.device("cpu"))
+out.fill_(1)  # the first touch is where the kernel picks the page size
+assert int(out.sum()) == 64 * MIB
+# madvise splits the mapping at the advised range: look it up by an address in the middle
+ptr, inside = out.data_ptr() + 32 * MIB, False
+for line in Path("/proc/self/smaps").read_text().splitlines():
+    m = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
+    if m:
+        inside = int(m.group(1), 16) <= ptr < int(m.group(2), 16)
+    elif inside and line.startswith("AnonHugePages:"):
+        print(int(line.split()[1]))
+        sys.exit(0)
+sys.exit(f"no mapping holds address {ptr:#x}")
+"""
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are Linux's")
@@ -59,11 +73,6 @@ def _anon_huge_kib(ptr: int) -> int:
     reason="transparent huge pages are disabled on this machine",
 )
 def test_touched_buffer_is_backed_by_huge_pages():
-    # Above glibc's largest mmap threshold (32 MiB), so the buffer is a fresh mapping: a smaller
-    # one may reuse heap pages an earlier test already touched, which keep their 4 KiB pages
-    # (no page faults left to save there either).
-    out = hugepages.empty((64 * MIB,), torch.uint8, torch.device("cpu"))
-    out.fill_(1)  # the first touch is where the kernel picks the page size
-    # madvise splits the mapping at the advised range: look it up by an address in the middle
-    assert _anon_huge_kib(out.data_ptr() + 32 * MIB) >= 2 * 1024
-    assert int(out.sum()) == 64 * MIB
+    out = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.strip()) >= 2 * 1024  # KiB of huge pages in the buffer's mapping
