@@ -320,8 +320,8 @@ FOOTNOTES = """\
   without an order run the plan's choice (``grad_order="auto"``): mode A in vocabulary order
   (both passes) when tokens < V; mode B in token order (three GEMMs) unless low precision with
   several token chunks would need a float32 [V, H] weight-gradient buffer larger than the memory
-  budget and, with the logits block, than 1/8 of the naive float32 logits, then a statistics pass
-  and a gradient pass in vocabulary order (four GEMMs, still divided by the three-GEMM floor). The "token order" rows force ``grad_order="tokens"``; the "one token chunk"
+  budget, then a statistics pass and a gradient pass in vocabulary order (four GEMMs, still
+  divided by the three-GEMM floor). The "token order" rows force ``grad_order="tokens"``; the "one token chunk"
   row also puts all tokens in one logits block (``chunk_size=tokens``), about the memory of
   cut-cross-entropy's row, where the others keep to the 128 MiB block budget. Buffers of 4 MiB or
   more are backed by transparent huge pages (``hpt_fast.hugepages``). Liger: GRPO loss

@@ -181,19 +181,20 @@ def _auto_order(
     Mode B (``mode="B"``): token order runs the statistics, the loss and the gradient on one
     logits block (three GEMMs in all); vocabulary order needs the statistics of every token before
     its first gradient slab, so a statistics pass over the slabs first (four GEMMs). It is taken
-    only for memory, when token order (low precision, several chunks) needs a float32 [V, H]
-    buffer that is both over the memory budget and too large a share of the problem: with the
-    logits block it would exceed 1/8 of the naive float32 logits [N, V] (that is, about when
-    N < 8 H), and vocabulary order's [N, H] buffer is smaller. At N = 2048, H = 1024 that
-    buffer would be half the naive logits; at N = 16384, H = 1536 a sixteenth.
+    only for memory: when the float32 [V, H] buffer of token order (low precision, several chunks)
+    exceeds the memory budget and vocabulary order's [N, H] one is smaller. The extra GEMM costs
+    less than it seems, and less the more chunks there are: summing grad_weight in that buffer
+    moves about 12 V H bytes per chunk (each chunk's bf16 product written and read back, the
+    float32 sum read and written). Measured in bf16 at H 1024, V 151936 on the 2-core CPU: at
+    N = 2048 (5 chunks; bench/results_cpu_v151936.md) token order 1.18x and vocabulary order
+    1.27x of three GEMMs, at 0.61x and 0.12x of the naive logits' memory; at N = 12288 (28
+    chunks; bench/results_cpu_n12288.md) 17.5-18.9 s against 19.3 s, at 0.10x and 0.03x.
     """
     if mode == "A":
         return "vocab" if n_rows < vocab else "tokens"
     lowp = dtype in (torch.bfloat16, torch.float16)
     token_buffer = vocab * hidden_size * 4 if lowp and chunk < n_rows else 0
-    block = chunk * vocab * torch.finfo(dtype).bits // 8
-    small_share = token_buffer + block <= n_rows * vocab * 4 / 8
-    return "vocab" if token_buffer > budget and not small_share and n_rows < vocab else "tokens"
+    return "vocab" if token_buffer > budget and n_rows < vocab else "tokens"
 
 
 def _plan(
@@ -658,9 +659,8 @@ def fused_linear_loss(
             (three GEMMs); "vocab": a statistics pass, then a gradient pass, both over
             vocabulary slabs of all tokens (four GEMMs), whose grad_weight needs no float32
             [V, H] buffer in bfloat16 / float16; "auto": "vocab" only when that buffer (low
-            precision, several chunks) would exceed ``HPT_FAST_MEMORY_BUDGET_MB`` and, with the
-            logits block, 1/8 of the naive float32 logits [N, V], and there are fewer scored
-            tokens than V; else "tokens".
+            precision, several chunks) would exceed ``HPT_FAST_MEMORY_BUDGET_MB`` and there are
+            fewer scored tokens than V, else "tokens".
     Returns:
         loss: float32 scalar, differentiable w.r.t. hidden, weight and bias;
         logp: float32 [...] detached (0 at ignored positions); entropy: float32 [...] detached, or None.
