@@ -29,7 +29,7 @@ import math
 import os
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -281,7 +281,9 @@ class _RowData:
             self.entropy[r] = entropy
 
 
-def _blocks(plan: _Plan, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], buffer: Tensor):
+def _blocks(
+    plan: _Plan, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], buffer: Tensor
+) -> Iterator[tuple[Tensor, slice, slice]]:
     """The logits blocks of one pass in ``plan.order``: yields (logits, rows, cols), the block
     [rows, cols] of ``hidden @ weight.T (+ bias)`` computed by one GEMM into ``buffer``.
 
