@@ -155,7 +155,7 @@ at::Tensor row_stats(
       block.rows,
       ", 4], got ",
       state.sizes());
-  TORCH_CHECK(state.scalar_type() == at::kFloat, "state must be float32, got ", state.scalar_type());
+  TORCH_CHECK(state.scalar_type() == at::kDouble, "state must be float64, got ", state.scalar_type());
   TORCH_CHECK(state.is_contiguous(), "state must be contiguous");
   TORCH_CHECK(!overlaps(state, logits), "state overlaps logits");
 
@@ -165,7 +165,7 @@ at::Tensor row_stats(
       targets.data_ptr<int64_t>(),
       static_cast<float>(inv_temp),
       with_entropy,
-      state.data_ptr<float>(),
+      state.data_ptr<double>(),
   };
   // ids past this block's columns are valid: they belong to later slabs of the vocabulary
   check_targets_result(kernels().table.row_stats(args), targets, "is negative");

@@ -305,18 +305,18 @@ SoftmaxSums softmax_sums(const T* x, int64_t n, float inv_temp) {
   return sums;
 }
 
-// Merges a row's sums over this block into its running state (row_state.py). The state keeps s
-// and s1 in float between blocks; within a block they are summed in double.
+// Merges a row's sums over this block into its running state (row_state.py), whose sums are
+// double like the block's; m is a float value held in a double.
 void update_state(const RowStatsArgs& a, int64_t r, const SoftmaxSums& block_sums) {
-  float* st = a.state + 4 * r;
+  double* st = a.state + 4 * r;
   SoftmaxSums sums;
-  sums.m = st[0];
+  sums.m = static_cast<float>(st[0]);
   sums.s = st[1];
   sums.s1 = st[2];
   sums.merge(block_sums);
   st[0] = sums.m;
-  st[1] = static_cast<float>(sums.s);
-  st[2] = static_cast<float>(sums.s1);
+  st[1] = sums.s;
+  st[2] = sums.s1;
 }
 
 template <typename T, bool kEntropy>

@@ -29,7 +29,7 @@ struct RowStatsArgs {
   const int64_t* targets;
   float inv_temp;
   bool with_entropy;
-  float* state;  // [rows, 4], contiguous: m, s, s1, z_t; updated in place
+  double* state;  // [rows, 4], contiguous: m, s, s1, z_t; updated in place
 };
 
 // `logits` may be a slab of vocabulary columns [col_offset, col_offset + cols) of the full rows;

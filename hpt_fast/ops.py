@@ -276,7 +276,7 @@ class _RowData:
 
     def finish(self, r: slice, state: Tensor) -> None:
         """Set the statistics of rows ``r`` from their complete running state [len(r), 4]."""
-        self.logp[r], self.lse[r], entropy = row_state.finish(state, self.entropy is not None)
+        self.logp[r], self.lse[r], entropy = row_state.finish(state, self.entropy is not None, self.lse.dtype)
         if entropy is not None:
             self.entropy[r] = entropy
 
@@ -320,7 +320,7 @@ def _stats_pass(
     if on_chunk is not None and plan.order != "tokens":
         raise ValueError("on_chunk needs the statistics pass in token order")
     with_entropy = rows.entropy is not None
-    state = row_state.empty(hidden.shape[0], _stat_dtype(hidden), hidden.device)
+    state = row_state.empty(hidden.shape[0], hidden.device)
     for logits, r, c in _blocks(plan, hidden, weight, bias, buffer):
         plan.backend.row_stats(logits, targets[r], plan.inv_temp, with_entropy, state[r], col_offset=c.start)
         if plan.order == "tokens":

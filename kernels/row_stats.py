@@ -22,6 +22,9 @@ def _merge_into_state(
     """Merge ``(m, s, s1)`` of ``row``'s columns in this block into its running state, and write
     its z_t when the target lies in the block."""
     st = state_ptr + row * 4
+    # the state is float64: the block's float32 sums are merged into it without rounding
+    m = m.to(tl.float64)
+    s = s.to(tl.float64)
     m_old = tl.load(st)
     s_old = tl.load(st + 1)
     m_new = tl.maximum(m_old, m)
@@ -31,6 +34,7 @@ def _merge_into_state(
     tl.store(st, m_new)
     tl.store(st + 1, a_old * s_old + a_blk * s)
     if WITH_ENT:
+        s1 = s1.to(tl.float64)
         # where a factor is 0 (nothing finite seen on that side) the shift may be -inf: zeroed
         # first, so no 0 * (-inf) = NaN appears
         shift_old = tl.where(a_old > 0.0, m_old - m_ref, 0.0)
@@ -42,7 +46,7 @@ def _merge_into_state(
     # the same load-convert-scale as the tiles, so z_t <= m holds bit for bit; an out-of-block
     # target reads column 0 instead, and that value is not stored
     z_t = tl.load(logits_ptr + row * stride_row + tl.where(in_block, local, 0)).to(tl.float32) * inv_temp
-    tl.store(st + 3, z_t, mask=in_block)
+    tl.store(st + 3, z_t.to(tl.float64), mask=in_block)
 
 
 @triton.jit
@@ -55,7 +59,7 @@ def row_stats_kernel(
 
     logits: [C, V] float32 / bfloat16 / float16 with unit column stride, row stride
     ``stride_row``, the columns of vocabulary ids ``col_offset .. col_offset + V - 1``; targets:
-    [C] integer vocabulary ids; state: [C, 4] float32, contiguous (m, s, s1, z_t). With ``MERGE``
+    [C] integer vocabulary ids; state: [C, 4] float64, contiguous (m, s, s1, z_t). With ``MERGE``
     (n_splits == 1) the program merges its sums into the state directly, otherwise it writes
     them into part_m / part_s / part_s1 ([C, n_splits] float32, contiguous) for
     ``row_stats_combine_kernel``. ``split_v`` is a multiple of BLOCK_V.

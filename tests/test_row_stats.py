@@ -38,7 +38,7 @@ def _cuts(vocab: int, gen: torch.Generator) -> list[tuple[int, int]]:
 
 
 def _merge(module, logits, targets, inv_temp, with_entropy, slabs):
-    state = row_state.empty(logits.shape[0], torch.float32, logits.device)
+    state = row_state.empty(logits.shape[0], logits.device)
     for v0, v1 in slabs:
         # a column slice of the block, rows `vocab` elements apart, as the kernels must accept
         module.row_stats(logits[:, v0:v1], targets, inv_temp, with_entropy, state, col_offset=v0)
@@ -97,7 +97,7 @@ def test_triton_rows_split_over_programs():
     targets = torch.tensor([0, 500, 1000])
     want = _reference(logits, targets, 1.0)
     for v0, v1 in ((0, 1001), (137, 1001)):
-        state = row_state.empty(3, torch.float32, logits.device)
+        state = row_state.empty(3, logits.device)
         if v0:  # the first 137 columns through the one-program path, the rest split in 7
             triton_backend._row_stats(logits[:, :v0], targets, 1.0, True, state, 0, 128, 256)
         triton_backend._row_stats(logits[:, v0:v1], targets, 1.0, True, state, v0, 128, 128)
@@ -119,12 +119,12 @@ def test_a_target_no_block_contained_gives_nan(backend):
 def test_cpu_rejects_bad_state_and_negative_targets():
     module = _load("cpu")
     logits = torch.randn(3, 10)
-    state = row_state.empty(3, torch.float32, logits.device)
+    state = row_state.empty(3, logits.device)
     with pytest.raises(RuntimeError, match=r"targets\[1\] = -2 is negative"):
         module.row_stats(logits, torch.tensor([1, -2, 3]), 1.0, True, state)
     with pytest.raises(RuntimeError, match="state must have shape"):
         module.row_stats(logits, torch.tensor([1, 2, 3]), 1.0, True, state[:2])
-    with pytest.raises(RuntimeError, match="state must be float32"):
-        module.row_stats(logits, torch.tensor([1, 2, 3]), 1.0, True, state.double())
+    with pytest.raises(RuntimeError, match="state must be float64"):
+        module.row_stats(logits, torch.tensor([1, 2, 3]), 1.0, True, state.float())
     with pytest.raises(RuntimeError, match="col_offset must be >= 0"):
         module.row_stats(logits, torch.tensor([1, 2, 3]), 1.0, True, state, col_offset=-1)

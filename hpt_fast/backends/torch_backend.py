@@ -42,7 +42,7 @@ def row_stats(
             contains its target, and a target outside the block is never used as an index.
         inv_temp: 1 / temperature.
         with_entropy: whether to keep s1, which only the entropy needs.
-        state: [C, 4] float32 (float64 for a float64 block), updated in place.
+        state: [C, 4] float64, updated in place.
         col_offset: vocabulary id of the block's first column, >= 0.
     Returns:
         ``state``.
@@ -53,19 +53,23 @@ def row_stats(
     # gathered before the shift below: finish() relies on z_t being bit for bit one of the z
     z_t = z.gather(1, local.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
     m_old, s_old = state[:, row_state.M], state[:, row_state.S]
-    m = torch.maximum(m_old, z.amax(dim=1))
+    # the block in its own dtype (m_old holds one of its values, so the cast is exact); the
+    # state's sums in float64
+    m = torch.maximum(m_old.to(z.dtype), z.amax(dim=1))
     # shifted logits keep exp() finite for logits of any magnitude
     zs = z.sub_(m[:, None])
     e = zs.exp()
+    m = m.double()
     # rows with nothing seen yet have s_old = 0 and m_old = -inf: their old sums stay 0, not NaN
     seen = s_old > 0
     scale = torch.where(seen, torch.exp(m_old - m), 0.0)
     if with_entropy:
         shift = torch.where(seen, m_old - m, 0.0)
-        state[:, row_state.S1] = scale * (state[:, row_state.S1] + shift * s_old) + torch.linalg.vecdot(e, zs)
-    state[:, row_state.S] = scale * s_old + e.sum(dim=1)
+        s1_blk = torch.linalg.vecdot(e, zs).double()
+        state[:, row_state.S1] = scale * (state[:, row_state.S1] + shift * s_old) + s1_blk
+    state[:, row_state.S] = scale * s_old + e.sum(dim=1).double()
     state[:, row_state.M] = m
-    state[:, row_state.Z_T] = torch.where(in_block, z_t, state[:, row_state.Z_T])
+    state[:, row_state.Z_T] = torch.where(in_block, z_t.double(), state[:, row_state.Z_T])
     return state
 
 

@@ -44,7 +44,7 @@ def row_stats(
         targets: [C] int64 in [0, V); a target outside the block's columns is never an address.
         inv_temp: 1 / temperature.
         with_entropy: whether to keep s1, which only the entropy needs.
-        state: [C, 4] float32, contiguous, updated in place.
+        state: [C, 4] float64, contiguous, updated in place.
         col_offset: vocabulary id of the block's first column, >= 0.
     Returns:
         ``state``.
@@ -120,8 +120,8 @@ def _row_stats(
     pieces of ``split_v`` columns (a multiple of ``block_v``) merged by a second kernel."""
     _check_columns(logits, "logits")
     n_rows, vocab = logits.shape
-    if state.shape != (n_rows, 4) or state.dtype != torch.float32 or not state.is_contiguous():
-        raise ValueError(f"state must be a contiguous float32 [{n_rows}, 4] tensor; got "
+    if state.shape != (n_rows, 4) or state.dtype != torch.float64 or not state.is_contiguous():
+        raise ValueError(f"state must be a contiguous float64 [{n_rows}, 4] tensor; got "
                          f"{state.dtype} {tuple(state.shape)}, strides {state.stride()}")
     if n_rows == 0:
         return state
