@@ -29,8 +29,9 @@ def _merge_into_state(
     s_old = tl.load(st + 1)
     m_new = tl.maximum(m_old, m)
     m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
-    a_old = tl.exp(m_old - m_ref)
-    a_blk = tl.exp(m - m_ref)
+    # the rescaling factors in float32 (exp of a float64 would need libdevice), applied in float64
+    a_old = tl.exp((m_old - m_ref).to(tl.float32)).to(tl.float64)
+    a_blk = tl.exp((m - m_ref).to(tl.float32)).to(tl.float64)
     tl.store(st, m_new)
     tl.store(st + 1, a_old * s_old + a_blk * s)
     if WITH_ENT:
