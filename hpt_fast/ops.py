@@ -175,16 +175,17 @@ def _auto_order(
 
     Mode A (``mode="A"``): its statistics pass and its backward's gradient pass are separate
     either way, so it takes the order with the smaller sum and the larger M: vocabulary order
-    when N < V. Measured on the 2-core CPU (tokens 2048, H 1024, V 151936), float32: 1.09x
-    instead of 1.12x of the four-GEMM floor (MKL's float32 GEMM runs about 30% slower at M = 220
-    than at M = 2048; oneDNN's bf16 one about 5%); level at V = 32768.
+    when N < V. Measured on the 2-core CPU (tokens 2048, H 1024, V 151936;
+    bench/results_cpu_v151936.md): 1.08x instead of 1.16x of the four-GEMM floor in float32
+    (MKL's float32 GEMM runs about 30% slower at M = 220 than at M = 2048), 1.04x instead of
+    1.45x in bf16; level at V = 32768.
     Mode B (``mode="B"``): token order runs the statistics, the loss and the gradient on one
     logits block (three GEMMs in all); vocabulary order needs the statistics of every token before
     its first gradient slab, so a statistics pass over the slabs first (four GEMMs). It is taken
     only for memory: when the float32 [V, H] buffer of token order (low precision, several chunks)
-    exceeds the memory budget and vocabulary order's [N, H] one is smaller. The extra GEMM costs
-    less than it seems, and less the more chunks there are: summing grad_weight in that buffer
-    moves about 12 V H bytes per chunk (each chunk's bf16 product written and read back, the
+    exceeds the memory budget and vocabulary order's [N, H] one is smaller. Token order saves less
+    than the fourth GEMM, and the less the more chunks there are: summing grad_weight in that
+    buffer moves about 12 V H bytes per chunk (each chunk's bf16 product written and read back, the
     float32 sum read and written). Measured in bf16 at H 1024, V 151936 on the 2-core CPU: at
     N = 2048 (5 chunks; bench/results_cpu_v151936.md) token order 1.18x and vocabulary order
     1.27x of three GEMMs, at 0.61x and 0.12x of the naive logits' memory; at N = 12288 (28
