@@ -177,8 +177,8 @@ def _auto_order(
     either way, so it takes the order with the smaller sum and the larger M: vocabulary order
     when N < V. Measured on the 2-core CPU (tokens 2048, H 1024, V 151936;
     bench/results_cpu_v151936.md): 1.08x instead of 1.16x of the four-GEMM floor in float32
-    (MKL's float32 GEMM runs about 30% slower at M = 220 than at M = 2048), 1.04x instead of
-    1.45x in bf16; level at V = 32768.
+    (the float32 logits GEMM alone: 4.1 s at M = 220, 3.2 s at M = 2048,
+    bench/results_gemm_chunking_cpu.md), 1.04x instead of 1.45x in bf16; level at V = 32768.
     Mode B (``mode="B"``): token order runs the statistics, the loss and the gradient on one
     logits block (three GEMMs in all); vocabulary order needs the statistics of every token before
     its first gradient slab, so a statistics pass over the slabs first (four GEMMs). It is taken
