@@ -321,9 +321,10 @@ FOOTNOTES = """\
   (both passes) when tokens < V; mode B in token order (three GEMMs) unless low precision with
   several token chunks would need a float32 [V, H] weight-gradient buffer larger than the memory
   budget, then a statistics pass and a gradient pass in vocabulary order (four GEMMs, still
-  divided by the three-GEMM floor). The "token order" rows force ``grad_order="tokens"``; the "one token chunk"
-  row also puts all tokens in one logits block (``chunk_size=tokens``), about the memory of
-  cut-cross-entropy's row, where the others keep to the 128 MiB block budget. Buffers of 4 MiB or
+  divided by the three-GEMM floor). The "token order" rows force ``grad_order="tokens"``, the
+  "vocabulary order" row ``grad_order="vocab"``; the "one token chunk" row also puts all tokens
+  in one logits block (``chunk_size=tokens``), about the memory of cut-cross-entropy's row, where
+  the others keep to the 128 MiB block budget. Buffers of 4 MiB or
   more are backed by transparent huge pages (``hpt_fast.hugepages``). Liger: GRPO loss
   (loss_type "dapo", beta 0, no reference model, sequences of 512 tokens, its default chunk of one
   sequence, compiled=False), which computes no entropy. cut-cross-entropy: mean cross-entropy only
