@@ -164,9 +164,12 @@ def _hpt_mode_a(backend: str, grad_order: str = "auto") -> Callable[[Problem], S
     return build
 
 
-def _hpt_mode_b(backend: str, grad_order: str = "auto", one_chunk: bool = False) -> Callable[[Problem], Step]:
+def _hpt_mode_b(
+    backend: str, grad_order: str = "auto", one_chunk: bool = False, accum_dtype: Optional[torch.dtype] = torch.float32
+) -> Callable[[Problem], Step]:
     """Mode B's step; ``one_chunk``: all tokens in one logits block [T, V] instead of the memory
-    budget's chunks (the memory cut-cross-entropy's portable path takes, see ``implementations``)."""
+    budget's chunks (the memory cut-cross-entropy's portable path takes, see ``implementations``);
+    ``accum_dtype``: the op's argument (None: low-precision gradients summed in their own dtype)."""
 
     def build(p: Problem) -> Step:
         token_loss = grpo_token_loss(p)
@@ -174,7 +177,8 @@ def _hpt_mode_b(backend: str, grad_order: str = "auto", one_chunk: bool = False)
 
         def step() -> None:
             loss, _, _ = fused_linear_loss(p.hidden, p.weight, p.targets, token_loss, with_entropy=True,
-                                           backend=backend, grad_order=grad_order, chunk_size=chunk_size)
+                                           backend=backend, grad_order=grad_order, chunk_size=chunk_size,
+                                           accum_dtype=accum_dtype)
             loss.backward()
 
         return step
@@ -315,6 +319,10 @@ def implementations(device: str) -> list[Impl]:
         # time at equal memory, beside the default's time at its memory budget
         impls.append(Impl(f"hpt_b_{default}_one_chunk", f"hpt_fast mode B, backend {default}, one token chunk", 3,
                           _hpt_mode_b(default, "tokens", one_chunk=True)))
+        # grad_weight summed over the token chunks in the inputs' dtype, as Liger's and CCE's
+        # defaults do: token order at the block budget's memory (float32 inputs: the default)
+        impls.append(Impl(f"hpt_b_{default}_lowp_sum", f"hpt_fast mode B, backend {default}, accum_dtype=None", 3,
+                          _hpt_mode_b(default, accum_dtype=None)))
     impls += [
         Impl("naive", "naive PyTorch (materialised logits)", 3, _naive),
         Impl("liger_grpo", "Liger LigerFusedLinearGRPOLoss (no entropy)", 3, _liger_grpo, _needs_module("liger_kernel")),

@@ -60,6 +60,9 @@ class FusedUnifiedLoss(nn.Module):
         temperature: logits are ``(hidden @ weight.T + bias) / temperature`` (the sampling temperature).
         chunk_size: tokens per logits block; None: chosen from the fused op's memory budget.
         backend: the fused op's backend: "auto", "torch", "cpu" or "triton".
+        accum_dtype: how bfloat16 / float16 gradients spanning several logits blocks are summed:
+            torch.float32 (a float32 buffer) or None (in the gradient itself); see
+            ``fused_token_logprobs``.
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class FusedUnifiedLoss(nn.Module):
         temperature: float = 1.0,
         chunk_size: Optional[int] = None,
         backend: str = "auto",
+        accum_dtype: Optional[torch.dtype] = torch.float32,
     ) -> None:
         super().__init__()
         self.estimator = get_estimator(estimator) if isinstance(estimator, str) else estimator
@@ -76,11 +80,12 @@ class FusedUnifiedLoss(nn.Module):
         self.temperature = temperature
         self.chunk_size = chunk_size
         self.backend = backend
+        self.accum_dtype = accum_dtype
 
     def extra_repr(self) -> str:
         return (
             f"{self.estimator!r}, temperature={self.temperature}, chunk_size={self.chunk_size}, "
-            f"backend={self.backend!r}"
+            f"backend={self.backend!r}, accum_dtype={self.accum_dtype}"
         )
 
     def forward(
@@ -116,7 +121,7 @@ class FusedUnifiedLoss(nn.Module):
         est = self.estimator
         op_args = dict(
             bias=bias, temperature=self.temperature, ignore_index=IGNORE_INDEX,
-            backend=self.backend, chunk_size=self.chunk_size,
+            backend=self.backend, chunk_size=self.chunk_size, accum_dtype=self.accum_dtype,
         )
         batch = dict(old_logp=old_logp, off_policy=off_policy, rewards=rewards, normalizers=normalizers)
         if est.needs_sequence_stats:

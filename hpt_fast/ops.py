@@ -64,6 +64,9 @@ class _Plan:
         ``chunk * V // N`` (at least 1), so the block holds as many elements as a [chunk, V] one.
     order: the loop of every pass over logits blocks, "tokens" (over token chunks) or "vocab"
         (over vocabulary slabs).
+    float32_weight_sum: in token order, sum grad_weight over the chunks in a float32 buffer
+        (low-precision inputs with ``accum_dtype=torch.float32``) rather than in grad_weight
+        itself. (Vocabulary order's grad_hidden, [N, H], is always summed in float32.)
     """
 
     backend: ModuleType
@@ -71,6 +74,7 @@ class _Plan:
     chunk: int
     slab: int
     order: str
+    float32_weight_sum: bool
 
 
 def _check_inputs(
@@ -82,6 +86,7 @@ def _check_inputs(
     ignore_index: int,
     chunk_size: Optional[int],
     grad_order: str,
+    accum_dtype: Optional[torch.dtype],
 ) -> None:
     """Raise a clear error for any argument the op cannot take, before any work starts."""
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
@@ -132,6 +137,10 @@ def _check_inputs(
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if grad_order not in GRAD_ORDERS:
         raise ValueError(f"grad_order must be one of {GRAD_ORDERS}, got {grad_order!r}")
+    if accum_dtype not in (None, torch.float32, hidden.dtype):
+        raise ValueError(
+            f"accum_dtype must be torch.float32, None or the inputs' dtype ({hidden.dtype}), got {accum_dtype!r}"
+        )
 
 
 def _valid_rows(targets: Tensor, ignore_index: int, vocab: int) -> Optional[Tensor]:
@@ -159,7 +168,7 @@ def _budget_bytes() -> float:
 
 
 def _auto_order(
-    mode: str, dtype: torch.dtype, n_rows: int, vocab: int, hidden_size: int, chunk: int, budget: float
+    mode: str, float32_weight_sum: bool, n_rows: int, vocab: int, hidden_size: int, chunk: int, budget: float
 ) -> str:
     """The loop order of the passes over logits blocks when the caller leaves it to the op.
 
@@ -171,7 +180,7 @@ def _auto_order(
     N tokens by a slab of W (M = N), writes each slab's rows of grad_weight once and sums
     grad_hidden [N, H] over the slabs. A sum over several blocks rereads and rewrites its tensor
     once per block, and in low precision it needs a float32 buffer of its size (rounded once, at
-    the end).
+    the end), unless ``float32_weight_sum`` is off and the sum is grad_weight's.
 
     Mode A (``mode="A"``): its statistics pass and its backward's gradient pass are separate
     either way, so it takes the order with the smaller sum and the larger M: vocabulary order
@@ -182,8 +191,8 @@ def _auto_order(
     Mode B (``mode="B"``): token order runs the statistics, the loss and the gradient on one
     logits block (three GEMMs in all); vocabulary order needs the statistics of every token before
     its first gradient slab, so a statistics pass over the slabs first (four GEMMs). It is taken
-    only for memory: when the float32 [V, H] buffer of token order (low precision, several chunks)
-    exceeds the memory budget and vocabulary order's [N, H] one is smaller. Token order saves less
+    only for memory: when the float32 [V, H] buffer of token order (``float32_weight_sum``,
+    several chunks) exceeds the memory budget and vocabulary order's [N, H] one is smaller. Token order saves less
     than the fourth GEMM, and the less the more chunks there are: summing grad_weight in that
     buffer moves about 12 V H bytes per chunk (each chunk's bf16 product written and read back, the
     float32 sum read and written). Measured in bf16 at H 1024, V 151936 on the 2-core CPU: at
@@ -193,8 +202,7 @@ def _auto_order(
     """
     if mode == "A":
         return "vocab" if n_rows < vocab else "tokens"
-    lowp = dtype in (torch.bfloat16, torch.float16)
-    token_buffer = vocab * hidden_size * 4 if lowp and chunk < n_rows else 0
+    token_buffer = vocab * hidden_size * 4 if float32_weight_sum and chunk < n_rows else 0
     return "vocab" if token_buffer > budget and n_rows < vocab else "tokens"
 
 
@@ -207,8 +215,9 @@ def _plan(
     chunk_size: Optional[int],
     temperature: float,
     grad_order: str,
+    accum_dtype: Optional[torch.dtype],
 ) -> _Plan:
-    """Backend, block sizes and gradient order for one call of mode ``mode`` ("A" or "B")."""
+    """Backend, block sizes, gradient order and sum precision for one call of mode ``mode`` ("A" or "B")."""
     if hidden.dtype == torch.float64:
         # float64 is the reference / gradcheck dtype: only the readable backend computes in it
         if backend not in ("auto", "torch"):
@@ -221,9 +230,13 @@ def _plan(
         chunk_size = max(1, int(budget // per_row))
     chunk = max(1, min(chunk_size, n_rows))
     slab = max(1, min(vocab, chunk * vocab // max(n_rows, 1)))
+    float32_weight_sum = hidden.dtype in (torch.bfloat16, torch.float16) and accum_dtype == torch.float32
     if grad_order == "auto":
-        grad_order = _auto_order(mode, hidden.dtype, n_rows, vocab, hidden.shape[-1], chunk, budget)
-    return _Plan(backend=module, inv_temp=1.0 / temperature, chunk=chunk, slab=slab, order=grad_order)
+        grad_order = _auto_order(mode, float32_weight_sum, n_rows, vocab, hidden.shape[-1], chunk, budget)
+    return _Plan(
+        backend=module, inv_temp=1.0 / temperature, chunk=chunk, slab=slab, order=grad_order,
+        float32_weight_sum=float32_weight_sum,
+    )
 
 
 def _logits_block(h: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor) -> Tensor:
@@ -335,16 +348,18 @@ def _stats_pass(
 class _MatmulSum:
     """out = the sum over blocks k of a_k @ b_k, into ``out`` (its dtype and shape).
 
-    float32 / float64 accumulate in place through the GEMM itself (beta = 1). Low precision with
-    several blocks accumulates in a float32 buffer of out's shape, rounded once at the end: each
-    block's GEMM writes its own rounded product into ``out`` (used as scratch), because PyTorch
-    has no CPU GEMM that takes bf16 inputs and accumulates into a float32 output.
+    float32 / float64, and low precision without ``float32``: each block's GEMM adds its product
+    into ``out`` itself (beta = 1; float32 accumulation inside the GEMM, then one rounding of the
+    running sum to out's dtype per block). Low precision with ``float32`` and several blocks: the
+    sum is kept in a float32 buffer of out's shape, rounded once at the end; each block's GEMM
+    writes its own rounded product into ``out`` (used as scratch), because PyTorch has no CPU GEMM
+    that takes bf16 inputs and accumulates into a float32 output.
     """
 
-    def __init__(self, out: Tensor, n_blocks: int, backend: ModuleType) -> None:
+    def __init__(self, out: Tensor, n_blocks: int, backend: ModuleType, float32: bool) -> None:
         self.out, self.backend = out, backend
-        lowp = out.dtype in (torch.bfloat16, torch.float16) and n_blocks > 1
-        self.acc = hugepages.empty(out.shape, torch.float32, out.device) if lowp else None
+        buffered = float32 and out.dtype in (torch.bfloat16, torch.float16) and n_blocks > 1
+        self.acc = hugepages.empty(out.shape, torch.float32, out.device) if buffered else None
         self.first = True
 
     def add(self, a: Tensor, b: Tensor) -> None:
@@ -390,10 +405,12 @@ class _GradientPass:
         self.grad_w = hugepages.empty(weight.shape, weight.dtype, weight.device) if want_w else None
         self.sum_b = torch.zeros(vocab, dtype=_stat_dtype(hidden), device=hidden.device) if want_b else None
         if plan.order == "tokens":
-            summed, n_blocks = self.grad_w, math.ceil(n / plan.chunk)
+            summed, n_blocks, float32 = self.grad_w, math.ceil(n / plan.chunk), plan.float32_weight_sum
         else:
-            summed, n_blocks = self.grad_h, math.ceil(vocab / plan.slab)
-        self.sum = None if summed is None else _MatmulSum(summed, n_blocks, plan.backend)
+            # grad_hidden's float32 buffer is only [N, H], and summing it in low precision over
+            # the slabs doubles its error (bench/results_accum_precision_cpu.md)
+            summed, n_blocks, float32 = self.grad_h, math.ceil(vocab / plan.slab), True
+        self.sum = None if summed is None else _MatmulSum(summed, n_blocks, plan.backend, float32)
 
     def step(self, logits: Tensor, r: slice, c: slice) -> None:
         """Turn logits [r, c] into their gradient in place and add its share to the results."""
@@ -575,16 +592,19 @@ def _prepare(
     chunk_size: Optional[int],
     mode: str,
     grad_order: str,
+    accum_dtype: Optional[torch.dtype],
 ) -> tuple[Tensor, Tensor, Optional[Tensor], _Plan]:
     """Check the arguments, keep the scored rows, plan the blocks for mode ``mode`` ("A" / "B").
 
     Returns (hidden [N, H] and targets [N] of the N non-ignored positions, their flat indices or
     None when none is ignored, the plan).
     """
-    _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, chunk_size, grad_order)
+    _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, chunk_size, grad_order, accum_dtype)
     index = _valid_rows(targets, ignore_index, weight.shape[0])
     h, t = _gather_valid(hidden, targets, index)
-    plan = _plan(mode, backend, hidden, weight.shape[0], h.shape[0], chunk_size, temperature, grad_order)
+    plan = _plan(
+        mode, backend, hidden, weight.shape[0], h.shape[0], chunk_size, temperature, grad_order, accum_dtype
+    )
     return h, t, index, plan
 
 
@@ -600,6 +620,7 @@ def fused_token_logprobs(
     backend: str = "auto",
     chunk_size: Optional[int] = None,
     grad_order: str = "auto",
+    accum_dtype: Optional[torch.dtype] = torch.float32,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Per-token log-probabilities (and entropies) of ``targets`` under softmax(logits / T).
 
@@ -621,12 +642,25 @@ def fused_token_logprobs(
             (over vocabulary slabs of all tokens, summing grad_hidden) or "auto": "vocab" when
             there are fewer scored tokens than V (the smaller sum, the larger GEMMs). Both run
             four GEMMs; the choice changes speed and memory, not the result beyond rounding.
+        accum_dtype: how grad_weight is summed over token chunks (token order, more than one
+            chunk) when the inputs are bfloat16 / float16. ``torch.float32`` (default): in a
+            float32 [V, H] buffer, rounded once at the end. ``None`` or the inputs' dtype: each
+            chunk's GEMM adds into grad_weight itself (float32 inside the GEMM), rounding the
+            running sum once per chunk, as Liger's fused linear cross-entropy (its default
+            ``accum_dtype=None``) and cut-cross-entropy's CUDA kernel do: no buffer, and no pass
+            over it. Each chunk's product leaves the GEMM in bf16 either way, and that rounding
+            dominates: measured at H 1024, V 151936, the mean error of grad_weight is the same
+            at 2048 tokens (5 chunks) and 5% larger at 8192 (19 chunks)
+            (``bench/results_accum_precision_cpu.md``). Vocabulary order's grad_hidden sum is
+            always float32 (its buffer is [N, H]); float32 / float64 inputs always sum in their
+            own dtype.
     Returns:
         logp: float32 [...] (<= 0), entropy: float32 [...] or None. Both differentiable w.r.t.
         hidden, weight and bias; the backward recomputes the logits block by block.
     """
     h, t, index, plan = _prepare(
-        hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, "A", grad_order
+        hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, "A", grad_order,
+        accum_dtype,
     )
     shape, n_total = tuple(targets.shape), targets.numel()
     logp, entropy = _TokenLogprobs.apply(h, weight.contiguous(), bias, t, plan, return_entropy)
@@ -647,6 +681,7 @@ def fused_linear_loss(
     backend: str = "auto",
     chunk_size: Optional[int] = None,
     grad_order: str = "auto",
+    accum_dtype: Optional[torch.dtype] = torch.float32,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Sum over tokens of ``token_loss_fn(logp, entropy, rows)``, gradients computed in the forward.
 
@@ -662,8 +697,10 @@ def fused_linear_loss(
             (three GEMMs); "vocab": a statistics pass, then a gradient pass, both over
             vocabulary slabs of all tokens (four GEMMs), whose grad_weight needs no float32
             [V, H] buffer in bfloat16 / float16; "auto": "vocab" only when that buffer (low
-            precision, several chunks) would exceed ``HPT_FAST_MEMORY_BUDGET_MB`` and there are
-            fewer scored tokens than V, else "tokens".
+            precision with ``accum_dtype=torch.float32``, several chunks) would exceed
+            ``HPT_FAST_MEMORY_BUDGET_MB`` and there are fewer scored tokens than V, else "tokens".
+        accum_dtype: as in ``fused_token_logprobs``. ``None`` keeps bfloat16 / float16 mode B in
+            token order (three GEMMs) at the memory of one logits block.
     Returns:
         loss: float32 scalar, differentiable w.r.t. hidden, weight and bias;
         logp: float32 [...] detached (0 at ignored positions); entropy: float32 [...] detached, or None.
@@ -671,7 +708,8 @@ def fused_linear_loss(
     if not callable(token_loss_fn):
         raise TypeError(f"token_loss_fn must be callable, got {type(token_loss_fn).__name__}")
     h, t, index, plan = _prepare(
-        hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, "B", grad_order
+        hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, "B", grad_order,
+        accum_dtype,
     )
     shape, n_total = tuple(targets.shape), targets.numel()
     rows = index if index is not None else torch.arange(n_total, device=hidden.device)

@@ -1,7 +1,8 @@
-"""The fused op's benchmark table script runs end to end on a tiny shape (timing, memory children,
-the table) and keeps to the implementations asked for."""
+"""The fused op's benchmark scripts run end to end on a tiny shape: the table (timing, memory
+children) keeps to the implementations asked for; the precision table's errors are plausible."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -55,3 +56,20 @@ def test_unknown_implementation_is_refused():
     )
     assert out.returncode != 0
     assert "unknown implementation(s) ['nope']" in out.stderr
+
+
+def test_accum_precision_table():
+    """The precision script's rows: every variant within bf16 reach of the float64 reference, and
+    no closer than the reference rounded to the nearest bf16, which no bf16 tensor can beat."""
+    env = {**os.environ, "HPT_FAST_MEMORY_BUDGET_MB": "0.05"}  # several token chunks at this shape
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.accum_precision", "--tokens", "64", "--hidden", "16", "--vocab", "3001"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {label: cells for label, cells in _table_rows(out.stdout).items() if label != "variant"}
+    assert len(rows) == 5, rows
+    floor = [float(c) for c in rows.pop("float64 reference rounded once to bfloat16")[:4]]
+    for label, cells in rows.items():
+        errors = [float(c) for c in cells[:4]]
+        assert all(f * 0.99 <= e < 0.05 for e, f in zip(errors, floor)), (label, errors, floor)

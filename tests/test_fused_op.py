@@ -256,7 +256,7 @@ def test_vocab_slabs_of_width_one(backend, dtype):
     bias = torch.randn(v, generator=gen).to(dtype).requires_grad_()
     targets = torch.randint(0, v, (n,), generator=gen)
     targets[[2, 9]] = -100
-    assert ops._plan("A", backend, hidden, v, n - 2, 1, 0.9, "vocab").slab == 1
+    assert ops._plan("A", backend, hidden, v, n - 2, 1, 0.9, "vocab", torch.float32).slab == 1
     ref_in = [x.detach().double().requires_grad_() for x in (hidden, weight, bias)]
     ref_logp, ref_ent = reference_logprobs(ref_in[0], ref_in[1], targets, ref_in[2], 0.9)
     g_ent = torch.randn(n, generator=gen)
@@ -275,8 +275,10 @@ def test_vocab_slabs_of_width_one(backend, dtype):
             assert rel_err(a, b) <= TOL[dtype], name
 
 
-def _plan_order(mode: str, dtype: torch.dtype, n: int, v: int, h: int, chunk_size=None) -> str:
-    return ops._plan(mode, "torch", torch.empty(n, h, dtype=dtype), v, n, chunk_size, 1.0, "auto").order
+def _plan_order(mode: str, dtype: torch.dtype, n: int, v: int, h: int, chunk_size=None,
+                accum_dtype=torch.float32) -> str:
+    hidden = torch.empty(n, h, dtype=dtype)
+    return ops._plan(mode, "torch", hidden, v, n, chunk_size, 1.0, "auto", accum_dtype).order
 
 
 def test_plan_picks_vocab_order_exactly_when_it_should(monkeypatch):
@@ -297,8 +299,55 @@ def test_plan_picks_vocab_order_exactly_when_it_should(monkeypatch):
     assert _plan_order("B", bf16, 2000, 1000, 512, chunk_size=8) == "tokens"  # [N, H] no smaller
     # the chunk from the budget: 1 MiB / (1000 * 2 bytes + the torch backend's extra) = 58 rows
     assert _plan_order("B", bf16, 64, 1000, 512) == "vocab"
+    # summed in the gradient itself: no buffer, so token order
+    assert _plan_order("B", bf16, 64, 1000, 512, chunk_size=8, accum_dtype=None) == "tokens"
+    assert _plan_order("B", f16, 64, 1000, 512, chunk_size=8, accum_dtype=f16) == "tokens"
     monkeypatch.setenv("HPT_FAST_MEMORY_BUDGET_MB", "2")
     assert _plan_order("B", bf16, 64, 1000, 512, chunk_size=8) == "tokens"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sum_in_the_inputs_dtype(backend, dtype, monkeypatch):
+    """accum_dtype=None sums grad_weight over token chunks in grad_weight itself (no float32
+    buffer), in both modes, within the low-precision tolerance of the float64 reference; with
+    torch.float32 the same call allocates the buffer. Vocabulary order sums grad_hidden in float32
+    whatever accum_dtype says."""
+    _skip_unavailable(backend)
+    made = []
+    real_init = ops._MatmulSum.__init__
+
+    def spy(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        made.append(self.acc is not None)
+
+    monkeypatch.setattr(ops._MatmulSum, "__init__", spy)
+    p = draw_problem(backend, dtype, 2)
+    p.chunk_size = 5  # several token chunks and vocabulary slabs on every backend's case
+    ref_in = _reference_inputs(p)
+    ref_logp, ref_ent = _reference(p, ref_in)
+    rows = (p.targets.reshape(-1) != -100).nonzero().squeeze(1)
+    adv = torch.randn(p.targets.numel(), generator=torch.Generator().manual_seed(5))
+    # smooth in logp: a clipped ratio could flip its clip on a bf16 rounding of logp
+    fn = lambda lp, e, r: -torch.exp(lp) * adv[r].to(lp.dtype) - 0.1 * e
+    want_b = torch.autograd.grad(fn(ref_logp.reshape(-1)[rows], ref_ent.reshape(-1)[rows], rows).sum(), ref_in,
+                                 retain_graph=True)
+    want_a = torch.autograd.grad((ref_logp + 0.5 * ref_ent).sum(), ref_in)
+    for order in ORDERS:
+        for accum, buffered in ((None, False), (dtype, False), (torch.float32, True)):
+            buffered = buffered or order == "vocab"
+            made.clear()
+            kw = dict(bias=p.bias, temperature=p.temperature, backend=backend, chunk_size=p.chunk_size,
+                      grad_order=order, accum_dtype=accum)
+            logp, ent = fused_token_logprobs(p.hidden, p.weight, p.targets, return_entropy=True, **kw)
+            got_a = torch.autograd.grad((logp + 0.5 * ent).sum(), _inputs(p))
+            loss, _, _ = fused_linear_loss(p.hidden, p.weight, p.targets, fn, with_entropy=True, **kw)
+            got_b = torch.autograd.grad(loss, _inputs(p))
+            assert made == [buffered, buffered], (order, accum)
+            for got, want in ((got_a, want_a), (got_b, want_b)):
+                for name, a, b in zip(("hidden", "weight", "bias"), got, want):
+                    assert a.dtype == dtype and torch.isfinite(a).all(), (order, accum, name)
+                    assert rel_err(a, b) <= TOL[dtype], (order, accum, name)
 
 
 @pytest.mark.parametrize("requested", ["auto", "tokens", "vocab"])

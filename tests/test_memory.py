@@ -13,6 +13,7 @@ CHILD = textwrap.dedent(
     from hpt_fast import fused_linear_loss, fused_token_logprobs
 
     mode, backend, dtype, h = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3]), int(sys.argv[4])
+    accum = None if sys.argv[5] == "none" else getattr(torch, sys.argv[5])
     n, v = 2048, 151936
     torch.manual_seed(0)
     hidden = torch.randn(n, h).to(dtype).requires_grad_()
@@ -35,29 +36,36 @@ CHILD = textwrap.dedent(
         f.write("5")
     base = status("VmRSS")
     if mode == "A":
-        logp, ent = fused_token_logprobs(hidden, weight, targets, return_entropy=True, backend=backend)
+        logp, ent = fused_token_logprobs(hidden, weight, targets, return_entropy=True, backend=backend,
+                                         accum_dtype=accum)
         (logp.sum() + 0.01 * ent.sum()).backward()
     else:
         loss, _, _ = fused_linear_loss(hidden, weight, targets, lambda lp, e, r: -lp - 0.01 * e,
-                                       with_entropy=True, backend=backend)
+                                       with_entropy=True, backend=backend, accum_dtype=accum)
         loss.backward()
     peak = status("VmHWM")
     print(json.dumps({"extra": peak - base - grads_bytes, "naive": n * v * 4}))
     """
 )
 
-# (backend, dtype, H): float32 at a small H; bfloat16 at an H where the float32 [V, H] buffer a
-# token-order weight gradient would need (V * H * 4 = 156 MB) is larger than the default 128 MiB
-# budget, so mode B takes the vocabulary-order gradient pass and neither mode holds such a buffer
-# (the torch backend's bf16 row passes are too slow at this shape for the test suite: its float32
-# case shows its temporaries).
-CASES = [("torch", "float32", 32), ("auto", "float32", 32), ("auto", "bfloat16", 256)]
+# (backend, dtype, H, accum_dtype): float32 at a small H; bfloat16 at an H where the float32
+# [V, H] buffer a token-order weight gradient would need (V * H * 4 = 156 MB) is larger than the
+# default 128 MiB budget, so mode B takes the vocabulary-order gradient pass and neither mode holds
+# such a buffer; the same with the gradient summed in bfloat16 (accum_dtype=None), where mode B
+# stays in token order and needs no buffer either (the torch backend's bf16 row passes are too
+# slow at this shape for the test suite: its float32 case shows its temporaries).
+CASES = [
+    ("torch", "float32", 32, "float32"),
+    ("auto", "float32", 32, "float32"),
+    ("auto", "bfloat16", 256, "float32"),
+    ("auto", "bfloat16", 256, "none"),
+]
 
 
 @pytest.mark.parametrize("mode", ["A", "B"])
-@pytest.mark.parametrize("backend, dtype, h", CASES, ids=[f"{b}-{d}" for b, d, _ in CASES])
-def test_peak_memory_far_below_logits(backend, dtype, h, mode):
-    out = subprocess.run([sys.executable, "-c", CHILD, mode, backend, dtype, str(h)],
+@pytest.mark.parametrize("backend, dtype, h, accum", CASES, ids=[f"{b}-{d}-{a}" for b, d, _, a in CASES])
+def test_peak_memory_far_below_logits(backend, dtype, h, accum, mode):
+    out = subprocess.run([sys.executable, "-c", CHILD, mode, backend, dtype, str(h), accum],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])

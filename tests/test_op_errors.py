@@ -45,6 +45,8 @@ def test_bad_tensors(change, error, match):
         ({"backend": "cuda"}, ValueError, "backend must be one of"),
         ({"chunk_size": 0}, ValueError, "chunk_size must be a positive int"),
         ({"grad_order": "slabs"}, ValueError, "grad_order must be one of"),
+        ({"accum_dtype": torch.bfloat16}, ValueError, "accum_dtype must be torch.float32, None or"),
+        ({"accum_dtype": "float32"}, ValueError, "accum_dtype must be"),
         ({"ignore_index": 1.5}, TypeError, "ignore_index must be an int"),
     ],
 )
