@@ -324,7 +324,9 @@ FOOTNOTES = """\
   divided by the three-GEMM floor). The "token order" rows force ``grad_order="tokens"``, the
   "vocabulary order" row ``grad_order="vocab"``; the "one token chunk" row also puts all tokens
   in one logits block (``chunk_size=tokens``), about the memory of cut-cross-entropy's row, where
-  the others keep to the 128 MiB block budget. Buffers of 4 MiB or
+  the others keep to the 128 MiB block budget. The "accum_dtype=None" row sums a bf16 grad_weight
+  over the token chunks in grad_weight itself instead of a float32 [V, H] buffer, so ``"auto"``
+  keeps token order at the block budget's memory (float32: the same as the default). Buffers of 4 MiB or
   more are backed by transparent huge pages (``hpt_fast.hugepages``). Liger: GRPO loss
   (loss_type "dapo", beta 0, no reference model, sequences of 512 tokens, its default chunk of one
   sequence, compiled=False), which computes no entropy. cut-cross-entropy: mean cross-entropy only

@@ -240,3 +240,34 @@ def test_readme_examples_run(section):
     namespace = {"__name__": "__readme__"}  # the blocks run in order, like a reader pasting them
     for i, code in enumerate(blocks, 1):
         exec(compile(code, f"README {section}, python block {i}", "exec"), namespace)
+
+
+@pytest.mark.parametrize("name", ["grpo", "srft"])
+def test_accum_dtype_reaches_the_fused_op(name, monkeypatch):
+    """accum_dtype goes to mode B (and to mode A for SRFT) unchanged, and the bf16 loss's
+    gradients stay close to the float64 one's with grad_weight summed in bf16."""
+    seen = []
+    for op in ("fused_linear_loss", "fused_token_logprobs"):
+        real = getattr(loss_module, op)
+
+        def spy(*args, _real=real, **kwargs):
+            seen.append(kwargs["accum_dtype"])
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(loss_module, op, spy)
+    est = _estimator(name)
+    x = _batch(torch.float64)
+    adv, old, off = _row_args(est, x)
+    args = dict(bias=x["bias"], old_logp=old, off_policy=off, rewards=REWARDS)
+    fused = FusedUnifiedLoss(est, temperature=TEMPERATURE, chunk_size=2, backend="torch")
+    want = torch.autograd.grad(fused(x["hidden"], x["weight"], x["targets"], x["mask"], adv, **args)[0],
+                               (x["hidden"], x["weight"]))
+    low = {k: x[k].detach().bfloat16().requires_grad_(True) for k in ("hidden", "weight", "bias")}
+    fused = FusedUnifiedLoss(est, temperature=TEMPERATURE, chunk_size=2, accum_dtype=None)
+    assert "accum_dtype=None" in repr(fused)
+    loss, _ = fused(low["hidden"], low["weight"], x["targets"], x["mask"], adv, **{**args, "bias": low["bias"]})
+    got = torch.autograd.grad(loss, (low["hidden"], low["weight"]))
+    assert seen == [torch.float32, None]
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16
+        assert float((g.double() - w).abs().max()) <= 0.05 * float(w.abs().max())
