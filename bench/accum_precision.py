@@ -68,7 +68,9 @@ def errors(got: Tensor, want: Tensor) -> tuple[float, float]:
     return float(diff.max() / want.abs().max()), float(diff.mean() / want.abs().mean())
 
 
-def run_variant(p: Problem, order: str, chunk: Optional[str], accum: Optional[torch.dtype]) -> tuple[Tensor, Tensor, float]:
+def run_variant(
+    p: Problem, order: str, chunk: Optional[str], accum: Optional[torch.dtype]
+) -> tuple[Tensor, Tensor, float]:
     """Mode B's (grad_hidden, grad_weight) and its wall time in seconds."""
     p.zero_grads()
     start = time.perf_counter()

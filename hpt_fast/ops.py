@@ -192,10 +192,10 @@ def _auto_order(
     logits block (three GEMMs in all); vocabulary order needs the statistics of every token before
     its first gradient slab, so a statistics pass over the slabs first (four GEMMs). It is taken
     only for memory: when the float32 [V, H] buffer of token order (``float32_weight_sum``,
-    several chunks) exceeds the memory budget and vocabulary order's [N, H] one is smaller. Token order saves less
-    than the fourth GEMM, and the less the more chunks there are: summing grad_weight in that
-    buffer moves about 12 V H bytes per chunk (each chunk's bf16 product written and read back, the
-    float32 sum read and written). Measured in bf16 at H 1024, V 151936 on the 2-core CPU: at
+    several chunks) exceeds the memory budget and vocabulary order's [N, H] one is smaller.
+    Token order saves less than the fourth GEMM, and the less the more chunks there are: summing
+    grad_weight in that buffer moves about 12 V H bytes per chunk (each chunk's bf16 product
+    written and read back, the float32 sum read and written). Measured in bf16 at H 1024, V 151936 on the 2-core CPU: at
     N = 2048 (5 chunks; bench/results_cpu_v151936.md) token order 1.18x and vocabulary order
     1.27x of three GEMMs, at 0.61x and 0.12x of the naive logits' memory; at N = 12288 (28
     chunks; bench/results_cpu_n12288.md) 17.5-18.9 s against 19.3 s, at 0.10x and 0.03x.
@@ -407,8 +407,9 @@ class _GradientPass:
         if plan.order == "tokens":
             summed, n_blocks, float32 = self.grad_w, math.ceil(n / plan.chunk), plan.float32_weight_sum
         else:
-            # grad_hidden's float32 buffer is only [N, H], and summing it in low precision over
-            # the slabs doubles its error (bench/results_accum_precision_cpu.md)
+            # grad_hidden's float32 buffer is only [N, H]; summed in bf16 over the slabs, its mean
+            # error doubled in a trial of bench/accum_precision.py (6.2e-3 against 2.9e-3 over 19
+            # slabs at 8192 tokens, H 1024, V 151936)
             summed, n_blocks, float32 = self.grad_h, math.ceil(vocab / plan.slab), True
         self.sum = None if summed is None else _MatmulSum(summed, n_blocks, plan.backend, float32)
 
