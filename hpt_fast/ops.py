@@ -25,6 +25,7 @@ so the backends only ever need the two per-token scalars g_logp and g_ent.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ _TORCH_BACKEND_EXTRA_BYTES = 16
 
 # Loop orders of the gradient pass (see _auto_order); "auto" lets the plan choose.
 GRAD_ORDERS = ("auto", "tokens", "vocab")
+# Device types whose torch.autocast the op follows (see _autocast_inputs): those of its backends.
+_AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,37 @@ def _check_inputs(
         raise ValueError(
             f"accum_dtype must be torch.float32, None or the inputs' dtype ({hidden.dtype}), got {accum_dtype!r}"
         )
+
+
+def _autocast_inputs(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """hidden, weight and bias as ``torch.autocast`` would hand them to ``F.linear``.
+
+    The op is the output layer's matmul, so under autocast for hidden's device type the
+    floating-point inputs other than float64 are cast to the autocast dtype (the usual mixed
+    precision case: bf16 activations, float32 lm_head weight). The casts are differentiable, so
+    each gradient comes back in its input's own dtype. Without autocast, or for anything that is
+    not such a tensor, the inputs pass unchanged to the argument checks.
+    """
+    if not (isinstance(hidden, Tensor) and hidden.device.type in _AUTOCAST_DEVICES
+            and torch.is_autocast_enabled(hidden.device.type)):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(hidden.device.type)
+
+    def cast(t):
+        eligible = isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if eligible else t
+
+    return cast(hidden), cast(weight), cast(bias)
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast disabled on ``device``: the op's GEMMs already run in the inputs' dtype, and its
+    per-token math (row statistics, ``token_loss_fn``) is float32 by contract."""
+    if device.type not in _AUTOCAST_DEVICES:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 def _valid_rows(targets: Tensor, ignore_index: int, vocab: int) -> Optional[Tensor]:
@@ -468,7 +502,8 @@ class _TokenLogprobs(torch.autograd.Function):
         g_ent = None if (entropy is None or g_ent is None) else g_ent.to(lse.dtype).contiguous()
         rows = _RowData(None, lse, entropy, g_logp, g_ent)
         grads = _GradientPass(plan, hidden, weight, targets, rows, want_h, want_w, want_b and bias is not None)
-        grads.recompute(bias, _block_buffer(plan, hidden, weight.shape[0]))
+        with _autocast_off(hidden.device):  # a backward called inside the autocast region
+            grads.recompute(bias, _block_buffer(plan, hidden, weight.shape[0]))
         return (*grads.result(None if bias is None else bias.dtype), None, None, None)
 
 
@@ -594,19 +629,22 @@ def _prepare(
     mode: str,
     grad_order: str,
     accum_dtype: Optional[torch.dtype],
-) -> tuple[Tensor, Tensor, Optional[Tensor], _Plan]:
-    """Check the arguments, keep the scored rows, plan the blocks for mode ``mode`` ("A" / "B").
+) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor], _Plan]:
+    """Follow autocast, check the arguments, keep the scored rows, plan the blocks for mode
+    ``mode`` ("A" / "B").
 
-    Returns (hidden [N, H] and targets [N] of the N non-ignored positions, their flat indices or
-    None when none is ignored, the plan).
+    Returns (hidden [N, H] and targets [N] of the N non-ignored positions, weight [V, H]
+    contiguous and bias [V] or None in the op's dtype, the positions' flat indices or None when
+    none is ignored, the plan).
     """
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, chunk_size, grad_order, accum_dtype)
     index = _valid_rows(targets, ignore_index, weight.shape[0])
     h, t = _gather_valid(hidden, targets, index)
     plan = _plan(
         mode, backend, hidden, weight.shape[0], h.shape[0], chunk_size, temperature, grad_order, accum_dtype
     )
-    return h, t, index, plan
+    return h, t, weight.contiguous(), bias, index, plan
 
 
 def fused_token_logprobs(
@@ -627,7 +665,11 @@ def fused_token_logprobs(
 
     Args:
         hidden: [..., H] float32 / bfloat16 / float16 (float64 for reference checks: torch backend).
-        weight: [V, H], the same dtype and device as ``hidden``.
+        weight: [V, H], the same dtype and device as ``hidden``. Under ``torch.autocast`` for
+            hidden's device type (cpu, cuda), hidden, weight and bias are first cast to the
+            autocast dtype, as for ``F.linear`` (float64 excepted), so float32 weights with bf16
+            activations work, and their gradients come back in float32; inside, the op runs with
+            autocast off.
         targets: [...] int64, the leading shape of ``hidden``; ids in [0, V) or ``ignore_index``.
         bias: [V] or None. Logits are ``(hidden @ weight.T + bias) / temperature``.
         temperature: finite, > 0.
@@ -659,12 +701,13 @@ def fused_token_logprobs(
         logp: float32 [...] (<= 0), entropy: float32 [...] or None. Both differentiable w.r.t.
         hidden, weight and bias; the backward recomputes the logits block by block.
     """
-    h, t, index, plan = _prepare(
+    h, t, w, b, index, plan = _prepare(
         hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, "A", grad_order,
         accum_dtype,
     )
     shape, n_total = tuple(targets.shape), targets.numel()
-    logp, entropy = _TokenLogprobs.apply(h, weight.contiguous(), bias, t, plan, return_entropy)
+    with _autocast_off(h.device):
+        logp, entropy = _TokenLogprobs.apply(h, w, b, t, plan, return_entropy)
     logp = _scatter_rows(logp, index, n_total, shape)
     return logp, (_scatter_rows(entropy, index, n_total, shape) if return_entropy else None)
 
@@ -708,14 +751,13 @@ def fused_linear_loss(
     """
     if not callable(token_loss_fn):
         raise TypeError(f"token_loss_fn must be callable, got {type(token_loss_fn).__name__}")
-    h, t, index, plan = _prepare(
+    h, t, w, b, index, plan = _prepare(
         hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, "B", grad_order,
         accum_dtype,
     )
     shape, n_total = tuple(targets.shape), targets.numel()
     rows = index if index is not None else torch.arange(n_total, device=hidden.device)
-    loss, logp, entropy = _LinearLoss.apply(
-        h, weight.contiguous(), bias, t, rows, token_loss_fn, plan, with_entropy
-    )
+    with _autocast_off(h.device):
+        loss, logp, entropy = _LinearLoss.apply(h, w, b, t, rows, token_loss_fn, plan, with_entropy)
     logp = _scatter_rows(logp, index, n_total, shape)
     return loss, logp, (_scatter_rows(entropy, index, n_total, shape) if with_entropy else None)
