@@ -647,6 +647,9 @@ def _prepare(
     return h, t, weight.contiguous(), bias, index, plan
 
 
+# torch.compile runs the op as it is, without tracing into it: it is already fused, and its
+# C++ / Triton calls and data-dependent argument checks would only break Dynamo's graph piecemeal
+@torch.compiler.disable
 def fused_token_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -712,6 +715,7 @@ def fused_token_logprobs(
     return logp, (_scatter_rows(entropy, index, n_total, shape) if return_entropy else None)
 
 
+@torch.compiler.disable
 def fused_linear_loss(
     hidden: Tensor,
     weight: Tensor,
