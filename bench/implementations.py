@@ -169,7 +169,8 @@ def _hpt_mode_b(
 ) -> Callable[[Problem], Step]:
     """Mode B's step; ``one_chunk``: all tokens in one logits block [T, V] instead of the memory
     budget's chunks (the memory cut-cross-entropy's portable path takes, see ``implementations``);
-    ``accum_dtype``: the op's argument (None: low-precision gradients summed in their own dtype)."""
+    ``accum_dtype``: the op's argument (None: a low-precision grad_weight summed over the token
+    chunks in its own dtype)."""
 
     def build(p: Problem) -> Step:
         token_loss = grpo_token_loss(p)

@@ -60,8 +60,8 @@ class FusedUnifiedLoss(nn.Module):
         temperature: logits are ``(hidden @ weight.T + bias) / temperature`` (the sampling temperature).
         chunk_size: tokens per logits block; None: chosen from the fused op's memory budget.
         backend: the fused op's backend: "auto", "torch", "cpu" or "triton".
-        accum_dtype: how bfloat16 / float16 gradients spanning several logits blocks are summed:
-            torch.float32 (a float32 buffer) or None (in the gradient itself); see
+        accum_dtype: how a bfloat16 / float16 grad_weight is summed over token chunks:
+            torch.float32 (a float32 [V, H] buffer) or None (in grad_weight itself); see
             ``fused_token_logprobs``.
     """
 

@@ -43,6 +43,8 @@ TokenLossFn = Callable[[Tensor, Optional[Tensor], Tensor], Tensor]
 ChunkHook = Callable[[int, int, Tensor], None]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# dtypes whose GEMM outputs are rounded below float32, so that a sum over blocks loses precision
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 # The logits block's budget; the default keeps extra memory well under the naive logits'
 # size at LLM vocabularies while leaving the GEMMs large enough to run at full speed.
 _DEFAULT_BUDGET_MB = 128
@@ -229,10 +231,11 @@ def _auto_order(
     several chunks) exceeds the memory budget and vocabulary order's [N, H] one is smaller.
     Token order saves less than the fourth GEMM, and the less the more chunks there are: summing
     grad_weight in that buffer moves about 12 V H bytes per chunk (each chunk's bf16 product
-    written and read back, the float32 sum read and written). Measured in bf16 at H 1024, V 151936 on the 2-core CPU: at
-    N = 2048 (5 chunks; bench/results_cpu_v151936.md) token order 1.18x and vocabulary order
-    1.27x of three GEMMs, at 0.61x and 0.12x of the naive logits' memory; at N = 12288 (28
-    chunks; bench/results_cpu_n12288.md) 17.5-18.9 s against 19.3 s, at 0.10x and 0.03x.
+    written and read back, the float32 sum read and written). Measured in bf16 at H 1024,
+    V 151936 on the 2-core CPU: at N = 2048 (5 chunks; bench/results_cpu_v151936.md) token order
+    1.18x and vocabulary order 1.27x of three GEMMs, at 0.61x and 0.12x of the naive logits'
+    memory; at N = 12288 (28 chunks; bench/results_cpu_n12288.md) 17.5-18.9 s against 19.3 s,
+    at 0.10x and 0.03x.
     """
     if mode == "A":
         return "vocab" if n_rows < vocab else "tokens"
@@ -264,7 +267,7 @@ def _plan(
         chunk_size = max(1, int(budget // per_row))
     chunk = max(1, min(chunk_size, n_rows))
     slab = max(1, min(vocab, chunk * vocab // max(n_rows, 1)))
-    float32_weight_sum = hidden.dtype in (torch.bfloat16, torch.float16) and accum_dtype == torch.float32
+    float32_weight_sum = hidden.dtype in _LOW_PRECISION and accum_dtype == torch.float32
     if grad_order == "auto":
         grad_order = _auto_order(mode, float32_weight_sum, n_rows, vocab, hidden.shape[-1], chunk, budget)
     return _Plan(
@@ -392,7 +395,7 @@ class _MatmulSum:
 
     def __init__(self, out: Tensor, n_blocks: int, backend: ModuleType, float32: bool) -> None:
         self.out, self.backend = out, backend
-        buffered = float32 and out.dtype in (torch.bfloat16, torch.float16) and n_blocks > 1
+        buffered = float32 and out.dtype in _LOW_PRECISION and n_blocks > 1
         self.acc = hugepages.empty(out.shape, torch.float32, out.device) if buffered else None
         self.first = True
 
