@@ -9,8 +9,9 @@ once on a few tokens at the same H, V and dtype (library initialisation, CCE's c
 timed over ``--repeats`` full-size rounds and the median reported; within a round the
 implementations run one after another (round-robin, the order rotating each round), so drift of a
 shared machine hits all of them alike.
-Peak memory is measured once per implementation in a fresh subprocess (``--memory-child``), so
-one implementation's allocator state cannot hide another's peak.
+Peak memory is measured once per implementation: on CPU in a fresh subprocess (``--memory-child``),
+so one implementation's heap cannot hide another's peak; on CUDA in the timing process, after the
+rounds, since the caching allocator's peak counts live tensors only.
 """
 from __future__ import annotations
 
@@ -145,6 +146,11 @@ def time_round_robin(impls: list[Impl], shape: Shape, dtype: str, device: str, r
             except Exception as exc:
                 result.notes[name] = _short_error(exc)
         _log(f"  round {round_ + 1}/{repeats} done")
+    if device == "cuda":
+        for impl in impls:
+            if impl.floor is not None and impl.name in steps and impl.name not in result.notes:
+                extra = _peak_extra_bytes(steps[impl.name], problem)
+                result.memory[impl.name] = extra / problem.naive_logits_bytes()
 
 
 # ---- peak memory, in a fresh subprocess per implementation ----
@@ -249,6 +255,8 @@ def run_case(shape: Shape, dtype: str, device: str, repeats: int, impls: list[Im
     # the problem lives inside: its tensors (several GB at large V) are freed before the children run
     time_round_robin(runnable, shape, dtype, device, repeats, result)
     gc.collect()
+    if device == "cuda":
+        return result  # measured in the timing process
     for impl in runnable:
         if impl.floor is not None and impl.name not in result.notes:
             _log(f"{shape} {dtype}: peak memory of {impl.name}")
@@ -311,8 +319,8 @@ FOOTNOTES = """\
   bare GEMMs on the same shape and dtype in the same round (4 for hpt_fast mode A, whose backward
   recomputes the logits, 3 for every other row); the floor rows show the summed medians. x naive:
   median time / naive PyTorch's median time in the same dtype.
-- mem: peak memory beyond the inputs and the gradients left behind, measured once in a fresh
-  process (VmHWM on CPU, torch.cuda.max_memory_allocated on CUDA), as a multiple of the naive
+- mem: peak memory beyond the inputs and the gradients left behind, measured once (on CPU VmHWM
+  in a fresh process, on CUDA torch.cuda.max_memory_allocated after the timed rounds), as a multiple of the naive
   float32 logits (tokens x V x 4 bytes). The bare GEMM rows use preallocated outputs: no memory
   figure.
 - hpt_fast mode A: per-token logp and entropy, backward with random upstream gradients. Mode B and
@@ -329,8 +337,9 @@ FOOTNOTES = """\
   keeps token order at the block budget's memory (float32: the same as the default). Buffers of 4 MiB or
   more are backed by transparent huge pages (``hpt_fast.hugepages``). Liger: GRPO loss
   (loss_type "dapo", beta 0, no reference model, sequences of 512 tokens, its default chunk of one
-  sequence, compiled=False), which computes no entropy. cut-cross-entropy: mean cross-entropy only
-  (no entropy, no per-token output)."""
+  sequence, compiled=False), which computes no entropy. Liger's fused linear cross-entropy (CUDA
+  only) and cut-cross-entropy: mean cross-entropy only (no entropy, no per-token output), with
+  their default grad_weight sums in the inputs' dtype."""
 
 
 def machine_description(device: str) -> str:
@@ -367,10 +376,13 @@ def _versions() -> str:
     return ", ".join(parts)
 
 
-def default_repeats(shape: Shape) -> int:
+def default_repeats(shape: Shape, device: str) -> int:
     """Fewer rounds for bigger problems, so the default run stays near a quarter of an hour on a
-    2-core CPU: 5 below 1e10 multiply-adds per GEMM, 3 below 1e11, 2 above (V = 151936 has 3.2e11)."""
+    2-core CPU: 5 below 1e10 multiply-adds per GEMM, 3 below 1e11, 2 above (V = 151936 has 3.2e11).
+    A GPU step takes milliseconds: 20 rounds, 10 above 1e12."""
     macs = shape.tokens * shape.hidden * shape.vocab
+    if device == "cuda":
+        return 20 if macs < 1e12 else 10
     return 5 if macs < 1e10 else 3 if macs < 1e11 else 2
 
 
@@ -404,7 +416,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(machine_description(args.device) + "\n")
     started = time.perf_counter()
     for shape in args.shapes:
-        repeats = args.repeats or default_repeats(shape)
+        repeats = args.repeats or default_repeats(shape, args.device)
         load_before = _load_average()
         impls = selected_implementations(args.device, args.impls)
         results = {dtype: run_case(shape, dtype, args.device, repeats, impls) for dtype in args.dtypes}

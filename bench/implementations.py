@@ -221,6 +221,18 @@ def _liger_grpo(p: Problem) -> Step:
     return step
 
 
+def _liger_flce(p: Problem) -> Step:
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    # its defaults: mean cross-entropy, grad_weight summed over the token chunks in its own dtype
+    loss_fn = LigerFusedLinearCrossEntropyLoss()
+
+    def step() -> None:
+        loss_fn(p.weight, p.hidden, p.targets).backward()
+
+    return step
+
+
 def _cce(p: Problem) -> Step:
     from cut_cross_entropy import linear_cross_entropy
 
@@ -275,8 +287,13 @@ def _gemm_dw(p: Problem) -> Step:
     return step
 
 
-def _needs_module(module: str) -> Callable[[str], Optional[str]]:
+def _needs_module(module: str, cuda_only: bool = False) -> Callable[[str], Optional[str]]:
+    """``Impl.missing`` for an implementation from ``module``; ``cuda_only``: its kernels are
+    Triton kernels with no CPU path."""
+
     def missing(device: str) -> Optional[str]:
+        if cuda_only and device != "cuda":
+            return f"{module}'s Triton kernels need CUDA"
         return None if importlib.util.find_spec(module) else f"{module} is not installed"
 
     return missing
@@ -327,6 +344,8 @@ def implementations(device: str) -> list[Impl]:
     impls += [
         Impl("naive", "naive PyTorch (materialised logits)", 3, _naive),
         Impl("liger_grpo", "Liger LigerFusedLinearGRPOLoss (no entropy)", 3, _liger_grpo, _needs_module("liger_kernel")),
+        Impl("liger_flce", "Liger LigerFusedLinearCrossEntropyLoss (CE only)", 3, _liger_flce,
+             _needs_module("liger_kernel", cuda_only=True)),
         Impl("cce", f"cut-cross-entropy {'cce' if device == 'cuda' else 'torch_compile'} (CE only)", 3, _cce,
              _needs_module("cut_cross_entropy")),
     ]

@@ -7,6 +7,12 @@ import torch
 from torch import Tensor
 
 
+def backend_device(backend: str) -> torch.device:
+    """Where a backend's test tensors live: Triton's on the GPU when there is one (conftest turns
+    the interpreter on only without one), every other backend's on the CPU."""
+    return torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
+
+
 def reference_logprobs(
     hidden: Tensor,
     weight: Tensor,

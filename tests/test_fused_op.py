@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from hpt_fast import backends, fused_linear_loss, fused_token_logprobs, ops
-from tests.reference import reference_logprobs, rel_err
+from tests.reference import backend_device, reference_logprobs, rel_err
 
 BACKENDS = ["torch", "cpu", "triton"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # bf16 / fp16 logits blocks are rounded to the input dtype by the GEMM, as in every bf16 trainer
 TOL = {torch.float32: 2e-4, torch.bfloat16: 6e-2, torch.float16: 1e-2}
-# (tokens, hidden, vocab); the interpreted Triton kernels get the small ones only
+# (tokens, hidden, vocab); the interpreted Triton kernels get the small ones only (on a GPU, all)
 CASES = [(1, 1, 1), (5, 3, 7), (37, 64, 1001), (130, 300, 4099), (64, 17, 32003)]
 TRITON_CASES = [(5, 3, 7), (33, 16, 1001), (17, 40, 2999)]
 # tokens per block, by case: several token chunks, and vocabulary slabs (chunk * V // N columns)
@@ -44,7 +44,8 @@ class Problem:
 
 def draw_problem(backend: str, dtype: torch.dtype, case: int, scale: float = 1.0) -> Problem:
     """A fresh random problem: shape from the case list, the other options drawn from the seed."""
-    cases = TRITON_CASES if backend == "triton" else CASES
+    device = backend_device(backend)
+    cases = TRITON_CASES if backend == "triton" and device.type == "cpu" else CASES
     n, h, v = cases[case % len(cases)]
     gen = torch.Generator().manual_seed(1000 * case + DTYPES.index(dtype) * 10 + BACKENDS.index(backend))
     lead = (n,) if case % 2 else (1, n)  # also a [B, T, H] layout
@@ -58,10 +59,10 @@ def draw_problem(backend: str, dtype: torch.dtype, case: int, scale: float = 1.0
     temperature = [1.0, 0.7, 1.3][case % 3]
     chunk_size = CHUNK_SIZES[case]
     return Problem(
-        hidden.to(dtype).requires_grad_(),
-        weight.to(dtype).requires_grad_(),
-        targets,
-        None if bias is None else bias.requires_grad_(),
+        hidden.to(device, dtype).requires_grad_(),
+        weight.to(device, dtype).requires_grad_(),
+        targets.to(device),
+        None if bias is None else bias.to(device).requires_grad_(),
         temperature,
         chunk_size,
     )
@@ -89,8 +90,8 @@ def test_mode_a_values_and_gradients(backend, dtype, case):
     ref_in = _reference_inputs(p)
     ref_logp, ref_ent = _reference(p, ref_in)
     gen = torch.Generator().manual_seed(case)
-    g_logp = torch.randn(p.targets.shape, generator=gen)
-    g_ent = torch.randn(p.targets.shape, generator=gen)
+    g_logp = torch.randn(p.targets.shape, generator=gen).to(p.targets.device)
+    g_ent = torch.randn(p.targets.shape, generator=gen).to(p.targets.device)
     want = torch.autograd.grad((ref_logp * g_logp + ref_ent * g_ent).sum(), ref_in)
     ignored = p.targets == -100
     for order in ORDERS:
@@ -153,8 +154,8 @@ def test_mode_b_values_and_gradients(backend, dtype, case):
     gen = torch.Generator().manual_seed(case + 7)
     flat_ref = ref_logp.detach().reshape(-1)
     # old log-probs near the current ones, so some ratios fall inside the clip range and some outside
-    old = flat_ref + 0.3 * torch.randn(flat_ref.shape, generator=gen, dtype=torch.float64)
-    adv = torch.randn(flat_ref.shape, generator=gen, dtype=torch.float64)
+    old = flat_ref + 0.3 * torch.randn(flat_ref.shape, generator=gen, dtype=torch.float64).to(flat_ref.device)
+    adv = torch.randn(flat_ref.shape, generator=gen, dtype=torch.float64).to(flat_ref.device)
     fn = clipped_ratio_loss(old, adv, 0.01)
     rows = (p.targets.reshape(-1) != -100).nonzero().squeeze(1)
     ref_loss = fn(ref_logp.reshape(-1)[rows], ref_ent.reshape(-1)[rows] if with_entropy else None, rows).sum()
@@ -185,7 +186,8 @@ def test_mode_b_equals_mode_a_composed(backend):
     p = draw_problem(backend, torch.float32, 2)
     gen = torch.Generator().manual_seed(3)
     n = p.targets.numel()
-    fn = clipped_ratio_loss(-3 + torch.randn(n, generator=gen), torch.randn(n, generator=gen), 0.05)
+    old, adv = (torch.randn(2, n, generator=gen) + torch.tensor([[-3.0], [0.0]])).to(p.targets.device)
+    fn = clipped_ratio_loss(old, adv, 0.05)
     rows = (p.targets.reshape(-1) != -100).nonzero().squeeze(1)
     for order in ORDERS:
         loss_b, _, _ = fused_linear_loss(p.hidden, p.weight, p.targets, fn, bias=p.bias, with_entropy=True,
@@ -221,7 +223,7 @@ def test_extreme_logits_stay_finite(backend, dtype):
     ref_in = _reference_inputs(p)
     ref_logp, ref_ent = reference_logprobs(ref_in[0], ref_in[1], p.targets)
     want = torch.autograd.grad((ref_logp + ref_ent).sum(), ref_in[:2])
-    fn = clipped_ratio_loss(ref_logp.detach().reshape(-1), torch.ones(p.targets.numel()), 0.01)
+    fn = clipped_ratio_loss(ref_logp.detach().reshape(-1), torch.ones_like(ref_logp).reshape(-1), 0.01)
     for order in ORDERS:
         logp, entropy = fused_token_logprobs(p.hidden, p.weight, p.targets, return_entropy=True,
                                              backend=backend, chunk_size=p.chunk_size, grad_order=order)
@@ -250,16 +252,18 @@ def test_vocab_slabs_of_width_one(backend, dtype):
     """chunk_size 1 with fewer vocabulary ids than tokens: every slab is one column wide."""
     _skip_unavailable(backend)
     gen = torch.Generator().manual_seed(11)
+    device = backend_device(backend)
     n, h, v = 16, 8, 13
-    hidden = torch.randn(n, h, generator=gen).to(dtype).requires_grad_()
-    weight = torch.randn(v, h, generator=gen).mul(0.5).to(dtype).requires_grad_()
-    bias = torch.randn(v, generator=gen).to(dtype).requires_grad_()
+    hidden = torch.randn(n, h, generator=gen).to(device, dtype).requires_grad_()
+    weight = torch.randn(v, h, generator=gen).mul(0.5).to(device, dtype).requires_grad_()
+    bias = torch.randn(v, generator=gen).to(device, dtype).requires_grad_()
     targets = torch.randint(0, v, (n,), generator=gen)
     targets[[2, 9]] = -100
+    targets = targets.to(device)
     assert ops._plan("A", backend, hidden, v, n - 2, 1, 0.9, "vocab", torch.float32).slab == 1
     ref_in = [x.detach().double().requires_grad_() for x in (hidden, weight, bias)]
     ref_logp, ref_ent = reference_logprobs(ref_in[0], ref_in[1], targets, ref_in[2], 0.9)
-    g_ent = torch.randn(n, generator=gen)
+    g_ent = torch.randn(n, generator=gen).to(device)
     want_a = torch.autograd.grad((ref_logp + ref_ent * g_ent).sum(), ref_in, retain_graph=True)
     logp, ent = fused_token_logprobs(hidden, weight, targets, bias=bias, temperature=0.9, return_entropy=True,
                                      backend=backend, chunk_size=1, grad_order="vocab")
@@ -327,7 +331,7 @@ def test_sum_in_the_inputs_dtype(backend, dtype, monkeypatch):
     ref_in = _reference_inputs(p)
     ref_logp, ref_ent = _reference(p, ref_in)
     rows = (p.targets.reshape(-1) != -100).nonzero().squeeze(1)
-    adv = torch.randn(p.targets.numel(), generator=torch.Generator().manual_seed(5))
+    adv = torch.randn(p.targets.numel(), generator=torch.Generator().manual_seed(5)).to(p.targets.device)
     # smooth in logp: a clipped ratio could flip its clip on a bf16 rounding of logp
     fn = lambda lp, e, r: -torch.exp(lp) * adv[r].to(lp.dtype) - 0.1 * e
     want_b = torch.autograd.grad(fn(ref_logp.reshape(-1)[rows], ref_ent.reshape(-1)[rows], rows).sum(), ref_in,
@@ -408,9 +412,10 @@ def test_gradcheck_float64_both_modes():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_positions_ignored(backend):
     _skip_unavailable(backend)
-    hidden = torch.randn(2, 3, 8, requires_grad=True)
-    weight = torch.randn(11, 8, requires_grad=True)
-    targets = torch.full((2, 3), -100)
+    device = backend_device(backend)
+    hidden = torch.randn(2, 3, 8, device=device, requires_grad=True)
+    weight = torch.randn(11, 8, device=device, requires_grad=True)
+    targets = torch.full((2, 3), -100, device=device)
     for order in ORDERS:
         logp, entropy = fused_token_logprobs(hidden, weight, targets, return_entropy=True, backend=backend,
                                              grad_order=order)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hpt_fast import backends, fused_linear_loss, fused_token_logprobs
+from tests.reference import backend_device
 
 BACKENDS = ["torch", "cpu", "triton"]
 
@@ -18,15 +19,15 @@ def _skip_unavailable(backend: str) -> None:
         pytest.skip(str(exc))
 
 
-def _leaves(dtype: torch.dtype, seed: int = 0):
+def _leaves(dtype: torch.dtype, seed: int = 0, device: torch.device = torch.device("cpu")):
     gen = torch.Generator().manual_seed(seed)
     n, h, v = 13, 24, 301
-    hidden = torch.randn(n, h, generator=gen).to(dtype).requires_grad_()
-    weight = (torch.randn(v, h, generator=gen) * 0.3).to(dtype).requires_grad_()
-    bias = torch.randn(v, generator=gen).to(dtype).requires_grad_()
+    hidden = torch.randn(n, h, generator=gen).to(device, dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=gen) * 0.3).to(device, dtype).requires_grad_()
+    bias = torch.randn(v, generator=gen).to(device, dtype).requires_grad_()
     targets = torch.randint(0, v, (n,), generator=gen)
     targets[[2, 7]] = -100
-    return hidden, weight, bias, targets
+    return hidden, weight, bias, targets.to(device)
 
 
 def _as(dtype: torch.dtype, *tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -38,12 +39,13 @@ def test_mode_a_under_autocast_equals_the_explicit_cast(backend):
     """float32 leaves under bf16 autocast give bit for bit the op on bf16 copies; the gradients
     are those bf16 gradients in float32, also with backward called inside the autocast region."""
     _skip_unavailable(backend)
-    hidden, weight, bias, targets = _leaves(torch.float32)
+    device = backend_device(backend)
+    hidden, weight, bias, targets = _leaves(torch.float32, device=device)
     low = _as(torch.bfloat16, hidden, weight, bias)
     kw = dict(temperature=0.8, return_entropy=True, backend=backend, chunk_size=4)
     want_logp, want_ent = fused_token_logprobs(low[0], low[1], targets, bias=low[2], **kw)
     want = torch.autograd.grad((want_logp + 0.5 * want_ent).sum(), low)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         logp, ent = fused_token_logprobs(hidden, weight, targets, bias=bias, **kw)
         got = torch.autograd.grad((logp + 0.5 * ent).sum(), [hidden, weight, bias])
     assert torch.equal(logp, want_logp) and torch.equal(ent, want_ent)
@@ -58,19 +60,20 @@ def test_mode_b_takes_autocast_activations_with_a_float32_weight(backend):
     weight. Outside autocast that pair is refused; inside, the op runs in bf16 with autocast off
     (token_loss_fn sees float32 logp and no autocast), like the op on bf16 copies."""
     _skip_unavailable(backend)
-    hidden, weight, bias, targets = _leaves(torch.float32, seed=1)
-    adv = torch.randn(targets.numel(), generator=torch.Generator().manual_seed(2))
+    device = backend_device(backend)
+    hidden, weight, bias, targets = _leaves(torch.float32, seed=1, device=device)
+    adv = torch.randn(targets.numel(), generator=torch.Generator().manual_seed(2)).to(device)
     seen = []
 
     def token_loss(logp, entropy, rows):
-        seen.append((logp.dtype, torch.is_autocast_enabled("cpu")))
+        seen.append((logp.dtype, torch.is_autocast_enabled(device.type)))
         return -torch.exp(logp) * adv[rows] - 0.1 * entropy
 
     kw = dict(bias=bias, with_entropy=True, backend=backend, chunk_size=4)
     with pytest.raises(TypeError, match="weight dtype torch.float32 differs from hidden dtype torch.bfloat16"):
         fused_linear_loss(hidden.bfloat16(), weight, targets, token_loss, **kw)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        activations = torch.nn.functional.linear(hidden, torch.eye(hidden.shape[1]))
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        activations = torch.nn.functional.linear(hidden, torch.eye(hidden.shape[1], device=device))
         assert activations.dtype == torch.bfloat16
         loss, logp, _ = fused_linear_loss(activations, weight, targets, token_loss, **kw)
     got = torch.autograd.grad(loss, [hidden, weight, bias])

@@ -7,7 +7,7 @@ import torch
 
 from hpt_fast import backends
 from hpt_fast.backends import row_state
-from tests.reference import rel_err
+from tests.reference import backend_device, rel_err
 
 BACKENDS = ["torch", "cpu", "triton"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -49,10 +49,11 @@ def _merge(module, logits, targets, inv_temp, with_entropy, slabs):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_slabs_merge_to_the_whole_row(backend, dtype):
     module = _load(backend)
+    device = backend_device(backend)
     gen = torch.Generator().manual_seed(7 + DTYPES.index(dtype))
     for rows, vocab, scale in ((1, 1, 1.0), (3, 2, 3.0), (9, 301, 5.0), (4, 2999, 30.0)):
-        logits = (torch.randn(rows, vocab, generator=gen) * scale).to(dtype)
-        targets = torch.randint(0, vocab, (rows,), generator=gen)
+        logits = (torch.randn(rows, vocab, generator=gen) * scale).to(device, dtype)
+        targets = torch.randint(0, vocab, (rows,), generator=gen).to(device)
         inv_temp = 1 / 0.7
         want = _reference(logits, targets, inv_temp)
         whole = _merge(module, logits, targets, inv_temp, True, [(0, vocab)])
@@ -77,6 +78,7 @@ def test_extreme_logits_in_slabs(backend):
     logits[:, 900] = 1e4
     logits[0, :] = -1e4
     targets = torch.tensor([0, 900, 5, 999, 450, 900])
+    logits, targets = logits.to(backend_device(backend)), targets.to(backend_device(backend))
     logp, lse, entropy = _merge(module, logits, targets, 1.0, True, [(0, 300), (300, 600), (600, 1000)])
     assert torch.isfinite(logp).all() and torch.isfinite(lse).all() and torch.isfinite(entropy).all()
     assert (logp <= 0).all() and (entropy >= 0).all()
@@ -93,8 +95,8 @@ def test_triton_rows_split_over_programs():
     from hpt_fast.backends import triton_backend
 
     gen = torch.Generator().manual_seed(5)
-    logits = torch.randn(3, 1001, generator=gen) * 4
-    targets = torch.tensor([0, 500, 1000])
+    logits = (torch.randn(3, 1001, generator=gen) * 4).to(backend_device("triton"))
+    targets = torch.tensor([0, 500, 1000], device=logits.device)
     want = _reference(logits, targets, 1.0)
     for v0, v1 in ((0, 1001), (137, 1001)):
         state = row_state.empty(3, logits.device)
@@ -109,8 +111,8 @@ def test_triton_rows_split_over_programs():
 def test_a_target_no_block_contained_gives_nan(backend):
     """A row whose target column was never merged has no z_t: its logp is NaN, not a number."""
     module = _load(backend)
-    logits = torch.randn(2, 10)
-    targets = torch.tensor([3, 8])
+    logits = torch.randn(2, 10, device=backend_device(backend))
+    targets = torch.tensor([3, 8], device=logits.device)
     logp, lse, _ = _merge(module, logits, targets, 1.0, False, [(0, 6)])
     assert torch.isfinite(logp[0]) and torch.isnan(logp[1])
     assert torch.isfinite(lse).all()

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, as one run: the Triton backend's tests on the GPU (no interpreter),
+# then the fused-op tables against cuBLAS, Liger and cut-cross-entropy.
+#
+# Usage, from the repository root of a checkout on a CUDA machine with torch and triton:
+#     OUT=some/dir bash bench/gpu_run.sh
+# Wheels found in .whl/ (liger-kernel, cut-cross-entropy) are installed into /tmp/site first; the
+# tree itself runs uninstalled. Each step has its own time limit and writes its output to $OUT as
+# it goes, so a step that overruns loses only itself.
+set -uo pipefail
+OUT=${OUT:-bench/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# installed, hpt_fast.kernels is the top-level kernels/ folder (setup.py's package_dir)
+[ -e hpt_fast/kernels ] || ln -s ../kernels hpt_fast/kernels
+
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+    python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
+} 2>&1 | tee "$OUT/machine.txt"
+
+timeout "${TEST_LIMIT_S:-150}" python3 -m pytest -p no:cacheprovider -q -rfE \
+    tests/test_fused_op.py tests/test_row_stats.py tests/test_op_interop.py -k triton 2>&1 | tee "$OUT/tests.txt"
+
+# a training-size bf16 case (Qwen2.5-7B's hidden size and vocabulary), then both dtypes at a
+# smaller hidden size
+timeout "${TABLE_LIMIT_S:-120}" python3 -m bench.fused_op_table --device cuda \
+    --shapes 8192x3584x151936 --dtypes bfloat16 2>"$OUT/table_7b.log" | tee "$OUT/table_7b.md"
+timeout "${TABLE_LIMIT_S:-120}" python3 -m bench.fused_op_table --device cuda \
+    --shapes 4096x2048x151936 --dtypes bfloat16,float32 2>"$OUT/table_2k.log" | tee "$OUT/table_2k.md"
