@@ -375,11 +375,30 @@ def test_gradient_pass_runs_in_the_planned_order(monkeypatch, requested):
     loss, _, _ = fused_linear_loss(hidden, weight, targets, lambda lp, e, r: -lp, backend="torch",
                                    chunk_size=5, grad_order=requested)
     loss.backward()
-    # chunk 5 of 12 tokens: slabs of 5 * 640 // 12 = 266 columns
+    # chunk 5 of 12 tokens: slabs of 5 * 640 // 12 = 266 columns, rounded down to 4 * 64
     if requested == "tokens":
         assert blocks == [((5, v), 0), ((5, v), 0), ((2, v), 0)]
     else:
-        assert blocks == [((n, 266), 0), ((n, 266), 266), ((n, 108), 532)]
+        assert blocks == [((n, 256), 0), ((n, 256), 256), ((n, 128), 512)]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_logits_block_rows_are_aligned(order):
+    """Every logits block's rows start a multiple of 64 elements apart (cuBLAS's tensor-core
+    GEMMs need 16-byte aligned rows), whatever V, the slab and the last block's width, and the
+    blocks hold the logits."""
+    gen = torch.Generator().manual_seed(4)
+    n, h, v = 50, 16, 1001
+    hidden, weight = torch.randn(n, h, generator=gen), torch.randn(v, h, generator=gen)
+    plan = ops._plan("B", "torch", hidden, v, n, 7, 1.0, order, torch.float32)
+    assert plan.slab == 128  # 7 * 1001 // 50 = 140, rounded down to a multiple of 64
+    buffer = ops._block_buffer(plan, hidden, v)
+    seen = 0
+    for logits, r, c in ops._blocks(plan, hidden, weight, None, buffer):
+        assert logits.stride(0) % 64 == 0 and logits.stride(1) == 1
+        assert torch.allclose(logits, hidden[r] @ weight[c].t(), atol=1e-5)
+        seen += logits.numel()
+    assert seen == n * v
 
 
 def test_gradcheck_float64_both_modes():

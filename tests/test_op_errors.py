@@ -86,6 +86,24 @@ def test_bad_token_loss_fn(fn, error, match):
         fused_linear_loss(h.requires_grad_(), w, t, fn)
 
 
+@pytest.mark.parametrize("order", ["tokens", "vocab"])
+def test_non_finite_loss_names_its_rows(order):
+    """The finiteness check runs once per call, after the chunks, and names exactly the bad rows
+    (flat indices into targets, ignored positions skipped); token_loss_fn sees chunks in token
+    order and all the tokens at once in vocabulary order."""
+    h, w, t = _ok()
+    t[0, 1] = -100
+    calls = []
+
+    def fn(lp, e, r):
+        calls.append(r.numel())
+        return -lp / ((r != 6) & (r != 8)).float()  # inf at flat positions 6 and 8
+
+    with pytest.raises(FloatingPointError, match=r"token rows \[6, 8\]$"):
+        fused_linear_loss(h.requires_grad_(), w, t, fn, chunk_size=3, grad_order=order)
+    assert calls == ([3, 3, 3] if order == "tokens" else [9])
+
+
 def test_token_loss_fn_not_callable():
     with pytest.raises(TypeError, match="token_loss_fn must be callable"):
         fused_linear_loss(*_ok(), None)

@@ -63,8 +63,10 @@ def test_slabs_merge_to_the_whole_row(backend, dtype):
                 assert a.dtype == torch.float32, name
                 assert rel_err(a, b) <= 1e-5, (rows, vocab, name)
             assert (got[0] <= 0).all() and (got[2] >= 0).all()
+        # both are float32 sums of the same terms grouped differently (tree sums over up to 4096
+        # columns), so they may differ by a few times log2(4096) * 2**-24 = 7e-7
         for a, b in zip(whole, cut):
-            assert rel_err(a, b) <= 1e-6
+            assert rel_err(a, b) <= 3e-6
         _, _, no_entropy = _merge(module, logits, targets, inv_temp, False, _cuts(vocab, gen))
         assert no_entropy is None
 

@@ -26,6 +26,9 @@ _MIN_BLOCK_V = 128
 _PROGRAMS_PER_SM = 4
 # SM count assumed off CUDA (interpreter runs), that of an H100 SXM.
 _DEFAULT_SMS = 132
+# Every launch passes enable_fp_fusion=False: fused into an FMA, z - m with z = x * inv_temp
+# skips the product's rounding, so z - max(z) is not 0 at the maximum (a one-column row then had
+# entropy 7e-9 on an H200, not 0) and z_t <= m no longer holds bit for bit.
 
 
 def row_stats(
@@ -98,7 +101,7 @@ def grad_logits(
         grad_logits_kernel[grid](
             logits, targets, lse, entropy, g_logp, g_ent, out,
             vocab, col_offset, logits.stride(0), out.stride(0), inv_temp,
-            BLOCK_V=block_v, HAS_ENT=has_ent, num_warps=_warps(block_v),
+            BLOCK_V=block_v, HAS_ENT=has_ent, num_warps=_warps(block_v), enable_fp_fusion=False,
         )
     return out
 
@@ -137,12 +140,14 @@ def _row_stats(
             logits, targets, part_m, part_s, part_s1, state,
             vocab, col_offset, logits.stride(0), n_splits, split_v, inv_temp,
             BLOCK_V=block_v, WITH_ENT=with_entropy, MERGE=merge, num_warps=_warps(block_v),
+            enable_fp_fusion=False,
         )
         if not merge:
             row_stats_combine_kernel[(n_rows,)](
                 logits, targets, part_m, part_s, part_s1, state,
                 vocab, col_offset, logits.stride(0), n_splits, inv_temp,
                 BLOCK_S=triton.next_power_of_2(n_splits), WITH_ENT=with_entropy, num_warps=1,
+                enable_fp_fusion=False,
             )
     return state
 
