@@ -320,9 +320,9 @@ FOOTNOTES = """\
   recomputes the logits, 3 for every other row); the floor rows show the summed medians. x naive:
   median time / naive PyTorch's median time in the same dtype.
 - mem: peak memory beyond the inputs and the gradients left behind, measured once (on CPU VmHWM
-  in a fresh process, on CUDA torch.cuda.max_memory_allocated after the timed rounds), as a multiple of the naive
-  float32 logits (tokens x V x 4 bytes). The bare GEMM rows use preallocated outputs: no memory
-  figure.
+  in a fresh process, on CUDA torch.cuda.max_memory_allocated after the timed rounds), as a
+  multiple of the naive float32 logits (tokens x V x 4 bytes). The bare GEMM rows use
+  preallocated outputs: no memory figure.
 - hpt_fast mode A: per-token logp and entropy, backward with random upstream gradients. Mode B and
   naive: the per-token loss -adv * exp(logp - old) - 0.001 * entropy, summed. The hpt_fast rows
   without an order run the plan's choice (``grad_order="auto"``): mode A in vocabulary order

@@ -51,8 +51,8 @@ _DEFAULT_BUDGET_MB = 128
 # The torch backend holds about four float32 temporaries of the block's size at once.
 _TORCH_BACKEND_EXTRA_BYTES = 16
 # Elements between the starts of a logits block's rows, and of vocabulary slabs, are multiples of
-# this (128 bytes in bf16): cuBLAS runs its tensor-core GEMMs only on 16-byte aligned rows, and an
-# odd row length (a slab of 8179 columns) made vocabulary order 4 to 9 times slower on an H200.
+# this (128 bytes in bf16): cuBLAS's fast bf16 GEMMs need 16-byte aligned rows, and an odd row
+# length (slabs of 8179 columns) made vocabulary order take 6-7x its GEMMs' time on an H200.
 _ROW_ALIGN = 64
 
 
