@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
+import torch
 import yaml
 
 from hpt_fast.estimator import PRESETS, Estimator, get_estimator
@@ -281,6 +282,34 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class FusedOpConfig:
+    """How the fused lm_head + loss op runs (``hpt_fast.ops``; the README's "The fused op").
+
+    Attributes:
+        backend: "auto" (triton on CUDA, cpu elsewhere), "torch", "cpu" or "triton".
+        chunk_size: tokens per logits block; None: from the op's memory budget
+            (``HPT_FAST_MEMORY_BUDGET_MB``, 128 MiB by default).
+        grad_order: "auto", "tokens" or "vocab": the loop order of the op's passes.
+        accum_dtype: how a bfloat16 / float16 lm_head gradient is summed over token chunks:
+            "float32" (a float32 [V, H] buffer, rounded once) or "inputs" (in the gradient itself,
+            as Liger and cut-cross-entropy do: three GEMMs at the memory of one logits block).
+    """
+
+    backend: Literal["auto", "torch", "cpu", "triton"] = "auto"
+    chunk_size: Optional[int] = None
+    grad_order: Literal["auto", "tokens", "vocab"] = "auto"
+    accum_dtype: Literal["float32", "inputs"] = "float32"
+
+    def op_kwargs(self) -> dict[str, Any]:
+        """These settings as keyword arguments of ``fused_token_logprobs`` / ``fused_linear_loss``
+        (and ``FusedUnifiedLoss``)."""
+        return dict(
+            backend=self.backend, chunk_size=self.chunk_size, grad_order=self.grad_order,
+            accum_dtype=torch.float32 if self.accum_dtype == "float32" else None,
+        )
+
+
+@dataclass
 class ToyConfig:
     """Where the embedded toy task is built (hpt_fast.toy), when a path is "toy".
 
@@ -305,6 +334,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    fused_op: FusedOpConfig = field(default_factory=FusedOpConfig)
     toy: ToyConfig = field(default_factory=ToyConfig)
 
     def rollouts_per_prompt(self, rule: BatchRule) -> int:
@@ -599,7 +629,7 @@ def validate(cfg: Config) -> None:
         _require(value >= 1, key, f"must be >= 1, got {value}")
     for key, value in (
         ("rollout.vllm.max_num_seqs", r.vllm.max_num_seqs), ("rollout.vllm.kv_cache_memory_bytes", r.vllm.kv_cache_memory_bytes),
-        ("train.mini_batch_prompts", t.mini_batch_prompts),
+        ("train.mini_batch_prompts", t.mini_batch_prompts), ("fused_op.chunk_size", cfg.fused_op.chunk_size),
     ):
         _require(value is None or value >= 1, key, f"must be >= 1 or null, got {value}")
     for key, value in (

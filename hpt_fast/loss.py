@@ -60,6 +60,7 @@ class FusedUnifiedLoss(nn.Module):
         temperature: logits are ``(hidden @ weight.T + bias) / temperature`` (the sampling temperature).
         chunk_size: tokens per logits block; None: chosen from the fused op's memory budget.
         backend: the fused op's backend: "auto", "torch", "cpu" or "triton".
+        grad_order: the fused op's loop order: "auto", "tokens" or "vocab".
         accum_dtype: how a bfloat16 / float16 grad_weight is summed over token chunks:
             torch.float32 (a float32 [V, H] buffer) or None (in grad_weight itself); see
             ``fused_token_logprobs``.
@@ -71,6 +72,7 @@ class FusedUnifiedLoss(nn.Module):
         temperature: float = 1.0,
         chunk_size: Optional[int] = None,
         backend: str = "auto",
+        grad_order: str = "auto",
         accum_dtype: Optional[torch.dtype] = torch.float32,
     ) -> None:
         super().__init__()
@@ -80,12 +82,13 @@ class FusedUnifiedLoss(nn.Module):
         self.temperature = temperature
         self.chunk_size = chunk_size
         self.backend = backend
+        self.grad_order = grad_order
         self.accum_dtype = accum_dtype
 
     def extra_repr(self) -> str:
         return (
             f"{self.estimator!r}, temperature={self.temperature}, chunk_size={self.chunk_size}, "
-            f"backend={self.backend!r}, accum_dtype={self.accum_dtype}"
+            f"backend={self.backend!r}, grad_order={self.grad_order!r}, accum_dtype={self.accum_dtype}"
         )
 
     def forward(
@@ -121,7 +124,8 @@ class FusedUnifiedLoss(nn.Module):
         est = self.estimator
         op_args = dict(
             bias=bias, temperature=self.temperature, ignore_index=IGNORE_INDEX,
-            backend=self.backend, chunk_size=self.chunk_size, accum_dtype=self.accum_dtype,
+            backend=self.backend, chunk_size=self.chunk_size, grad_order=self.grad_order,
+            accum_dtype=self.accum_dtype,
         )
         batch = dict(old_logp=old_logp, off_policy=off_policy, rewards=rewards, normalizers=normalizers)
         if est.needs_sequence_stats:

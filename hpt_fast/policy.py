@@ -13,7 +13,7 @@ this inside DeepSpeed's ``engine(...)`` rather than calling the trunk directly m
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -28,12 +28,14 @@ class FusedHeadPolicy(nn.Module):
     """Wraps a transformers causal LM (``Qwen2ForCausalLM``, ``LlamaForCausalLM``, ...) as ``lm``.
 
     ``lm`` stays the object to save (``save_pretrained``) and to generate with; this wrapper only
-    adds the forward the trainer needs.
+    adds the forward the trainer needs. ``op_kwargs``: the fused op's settings for the forward
+    without a loss (``FusedOpConfig.op_kwargs``; a loss carries its own).
     """
 
-    def __init__(self, lm: nn.Module) -> None:
+    def __init__(self, lm: nn.Module, op_kwargs: Optional[dict[str, Any]] = None) -> None:
         super().__init__()
         self.lm = lm
+        self.op_kwargs = dict(op_kwargs or {})
 
     def head_parameters(self) -> list[nn.Parameter]:
         """The output embedding's weight (and bias), which the fused op reads directly."""
@@ -69,7 +71,8 @@ class FusedHeadPolicy(nn.Module):
         head = self.lm.get_output_embeddings()
         hidden = self.hidden(mb)
         if loss_fn is None:
-            logp, _ = fused_token_logprobs(hidden, head.weight, mb.targets, bias=head.bias, temperature=temperature)
+            logp, _ = fused_token_logprobs(hidden, head.weight, mb.targets, bias=head.bias, temperature=temperature,
+                                           **self.op_kwargs)
             return logp
         return loss_fn(hidden, head.weight, mb.targets, mb.mask, mb.advantages, bias=head.bias,
                        old_logp=old_logp, off_policy=mb.off_policy, rewards=mb.rewards, normalizers=normalizers)

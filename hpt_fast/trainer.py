@@ -147,13 +147,13 @@ class Trainer:
         ] if cfg.validation.every else []
         self.sampler = PromptSampler(len(self.train_set), cfg.train.seed, d.shuffle)
         self.losses = {
-            rule: FusedUnifiedLoss(est, temperature=cfg.rollout.temperature)
+            rule: FusedUnifiedLoss(est, temperature=cfg.rollout.temperature, **cfg.fused_op.op_kwargs())
             for rule, est in build_estimators(cfg).items()
         }
 
         # vLLM sizes its KV cache from the free memory: it starts before the optimizer state exists
         vllm = self._make_vllm(model) if cfg.rollout.engine == "vllm" else None
-        policy = FusedHeadPolicy(model)
+        policy = FusedHeadPolicy(model, cfg.fused_op.op_kwargs())
         optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         total = cfg.train.total_steps * self._updates_per_step()
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cfg.optim.lr_factor(s, total))

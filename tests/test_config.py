@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from hpt_fast.config import (
     Config, ConfigError, OptimConfig, apply_override, build_estimators, dump_config, load_config, validate,
@@ -109,6 +110,9 @@ def test_yaml_reads_exponent_floats_and_base_merges_sections(tmp_path):
     (["algorithm.estimator_hparams.clip_high=-1"], r"algorithm\.estimator_hparams: clip_high must be"),
     (["algorithm.estimator_hparams.entropy_coef=0.1"], r"estimator_hparams\.entropy_coef: set algorithm\.entropy_coef"),
     (["algorithm.estimator_hparams.max_response_length=9"], r"set data\.max_response_length"),
+    (["fused_op.chunk_size=0"], r"fused_op\.chunk_size: must be >= 1 or null"),
+    (["fused_op.accum_dtype=bfloat16"], r"fused_op\.accum_dtype: 'bfloat16' is not one of 'float32', 'inputs'"),
+    (["fused_op.backend=cuda"], r"fused_op\.backend: 'cuda' is not one of 'auto', 'torch', 'cpu', 'triton'"),
 ])
 def test_bad_settings_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -151,6 +155,12 @@ def test_config_built_in_code_is_type_checked():
     apply_override(cfg, "optim.lr=1e-4")
     validate(cfg)
     assert cfg.optim.lr == 1e-4
+
+
+def test_fused_op_settings_become_the_op_arguments():
+    kw = load_config(None, ["fused_op.accum_dtype=inputs", "fused_op.chunk_size=64", "fused_op.grad_order=vocab"])
+    assert kw.fused_op.op_kwargs() == dict(backend="auto", chunk_size=64, grad_order="vocab", accum_dtype=None)
+    assert load_config(None).fused_op.op_kwargs()["accum_dtype"] is torch.float32
 
 
 def test_lr_schedules():
