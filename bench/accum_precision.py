@@ -3,8 +3,9 @@
 In bfloat16 / float16, token order sums grad_weight over the token chunks either in a float32
 [V, H] buffer, rounded once at the end (``accum_dtype=torch.float32``, the default), or in
 grad_weight itself, each chunk's GEMM adding into it (``accum_dtype=None``: one rounding of the
-running sum per chunk). Either way each chunk's product leaves the GEMM in bf16, because no CPU
-GEMM in PyTorch takes bf16 inputs and writes float32. This script measures both, beside the
+running sum per chunk). On CPU each chunk's product leaves the GEMM in bf16 either way, because
+no CPU GEMM in PyTorch takes bf16 inputs and writes float32; on CUDA the float32 sum takes each
+product in float32 (cuBLAS with a float32 output). This script measures both, beside the
 default's vocabulary order at this shape (grad_weight written once per slab, grad_hidden summed
 over the slabs in float32) and all tokens in one block (nothing summed), against a float64
 computation of the same loss from the same bf16 inputs, and beside the error of that float64
@@ -12,6 +13,7 @@ result rounded once to bf16 (the floor of any bf16 gradient).
 
     python -m bench.accum_precision                          # tokens 2048, H 1024, V 151936
     python -m bench.accum_precision --tokens 8192            # more token chunks
+    python -m bench.accum_precision --device cuda            # on a GPU
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch
 from torch import Tensor
 
 from bench.fused_op_table import machine_description
-from bench.implementations import Problem, grpo_token_loss, make_problem
+from bench.implementations import Problem, grpo_token_loss, make_problem, synchronize
 from hpt_fast import fused_linear_loss
 
 # the float64 reference's token chunk: a [chunk, V] float64 block at a time
@@ -52,7 +54,7 @@ def reference_grads(p: Problem) -> tuple[Tensor, Tensor]:
         logp_all = torch.log_softmax(h @ weight.t(), dim=-1)
         logp = logp_all.gather(1, p.targets[s:e, None]).squeeze(1)
         entropy = -(logp_all.exp() * logp_all).sum(-1)
-        rows = torch.arange(s, e)
+        rows = torch.arange(s, e, device=p.device)
         loss = loss_fn(logp, entropy, rows).sum()
         gh, gw = torch.autograd.grad(loss, [h, weight])
         grad_h[s:e] = gh
@@ -73,11 +75,13 @@ def run_variant(
 ) -> tuple[Tensor, Tensor, float]:
     """Mode B's (grad_hidden, grad_weight) and its wall time in seconds."""
     p.zero_grads()
+    synchronize(p.device)
     start = time.perf_counter()
     loss, _, _ = fused_linear_loss(p.hidden, p.weight, p.targets, grpo_token_loss(p), with_entropy=True,
                                    grad_order=order, chunk_size=p.tokens if chunk == "all" else None,
                                    accum_dtype=accum)
     loss.backward()
+    synchronize(p.device)
     seconds = time.perf_counter() - start
     return p.hidden.grad, p.weight.grad, seconds
 
@@ -88,13 +92,14 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    p = make_problem(args.tokens, args.hidden, args.vocab, dtype, "cpu")
+    p = make_problem(args.tokens, args.hidden, args.vocab, dtype, args.device)
     want_h, want_w = reference_grads(p)
     print(f"## Mode B gradient error by how blocks are summed: {args.dtype}, tokens {args.tokens}, "
           f"H {args.hidden}, V {args.vocab}\n")
-    print(machine_description("cpu"))
+    print(machine_description(args.device))
     print("- error: max |got - float64| / max |float64| and mean |got - float64| / mean |float64| over "
           "each gradient's elements; one call per row (seconds: that call, for orientation only)\n")
     print("| variant | grad_hidden max | grad_hidden mean | grad_weight max | grad_weight mean | s |")
