@@ -235,8 +235,10 @@ def _auto_order(
     only for memory: when the float32 [V, H] buffer of token order (``float32_weight_sum``,
     several chunks) exceeds the memory budget and vocabulary order's [N, H] one is smaller.
     Token order saves less than the fourth GEMM, and the less the more chunks there are: summing
-    grad_weight in that buffer moves about 12 V H bytes per chunk (each chunk's bf16 product
-    written and read back, the float32 sum read and written). Measured in bf16 at H 1024,
+    grad_weight in that buffer moves about 12 V H bytes per chunk on CPU (each chunk's bf16
+    product written and read back, the float32 sum read and written; 8 V H on CUDA, where the
+    GEMM adds into the sum). On an H200 at 8192 x 3584 x 151936 (bench/results_gpu_h200.md)
+    token order took 63 ms against vocabulary order's 54 ms. Measured in bf16 at H 1024,
     V 151936 on the 2-core CPU: at N = 2048 (5 chunks; bench/results_cpu_v151936.md) token order
     1.18x and vocabulary order 1.27x of three GEMMs, at 0.61x and 0.12x of the naive logits'
     memory; at N = 12288 (28 chunks; bench/results_cpu_n12288.md) 17.5-18.9 s against 19.3 s,
