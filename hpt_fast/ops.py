@@ -620,15 +620,15 @@ class _LinearLoss(torch.autograd.Function):
                     grads.step(logits, slice(s, e), slice(0, logits.shape[1]))
 
             _stats_pass(plan, hidden, weight, bias, targets, rows, buffer, on_chunk)
-            _check_finite(finite, index)
         else:
             _stats_pass(plan, hidden, weight, bias, targets, rows, buffer)
             # every token's statistics are ready: one call on all of them (per-token tensors
             # only), where chunk-sized calls cost the GPU an idle launch gap each
             chunk_loss(0, hidden.shape[0])
-            _check_finite(finite, index)
             if grads is not None:
                 grads.recompute(bias, buffer)
+        # one host sync per call, after all the work is queued; nothing is returned before it
+        _check_finite(finite, index)
         saved = (None, None, None) if grads is None else grads.result(None if bias is None else bias.dtype)
         ctx.save_for_backward(*saved)
         ent_out = rows.logp.new_zeros(0) if rows.entropy is None else rows.entropy
