@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 
 from bench.implementations import GEMM_NAMES, Impl, Problem, implementations, make_problem, synchronize
+from hpt_fast import ops
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SHAPES = "2048x1024x32768,2048x1024x151936"
@@ -332,7 +333,7 @@ FOOTNOTES = """\
   divided by the three-GEMM floor). The "token order" rows force ``grad_order="tokens"``, the
   "vocabulary order" row ``grad_order="vocab"``; the "one token chunk" row also puts all tokens
   in one logits block (``chunk_size=tokens``), about the memory of cut-cross-entropy's row, where
-  the others keep to the 128 MiB block budget. The "accum_dtype=None" row sums a bf16 grad_weight
+  the others keep to the block budget ({budget_mib:g} MiB). The "accum_dtype=None" row sums a bf16 grad_weight
   over the token chunks in grad_weight itself instead of a float32 [V, H] buffer, so ``"auto"``
   keeps token order at the block budget's memory (float32: the same as the default). Buffers of 4 MiB or
   more are backed by transparent huge pages (``hpt_fast.hugepages``). Liger: GRPO loss
@@ -423,7 +424,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(format_table(shape, impls, results))
         print(f"\n{repeats} timed rounds per implementation, after one warm-up step on {WARMUP_TOKENS} tokens. "
               f"Load average (1, 5, 15 min) before: {load_before}; after: {_load_average()}.\n", flush=True)
-    print(FOOTNOTES)
+    print(FOOTNOTES.format(budget_mib=ops._budget_bytes() / 2**20))
     print(f"\nWhole run: {(time.perf_counter() - started) / 60:.1f} min.")
 
 

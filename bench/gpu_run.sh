@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, as one run: the Triton backend's tests on the GPU (no interpreter),
-# then the fused-op tables against cuBLAS, Liger and cut-cross-entropy, then bf16 gradient precision.
+# then the fused-op tables against cuBLAS, Liger and cut-cross-entropy, mode B at larger block budgets,
+# then bf16 gradient precision.
 #
 # Usage, from the repository root of a checkout on a CUDA machine with torch and triton:
 #     OUT=some/dir bash bench/gpu_run.sh
@@ -33,6 +34,14 @@ timeout "${TABLE_LIMIT_S:-120}" python3 -m bench.fused_op_table --device cuda \
     --shapes 8192x3584x151936 --dtypes bfloat16 2>"$OUT/table_7b.log" | tee "$OUT/table_7b.md"
 timeout "${TABLE_LIMIT_S:-120}" python3 -m bench.fused_op_table --device cuda \
     --shapes 4096x2048x151936 --dtypes bfloat16,float32 2>"$OUT/table_2k.log" | tee "$OUT/table_2k.md"
+# mode B at larger block budgets, still within 1/8 of the naive logits at this shape (622 MB):
+# how far token order with accum_dtype=None gets, against the default's vocabulary order
+for mb in ${BUDGETS_MB:-256 512}; do
+    HPT_FAST_MEMORY_BUDGET_MB=$mb timeout "${TABLE_LIMIT_S:-120}" python3 -m bench.fused_op_table --device cuda \
+        --shapes 8192x3584x151936 --dtypes bfloat16 \
+        --impls hpt_b_triton,hpt_b_triton_tokens,hpt_b_triton_lowp_sum \
+        2>"$OUT/table_7b_budget$mb.log" | tee "$OUT/table_7b_budget$mb.md"
+done
 # bf16 gradient error against float64 by accum_dtype, where the float32 sum takes float32 products
 timeout "${PRECISION_LIMIT_S:-60}" python3 -m bench.accum_precision --device cuda --tokens 8192 \
     2>"$OUT/precision.log" | tee "$OUT/precision.md"

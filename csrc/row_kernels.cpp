@@ -388,15 +388,17 @@ struct GradRow {
   float h;  // entropy
   float target_add;  // g_logp * inv_temp
 
+  // log p = z - lse with z = x * inv_temp rounded first, as the statistics pass rounded it: then
+  // p is exactly 1 for a one-column row, whose gradient is exactly 0 (an FMA left it ~1e-6).
   float at(float x) const {
-    const float log_p = std::fma(x, inv_temp, -lse);
+    const float log_p = x * inv_temp - lse;
     return std::exp(log_p) * (a + b * (log_p + h));
   }
 };
 
 template <bool kEntropy>
 Vec grad_of(const Vec& x, const GradRow& g) {
-  const Vec log_p = at::vec::fmsub(x, Vec(g.inv_temp), Vec(g.lse));
+  const Vec log_p = x * Vec(g.inv_temp) - Vec(g.lse);  // no FMA: see GradRow::at
   const Vec p = vexp(log_p);
   if constexpr (kEntropy) {
     return p * at::vec::fmadd(Vec(g.b), log_p + Vec(g.h), Vec(g.a));

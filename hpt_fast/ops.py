@@ -536,13 +536,19 @@ class _TokenLogprobs(torch.autograd.Function):
         return (*grads.result(None if bias is None else bias.dtype), None, None, None)
 
 
+# per-token status codes of _token_loss_grads
+_LOGITS_NOT_FINITE = 1
+_LOSS_NOT_FINITE = 2
+
+
 def _token_loss_grads(
     token_loss_fn: TokenLossFn, logp: Tensor, entropy: Optional[Tensor], rows: Tensor
 ) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
     """Evaluate the per-token loss on one chunk and differentiate it w.r.t. logp and entropy.
 
-    Returns (losses [C], g_logp [C], g_ent [C] or None) in logp's dtype, and finite [C] bool:
-    whether each token's loss and gradients are finite. The caller checks ``finite`` once per
+    Returns (losses [C], g_logp [C], g_ent [C] or None) in logp's dtype, and status [C] uint8:
+    ``_LOGITS_NOT_FINITE`` where logp or entropy already was (NaN / inf logits), else
+    ``_LOSS_NOT_FINITE`` where the loss or a gradient is, else 0. The caller checks it once per
     call of the op, not per chunk: reading it on the host waits for the device.
     """
     with torch.enable_grad():
@@ -565,22 +571,31 @@ def _token_loss_grads(
             grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
     g_logp = torch.zeros_like(logp) if grads[0] is None else grads[0]
     g_ent = grads[1] if len(grads) > 1 else None
-    finite = torch.isfinite(losses) & torch.isfinite(g_logp)
+    loss_ok = torch.isfinite(losses) & torch.isfinite(g_logp)
     if g_ent is not None:
-        finite &= torch.isfinite(g_ent)
-    return losses.detach(), g_logp, g_ent, finite
+        loss_ok &= torch.isfinite(g_ent)
+    logits_ok = torch.isfinite(logp) if entropy is None else torch.isfinite(logp) & torch.isfinite(entropy)
+    status = torch.where(logits_ok, torch.where(loss_ok, 0, _LOSS_NOT_FINITE), _LOGITS_NOT_FINITE)
+    return losses.detach(), g_logp, g_ent, status.to(torch.uint8)
 
 
-def _check_finite(finite: Tensor, rows: Tensor) -> None:
-    """Raise FloatingPointError naming the first rows (indices into the flat targets) whose
-    token_loss_fn value or gradient was not finite; finite: [N] bool, rows: [N] int64."""
-    if bool(finite.all()):
+def _check_finite(status: Tensor, rows: Tensor) -> None:
+    """Raise FloatingPointError naming the first rows (indices into the flat targets) whose logits
+    or token_loss_fn value or gradient were not finite; status: [N] uint8 from _token_loss_grads,
+    rows: [N] int64. Non-finite logits are named as the cause first: the loss of a NaN logp is
+    NaN whatever token_loss_fn does."""
+    if not bool(status.any()):
         return
-    bad = rows[~finite]
-    raise FloatingPointError(
-        f"token_loss_fn returned a non-finite loss or gradient for token rows "
-        f"{bad[:8].tolist()}{'...' if bad.numel() > 8 else ''}"
-    )
+    for code, what in (
+        (_LOGITS_NOT_FINITE, "the logits are not finite (NaN / inf in hidden, weight or bias, or a "
+                             "float16 overflow), so logp / entropy are not,"),
+        (_LOSS_NOT_FINITE, "token_loss_fn returned a non-finite loss or gradient"),
+    ):
+        bad = rows[status == code]
+        if bad.numel():
+            raise FloatingPointError(
+                f"{what} for token rows {bad[:8].tolist()}{'...' if bad.numel() > 8 else ''}"
+            )
 
 
 class _LinearLoss(torch.autograd.Function):
@@ -596,7 +611,7 @@ class _LinearLoss(torch.autograd.Function):
         rows.g_logp = torch.empty_like(rows.lse)
         rows.g_ent = torch.empty_like(rows.lse) if with_entropy else None
         total = rows.lse.new_zeros(())
-        finite = torch.empty(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+        status = torch.empty(hidden.shape[0], dtype=torch.uint8, device=hidden.device)
         buffer = _block_buffer(plan, hidden, weight.shape[0])
         grads = None
         if want_h or want_w or want_b:
@@ -604,7 +619,7 @@ class _LinearLoss(torch.autograd.Function):
 
         def chunk_loss(s: int, e: int) -> None:
             ent = None if rows.entropy is None else rows.entropy[s:e]
-            losses, g_logp, g_ent, finite[s:e] = _token_loss_grads(
+            losses, g_logp, g_ent, status[s:e] = _token_loss_grads(
                 token_loss_fn, rows.logp[s:e], ent, index[s:e]
             )
             total.add_(losses.sum())
@@ -628,7 +643,7 @@ class _LinearLoss(torch.autograd.Function):
             if grads is not None:
                 grads.recompute(bias, buffer)
         # one host sync per call, after all the work is queued; nothing is returned before it
-        _check_finite(finite, index)
+        _check_finite(status, index)
         saved = (None, None, None) if grads is None else grads.result(None if bias is None else bias.dtype)
         ctx.save_for_backward(*saved)
         ent_out = rows.logp.new_zeros(0) if rows.entropy is None else rows.entropy
@@ -785,7 +800,8 @@ def fused_linear_loss(
             and once on all of them in vocabulary order; ``rows`` are their indices into
             ``targets.reshape(-1)``. It is differentiated w.r.t. logp and entropy only: any other
             tensor it uses is treated as a constant. A non-finite loss or gradient raises
-            FloatingPointError naming the rows, before the op returns.
+            FloatingPointError naming the rows, before the op returns; so do non-finite logits
+            (NaN / inf inputs, a float16 overflow), named as the cause.
         with_entropy: compute the entropy and pass it to ``token_loss_fn``.
         grad_order: "tokens": one pass over token chunks computes the loss and the gradients
             (three GEMMs); "vocab": a statistics pass, then a gradient pass, both over

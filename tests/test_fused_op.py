@@ -447,6 +447,32 @@ def test_all_positions_ignored(backend):
         assert float(loss.detach()) == 0 and (g_h == 0).all() and (g_w == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_id_vocabulary_is_exact_at_any_temperature(backend, dtype):
+    """V = 1: p is 1, so logp, entropy and every gradient are exactly 0, also when the temperature
+    scaling rounds (the statistics and the gradient pass must round x / T the same way)."""
+    _skip_unavailable(backend)
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(5)
+    hidden = (torch.randn(9, 16, generator=gen) * 3).to(device, dtype).requires_grad_()
+    weight = torch.randn(1, 16, generator=gen).to(device, dtype).requires_grad_()
+    bias = torch.randn(1, generator=gen).to(device, dtype).requires_grad_()
+    targets = torch.zeros(9, dtype=torch.long, device=device)
+    inputs = [hidden, weight, bias]
+    for temperature in (0.3, 0.7, 2.5):
+        for order in ORDERS:
+            kw = dict(bias=bias, temperature=temperature, backend=backend, chunk_size=4, grad_order=order)
+            logp, entropy = fused_token_logprobs(hidden, weight, targets, return_entropy=True, **kw)
+            grads = torch.autograd.grad((logp + entropy).sum(), inputs)
+            assert (logp == 0).all() and (entropy == 0).all(), (temperature, order)
+            assert all((g == 0).all() for g in grads), (temperature, order)
+            loss, _, _ = fused_linear_loss(hidden, weight, targets, lambda lp, e, r: -lp - 0.1 * e,
+                                           with_entropy=True, **kw)
+            grads = torch.autograd.grad(loss, inputs)
+            assert float(loss.detach()) == 0 and all((g == 0).all() for g in grads), (temperature, order)
+
+
 def test_mode_b_rows_index_the_flat_targets():
     """token_loss_fn sees each non-ignored position once, by its index into targets.reshape(-1)."""
     targets = torch.tensor([[3, -100, 1], [-100, 0, 2]])

@@ -104,6 +104,25 @@ def test_non_finite_loss_names_its_rows(order):
     assert calls == ([3, 3, 3] if order == "tokens" else [9])
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("order", ["tokens", "vocab"])
+def test_non_finite_logits_are_named_as_the_cause(backend, order):
+    """NaN in hidden makes one row's logp NaN, NaN in weight every row's: the error names those
+    rows and the logits, not token_loss_fn, even where the loss is non-finite too."""
+    if backend == "cpu":
+        pytest.importorskip("hpt_fast._C")
+    h, w, t = _ok()
+    h[0, 2, 1] = float("nan")  # flat row 2
+    w_nan = w.clone()
+    w_nan[3, 0] = float("nan")  # one logit of every row, so every row's log-sum-exp
+    with pytest.raises(FloatingPointError, match=r"logits are not finite .* token rows \[2\]$"):
+        fused_linear_loss(h.requires_grad_(), w, t, lambda lp, e, r: -lp, with_entropy=True, chunk_size=3,
+                          grad_order=order, backend=backend)
+    with pytest.raises(FloatingPointError, match=r"logits are not finite .* token rows \[0, 1, 2, 3, 4, 5, 6, 7\]\.\.\.$"):
+        fused_linear_loss(h.detach().nan_to_num().requires_grad_(), w_nan, t, lambda lp, e, r: -lp, chunk_size=3,
+                          grad_order=order, backend=backend)
+
+
 def test_token_loss_fn_not_callable():
     with pytest.raises(TypeError, match="token_loss_fn must be callable"):
         fused_linear_loss(*_ok(), None)
