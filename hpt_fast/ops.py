@@ -204,8 +204,21 @@ def _valid_rows(targets: Tensor, ignore_index: int, vocab: int) -> Optional[Tens
 
 
 def _budget_bytes() -> float:
-    """The logits block's memory budget: ``HPT_FAST_MEMORY_BUDGET_MB`` MiB (default 128)."""
-    return float(os.environ.get("HPT_FAST_MEMORY_BUDGET_MB", _DEFAULT_BUDGET_MB)) * 2**20
+    """The logits block's memory budget: ``HPT_FAST_MEMORY_BUDGET_MB`` MiB (default 128).
+
+    Raises ValueError when the variable is set to anything but a finite number > 0: a budget of
+    0 or less would silently run one token per block, hundreds of times slower.
+    """
+    raw = os.environ.get("HPT_FAST_MEMORY_BUDGET_MB")
+    if raw is None:
+        return _DEFAULT_BUDGET_MB * 2**20
+    try:
+        mib = float(raw)
+    except ValueError:
+        mib = math.nan
+    if not (math.isfinite(mib) and mib > 0):
+        raise ValueError(f"HPT_FAST_MEMORY_BUDGET_MB must be a finite number of MiB > 0, got {raw!r}")
+    return mib * 2**20
 
 
 def _auto_order(
@@ -753,10 +766,12 @@ def fused_token_logprobs(
             chunk's GEMM adds into grad_weight itself (float32 inside the GEMM), rounding the
             running sum once per chunk, as Liger's fused linear cross-entropy (its default
             ``accum_dtype=None``) and cut-cross-entropy's CUDA kernel do: no buffer, and no pass
-            over it. Each chunk's product leaves the GEMM in bf16 either way, and that rounding
-            dominates: measured at H 1024, V 151936, the mean error of grad_weight is the same
-            at 2048 tokens (5 chunks) and 5% larger at 8192 (19 chunks)
-            (``bench/results_accum_precision_cpu.md``). Vocabulary order's grad_hidden sum is
+            over it. On CPU each chunk's product leaves the GEMM in bf16 either way, and that
+            rounding dominates: measured at H 1024, V 151936, the mean error of grad_weight is
+            the same at 2048 tokens (5 chunks) and 5% larger at 8192 (19 chunks)
+            (``bench/results_accum_precision_cpu.md``). On CUDA the float32 sum takes each
+            chunk's product in float32 (cuBLAS, bf16 inputs, float32 output), so no chunk is
+            rounded to bf16 before the end. Vocabulary order's grad_hidden sum is
             always float32 (its buffer is [N, H]); float32 / float64 inputs always sum in their
             own dtype.
     Returns:

@@ -126,3 +126,14 @@ def test_non_finite_logits_are_named_as_the_cause(backend, order):
 def test_token_loss_fn_not_callable():
     with pytest.raises(TypeError, match="token_loss_fn must be callable"):
         fused_linear_loss(*_ok(), None)
+
+
+@pytest.mark.parametrize("value", ["0", "-64", "nan", "inf", "lots", ""])
+def test_bad_memory_budget_is_named(value, monkeypatch):
+    monkeypatch.setenv("HPT_FAST_MEMORY_BUDGET_MB", value)
+    with pytest.raises(ValueError, match="HPT_FAST_MEMORY_BUDGET_MB must be a finite number of MiB > 0"):
+        fused_token_logprobs(*_ok())
+    with pytest.raises(ValueError, match="HPT_FAST_MEMORY_BUDGET_MB"):
+        fused_linear_loss(*_ok(), lambda lp, e, r: -lp)
+    monkeypatch.setenv("HPT_FAST_MEMORY_BUDGET_MB", "0.5")
+    assert fused_token_logprobs(*_ok())[0].shape == (2, 5)
