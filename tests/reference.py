@@ -13,6 +13,18 @@ def backend_device(backend: str) -> torch.device:
     return torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
 
 
+class _RoundTo(torch.autograd.Function):
+    """x rounded to ``dtype`` and back to float64, with a straight-through gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dtype: torch.dtype) -> Tensor:
+        return x.to(dtype).to(torch.float64)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
 def reference_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -20,12 +32,19 @@ def reference_logprobs(
     bias: Optional[Tensor] = None,
     temperature: float = 1.0,
     ignore_index: int = -100,
+    logits_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, Tensor]:
-    """logp and entropy [...] in float64 (0 at ignored positions), differentiable."""
+    """logp and entropy [...] in float64 (0 at ignored positions), differentiable.
+
+    ``logits_dtype``: round the logits to it first, as a GEMM in that dtype rounds its output
+    (the gradient passes straight through), so a comparison measures the rest of the arithmetic.
+    """
     h, w = hidden.double(), weight.double()
     logits = h @ w.t()
     if bias is not None:
         logits = logits + bias.double()
+    if logits_dtype is not None:
+        logits = _RoundTo.apply(logits, logits_dtype)
     logprobs = torch.log_softmax(logits / temperature, dim=-1)
     valid = targets != ignore_index
     logp = logprobs.gather(-1, targets.clamp(0, weight.shape[0] - 1).unsqueeze(-1)).squeeze(-1)
