@@ -27,6 +27,10 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 timeout "${TEST_LIMIT_S:-150}" python3 -m pytest -p no:cacheprovider -q -rfE \
     tests/test_fused_op.py tests/test_row_stats.py tests/test_op_interop.py -k triton 2>&1 | tee "$OUT/tests.txt"
+# the random configurations: their Triton cases run on the GPU at full size (the others skip
+# where the C++ extension is not built for this python)
+timeout "${TEST_LIMIT_S:-150}" python3 -m pytest -p no:cacheprovider -q -rfE \
+    tests/test_fused_op_random.py 2>&1 | tee -a "$OUT/tests.txt"
 
 # a training-size bf16 case (Qwen2.5-7B's hidden size and vocabulary), then both dtypes at a
 # smaller hidden size
