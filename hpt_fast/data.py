@@ -241,6 +241,8 @@ def validation_name(path: PathLike) -> str:
 
 def read_problems(path: PathLike, require_target: bool = False) -> list[Problem]:
     """Problems of a ``.parquet`` training file or a ``.json`` validation file."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such file")
     suffix = Path(path).suffix
     if suffix == ".parquet":
         return read_train_parquet(path, require_target)

@@ -12,6 +12,7 @@ import logging
 import sys
 
 from hpt_fast.config import ConfigError, load_config
+from hpt_fast.data import DataError
 from hpt_fast.toy import use_toy
 from hpt_fast.trainer import Trainer
 
@@ -31,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except DataError as err:  # raised before the model loads
+        print(f"data error: {err}", file=sys.stderr)
+        return 2
     try:
         last = trainer.fit()
     finally:

@@ -112,6 +112,16 @@ class Trainer:
         resume = latest_checkpoint(self.out)
         trust = cfg.model.trust_remote_code
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path, trust_remote_code=trust)
+        # the data before the model: a missing or malformed file is reported in seconds, not
+        # after a 7B model has loaded
+        d = cfg.data
+        self.train_set = load_prompt_set(
+            d.train_files, self.tokenizer, d.max_prompt_length, d.max_response_length, d.prompt_template, d.prompt_suffix
+        )
+        self.val_sets = [
+            load_prompt_set(f, self.tokenizer, d.max_prompt_length, d.max_response_length, d.prompt_template, d.prompt_suffix)
+            for f in cfg.validation.files
+        ] if cfg.validation.every else []
         dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
         if cfg.model.liger_kernels and self.device.type == "cuda":
             self._apply_liger(cfg.model.path)
@@ -137,14 +147,6 @@ class Trainer:
             model.gradient_checkpointing_enable()
         model.to(self.device)
 
-        d = cfg.data
-        self.train_set = load_prompt_set(
-            d.train_files, self.tokenizer, d.max_prompt_length, d.max_response_length, d.prompt_template, d.prompt_suffix
-        )
-        self.val_sets = [
-            load_prompt_set(f, self.tokenizer, d.max_prompt_length, d.max_response_length, d.prompt_template, d.prompt_suffix)
-            for f in cfg.validation.files
-        ] if cfg.validation.every else []
         self.sampler = PromptSampler(len(self.train_set), cfg.train.seed, d.shuffle)
         self.losses = {
             rule: FusedUnifiedLoss(est, temperature=cfg.rollout.temperature, **cfg.fused_op.op_kwargs())

@@ -132,10 +132,17 @@ def test_bad_validation_json_names_file_and_item(tmp_path, content, message):
 
 
 def test_read_problems_dispatch(tmp_path):
+    for name in ("x.csv", "x.json"):
+        (tmp_path / name).write_text("")
     with pytest.raises(DataError, match=r"unknown data file type '\.csv'"):
         read_problems(tmp_path / "x.csv")
     with pytest.raises(DataError, match=r"validation JSON files have no demonstrations"):
         read_problems(tmp_path / "x.json", require_target=True)
+    for name in ("missing.parquet", "missing.json"):
+        with pytest.raises(DataError, match=rf"{name}: no such file$"):
+            read_problems(tmp_path / name)
+    with pytest.raises(DataError, match="no such file"):
+        read_problems(tmp_path)  # a directory is not a data file
 
 
 # ---- tokenisation ------------------------------------------------------------------------------

@@ -107,6 +107,15 @@ def test_bad_config_is_a_clear_error(tmp_path):
     assert done.returncode == 2 and "rollout.nn" in done.stderr
 
 
+def test_missing_data_file_is_a_clear_error_before_the_model_loads(tmp_path):
+    missing = tmp_path / "nowhere.parquet"
+    done = _run(tmp_path / "run", f"data.train_files=[{missing}]", check=False)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"data error: {missing}: no such file" in done.stderr and "Traceback" not in done.stderr
+    # transformers' weight-loading progress bar: the data is read first, so it never starts
+    assert "Loading weights" not in done.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the Triton backend runs: nothing is refused")
 @pytest.mark.parametrize("path, overrides", [
     ("hpt_fast/loss.py", []),
