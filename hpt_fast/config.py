@@ -612,12 +612,25 @@ def _check_rule(rule: BatchRule, est: Estimator) -> None:
         )
 
 
+def _missing_local_dir(value: Optional[str]) -> bool:
+    """Whether ``value`` can only mean a local directory (absolute, ``.`` / ``~`` relative, or
+    with more slashes than a hub id's one) and there is none: transformers would report it as a
+    malformed hub id, after the run has started."""
+    if not value:
+        return False
+    local = value.startswith(("/", ".", "~")) or value.count("/") > 1
+    return local and not Path(value).expanduser().is_dir()
+
+
 def validate(cfg: Config) -> None:
     """Raise ConfigError naming the key of the first bad or inconsistent setting."""
     # types first: a Config built in code can hold anything
     _check_types(cfg, Config, "")
     d, r, a, o, t, v, ds = cfg.data, cfg.rollout, cfg.algorithm, cfg.optim, cfg.train, cfg.validation, cfg.deepspeed
     _require(bool(cfg.model.path), "model.path", "must not be empty")
+    for key, value in (("model.path", cfg.model.path), ("model.tokenizer", cfg.model.tokenizer)):
+        _require(not _missing_local_dir(value), key,
+                 f"no such directory: {value} (a local model directory, or a Hugging Face hub id 'namespace/name')")
     _require(bool(d.train_files), "data.train_files", "needs at least one file")
     for key, value in (
         ("data.max_prompt_length", d.max_prompt_length), ("data.max_response_length", d.max_response_length),

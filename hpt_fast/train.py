@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         trainer = Trainer(cfg)
-    except DataError as err:  # raised before the model loads
-        print(f"data error: {err}", file=sys.stderr)
+    except (ConfigError, DataError) as err:  # raised before the model loads
+        kind = "config" if isinstance(err, ConfigError) else "data"
+        print(f"{kind} error: {err}", file=sys.stderr)
         return 2
     try:
         last = trainer.fit()

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from hpt_fast.batching import MicroBatch, Row, collate, pack
 from hpt_fast.checkpoint import latest_checkpoint, load_rank_state, load_state, save_checkpoint
-from hpt_fast.config import Config, build_estimators, dump_config
+from hpt_fast.config import Config, ConfigError, build_estimators, dump_config
 from hpt_fast.data import PromptSampler, load_prompt_set, shard
 from hpt_fast.estimator import Normalizers
 from hpt_fast.hpt import BatchRows, assemble_hpt_rows, assemble_luffy_rows, assemble_rl_rows, assemble_sft_rows
@@ -103,6 +103,10 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.world, self.device = init_distributed()
         self.out = Path(cfg.train.output_dir)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"train.output_dir: cannot create {self.out}: {err.strerror or err}") from None
         mini = cfg.train.mini_batch_prompts or cfg.train.prompts_per_step
         if mini % self.world:
             key = "train.mini_batch_prompts" if cfg.train.mini_batch_prompts else "train.prompts_per_step"

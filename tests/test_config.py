@@ -113,6 +113,9 @@ def test_yaml_reads_exponent_floats_and_base_merges_sections(tmp_path):
     (["fused_op.chunk_size=0"], r"fused_op\.chunk_size: must be >= 1 or null"),
     (["fused_op.accum_dtype=bfloat16"], r"fused_op\.accum_dtype: 'bfloat16' is not one of 'float32', 'inputs'"),
     (["fused_op.backend=cuda"], r"fused_op\.backend: 'cuda' is not one of 'auto', 'torch', 'cpu', 'triton'"),
+    (["model.path=/nowhere/model"], r"model\.path: no such directory: /nowhere/model \(a local model directory, or a"),
+    (["model.tokenizer=./nowhere"], r"model\.tokenizer: no such directory: \./nowhere"),
+    (["model.path=runs/x/model"], r"model\.path: no such directory: runs/x/model"),
 ])
 def test_bad_settings_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -171,3 +174,10 @@ def test_lr_schedules():
     assert cosine.lr_factor(10, 11) == pytest.approx(0.1)
     linear = OptimConfig(schedule="linear", warmup_steps=1)
     assert [linear.lr_factor(s, 5) for s in (0, 1, 2, 4)] == pytest.approx([1.0, 1.0, 2 / 3, 0.0])
+
+
+def test_model_paths_may_be_hub_ids_or_existing_directories(tmp_path):
+    """Only a value that can only be a local directory must exist: a hub id is left to
+    transformers."""
+    for path in ("Qwen/Qwen2.5-Math-7B", "gpt2", str(tmp_path), "toy"):
+        assert load_config(None, [f"model.path={path}", f"model.tokenizer={path}"]).model.path == path

@@ -107,6 +107,14 @@ def test_bad_config_is_a_clear_error(tmp_path):
     assert done.returncode == 2 and "rollout.nn" in done.stderr
 
 
+def test_uncreatable_output_dir_is_a_clear_error(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "run"
+    done = _run(out, check=False)
+    assert done.returncode == 2 and f"config error: train.output_dir: cannot create {out}" in done.stderr, \
+        done.stderr[-3000:]
+
+
 def test_missing_data_file_is_a_clear_error_before_the_model_loads(tmp_path):
     missing = tmp_path / "nowhere.parquet"
     done = _run(tmp_path / "run", f"data.train_files=[{missing}]", check=False)
