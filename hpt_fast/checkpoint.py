@@ -10,11 +10,14 @@ A checkpoint is a directory ``step_{N:08d}`` under ``<output_dir>/checkpoints`` 
 State files are written with ``torch.save`` and read with ``torch.load(weights_only=True)``: only
 tensors, numbers, strings and containers are rebuilt, plus the three small DeepSpeed classes a ZeRO
 optimizer state holds (its loss scaler, the stage enum, a fragment address), allow-listed by name.
-Everything goes to a temporary directory first and is renamed into place, so a crash mid-write
-leaves only a ``.tmp-*`` directory, which is ignored (and removed by the next save).
+Everything goes to a temporary directory first, is flushed to the disk (fsync) and renamed into
+place, so a crash mid-write, even a power loss, leaves only a ``.tmp-*`` directory, which is
+ignored (and removed by the next save). With ``keep`` > 0 only the newest ``keep`` complete
+checkpoints are kept: the older ones are removed after the new one is in place.
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -33,13 +36,35 @@ def checkpoint_dir(output_dir: Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def latest_checkpoint(output_dir: Path) -> Optional[Path]:
-    """The complete checkpoint with the highest step, or None."""
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file, or a directory's entries) from the page cache to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in sorted(path.rglob("*")):
+        if file.is_file():
+            _fsync(file)
+    _fsync(path)
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """The complete checkpoints under ``output_dir``, oldest first."""
     root = checkpoint_dir(output_dir)
     if not root.is_dir():
-        return None
+        return []
     done = [p for p in root.iterdir() if _NAME.match(p.name) and (p / STATE_FILE).is_file()]
-    return max(done, key=lambda p: int(_NAME.match(p.name).group(1)), default=None)
+    return sorted(done, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def latest_checkpoint(output_dir: Path) -> Optional[Path]:
+    """The complete checkpoint with the highest step, or None."""
+    done = complete_checkpoints(output_dir)
+    return done[-1] if done else None
 
 
 def _distributed() -> bool:
@@ -60,8 +85,10 @@ def save_checkpoint(
     *,
     rank_state: Optional[dict[str, Any]] = None,
     state_dict: Optional[dict[str, Tensor]] = None,
+    keep: int = 0,
 ) -> Path:
-    """Write checkpoint ``step`` atomically. Collective: in a distributed job every rank calls it.
+    """Write checkpoint ``step`` atomically and durably. Collective: in a distributed job every
+    rank calls it.
 
     Args:
         model, tokenizer, state: used on rank 0 only; ``state`` holds tensors, numbers, strings,
@@ -69,6 +96,8 @@ def save_checkpoint(
         rank_state: this rank's share of a partitioned state (every rank passes one), or None.
         state_dict: the weights to save instead of ``model``'s own (a ZeRO-3 model's gathered
             weights; see ``hpt_fast.policy.gathered_state_dict``), on rank 0.
+        keep: > 0: then remove all but the newest ``keep`` complete checkpoints (this one among
+            them); 0: keep every checkpoint.
     Returns the checkpoint's final path.
     """
     rank = dist.get_rank() if _distributed() else 0
@@ -83,14 +112,22 @@ def save_checkpoint(
     _barrier()  # the directory exists before any rank writes into it
     if rank_state is not None:
         torch.save(rank_state, tmp / RANK_FILE.format(rank))
+        _fsync(tmp / RANK_FILE.format(rank))
     _barrier()  # every rank's share is on disk before rank 0 completes the checkpoint
     if rank == 0:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         torch.save(state, tmp / STATE_FILE)
+        # on the disk before the rename: a rename that reaches the disk first would otherwise
+        # leave a complete-looking checkpoint of empty files after a power loss
+        _fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        _fsync(root)
+        if keep > 0:
+            for old in complete_checkpoints(output_dir)[:-keep]:
+                shutil.rmtree(old)
     _barrier()  # nobody moves on (or resumes) before the checkpoint is in place
     return final
 

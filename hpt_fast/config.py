@@ -234,6 +234,8 @@ class TrainConfig:
         output_dir: the run directory (config, metrics, checkpoints).
         checkpoint_every: write a checkpoint every this many steps (and always at the end); 0:
             only at the end.
+        keep_checkpoints: keep only the newest this many checkpoints (a 7B run's are about
+            100 GB each with the optimizer state); 0: keep all.
     """
 
     total_steps: int = 200
@@ -242,6 +244,7 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs/toy"
     checkpoint_every: int = 0
+    keep_checkpoints: int = 0
 
 
 @dataclass
@@ -647,7 +650,8 @@ def validate(cfg: Config) -> None:
         _require(value is None or value >= 1, key, f"must be >= 1 or null, got {value}")
     for key, value in (
         ("algorithm.sft_steps", a.sft_steps), ("optim.warmup_steps", o.warmup_steps),
-        ("train.checkpoint_every", t.checkpoint_every), ("validation.every", v.every),
+        ("train.checkpoint_every", t.checkpoint_every), ("train.keep_checkpoints", t.keep_checkpoints),
+        ("validation.every", v.every),
     ):
         _require(value >= 0, key, f"must be >= 0, got {value}")
     if d.prompt_template is not None:

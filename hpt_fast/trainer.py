@@ -252,7 +252,8 @@ class Trainer:
         elif self.rank == 0:
             state["optimizer"] = self.optimizer.state_dict()
         weights = gathered_state_dict(self.model, self.rank) if self.zero_stage == 3 else None
-        save_checkpoint(self.out, self.step, self.model, self.tokenizer, state, rank_state=rank_state, state_dict=weights)
+        save_checkpoint(self.out, self.step, self.model, self.tokenizer, state, rank_state=rank_state, state_dict=weights,
+                        keep=self.cfg.train.keep_checkpoints)
 
     # ---- one step ------------------------------------------------------------------------------
 

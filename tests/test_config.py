@@ -113,6 +113,7 @@ def test_yaml_reads_exponent_floats_and_base_merges_sections(tmp_path):
     (["fused_op.chunk_size=0"], r"fused_op\.chunk_size: must be >= 1 or null"),
     (["fused_op.accum_dtype=bfloat16"], r"fused_op\.accum_dtype: 'bfloat16' is not one of 'float32', 'inputs'"),
     (["fused_op.backend=cuda"], r"fused_op\.backend: 'cuda' is not one of 'auto', 'torch', 'cpu', 'triton'"),
+    (["train.keep_checkpoints=-1"], r"train\.keep_checkpoints: must be >= 0, got -1"),
     (["model.path=/nowhere/model"], r"model\.path: no such directory: /nowhere/model \(a local model directory, or a"),
     (["model.tokenizer=./nowhere"], r"model\.tokenizer: no such directory: \./nowhere"),
     (["model.path=runs/x/model"], r"model\.path: no such directory: runs/x/model"),

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hpt_fast.checkpoint import latest_checkpoint, load_state
+from hpt_fast.checkpoint import complete_checkpoints, latest_checkpoint, load_state
 from hpt_fast.metrics import read_metrics
 
 # small enough for a 2-core CPU: 4 prompts x 2 rollouts of at most 24 tokens
@@ -82,7 +82,7 @@ def test_two_ranks_match_one_rank(tmp_path):
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     # enough steps that the run cannot finish between seeing checkpoint 2 and the kill
-    steps = ["train.total_steps=12", "train.checkpoint_every=1"]
+    steps = ["train.total_steps=12", "train.checkpoint_every=1", "train.keep_checkpoints=2"]
     _run(full, *steps)
     proc = _run(killed, *steps, wait=False)
     deadline = time.time() + 300
@@ -100,6 +100,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     w_full, w_resumed = _weights(full), _weights(killed)
     for name in w_full:
         assert torch.equal(w_full[name], w_resumed[name]), name
+    assert [p.name for p in complete_checkpoints(killed)] == ["step_00000011", "step_00000012"]
 
 
 def test_bad_config_is_a_clear_error(tmp_path):

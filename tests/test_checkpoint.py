@@ -1,0 +1,59 @@
+"""Checkpoint files: atomic and flushed to the disk, the newest ``keep`` kept, half-written ones ignored."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import hpt_fast.checkpoint as checkpoint
+from hpt_fast.checkpoint import complete_checkpoints, latest_checkpoint, load_state, save_checkpoint
+from hpt_fast.toy import ToySpec, build_model, build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    tokenizer = build_tokenizer()
+    return build_model(tokenizer, ToySpec(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1)), tokenizer
+
+
+def _steps(out) -> list[int]:
+    return [int(p.name.split("_")[1]) for p in complete_checkpoints(out)]
+
+
+@pytest.mark.parametrize("keep, left", [(0, [1, 2, 3, 4]), (1, [4]), (2, [3, 4]), (9, [1, 2, 3, 4])])
+def test_keep_only_the_newest(tmp_path, model_and_tokenizer, keep, left):
+    model, tokenizer = model_and_tokenizer
+    for step in (1, 2, 3, 4):
+        path = save_checkpoint(tmp_path, step, model, tokenizer, {"step": step}, keep=keep)
+        assert path == latest_checkpoint(tmp_path) and load_state(path)["step"] == step
+    assert _steps(tmp_path) == left
+
+
+def test_every_file_is_flushed_before_the_rename(tmp_path, model_and_tokenizer, monkeypatch):
+    """fsync reaches every file of the checkpoint and its directory while it is still the
+    temporary one, then the parent directory after the rename."""
+    model, tokenizer = model_and_tokenizer
+    synced = []
+    real = checkpoint._fsync
+
+    def record(path):
+        synced.append((path, (tmp_path / "checkpoints" / "step_00000007").exists()))
+        real(path)
+
+    monkeypatch.setattr(checkpoint, "_fsync", record)
+    final = save_checkpoint(tmp_path, 7, model, tokenizer, {"step": 7}, rank_state={"x": torch.ones(2)})
+    before_rename = {p.name for p, renamed in synced if not renamed}
+    assert before_rename == {p.name for p in final.iterdir()} | {".tmp-step_00000007"}
+    assert synced[-1] == (tmp_path / "checkpoints", True)
+
+
+def test_half_written_checkpoints_are_ignored_and_cleared(tmp_path, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    save_checkpoint(tmp_path, 1, model, tokenizer, {"step": 1})
+    root = tmp_path / "checkpoints"
+    (root / ".tmp-step_00000002").mkdir()  # a crash mid-write
+    (root / "step_00000003").mkdir()  # renamed by hand without its state file
+    assert latest_checkpoint(tmp_path).name == "step_00000001"
+    save_checkpoint(tmp_path, 4, model, tokenizer, {"step": 4}, keep=1)
+    assert sorted(os.listdir(root)) == ["step_00000003", "step_00000004"]
