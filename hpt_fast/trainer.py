@@ -110,7 +110,7 @@ class Trainer:
         mini = cfg.train.mini_batch_prompts or cfg.train.prompts_per_step
         if mini % self.world:
             key = "train.mini_batch_prompts" if cfg.train.mini_batch_prompts else "train.prompts_per_step"
-            raise ValueError(f"{key} = {mini} must be a multiple of the world size {self.world}")
+            raise ConfigError(f"{key}: {mini} must be a multiple of the world size {self.world}")
         torch.manual_seed(_seed(cfg.train.seed, "init"))
 
         resume = latest_checkpoint(self.out)

@@ -116,6 +116,13 @@ def test_uncreatable_output_dir_is_a_clear_error(tmp_path):
         done.stderr[-3000:]
 
 
+def test_prompts_not_divisible_by_the_ranks_is_a_config_error(tmp_path):
+    done = _run(tmp_path / "run", "train.prompts_per_step=3", nproc=2, check=False)
+    assert done.returncode != 0
+    assert "config error: train.prompts_per_step: 3 must be a multiple of the world size 2" in done.stderr, \
+        done.stderr[-3000:]
+
+
 def test_missing_data_file_is_a_clear_error_before_the_model_loads(tmp_path):
     missing = tmp_path / "nowhere.parquet"
     done = _run(tmp_path / "run", f"data.train_files=[{missing}]", check=False)
