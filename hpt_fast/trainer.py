@@ -43,6 +43,7 @@ from hpt_fast.metrics import MetricsLogger
 from hpt_fast.policy import FusedHeadPolicy, gathered_state_dict
 from hpt_fast.reward import RewardPool
 from hpt_fast.rollout import NativeEngine, RolloutEngine
+from hpt_fast.step_stats import StepStats
 
 logger = logging.getLogger(__name__)
 
@@ -281,27 +282,39 @@ class Trainer:
                 rows.append(Row(p, batch.prompt_ids[p], smp.token_ids, adv, off, float(rewards[p, s]), smp.logprobs.tolist()))
         return rows
 
-    def _old_logp(self, mbs: list[MicroBatch]) -> list[Optional[Tensor]]:
-        """log pi_old per micro-batch, [B, T] float32, or None where the ratio is exactly 1.
+    def _micro_batches(self, rows: list[Row]) -> list[MicroBatch]:
+        """``rows`` packed into micro-batches of at most ``deepspeed.micro_batch_tokens``, on the device."""
+        pad = self.tokenizer.pad_token_id
+        return [collate(rows, g, pad).to(self.device) for g in pack(rows, self.cfg.deepspeed.micro_batch_tokens)]
+
+    def _old_logp(self, updates: list[list[MicroBatch]]) -> list[list[Optional[Tensor]]]:
+        """log pi_old for each micro-batch of each of the step's updates, [B, T] float32, or None
+        where the ratio is exactly 1.
 
         With one optimizer update per step the policy that sampled is the one being trained, so
         the ratio is 1 and no forward is spent on it. Otherwise: the sampler's log-probs
-        (rollout.old_logprobs = "sampler") or a no-grad forward of the fused op ("recompute").
+        (rollout.old_logprobs = "sampler") or a no-grad forward of the fused op ("recompute"), run
+        for every update before the first one changes the weights: a later update's pi_old is
+        still the policy that sampled, not the one the earlier updates left.
         """
         if self._updates_per_step() == 1:
-            return [None] * len(mbs)
+            return [[None] * len(mbs) for mbs in updates]
         if self.cfg.rollout.old_logprobs == "sampler":
-            return [mb.sample_logprobs for mb in mbs]
+            return [[mb.sample_logprobs for mb in mbs] for mbs in updates]
+        temperature = self.cfg.rollout.temperature
+        n_local = sum(map(len, updates))
         with torch.no_grad():
-            return [self.engine(mb, temperature=self.cfg.rollout.temperature) for mb in mbs]
+            old = [[self.engine(mb, temperature=temperature) for mb in mbs] for mbs in updates]
+            # under ZeRO-3 every forward gathers the weights from all ranks: each runs as many
+            for _ in range(int(_all_max(n_local, self.device)) - n_local):
+                self.engine(self._idle_batch())
+        return old
 
-    def _update(self, rule: str, rows: list[Row]) -> dict[str, float]:
-        """One optimizer update on ``rows``: micro-batches, backward, clip / skip, step."""
+    def _update(self, rule: str, mbs: list[MicroBatch], old: list[Optional[Tensor]], stats: StepStats) -> dict[str, float]:
+        """One optimizer update on micro-batches ``mbs`` (with their log pi_old ``old``): backward
+        on each, clip / skip, step. Merges the loss's statistics into ``stats``."""
         loss_fn = self.losses[rule]
         est = loss_fn.estimator
-        mbs = [collate(rows, g, self.tokenizer.pad_token_id).to(self.device)
-               for g in pack(rows, self.cfg.deepspeed.micro_batch_tokens)]
-        old = self._old_logp(mbs)
         counts = [dataclasses.astuple(est.normalizers(mb.mask, mb.off_policy)) for mb in mbs]
         # every rank must run the same number of backward passes (collectives in DeepSpeed)
         n_local = len(mbs)
@@ -309,18 +322,12 @@ class Trainer:
         totals = _all_sum([sum(c[i] for c in counts) for i in range(len(dataclasses.fields(Normalizers)))], self.device)
         n_max = int(_all_max(n_local, self.device))
         norm = Normalizers(*(int(x) for x in totals))
-        loss_sum, stats_sum = 0.0, {}
+        loss_sum = 0.0
         for k in range(n_max):
             self.engine.set_gradient_accumulation_boundary(k == n_max - 1)
             if k < n_local:
-                mb = mbs[k]
-                loss, stats = self.engine(mb, loss_fn, old_logp=old[k], normalizers=norm)
-                # loss parts add up over micro-batches (global normalisers); the rest are
-                # per-token means, averaged with token weights
-                weight = mb.mask.sum().item()
-                for key, v in stats.items():
-                    w = 1.0 if key.endswith("_loss") else weight
-                    stats_sum[key] = stats_sum.get(key, 0.0) + float(v) * w
+                loss, mb_stats = self.engine(mbs[k], loss_fn, old_logp=old[k], normalizers=norm)
+                stats.add(mb_stats, mbs[k])
             else:
                 # a rank with fewer micro-batches joins the collectives with a zero loss that still
                 # runs through every parameter (ZeRO's gradient hooks fire per parameter)
@@ -339,10 +346,8 @@ class Trainer:
             self.engine.step()
         if grad_norm is None:  # ZeRO computed it during the step (for clipping)
             grad_norm = float(self.engine.get_global_grad_norm())
-        ntok = sum(mb.mask.sum().item() for mb in mbs)
-        stats = {k: v if k.endswith("_loss") else v / max(ntok, 1) for k, v in stats_sum.items()}
         loss_total, = _all_sum([loss_sum], self.device)
-        return {"loss": loss_total, "grad_norm": grad_norm, **stats}
+        return {"loss": loss_total, "grad_norm": grad_norm}
 
     def _idle_batch(self) -> MicroBatch:
         """A one-token micro-batch for a rank that has run out of micro-batches of its own."""
@@ -391,9 +396,11 @@ class Trainer:
         t2 = time.perf_counter()
 
         per_update = (cfg.train.mini_batch_prompts or cfg.train.prompts_per_step) // self.world
-        updates, skipped_before = [], self.skipped
-        for start in range(0, len(indices), per_update):
-            updates.append(self._update(rule, [r for r in rows if start <= r.prompt_index < start + per_update]))
+        batches = [self._micro_batches([r for r in rows if start <= r.prompt_index < start + per_update])
+                   for start in range(0, len(indices), per_update)]
+        olds = self._old_logp(batches)
+        stats, skipped_before = StepStats(self.device), self.skipped
+        updates = [self._update(rule, mbs, old, stats) for mbs, old in zip(batches, olds)]
         t3 = time.perf_counter()
         if self.skipped - skipped_before < len(updates):  # the weights changed (skips agree across ranks)
             self.rollout.update_weights()
@@ -421,10 +428,12 @@ class Trainer:
             "time_weight_update": t4 - t3,
             "tokens_per_s": (sums[4] + sums[5]) / max(t4 - t0, 1e-9),
         }
-        for key in updates[-1]:
-            # the estimator's stats are per row of the batch; where a name is taken by a step
+        for key in ("loss", "grad_norm"):
+            metrics[key] = sum(u[key] for u in updates) / len(updates)
+        for key, value in stats.result(len(updates)).items():
+            # the estimator's stats are per row or token of the batch; where a name is taken by a step
             # metric (sft_fraction: prompts sent to SFT) the row-level one is logged as batch_<name>
-            metrics[f"batch_{key}" if key in metrics else key] = sum(u[key] for u in updates) / len(updates)
+            metrics[f"batch_{key}" if key in metrics else key] = value
         return metrics
 
     # ---- evaluation and the run ----------------------------------------------------------------
