@@ -178,6 +178,11 @@ class AlgorithmConfig:
     estimator_hparams: dict[str, Any] = field(default_factory=dict)
     entropy_coef: Optional[float] = None
 
+    @property
+    def uses_demonstrations(self) -> bool:
+        """Whether any of the method's batch rules trains on demonstrations (the data's ``target``)."""
+        return any(rule != "rl" for rule in _METHOD_RULES[self.method])
+
     def batch_rule(self, step: int) -> BatchRule:
         """The batch rule of training step ``step`` (0-based)."""
         if self.method == "sft_then_rl":
@@ -652,7 +657,7 @@ def validate(cfg: Config) -> None:
     for key, value in (
         ("algorithm.sft_steps", a.sft_steps), ("optim.warmup_steps", o.warmup_steps),
         ("train.checkpoint_every", t.checkpoint_every), ("train.keep_checkpoints", t.keep_checkpoints),
-        ("validation.every", v.every),
+        ("validation.every", v.every), ("train.seed", t.seed), ("toy.seed", cfg.toy.seed),
     ):
         _require(value >= 0, key, f"must be >= 0, got {value}")
     if d.prompt_template is not None:

@@ -239,6 +239,16 @@ def validation_name(path: PathLike) -> str:
     return path.parent.name if path.name == "test.json" and path.parent.name else path.stem
 
 
+def check_set_names(paths: Sequence[PathLike]) -> None:
+    """DataError when two validation files would report under one benchmark name (``validation_name``)."""
+    by_name: dict[str, list[str]] = {}
+    for path in paths:
+        by_name.setdefault(validation_name(path), []).append(str(path))
+    for name, clashing in by_name.items():
+        if len(clashing) > 1:
+            raise DataError(f"benchmark name {name!r} is shared by {', '.join(clashing)}; rename one")
+
+
 def read_problems(path: PathLike, require_target: bool = False) -> list[Problem]:
     """Problems of a ``.parquet`` training file or a ``.json`` validation file."""
     if not Path(path).is_file():
@@ -423,8 +433,10 @@ class PromptSampler:
     """Batches of prompt indices in a deterministic order that can resume from a checkpoint.
 
     Epoch e visits ``permutation(size)`` drawn from numpy's generator seeded with (seed, e) (or
-    0 .. size - 1 without shuffling). A batch never spans two epochs: the last ``size % batch_size``
-    prompts of an epoch's order are skipped (different ones each epoch).
+    0 .. size - 1 without shuffling). With shuffling a batch never spans two epochs (it could hold
+    a prompt twice): the last ``size % batch_size`` prompts of an epoch's order are skipped,
+    different ones each epoch. In file order a batch runs on into the next epoch instead, so that
+    every prompt takes its turn.
 
     Attributes:
         epoch, index: the position of the next batch: epoch and offset into its order.
@@ -449,11 +461,16 @@ class PromptSampler:
         """The next ``batch_size`` prompt indices; advances the position."""
         if not 1 <= batch_size <= self.size:
             raise ValueError(f"batch_size must be in [1, {self.size}] (the number of prompts), got {batch_size}")
-        if self.index + batch_size > self.size:
+        if self.shuffle and self.index + batch_size > self.size:
             self.epoch, self.index = self.epoch + 1, 0
-        batch = self.order(self.epoch)[self.index : self.index + batch_size]
-        self.index += batch_size
-        return batch.tolist()
+        batch: list[int] = []
+        while len(batch) < batch_size:
+            if self.index == self.size:
+                self.epoch, self.index = self.epoch + 1, 0
+            part = self.order(self.epoch)[self.index : self.index + batch_size - len(batch)]
+            batch += part.tolist()
+            self.index += len(part)
+        return batch
 
     def state_dict(self) -> dict[str, int]:
         """The position, for a checkpoint: {"epoch", "index"}."""

@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from hpt_fast.data import DataError, PromptSet, load_prompt_set
+from hpt_fast.data import DataError, PromptSet, check_set_names, load_prompt_set
 from hpt_fast.reward import RewardPool
 from hpt_fast.rollout import NativeEngine, RolloutEngine
 
@@ -169,18 +169,12 @@ def evaluate_set(
 
 def load_benchmarks(files: Sequence[str], tokenizer, settings: EvalSettings) -> dict[str, PromptSet]:
     """file -> its prompts, tokenized; DataError for a bad file or two files with one benchmark name."""
-    sets = {
+    check_set_names(files)
+    return {
         f: load_prompt_set(f, tokenizer, settings.max_prompt_length, settings.max_new_tokens,
                            settings.prompt_template, settings.prompt_suffix)
         for f in files
     }
-    by_name: dict[str, list[str]] = {}
-    for f, s in sets.items():
-        by_name.setdefault(s.name, []).append(f)
-    for name, clashing in by_name.items():
-        if len(clashing) > 1:
-            raise DataError(f"benchmark name {name!r} is shared by {', '.join(clashing)}; rename one")
-    return sets
 
 
 def evaluate(model, benchmarks: dict[str, PromptSet], settings: EvalSettings) -> list[BenchmarkResult]:

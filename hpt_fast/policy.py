@@ -51,7 +51,8 @@ class FusedHeadPolicy(nn.Module):
 
     def hidden(self, mb: MicroBatch) -> Tensor:
         """[B, T, H]: the trunk's last hidden state at each position that predicts a target."""
-        out = self.lm.get_decoder()(input_ids=mb.input_ids, attention_mask=mb.attention_mask)
+        # no KV cache: nothing decodes after this forward
+        out = self.lm.get_decoder()(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
         return out.last_hidden_state[:, :-1]
 
     def forward(

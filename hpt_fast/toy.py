@@ -59,7 +59,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from hpt_fast import data as data_mod
-from hpt_fast.config import TOY, Config, OptimConfig
+from hpt_fast.config import TOY, Config, ConfigError, OptimConfig
 from hpt_fast.data import Problem, PromptSet
 from hpt_fast.reward import RewardPool
 
@@ -405,7 +405,12 @@ def use_toy(cfg: Config, spec: ToySpec = ToySpec()) -> Config:
     uses = TOY in (cfg.model.path, cfg.model.tokenizer) or TOY in cfg.data.train_files or TOY in cfg.validation.files
     if not uses:
         return cfg
-    paths = build_toy(cfg.toy.dir or default_toy_dir(), cfg.toy.seed, spec)
+    where = Path(cfg.toy.dir or default_toy_dir())
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"toy.dir: cannot create {where}: {err.strerror or err}") from None
+    paths = build_toy(where, cfg.toy.seed, spec)
     out = copy.deepcopy(cfg)
     if out.model.path == TOY:
         out.model.path = str(paths.model)

@@ -35,7 +35,7 @@ from torch import Tensor
 from hpt_fast.batching import MicroBatch, Row, collate, pack
 from hpt_fast.checkpoint import latest_checkpoint, load_rank_state, load_state, save_checkpoint
 from hpt_fast.config import Config, ConfigError, build_estimators, dump_config
-from hpt_fast.data import PromptSampler, load_prompt_set, shard
+from hpt_fast.data import DataError, PromptSampler, check_set_names, load_prompt_set, shard
 from hpt_fast.estimator import Normalizers
 from hpt_fast.hpt import BatchRows, assemble_hpt_rows, assemble_luffy_rows, assemble_rl_rows, assemble_sft_rows
 from hpt_fast.loss import FusedUnifiedLoss
@@ -87,6 +87,19 @@ def _seed(*parts: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def _load_tokenizer(path: str, trust_remote_code: bool):
+    """The tokenizer at ``path``; one without a pad token (LLaMA-3's) pads with its EOS, which the
+    attention mask and the targets leave out anyway."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"model.tokenizer: the tokenizer at {path} has no EOS token, which ends every rollout")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def _all_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -99,7 +112,7 @@ class Trainer:
 
     def __init__(self, cfg: Config) -> None:
         import deepspeed
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         self.cfg = cfg
         self.rank, self.world, self.device = init_distributed()
@@ -116,13 +129,20 @@ class Trainer:
 
         resume = latest_checkpoint(self.out)
         trust = cfg.model.trust_remote_code
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path, trust_remote_code=trust)
+        self.tokenizer = _load_tokenizer(cfg.model.tokenizer or cfg.model.path, trust)
         # the data before the model: a missing or malformed file is reported in seconds, not
         # after a 7B model has loaded
         d = cfg.data
         self.train_set = load_prompt_set(
-            d.train_files, self.tokenizer, d.max_prompt_length, d.max_response_length, d.prompt_template, d.prompt_suffix
+            d.train_files, self.tokenizer, d.max_prompt_length, d.max_response_length, d.prompt_template, d.prompt_suffix,
+            require_target=cfg.algorithm.uses_demonstrations,
         )
+        if len(self.train_set) < cfg.train.prompts_per_step:
+            raise DataError(
+                f"{', '.join(map(str, d.train_files))}: {len(self.train_set)} prompts fit data.max_prompt_length "
+                f"({self.train_set.dropped} dropped as longer), fewer than train.prompts_per_step = {cfg.train.prompts_per_step}"
+            )
+        check_set_names(cfg.validation.files if cfg.validation.every else [])
         self.val_sets = [
             load_prompt_set(f, self.tokenizer, d.max_prompt_length, d.max_response_length, d.prompt_template, d.prompt_suffix)
             for f in cfg.validation.files
@@ -150,7 +170,9 @@ class Trainer:
         )
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        model.to(self.device)
+        # from_pretrained returns eval mode, in which transformers skips gradient checkpointing (and
+        # dropout); the native engine restores this mode after each generate
+        model.to(self.device).train()
 
         self.sampler = PromptSampler(len(self.train_set), cfg.train.seed, d.shuffle)
         self.losses = {
@@ -219,10 +241,12 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         state = load_state(path)
         saved = (state.get("zero_stage", 0), state.get("world_size", 1))
-        if self.zero_stage and saved != (self.zero_stage, self.world):
-            raise ValueError(
-                f"checkpoint {path} was written with ZeRO stage {saved[0]} on {saved[1]} ranks; its optimizer "
-                f"state is partitioned, so resume with the same (now: stage {self.zero_stage}, {self.world} ranks)"
+        # stage 0 keeps the whole optimizer state in one file, any rank count reads it; a partitioned
+        # one (stage >= 1, saved or now) has a layout of its own per stage and rank count
+        if (saved[0] or self.zero_stage) and saved != (self.zero_stage, self.world):
+            raise ConfigError(
+                f"deepspeed.zero_stage: checkpoint {path} was written with ZeRO stage {saved[0]} on {saved[1]} "
+                f"ranks; resume it with the same stage and rank count (now: stage {self.zero_stage}, {self.world} ranks)"
             )
         if self.zero_stage:
             # ZeRO reads only this rank's entry; the float32 master weights come from it too
@@ -310,9 +334,12 @@ class Trainer:
                 self.engine(self._idle_batch())
         return old
 
-    def _update(self, rule: str, mbs: list[MicroBatch], old: list[Optional[Tensor]], stats: StepStats) -> dict[str, float]:
+    def _update(
+        self, rule: str, mbs: list[MicroBatch], old: list[Optional[Tensor]], stats: StepStats
+    ) -> Optional[dict[str, float]]:
         """One optimizer update on micro-batches ``mbs`` (with their log pi_old ``old``): backward
-        on each, clip / skip, step. Merges the loss's statistics into ``stats``."""
+        on each, clip / skip, step; its loss and gradient norm. Merges the loss's statistics into
+        ``stats``. None, and no step, when no rank has a micro-batch."""
         loss_fn = self.losses[rule]
         est = loss_fn.estimator
         counts = [dataclasses.astuple(est.normalizers(mb.mask, mb.off_policy)) for mb in mbs]
@@ -321,6 +348,8 @@ class Trainer:
         # a rank may have no rows at all (SFT prompts without a demonstration): still all-reduce
         totals = _all_sum([sum(c[i] for c in counts) for i in range(len(dataclasses.fields(Normalizers)))], self.device)
         n_max = int(_all_max(n_local, self.device))
+        if n_max == 0:  # no rank has a row (SFT prompts without demonstrations): no gradient, no step
+            return None
         norm = Normalizers(*(int(x) for x in totals))
         loss_sum = 0.0
         for k in range(n_max):
@@ -400,7 +429,7 @@ class Trainer:
                    for start in range(0, len(indices), per_update)]
         olds = self._old_logp(batches)
         stats, skipped_before = StepStats(self.device), self.skipped
-        updates = [self._update(rule, mbs, old, stats) for mbs, old in zip(batches, olds)]
+        updates = [u for mbs, old in zip(batches, olds) if (u := self._update(rule, mbs, old, stats)) is not None]
         t3 = time.perf_counter()
         if self.skipped - skipped_before < len(updates):  # the weights changed (skips agree across ranks)
             self.rollout.update_weights()
@@ -429,8 +458,9 @@ class Trainer:
             "tokens_per_s": (sums[4] + sums[5]) / max(t4 - t0, 1e-9),
         }
         for key in ("loss", "grad_norm"):
-            metrics[key] = sum(u[key] for u in updates) / len(updates)
-        for key, value in stats.result(len(updates)).items():
+            if updates:
+                metrics[key] = sum(u[key] for u in updates) / len(updates)
+        for key, value in stats.result(max(len(updates), 1)).items():
             # the estimator's stats are per row or token of the batch; where a name is taken by a step
             # metric (sft_fraction: prompts sent to SFT) the row-level one is logged as batch_<name>
             metrics[f"batch_{key}" if key in metrics else key] = value
@@ -443,19 +473,23 @@ class Trainer:
         v = self.cfg.validation
         out = {}
         for vs in self.val_sets:
-            indices = shard(range(len(vs) - len(vs) % self.world), self.rank, self.world)
-            batch = vs.batch(indices)
+            # every problem once over the ranks; each rank generates as many prompts (lockstep under
+            # ZeRO-3 and in vLLM's tensor-parallel groups), the padding repeats problem 0 unscored
+            per = -(-len(vs) // self.world)
+            mine = list(range(self.rank * per, min((self.rank + 1) * per, len(vs))))
+            batch = vs.batch(mine + [0] * (per - len(mine)))
             samples = self.rollout.generate(
                 batch.prompt_ids, n=v.n, max_new_tokens=self.cfg.data.max_response_length,
                 temperature=v.temperature, top_p=v.top_p if v.temperature > 0 else 1.0,
                 stop_token_ids=[self.tokenizer.eos_token_id], seed=_seed(self.cfg.train.seed, "val", self.rank),
                 logprobs_needed=False,
             )
+            self.rollout.sleep()
+            samples = samples[: len(mine)]
             texts = [self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for g in samples for s in g]
             truths = [gt for gt, g in zip(batch.ground_truths, samples) for _ in g]
-            self.rollout.sleep()
-            r = torch.as_tensor(self.rewards.score(texts, truths).rewards).reshape(len(indices), v.n)
-            correct, passed, count = _all_sum([float(r.sum()), float((r > 0).any(1).sum()), float(len(indices))], self.device)
+            r = torch.as_tensor(self.rewards.score(texts, truths).rewards).reshape(len(mine), v.n)
+            correct, passed, count = _all_sum([float(r.sum()), float((r > 0).any(1).sum()), float(len(mine))], self.device)
             out[f"val/{vs.name}/avg@{v.n}"] = correct / max(count * v.n, 1)
             out[f"val/{vs.name}/pass@{v.n}"] = passed / max(count, 1)
         return out

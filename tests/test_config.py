@@ -34,6 +34,8 @@ def test_published_settings():
     qwen = load_config(CONFIGS[0].parent / "qwen2.5-math-7b-hpt.yaml")
     assert (qwen.algorithm.method, qwen.algorithm.gamma, qwen.rollout.n) == ("hpt", 0.0, 8)
     assert (qwen.optim.lr, qwen.optim.grad_clip, qwen.optim.skip_grad_norm_above) == (5e-6, 1.0, 80.0)
+    # "lr 5e-6 constant": the first update already at the full rate
+    assert [qwen.optim.lr_factor(s, 1000) for s in (0, 1, 999)] == [1.0, 1.0, 1.0]
     assert (qwen.train.prompts_per_step, qwen.train.mini_batch_prompts, qwen.train.total_steps) == (128, 64, 500)
     est = build_estimators(qwen)["hpt"]
     assert (est.hparams.loss_agg, est.hparams.max_response_length, est.hparams.entropy_coef) == ("token-sum-norm", 8192, 0.001)
@@ -114,6 +116,8 @@ def test_yaml_reads_exponent_floats_and_base_merges_sections(tmp_path):
     (["fused_op.accum_dtype=bfloat16"], r"fused_op\.accum_dtype: 'bfloat16' is not one of 'float32', 'inputs'"),
     (["fused_op.backend=cuda"], r"fused_op\.backend: 'cuda' is not one of 'auto', 'torch', 'cpu', 'triton'"),
     (["train.keep_checkpoints=-1"], r"train\.keep_checkpoints: must be >= 0, got -1"),
+    (["train.seed=-1"], r"train\.seed: must be >= 0, got -1"),
+    (["toy.seed=-3"], r"toy\.seed: must be >= 0, got -3"),
     (["model.path=/nowhere/model"], r"model\.path: no such directory: /nowhere/model \(a local model directory, or a"),
     (["model.tokenizer=./nowhere"], r"model\.tokenizer: no such directory: \./nowhere"),
     (["model.path=runs/x/model"], r"model\.path: no such directory: runs/x/model"),

@@ -230,6 +230,17 @@ def test_sampler_batches_stay_within_an_epoch():
     assert len(set(batches[0] + batches[1])) == 8
 
 
+def test_sampler_in_file_order_gives_every_prompt_its_turn():
+    """Without shuffling a batch runs on into the next epoch: no prompt is skipped every epoch."""
+    s = PromptSampler(10, seed=0, shuffle=False)
+    batches = [s.next_batch(4) for _ in range(5)]
+    assert batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1], [2, 3, 4, 5], [6, 7, 8, 9]]
+    assert s.state_dict() == {"epoch": 1, "index": 10}
+    resumed = PromptSampler(10, seed=0, shuffle=False)
+    resumed.load_state_dict({"epoch": 0, "index": 8})
+    assert resumed.next_batch(4) == [8, 9, 0, 1] and resumed.state_dict() == {"epoch": 1, "index": 2}
+
+
 def test_sampler_resumes_from_its_position():
     s = PromptSampler(37, seed=9)
     for _ in range(5):

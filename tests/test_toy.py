@@ -7,7 +7,7 @@ import pytest
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, Qwen2Config
 
-from hpt_fast.config import TOY, Config
+from hpt_fast.config import TOY, Config, ConfigError, load_config
 from hpt_fast.data import read_train_parquet, read_validation_json
 from hpt_fast.reward import extract_boxed
 from hpt_fast.toy import (
@@ -108,3 +108,9 @@ def test_content_hash_covers_seed_and_spec():
     assert content_hash(0, ToySpec()) == content_hash(0, ToySpec())
     assert content_hash(1, ToySpec()) != content_hash(0, ToySpec())
     assert content_hash(0, ToySpec(warmup_steps=10)) != content_hash(0, ToySpec())
+
+
+def test_an_uncreatable_toy_dir_is_a_config_error(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConfigError, match=r"toy\.dir: cannot create .*a_file/toy"):
+        use_toy(load_config(None, [f"toy.dir={tmp_path / 'a_file' / 'toy'}"]))

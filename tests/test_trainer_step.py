@@ -1,15 +1,23 @@
-"""One training step in process, on the embedded toy task: which policy gives log pi_old when a step
-makes several optimizer updates, and how the loss's statistics merge over micro-batches and updates."""
+"""The trainer in process, on the embedded toy task: which policy gives log pi_old when a step makes
+several optimizer updates, how the loss's statistics merge over micro-batches and updates, the
+model's mode, validation over ranks, and data the run cannot train on."""
 from __future__ import annotations
 
+import json
+import shutil
+from collections import Counter
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from hpt_fast.config import load_config
+from hpt_fast.data import DataError
 from hpt_fast.reward import Scores
-from hpt_fast.toy import use_toy
-from hpt_fast.trainer import Trainer
+from hpt_fast.toy import build_toy, default_toy_dir, use_toy
+from hpt_fast.trainer import Trainer, _load_tokenizer
 
 # 4 prompts x 2 rollouts of at most 24 tokens, as tests/test_trainer.py
 SMALL = ["train.prompts_per_step=4", "rollout.n=2", "data.max_response_length=24", "validation.every=0",
@@ -97,3 +105,89 @@ def test_ratio_statistics_are_over_rollout_tokens_only(make_trainer):
     assert old == [None] * len(mbs) and any(bool(mb.off_policy.all()) for mb in mbs)
     assert metrics["ratio_mean"] == 1.0 and metrics["ratio_max"] == 1.0 and metrics["clip_fraction"] == 0.0
     assert metrics["batch_sft_fraction"] == pytest.approx(2 / 6)
+
+
+def test_gradient_checkpointing_runs_in_training(make_trainer):
+    """from_pretrained returns eval mode, where transformers skips checkpointing: the trainer trains
+    in train mode, and each decoder layer's forward is checkpointed."""
+    trainer = make_trainer("model.gradient_checkpointing=true", "algorithm.method=sft")
+    assert trainer.model.training
+    layers = trainer.model.get_decoder().layers
+    assert all(layer.gradient_checkpointing for layer in layers)
+    calls = []
+    for layer in layers:
+        inner = layer._gradient_checkpointing_func
+        layer._gradient_checkpointing_func = lambda *a, _f=inner, **k: calls.append(1) or _f(*a, **k)
+    trainer.train_step()
+    assert len(calls) >= len(layers) and trainer.model.training
+
+
+def _toy_train_file(tmp_path, rows: int = 3200, null_targets: bool = False, drop_target: bool = False):
+    table = pq.read_table(build_toy(default_toy_dir()).train).slice(0, rows)
+    i = table.schema.get_field_index("target")
+    if drop_target:
+        table = table.remove_column(i)
+    elif null_targets:
+        table = table.set_column(i, "target", pa.nulls(table.num_rows, table.schema.field("target").type))
+    path = tmp_path / "train.parquet"
+    pq.write_table(table, path)
+    return f"data.train_files=[{path}]"
+
+
+@pytest.mark.parametrize("method", ["sft", "hpt", "luffy", "sft_then_rl"])
+def test_a_method_with_demonstrations_needs_the_target_column(make_trainer, tmp_path, method):
+    extra = ["algorithm.sft_steps=1"] if method == "sft_then_rl" else []
+    with pytest.raises(DataError, match="target"):
+        make_trainer(f"algorithm.method={method}", *extra, _toy_train_file(tmp_path, drop_target=True))
+
+
+def test_an_update_without_any_row_makes_no_step(make_trainer, tmp_path):
+    """SFT on prompts that all lack a demonstration: no rows, so no backward and no optimizer step
+    (DeepSpeed's step without gradients raised IndexError)."""
+    trainer = make_trainer("algorithm.method=sft", _toy_train_file(tmp_path, rows=64, null_targets=True))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    metrics = trainer.train_step()
+    assert "loss" not in metrics and metrics["train_tokens"] == 0 and metrics["sft_fraction"] == 0.0
+    assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+
+
+def test_fewer_prompts_than_a_step_is_a_data_error(make_trainer, tmp_path):
+    with pytest.raises(DataError, match=r"3 prompts fit data.max_prompt_length .*fewer than train.prompts_per_step = 4"):
+        make_trainer(_toy_train_file(tmp_path, rows=3))
+
+
+def test_two_validation_files_with_one_name_are_a_data_error(make_trainer, tmp_path):
+    val = build_toy(default_toy_dir()).validation["toy-add1"]
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        shutil.copy(val, tmp_path / d / "X.json")
+    with pytest.raises(DataError, match="benchmark name 'X' is shared by"):
+        make_trainer("validation.every=1", f"validation.files=[{tmp_path / 'a/X.json'}, {tmp_path / 'b/X.json'}]")
+
+
+def test_validation_scores_every_problem_once_over_the_ranks(make_trainer, tmp_path):
+    """A 10-problem set over 3 ranks: each rank generates 4 prompts (lockstep), and the problems
+    scored over the ranks are the set's, each once (the last 10 % 3 were left out)."""
+    problems = json.loads(build_toy(default_toy_dir()).validation["toy-add1"].read_text())[:10]
+    path = tmp_path / "ten.json"
+    path.write_text(json.dumps(problems))
+    trainer = make_trainer("validation.every=1", f"validation.files=[{path}]", "validation.n=1")
+    scored, generated = Counter(), []
+    trainer.rewards.score = lambda texts, truths: scored.update(truths) or Scores(
+        rewards=np.ones(len(texts), dtype=np.float32), outcomes=("match",) * len(texts))
+    generate = trainer.rollout.generate
+    trainer.rollout.generate = lambda prompts, **kw: generated.append(len(prompts)) or generate(prompts, **kw)
+    trainer.world = 3
+    for rank in range(3):
+        trainer.rank = rank
+        assert trainer.validate() == {"val/ten/avg@1": 1.0, "val/ten/pass@1": 1.0}
+    assert generated == [4, 4, 4]
+    assert scored == Counter(str(p["answer"]) for p in problems)
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_eos(tmp_path):
+    tokenizer = _load_tokenizer(str(build_toy(default_toy_dir()).model), False)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(tmp_path)
+    loaded = _load_tokenizer(str(tmp_path), False)
+    assert loaded.pad_token_id == loaded.eos_token_id is not None
