@@ -261,7 +261,11 @@ float scale_and_max(const T* x, int64_t n, float inv_temp, float* z) {
 // Adds exp(z - m) and, with kEntropy, exp(z - m) * (z - m) of the buffer to the sums (shift m).
 template <bool kEntropy>
 void add_exp_sums(const float* z, int64_t n, SoftmaxSums& sums) {
-  const Vec shift(sums.m);
+  // while every z seen is -inf (entries masked by a -inf bias), shift by 0: -inf - -inf is NaN
+  const Vec shift(sums.m == kNegInf ? 0.f : sums.m);
+  // e = 0 where d = -inf: the entropy term d is clamped to a finite value so that e * d is 0
+  // rather than NaN (clamp_min keeps a NaN)
+  const Vec lowest(std::numeric_limits<float>::lowest());
   Vec s0(0.f), s1(0.f), t0(0.f), t1(0.f);
   int64_t i = 0;
   for (; i + kStep <= n; i += kStep) {
@@ -272,8 +276,8 @@ void add_exp_sums(const float* z, int64_t n, SoftmaxSums& sums) {
     s0 = s0 + e0;
     s1 = s1 + e1;
     if constexpr (kEntropy) {
-      t0 = at::vec::fmadd(e0, d0, t0);
-      t1 = at::vec::fmadd(e1, d1, t1);
+      t0 = at::vec::fmadd(e0, at::vec::clamp_min(d0, lowest), t0);
+      t1 = at::vec::fmadd(e1, at::vec::clamp_min(d1, lowest), t1);
     }
   }
   for (; i < n; i += kVec) {
@@ -283,7 +287,7 @@ void add_exp_sums(const float* z, int64_t n, SoftmaxSums& sums) {
     const Vec e = Vec::set(zero, vexp(d), rest);
     s0 = s0 + e;
     if constexpr (kEntropy) {
-      t0 = at::vec::fmadd(e, d, t0);
+      t0 = at::vec::fmadd(e, at::vec::clamp_min(d, lowest), t0);
     }
   }
   sums.s += sum_lanes(s0 + s1);
@@ -392,7 +396,9 @@ struct GradRow {
   // p is exactly 1 for a one-column row, whose gradient is exactly 0 (an FMA left it ~1e-6).
   float at(float x) const {
     const float log_p = x * inv_temp - lse;
-    return std::exp(log_p) * (a + b * (log_p + h));
+    const float p = std::exp(log_p);
+    // p = 0 at a -inf logit, whose factor would be infinite: 0 * inf is NaN
+    return p == 0.f ? 0.f : p * (a + b * (log_p + h));
   }
 };
 
@@ -401,7 +407,9 @@ Vec grad_of(const Vec& x, const GradRow& g) {
   const Vec log_p = x * Vec(g.inv_temp) - Vec(g.lse);  // no FMA: see GradRow::at
   const Vec p = vexp(log_p);
   if constexpr (kEntropy) {
-    return p * at::vec::fmadd(Vec(g.b), log_p + Vec(g.h), Vec(g.a));
+    // vexp gives exactly 0 from -88 down, so clamping log p there changes no p * factor except
+    // at -inf logits, where it is 0 rather than 0 * inf = NaN (clamp_min keeps a NaN)
+    return p * at::vec::fmadd(Vec(g.b), at::vec::clamp_min(log_p, Vec(-88.f)) + Vec(g.h), Vec(g.a));
   } else {
     return p * Vec(g.a);
   }

@@ -524,6 +524,15 @@ class _GradientPass:
         return self.grad_h, self.grad_w, grad_b
 
 
+def _refuse_double_backward() -> None:
+    """Raise in a backward run with ``create_graph=True``: the op's gradients are computed by
+    GEMMs into preallocated outputs, not by differentiable operations, so a second-order term
+    would be silently missing."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("the fused op is differentiable once: a backward with create_graph=True "
+                           "(double backward, e.g. a gradient penalty) is not supported")
+
+
 class _TokenLogprobs(torch.autograd.Function):
     """Mode A on valid rows only: hidden [N, H], targets [N] -> logp [N], entropy [N]."""
 
@@ -532,11 +541,15 @@ class _TokenLogprobs(torch.autograd.Function):
         rows = _RowData.empty(hidden, with_entropy)
         _stats_pass(plan, hidden, weight, bias, targets, rows, _block_buffer(plan, hidden, weight.shape[0]))
         ctx.plan = plan
+        # an output that no loss uses gets None, not zeros: an unused entropy adds no term
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, weight, bias, targets, rows.lse, rows.entropy)
-        return rows.logp, (rows.logp.new_zeros(0) if rows.entropy is None else rows.entropy)
+        # the saved entropy stays the op's: a caller may edit the returned one in place
+        return rows.logp, (rows.logp.new_zeros(0) if rows.entropy is None else rows.entropy.clone())
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
+        _refuse_double_backward()
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         plan: _Plan = ctx.plan
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
@@ -567,7 +580,8 @@ def _token_loss_grads(
     with torch.enable_grad():
         lp = logp.detach().requires_grad_(True)
         ent = None if entropy is None else entropy.detach().requires_grad_(True)
-        losses = token_loss_fn(lp, ent, rows)
+        # copies, not the leaves: the function may work on its inputs in place, as on any tensor
+        losses = token_loss_fn(lp.clone(), None if ent is None else ent.clone(), rows)
         if not isinstance(losses, Tensor):
             raise TypeError(f"token_loss_fn must return a Tensor, got {type(losses).__name__}")
         if tuple(losses.shape) != tuple(lp.shape):
@@ -665,8 +679,20 @@ class _LinearLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _g_logp, _g_ent):
-        # saved tensors, so autograd frees the [V, H] gradient right after backward
-        grads = ctx.saved_tensors
+        _refuse_double_backward()
+        # Saved tensors, so autograd frees the [V, H] gradient right after backward. They are
+        # handed out, not copied (a copy would cost the memory the op saves), and autograd may
+        # make one a parameter's .grad through a view without copying it: adding into that .grad
+        # in place (a later backward, zero_grad without set_to_none) changes the saved tensor,
+        # which autograd's version check then reports here.
+        try:
+            grads = ctx.saved_tensors
+        except RuntimeError as err:
+            raise RuntimeError(
+                "fused_linear_loss: backward through a retained graph after the gradient it handed "
+                "out was changed in place (accumulated into or zeroed as .grad); call the op again "
+                f"for another backward ({err})"
+            ) from None
         if float(grad_loss) != 1.0:
             grads = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in grads)
         return (*grads, None, None, None, None, None)

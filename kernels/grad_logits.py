@@ -34,7 +34,8 @@ def grad_logits_kernel(
     g_logp = tl.load(g_logp_ptr + row)
     d = -g_logp * p
     if HAS_ENT:
-        d -= tl.load(g_ent_ptr + row) * p * (logp + tl.load(ent_ptr + row))
+        # p = 0 at -inf logits: their term is 0, not 0 * (-inf) (NaN)
+        d -= tl.load(g_ent_ptr + row) * p * tl.where(p > 0.0, logp + tl.load(ent_ptr + row), 0.0)
     target = tl.load(targets_ptr + row)
     d = tl.where(cols + col_offset == target, d + g_logp, d)
     d *= inv_temp

@@ -48,7 +48,8 @@ def reference_logprobs(
     logprobs = torch.log_softmax(logits / temperature, dim=-1)
     valid = targets != ignore_index
     logp = logprobs.gather(-1, targets.clamp(0, weight.shape[0] - 1).unsqueeze(-1)).squeeze(-1)
-    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    # -inf logits (masked vocabulary entries) have p = 0: their term is 0 (clamped, not 0 * -inf)
+    entropy = -(logprobs.exp() * logprobs.clamp(min=torch.finfo(logprobs.dtype).min)).sum(-1)
     return logp * valid, entropy * valid
 
 

@@ -499,14 +499,117 @@ def test_mode_b_frozen_inputs_skip_gradients():
     assert not loss_ng.requires_grad and torch.allclose(loss_ng.double(), -ref_logp.sum(), atol=1e-4)
 
 
-def test_mode_b_backward_with_retained_graph():
-    hidden = torch.randn(4, 3, requires_grad=True)
-    loss, _, _ = fused_linear_loss(hidden, torch.randn(5, 3), torch.tensor([0, 1, 2, 3]),
-                                   lambda lp, e, r: -lp, backend="torch")
+@pytest.mark.parametrize("ignored", [False, True], ids=["all-valid", "some-ignored"])
+def test_mode_b_backward_with_retained_graph(ignored):
+    """Backward twice through a retained graph accumulates; once the handed-out gradient has been
+    changed in place (it may be a parameter's .grad through a view, here with no position ignored),
+    a further backward is a clear error, never a corrupted gradient."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 3, 4, generator=gen, requires_grad=True)
+    tied = torch.randn(4, 6, generator=gen, requires_grad=True)  # an lm_head tied to an embedding
+    targets = torch.randint(0, 6, (2, 3), generator=gen)
+    if ignored:
+        targets[0, 1] = -100
+    ref_h = hidden.detach().double().requires_grad_()
+    ref_e = tied.detach().double().requires_grad_()
+    ref_logp, _ = reference_logprobs(ref_h, ref_e.t(), targets)
+    want = torch.autograd.grad(-ref_logp.sum(), [ref_h, ref_e])
+    loss, _, _ = fused_linear_loss(hidden, tied.t(), targets, lambda lp, e, r: -lp, backend="torch")
     loss.backward(retain_graph=True)
-    first = hidden.grad.clone()
-    loss.backward()
-    assert torch.allclose(hidden.grad, 2 * first)
+    loss.backward(retain_graph=True)
+    for got, ref in zip((hidden.grad, tied.grad), want):
+        assert rel_err(got, 2 * ref) <= 1e-5
+    if not ignored:  # hidden.grad aliases the saved gradient, which the second backward added into
+        with pytest.raises(RuntimeError, match="call the op again"):
+            loss.backward()
+
+
+def test_mode_a_outputs_may_be_edited_in_place():
+    """The returned entropy is not the tensor saved for backward: masking it in place is allowed."""
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(5, 4, generator=gen, requires_grad=True)
+    weight = torch.randn(7, 4, generator=gen)
+    targets = torch.randint(0, 7, (5,), generator=gen)
+    mask = torch.tensor([True, False, True, True, False])
+    logp, ent = fused_token_logprobs(hidden, weight, targets, return_entropy=True, backend="torch")
+    ent.masked_fill_(~mask, 0.0)
+    logp.masked_fill_(~mask, 0.0)
+    (logp + ent).sum().backward()
+    ref_h = hidden.detach().double().requires_grad_()
+    ref_logp, ref_ent = reference_logprobs(ref_h, weight.double(), targets)
+    (want,) = torch.autograd.grad(((ref_logp + ref_ent) * mask).sum(), [ref_h])
+    assert rel_err(hidden.grad, want) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_loss_fn_may_work_in_place(backend):
+    _skip_unavailable(backend)
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(6, 8, generator=gen).to(device).requires_grad_()
+    weight = torch.randn(11, 8, generator=gen).to(device)
+    targets = torch.randint(0, 11, (6,), generator=gen).to(device)
+
+    def clamped(lp, e, rows):
+        return -lp.clamp_(min=-2.0) - 0.1 * e.mul_(2.0)
+
+    loss, _, _ = fused_linear_loss(hidden, weight, targets, clamped, with_entropy=True, backend=backend)
+    (got,) = torch.autograd.grad(loss, [hidden])
+    ref_h = hidden.detach().double().requires_grad_()
+    ref_logp, ref_ent = reference_logprobs(ref_h, weight.double(), targets)
+    (want,) = torch.autograd.grad(clamped(ref_logp.clone(), ref_ent.clone(), None).sum(), [ref_h])
+    assert rel_err(got, want) <= 2e-4
+
+
+def test_double_backward_is_a_clear_error():
+    hidden = torch.randn(3, 4, requires_grad=True)
+    weight, targets = torch.randn(5, 4), torch.tensor([0, 2, 4])
+    logp, _ = fused_token_logprobs(hidden, weight, targets, backend="torch")
+    with pytest.raises(RuntimeError, match="create_graph=True .* is not supported"):
+        torch.autograd.grad(logp.sum(), [hidden], create_graph=True)
+    loss, _, _ = fused_linear_loss(hidden, weight, targets, lambda lp, e, r: -lp, backend="torch")
+    with pytest.raises(RuntimeError, match="create_graph=True .* is not supported"):
+        torch.autograd.grad(loss, [hidden], create_graph=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_minus_inf_bias_masks_vocabulary_entries(backend, dtype):
+    """A -inf bias on some vocabulary ids (a padded vocabulary masked out), including whole slabs
+    of them in vocabulary order: finite logp, entropy and gradients equal to the float64 reference
+    on every backend, both modes and orders, whether or not the loss uses the entropy."""
+    _skip_unavailable(backend)
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(12)
+    n, h, v = 9, 8, 40
+    hidden = torch.randn(n, h, generator=gen).to(device, dtype).requires_grad_()
+    weight = torch.randn(v, h, generator=gen).mul(0.5).to(device, dtype).requires_grad_()
+    bias = torch.randn(v, generator=gen)
+    bias[13:31] = float("-inf")  # with chunk_size 2, vocabulary order's slabs are 8 wide: 2 all -inf
+    bias = bias.to(device, dtype)
+    targets = torch.randint(0, 13, (n,), generator=gen)
+    targets[4] = -100
+    targets = targets.to(device)
+    ref_in = [hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()]
+    ref_logp, ref_ent = reference_logprobs(*ref_in, targets, bias.double(), 0.8,
+                                           logits_dtype=None if dtype == torch.float32 else dtype)
+    fn = lambda lp, e, r: -torch.exp(lp) * (r % 3 - 1) - 0.1 * e
+    rows = (targets != -100).nonzero().squeeze(1)
+    for order in ORDERS:
+        kw = dict(bias=bias, temperature=0.8, backend=backend, chunk_size=2, grad_order=order)
+        logp, ent = fused_token_logprobs(hidden, weight, targets, return_entropy=True, **kw)
+        assert rel_err(logp, ref_logp) <= TOL[dtype] and rel_err(ent, ref_ent) <= TOL[dtype], order
+        for use_entropy in (False, True):
+            out = logp + ent if use_entropy else logp
+            want = torch.autograd.grad((ref_logp + ref_ent if use_entropy else ref_logp).sum(), ref_in,
+                                       retain_graph=True)
+            got = torch.autograd.grad(out.sum(), [hidden, weight], retain_graph=True)
+            for a, b in zip(got, want):
+                assert rel_err(a, b) <= TOL[dtype], (order, use_entropy)
+        loss, _, _ = fused_linear_loss(hidden, weight, targets, fn, with_entropy=True, **kw)
+        want = torch.autograd.grad(fn(ref_logp[rows], ref_ent[rows], rows).sum(), ref_in, retain_graph=True)
+        for a, b in zip(torch.autograd.grad(loss, [hidden, weight]), want):
+            assert rel_err(a, b) <= TOL[dtype], order
 
 
 def test_auto_backend_falls_back_to_torch_with_one_warning(monkeypatch):

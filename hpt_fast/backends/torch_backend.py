@@ -56,8 +56,9 @@ def row_stats(
     # the block in its own dtype (m_old holds one of its values, so the cast is exact); the
     # state's sums in float64
     m = torch.maximum(m_old.to(z.dtype), z.amax(dim=1))
-    # shifted logits keep exp() finite for logits of any magnitude
-    zs = z.sub_(m[:, None])
+    # shifted logits keep exp() finite for logits of any magnitude; a row with nothing but -inf
+    # so far (vocabulary entries masked by a -inf bias) is shifted by 0, not by -inf (NaN)
+    zs = z.sub_(torch.where(m == float("-inf"), 0.0, m)[:, None])
     e = zs.exp()
     m = m.double()
     # rows with nothing seen yet have s_old = 0 and m_old = -inf: their old sums stay 0, not NaN
@@ -65,7 +66,8 @@ def row_stats(
     scale = torch.where(seen, torch.exp(m_old - m), 0.0)
     if with_entropy:
         shift = torch.where(seen, m_old - m, 0.0)
-        s1_blk = torch.linalg.vecdot(e, zs).double()
+        # e = 0 at -inf logits: their term is 0, not 0 * (-inf) (NaN stays NaN)
+        s1_blk = torch.linalg.vecdot(e, zs.clamp_(min=torch.finfo(zs.dtype).min)).double()
         state[:, row_state.S1] = scale * (state[:, row_state.S1] + shift * s_old) + s1_blk
     state[:, row_state.S] = scale * s_old + e.sum(dim=1).double()
     state[:, row_state.M] = m
@@ -103,6 +105,9 @@ def grad_logits(
     logp_all = _compute(logits) * inv_temp
     logp_all -= lse[:, None]
     p = logp_all.exp()
+    # below -1e4, p is exactly 0 (float32 and float64); clamping keeps the entropy factor finite
+    # there (-inf logits), so that p * factor is 0 rather than NaN
+    logp_all.clamp_(min=-1e4)
     # d = -p * (g_logp + g_ent * (log p + H)), then + g_logp at the target column
     if g_ent is None:
         p.mul_(-g_logp[:, None])
