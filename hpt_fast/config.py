@@ -52,6 +52,11 @@ _METHOD_RULES = {
 _METHOD_PRESET = {"hpt": "hpt", "grpo": "grpo", "sft": "sft", "sft_then_rl": "grpo", "luffy": "luffy", "srft": "srft"}
 
 
+# the temperatures vLLM samples at as asked (hpt_fast.rollout.vllm): its SamplingParams refuses
+# more than 2 and raises (0, 0.01) to 0.01, where its log-probs would belong to another temperature
+VLLM_TEMPERATURE_RANGE = (0.01, 2.0)
+
+
 class ConfigError(ValueError):
     """A bad config: unknown key, wrong type or out-of-range value; the message starts with the key."""
 
@@ -687,6 +692,12 @@ def validate(cfg: Config) -> None:
     if r.engine == "vllm":
         _require(r.top_p == 1.0, "rollout.top_p", "must be 1.0 with the vLLM engine: with top-p it returns the "
                  "log-probs of the truncated distribution, not of the policy")
+        low, high = VLLM_TEMPERATURE_RANGE
+        for key, value, greedy in (("rollout.temperature", r.temperature, False),
+                                   ("validation.temperature", v.temperature, True)):
+            _require((greedy and value == 0) or low <= value <= high, key,
+                     f"must be in [{low}, {high}]{' or 0' if greedy else ''} with the vLLM engine (vLLM refuses "
+                     f"more and raises less to {low}), got {value}")
     several_updates = t.mini_batch_prompts is not None and t.mini_batch_prompts < t.prompts_per_step
     if r.old_logprobs == "sampler" and several_updates:  # with one update per step they are not used
         _require(r.engine == "native" and not ds.bf16, "rollout.old_logprobs",

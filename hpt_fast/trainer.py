@@ -231,7 +231,7 @@ class Trainer:
             gpu_memory_utilization=v.gpu_memory_utilization, kv_cache_memory_bytes=v.kv_cache_memory_bytes,
             max_model_len=d.max_prompt_length + d.max_response_length, max_num_seqs=v.max_num_seqs,
             tensor_parallel_size=v.tensor_parallel_size, seed=self.cfg.train.seed,
-            enable_prefix_caching=v.enable_prefix_caching,
+            enable_prefix_caching=v.enable_prefix_caching, trust_remote_code=self.cfg.model.trust_remote_code,
         )
 
     def _updates_per_step(self) -> int:

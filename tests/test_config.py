@@ -100,6 +100,8 @@ def test_yaml_reads_exponent_floats_and_base_merges_sections(tmp_path):
     (["validation.files=[]"], r"validation\.files: is empty but validation\.every > 0"),
     (["rollout.engine=vllm", "train.mini_batch_prompts=16"], r"rollout\.old_logprobs: 'sampler' log-probs .* use 'recompute'"),
     (["rollout.engine=vllm", "rollout.old_logprobs=recompute", "rollout.top_p=0.9"], r"rollout\.top_p: must be 1\.0 with the vLLM"),
+    (["rollout.engine=vllm", "rollout.temperature=2.5"], r"rollout\.temperature: must be in \[0\.01, 2\.0\] with the vLLM engine"),
+    (["rollout.engine=vllm", "validation.temperature=0.005"], r"validation\.temperature: must be in \[0\.01, 2\.0\] or 0 with"),
     (["rollout.vllm.kv_cache_memory_bytes=0"], r"rollout\.vllm\.kv_cache_memory_bytes: must be >= 1 or null"),
     (["rollout.vllm.sleep_level=3"], r"rollout\.vllm\.sleep_level: 3 is not one of 1, 2"),
     (["train.mini_batch_prompts=0"], r"train\.mini_batch_prompts: must be >= 1 or null"),

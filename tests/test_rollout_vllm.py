@@ -158,8 +158,6 @@ def test_truncated_sampling_when_the_caller_needs_no_logprobs(vllm, model):
 
 def test_misuse_raises(vllm, model):
     engine = _engine(model)
-    with pytest.raises(RuntimeError, match="call update_weights"):
-        engine.generate([[1]], max_new_tokens=2)
     engine.update_weights()
     engine.generate([[1]], max_new_tokens=2)
     with pytest.raises(RuntimeError, match="call sleep"):
@@ -170,15 +168,29 @@ def test_misuse_raises(vllm, model):
     assert _kinds(engine._llm.events)[-3:] == ["wake_up['weights']", "wake_up['kv_cache']", "generate"]
 
 
-def test_sleep_level_2_drops_the_weights(vllm, model):
-    engine = _engine(model, sleep_level=2)
-    engine.update_weights()
-    engine.generate([[1]], max_new_tokens=2)
-    engine.sleep()
-    with pytest.raises(RuntimeError, match="sleep level 2"):
-        engine.wake()
-    engine.update_weights()
-    engine.generate([[1]], max_new_tokens=2)
+@pytest.mark.parametrize("sleep_level", [1, 2])
+def test_generate_never_runs_on_dummy_or_dropped_weights(vllm, model, sleep_level):
+    """A new engine holds dummy weights, and a level-2 sleep drops them: generate streams the
+    model's weights first (the fake refuses to generate from dummy or dropped ones)."""
+    engine = _engine(model, sleep_level=sleep_level)
+    for _ in range(2):
+        engine.generate([[1]], max_new_tokens=2)
+        engine.sleep()
+    loads = _kinds(engine._llm.events).count("reset_prefix_cache")
+    assert loads == (1 if sleep_level == 1 else 2)
+
+
+@pytest.mark.parametrize("temperature", [3.0, 0.005])
+def test_temperatures_vllm_would_refuse_or_change_are_refused(vllm, model, temperature):
+    engine = _engine(model)
+    with pytest.raises(ValueError, match=r"temperature 0 \(greedy\) or in \[0.01, 2.0\]"):
+        engine.generate([[1]], max_new_tokens=2, temperature=temperature)
+    # what real vLLM does with them (the fake mirrors SamplingParams' checks)
+    if temperature > 2:
+        with pytest.raises(ValueError, match="must be in"):
+            vllm.SamplingParams(temperature=temperature)
+    else:
+        assert vllm.SamplingParams(temperature=temperature).temperature == 0.01
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -237,7 +249,7 @@ def test_the_fake_mirrors_every_name_the_engine_uses(vllm):
             obj = getattr(obj, part)
         accepted = set(inspect.signature(obj).parameters)
         if target == "LLM":
-            accepted |= set(fake_vllm.ENGINE_ARGS_DEFAULTS)
+            accepted |= fake_vllm.ENGINE_ARGS_FIELDS
         assert set(keywords) <= accepted, (target, set(keywords) - accepted)
     llm = vllm.LLM("m", enable_sleep_mode=True)
     obj = llm

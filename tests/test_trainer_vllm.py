@@ -62,6 +62,18 @@ def test_each_step_generates_sleeps_trains_then_streams_the_new_weights(tmp_path
     assert all(x["time_weight_update"] > 0 for x in m if "rule" in x)
 
 
+def test_sleep_level_2_reloads_the_weights_whenever_it_generates(tmp_path):
+    """A level-2 sleep discards vLLM's weights: every generate after one (the next validation set,
+    the step after an update that was skipped) streams the model's weights first; the fake
+    refuses to generate from discarded ones."""
+    out = tmp_path / "run"
+    _run(out, *VLLM, "rollout.vllm.sleep_level=2", "validation.every=1", "optim.skip_grad_norm_above=1e-9",
+         prefix=DRIVER)
+    events = _record(out)["events"]
+    assert sum(e[0] == "generate" for e in events) == 2 + 3 * 4  # 2 steps, validation at steps 0, 1, 2
+    assert [m["skipped_steps"] for m in read_metrics(out) if "rule" in m] == [1, 2]
+
+
 def test_a_tensor_parallel_group_generates_its_ranks_prompts_together(tmp_path):
     """Two ranks, one vLLM engine of tensor_parallel_size 2: each rank's engine sees both ranks'
     prompts (2 + 2), and the run completes with each rank training on its own samples.

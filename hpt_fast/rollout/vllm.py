@@ -8,9 +8,9 @@ The engine follows the order veRL, TRL and OpenRLHF converged on (see the phase 
                generate()       = [wake_up(kv_cache)] -> generate
                sleep()          = sleep(level) -> the trainer trains
 
-Each phase is timed (``timings``, and an INFO log line). Out-of-order calls raise: ``update_weights``
-on an awake engine (its KV cache would sit in memory during the load) and ``generate`` before any
-weights were loaded (vLLM starts with dummy weights, and ``sleep(level=2)`` discards them).
+Each phase is timed (``timings``, and an INFO log line). ``update_weights`` on an awake engine (its
+KV cache would sit in memory during the load) raises. vLLM starts with dummy weights, and
+``sleep(level=2)`` discards them: ``generate`` then streams the model's current weights first.
 
 ``VLLM_API_USED`` lists every vLLM name and keyword used here; ``bench/check_vllm_api.py`` checks
 them against vLLM's source and ``tests/test_rollout_vllm.py`` checks the engine against a fake
@@ -27,6 +27,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from hpt_fast.config import VLLM_TEMPERATURE_RANGE
 from hpt_fast.rollout.base import Sample, validate_request
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ VLLM_API_USED: dict[str, tuple[str, ...]] = {
         "model", "skip_tokenizer_init", "tensor_parallel_size", "dtype", "seed", "gpu_memory_utilization",
         "enforce_eager", "kv_cache_memory_bytes", "enable_sleep_mode", "load_format", "logprobs_mode",
         "distributed_executor_backend", "max_model_len", "max_num_seqs", "enable_prefix_caching",
+        "trust_remote_code",
     ),
     "LLM.generate": ("prompts", "sampling_params", "use_tqdm"),
     "LLM.sleep": ("level",),
@@ -95,7 +97,7 @@ class VLLMEngine:
         kv_cache_memory_bytes: the KV cache size, overriding what ``gpu_memory_utilization`` implies.
         max_model_len: the longest prompt + completion (default: the model's).
         max_num_seqs: the most sequences vLLM runs at once.
-        tensor_parallel_size, seed, enable_prefix_caching: passed to ``vllm.LLM``.
+        tensor_parallel_size, seed, enable_prefix_caching, trust_remote_code: passed to ``vllm.LLM``.
         distributed_executor_backend: default ``"external_launcher"`` inside a torch.distributed job
             (one engine per trainer rank) and ``"uni"`` otherwise; either way the engine core runs in
             this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so its model is reachable.
@@ -121,6 +123,7 @@ class VLLMEngine:
         seed: int = 0,
         enable_prefix_caching: bool = True,
         distributed_executor_backend: Optional[str] = None,
+        trust_remote_code: bool = False,
         **llm_kwargs: Any,
     ):
         if sleep_level not in (1, 2):
@@ -162,6 +165,7 @@ class VLLMEngine:
             max_model_len=max_model_len,
             max_num_seqs=max_num_seqs,
             enable_prefix_caching=enable_prefix_caching,
+            trust_remote_code=trust_remote_code,
             **llm_kwargs,
         )
         self._weights_loaded = False  # dummy weights until the first update_weights
@@ -213,8 +217,8 @@ class VLLMEngine:
         if self._state == "awake":
             return
         if not self._weights_loaded:
-            raise RuntimeError("the vLLM engine holds no trainer weights yet (or sleep level 2 dropped them): "
-                               "call update_weights() first")
+            # dummy weights (a new engine) or dropped by a level-2 sleep: the model's current ones
+            self.update_weights()
         _empty_device_cache()
         if self._state == "asleep":
             with self._phase("wake_weights"):
@@ -260,6 +264,10 @@ class VLLMEngine:
             prompt_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             stop_token_ids=stop_token_ids, seed=seed, vocab_size=self.vocab_size, max_context=self.max_context,
         )
+        low, high = VLLM_TEMPERATURE_RANGE
+        if request.temperature > high or 0 < request.temperature < low:
+            raise ValueError(f"VLLMEngine samples at temperature 0 (greedy) or in [{low}, {high}] (vLLM's range), "
+                             f"got {request.temperature}")
         if request.truncates and logprobs_needed:
             raise ValueError(
                 "VLLMEngine samples without top-k / top-p (top_k=0, top_p=1.0): with them vLLM returns the "
