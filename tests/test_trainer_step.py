@@ -4,6 +4,7 @@ model's mode, validation over ranks, and data the run cannot train on."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections import Counter
 
@@ -12,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.distributed as dist
 
 from hpt_fast.config import load_config
 from hpt_fast.data import DataError
@@ -22,6 +24,19 @@ from hpt_fast.trainer import Trainer, _load_tokenizer
 # 4 prompts x 2 rollouts of at most 24 tokens, as tests/test_trainer.py
 SMALL = ["train.prompts_per_step=4", "rollout.n=2", "data.max_response_length=24", "validation.every=0",
          "train.total_steps=1", "optim.warmup_steps=0"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _own_process_group():
+    """A trainer in this process joins a one-process group and sets the launcher's variables
+    (WORLD_SIZE, MASTER_PORT, ...) in os.environ; undo both afterwards, or the subprocesses of
+    later tests would inherit them and try to listen on the port this process holds."""
+    saved = dict(os.environ)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture
