@@ -236,8 +236,9 @@ def _liger_flce(p: Problem) -> Step:
 def _cce(p: Problem) -> Step:
     from cut_cross_entropy import linear_cross_entropy
 
-    # the Triton "cce" kernel needs CUDA; "torch_compile" is its portable path
-    impl = "cce" if p.device.type == "cuda" else "torch_compile"
+    # the Triton "cce" kernel needs CUDA and refuses float32 in its backward; "torch_compile" is
+    # its portable path
+    impl = "cce" if p.device.type == "cuda" and p.hidden.dtype != torch.float32 else "torch_compile"
 
     def step() -> None:
         linear_cross_entropy(p.hidden, p.weight, p.targets, impl=impl).backward()
@@ -346,7 +347,7 @@ def implementations(device: str) -> list[Impl]:
         Impl("liger_grpo", "Liger LigerFusedLinearGRPOLoss (no entropy)", 3, _liger_grpo, _needs_module("liger_kernel")),
         Impl("liger_flce", "Liger LigerFusedLinearCrossEntropyLoss (CE only)", 3, _liger_flce,
              _needs_module("liger_kernel", cuda_only=True)),
-        Impl("cce", f"cut-cross-entropy {'cce' if device == 'cuda' else 'torch_compile'} (CE only)", 3, _cce,
+        Impl("cce", f"cut-cross-entropy {'cce, torch_compile in fp32' if device == 'cuda' else 'torch_compile'} (CE only)", 3, _cce,
              _needs_module("cut_cross_entropy")),
     ]
     return impls
