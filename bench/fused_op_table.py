@@ -425,7 +425,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         impls = selected_implementations(args.device, args.impls)
         results = {dtype: run_case(shape, dtype, args.device, repeats, impls) for dtype in args.dtypes}
         print(format_table(shape, impls, results))
-        print(f"\n{repeats} timed rounds per implementation, after one warm-up step on {WARMUP_TOKENS} tokens. "
+        print(f"\n{repeats} timed rounds per implementation, after one warm-up step on {WARMUP_TOKENS} tokens and one untimed step at full size. "
               f"Load average (1, 5, 15 min) before: {load_before}; after: {_load_average()}.\n", flush=True)
     print(FOOTNOTES.format(budget_mib=ops._budget_bytes() / 2**20))
     print(f"\nWhole run: {(time.perf_counter() - started) / 60:.1f} min.")

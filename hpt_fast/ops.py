@@ -239,9 +239,9 @@ def _auto_order(
     Mode A (``mode="A"``): its statistics pass and its backward's gradient pass are separate
     either way, so it takes the order with the smaller sum and the larger M: vocabulary order
     when N < V. Measured on the 2-core CPU (tokens 2048, H 1024, V 151936;
-    bench/results_cpu_v151936.md): 0.99x instead of 1.17x of the four-GEMM floor in float32
+    bench/results_cpu_v151936.md): 1.01x instead of 1.16x of the four-GEMM floor in float32
     (the float32 logits GEMM alone: 4.1 s at M = 220, 3.2 s at M = 2048,
-    bench/results_gemm_chunking_cpu.md), 0.94x instead of 1.27x in bf16; level at V = 32768.
+    bench/results_gemm_chunking_cpu.md), 0.99x instead of 1.31x in bf16; level at V = 32768.
     Mode B (``mode="B"``): token order runs the statistics, the loss and the gradient on one
     logits block (three GEMMs in all); vocabulary order needs the statistics of every token before
     its first gradient slab, so a statistics pass over the slabs first (four GEMMs). It is taken
@@ -253,8 +253,8 @@ def _auto_order(
     GEMM adds into the sum). On an H200 at 8192 x 3584 x 151936 (bench/results_gpu_h200.md)
     token order took 63 ms against vocabulary order's 54 ms. Measured in bf16 at H 1024,
     V 151936 on the 2-core CPU: at N = 2048 (5 chunks; bench/results_cpu_v151936.md) token order
-    1.08x and vocabulary order 1.22x of three GEMMs, at 0.61x and 0.12x of the naive logits'
-    memory; at N = 12288 (28 chunks; bench/results_cpu_n12288.md) 17.5-18.9 s against 19.3 s,
+    1.11x and vocabulary order 1.29x of three GEMMs (1.08x and 1.22x in an earlier run), at
+    0.61x and 0.12x of the naive logits' memory; at N = 12288 (28 chunks; bench/results_cpu_n12288.md) 17.5-18.9 s against 19.3 s,
     at 0.10x and 0.03x.
     """
     if mode == "A":
