@@ -254,8 +254,8 @@ def _auto_order(
     token order took 63 ms against vocabulary order's 54 ms. Measured in bf16 at H 1024,
     V 151936 on the 2-core CPU: at N = 2048 (5 chunks; bench/results_cpu_v151936.md) token order
     1.11x and vocabulary order 1.29x of three GEMMs (1.08x and 1.22x in an earlier run), at
-    0.61x and 0.12x of the naive logits' memory; at N = 12288 (28 chunks; bench/results_cpu_n12288.md) 17.5-18.9 s against 19.3 s,
-    at 0.10x and 0.03x.
+    0.61x and 0.12x of the naive logits' memory; at N = 12288 (28 chunks;
+    bench/results_cpu_n12288.md) 17.5-18.9 s against 19.3 s, at 0.10x and 0.03x.
     """
     if mode == "A":
         return "vocab" if n_rows < vocab else "tokens"
