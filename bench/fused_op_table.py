@@ -332,11 +332,11 @@ FOOTNOTES = """\
   without an order run the plan's choice (``grad_order="auto"``): mode A in vocabulary order
   (both passes) when tokens < V; mode B in token order (three GEMMs) unless low precision with
   several token chunks would need a float32 [V, H] weight-gradient buffer larger than the memory
-  budget, then a statistics pass and a gradient pass in vocabulary order (four GEMMs, still
-  divided by the three-GEMM floor). The "token order" rows force ``grad_order="tokens"``, the
+  budget, then a statistics pass and a gradient pass in vocabulary order (four GEMMs less one
+  slab's logits GEMM, still divided by the three-GEMM floor). The "token order" rows force ``grad_order="tokens"``, the
   "vocabulary order" row ``grad_order="vocab"``; the "one token chunk" row also puts all tokens
   in one logits block (``chunk_size=tokens``), about the memory of cut-cross-entropy's row, where
-  the others keep to the block budget ({budget_mib:g} MiB). The "accum_dtype=None" row sums a bf16 grad_weight
+  the others keep to the block budget ({budget}). The "accum_dtype=None" row sums a bf16 grad_weight
   over the token chunks in grad_weight itself instead of a float32 [V, H] buffer, so ``"auto"``
   keeps token order at the block budget's memory (float32: the same as the default). Buffers of 4 MiB or
   more are backed by transparent huge pages (``hpt_fast.hugepages``). Liger: GRPO loss
@@ -344,6 +344,13 @@ FOOTNOTES = """\
   sequence, compiled=False), which computes no entropy. Liger's fused linear cross-entropy (CUDA
   only) and cut-cross-entropy: mean cross-entropy only (no entropy, no per-token output), with
   their default grad_weight sums in the inputs' dtype."""
+
+
+def _budget_text(shapes: list[Shape]) -> str:
+    """The logits block budget of each shape's calls, for the footnotes."""
+    sizes = ", ".join(f"{ops._budget_bytes(s.tokens, s.vocab) / 2**20:g} MiB at {s}" for s in shapes)
+    how = "HPT_FAST_MEMORY_BUDGET_MB" if "HPT_FAST_MEMORY_BUDGET_MB" in os.environ else "the default"
+    return f"{how}: {sizes}"
 
 
 def machine_description(device: str) -> str:
@@ -427,7 +434,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(format_table(shape, impls, results))
         print(f"\n{repeats} timed rounds per implementation, after one warm-up step on {WARMUP_TOKENS} tokens and one untimed step at full size. "
               f"Load average (1, 5, 15 min) before: {load_before}; after: {_load_average()}.\n", flush=True)
-    print(FOOTNOTES.format(budget_mib=ops._budget_bytes() / 2**20))
+    print(FOOTNOTES.format(budget=_budget_text(args.shapes)))
     print(f"\nWhole run: {(time.perf_counter() - started) / 60:.1f} min.")
 
 

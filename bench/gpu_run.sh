@@ -1,18 +1,38 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, as one run: the Triton backend's tests on the GPU (no interpreter),
-# then the fused-op tables against cuBLAS, Liger and cut-cross-entropy, mode B at larger block budgets,
-# then bf16 gradient precision.
+# the fused-op table against cuBLAS, Liger and cut-cross-entropy at a training shape, the block
+# budget's effect on mode A and mode B, a sweep of the row kernels' tiling, bf16 gradient
+# precision, a profile of mode B's step, then a second table shape with float32.
 #
 # Usage, from the repository root of a checkout on a CUDA machine with torch and triton:
 #     OUT=some/dir bash bench/gpu_run.sh
 # Wheels found in .whl/ (liger-kernel, cut-cross-entropy) are installed into /tmp/site first; the
-# tree itself runs uninstalled. Each step has its own time limit and writes its output to $OUT as
-# it goes, so a step that overruns loses only itself (a table step prints only at its end). The
-# default limits add up to 540 s, within the device tool's 600 s per command.
+# tree itself runs uninstalled. Every step writes $OUT/<step>.out (stdout) and <step>.err as it
+# goes and has its own time limit, cut to what is left of DEADLINE_S (default 540 s, within the
+# device tool's 600 s per command); a step with under 15 s left is skipped and named in
+# $OUT/skipped.txt, so an overrun loses the last steps, not the whole run.
 set -uo pipefail
 OUT=${OUT:-bench/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+START=$(date +%s)
+DEADLINE_S=${DEADLINE_S:-540}
+
+# step NAME LIMIT_S COMMAND...: run COMMAND under the smaller of LIMIT_S and the time left
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local left=$((DEADLINE_S - ($(date +%s) - START)))
+    ((left < limit)) && limit=$left
+    if ((limit < 15)); then
+        echo "$name: skipped, ${left} s left" | tee -a "$OUT/skipped.txt"
+        return
+    fi
+    echo "== $name (limit ${limit} s, $(( $(date +%s) - START )) s in)"
+    timeout "$limit" "$@" >"$OUT/$name.out" 2>"$OUT/$name.err"
+    echo "   exit $? after $(( $(date +%s) - START )) s"
+}
+
 # .whl/ is git-ignored: the device tool's run needs carry=[".whl"] for it to arrive
 if ! compgen -G ".whl/*.whl" >/dev/null; then
     wheels="NO WHEELS in .whl/: the Liger and cut-cross-entropy rows will be skipped"
@@ -28,31 +48,34 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 {
     echo "$wheels"
+    git log -1 --format='commit %h %s' 2>/dev/null || true
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
     python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/machine.txt"
 
-timeout "${TEST_LIMIT_S:-70}" python3 -m pytest -p no:cacheprovider -q -rfE \
-    tests/test_fused_op.py tests/test_row_stats.py tests/test_op_interop.py -k triton 2>&1 | tee "$OUT/tests.txt"
+TRAINING_SHAPE=8192x3584x151936  # Qwen2.5-7B's hidden size and vocabulary, 8192 tokens
+step tests_triton "${TEST_LIMIT_S:-70}" python3 -m pytest -p no:cacheprovider -q -rfE \
+    tests/test_fused_op.py tests/test_row_stats.py tests/test_op_interop.py -k triton
 # the random configurations: their Triton cases run on the GPU at full size (the others skip
 # where the C++ extension is not built for this python)
-timeout "${TEST_LIMIT_S:-70}" python3 -m pytest -p no:cacheprovider -q -rfE \
-    tests/test_fused_op_random.py 2>&1 | tee -a "$OUT/tests.txt"
-
-# a training-size bf16 case (Qwen2.5-7B's hidden size and vocabulary), then both dtypes at a
-# smaller hidden size
-timeout "${TABLE_LIMIT_S:-90}" python3 -m bench.fused_op_table --device cuda \
-    --shapes 8192x3584x151936 --dtypes bfloat16 2>"$OUT/table_7b.log" | tee "$OUT/table_7b.md"
-timeout "${TABLE_LIMIT_S:-90}" python3 -m bench.fused_op_table --device cuda \
-    --shapes 4096x2048x151936 --dtypes bfloat16,float32 2>"$OUT/table_2k.log" | tee "$OUT/table_2k.md"
-# mode B at larger block budgets, still within 1/8 of the naive logits at this shape (622 MB):
-# how far token order with accum_dtype=None gets, against the default's vocabulary order
-for mb in ${BUDGETS_MB:-256 512}; do
-    HPT_FAST_MEMORY_BUDGET_MB=$mb timeout "${TABLE_LIMIT_S:-90}" python3 -m bench.fused_op_table --device cuda \
-        --shapes 8192x3584x151936 --dtypes bfloat16 \
-        --impls hpt_b_triton,hpt_b_triton_tokens,hpt_b_triton_lowp_sum \
-        2>"$OUT/table_7b_budget$mb.log" | tee "$OUT/table_7b_budget$mb.md"
+step tests_random "${TEST_LIMIT_S:-70}" python3 -m pytest -p no:cacheprovider -q -rfE tests/test_fused_op_random.py
+step table_7b "${TABLE_LIMIT_S:-110}" python3 -m bench.fused_op_table --device cuda \
+    --shapes $TRAINING_SHAPE --dtypes bfloat16
+# the block budget: 128 MiB (the earlier fixed default) up to 1 GiB; the default is 1/12 of the
+# naive float32 logits, 396 MiB at this shape
+for mb in ${BUDGETS_MB:-128 256 512 1024}; do
+    step "table_7b_budget$mb" "${BUDGET_LIMIT_S:-45}" env HPT_FAST_MEMORY_BUDGET_MB=$mb \
+        python3 -m bench.fused_op_table --device cuda --shapes $TRAINING_SHAPE --dtypes bfloat16 \
+        --impls hpt_a_triton,hpt_b_triton,hpt_b_triton_tokens,hpt_b_triton_lowp_sum
 done
+# the row kernels' tiling, on the default's slab at this shape (7 slabs of 21760 columns) and on
+# whole rows (token order)
+step row_kernel_sweep "${SWEEP_LIMIT_S:-45}" python3 -m bench.row_kernel_sweep --device cuda \
+    --rows 8192 --cols 21760,151936
 # bf16 gradient error against float64 by accum_dtype, where the float32 sum takes float32 products
-timeout "${PRECISION_LIMIT_S:-40}" python3 -m bench.accum_precision --device cuda --tokens 8192 \
-    2>"$OUT/precision.log" | tee "$OUT/precision.md"
+step precision "${PRECISION_LIMIT_S:-40}" python3 -m bench.accum_precision --device cuda --tokens 8192
+# where the default mode B step spends its time now
+step profile "${PROFILE_LIMIT_S:-40}" python3 -m bench.profile_op --device cuda --impls hpt_b_triton,hpt_b_triton_lowp_sum --rows 16
+step table_2k "${TABLE_LIMIT_S:-110}" python3 -m bench.fused_op_table --device cuda \
+    --shapes 4096x2048x151936 --dtypes bfloat16,float32
+echo "done after $(( $(date +%s) - START )) s" | tee -a "$OUT/machine.txt"

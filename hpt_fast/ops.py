@@ -5,7 +5,7 @@ backward recomputes the logits block by block (four GEMMs in all).
 
 Mode B, ``fused_linear_loss``: a scalar sum of an arbitrary per-token loss of (logp, entropy); the
 gradients for hidden, weight and bias are computed during the forward pass, block by block, and
-backward only scales them (three GEMMs in all, or four in vocabulary order, see below).
+backward only scales them (three GEMMs in all, or nearly four in vocabulary order, see below).
 
 Two kinds of pass over blocks of logits, each block a GEMM into one reused buffer, in one of two
 loop orders (``_blocks``): token chunks ``[C, V]`` of whole rows, or vocabulary slabs ``[N, Vs]``
@@ -45,9 +45,16 @@ ChunkHook = Callable[[int, int, Tensor], None]
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # dtypes whose GEMM outputs are rounded below float32, so that a sum over blocks loses precision
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
-# The logits block's budget; the default keeps extra memory well under the naive logits'
-# size at LLM vocabularies while leaving the GEMMs large enough to run at full speed.
-_DEFAULT_BUDGET_MB = 128
+# The logits block's default budget: this share of the naive float32 logits [N, V], within
+# [_MIN_BUDGET_MB, _MAX_BUDGET_MB] MiB. A share keeps the op's extra memory a fixed fraction of
+# what it saves (1/12 leaves room under the 1/8 target for vocabulary order's float32
+# [N, H] grad_hidden sum, H / V of the logits); the larger blocks of large calls run their GEMMs
+# nearer the full rate and sum fewer partial gradients (an H200 at 8192 x 3584 x 151936 bf16:
+# mode B in token order with a bf16 weight-gradient sum 1.58x the three GEMMs at 128 MiB, 1.16x
+# at 1 GiB; bench/results_gpu_h200.md). The floor keeps small calls' GEMMs large.
+_BUDGET_SHARE = 1 / 12
+_MIN_BUDGET_MB = 128
+_MAX_BUDGET_MB = 1024
 # The torch backend holds about four float32 temporaries of the block's size at once.
 _TORCH_BACKEND_EXTRA_BYTES = 16
 # Elements between the starts of a logits block's rows, and of vocabulary slabs, are multiples of
@@ -70,8 +77,8 @@ class _Plan:
     chunk: tokens per logits block [chunk, V] in token order, and per call of mode B's
         token_loss_fn there (vocabulary order calls it once, on all tokens).
     slab: vocabulary columns per logits block [N, slab] in vocabulary order, N the scored tokens:
-        ``chunk * V // N`` (at least 1), so the block holds as many elements as a [chunk, V] one,
-        rounded down to a multiple of ``_ROW_ALIGN`` when larger.
+        at most ``chunk * V // N`` (at least 1), so the block holds no more elements than a
+        [chunk, V] one; see ``_slab_width``.
     order: the loop of every pass over logits blocks, "tokens" (over token chunks) or "vocab"
         (over vocabulary slabs).
     float32_weight_sum: in token order, sum grad_weight over the chunks in a float32 buffer
@@ -203,15 +210,18 @@ def _valid_rows(targets: Tensor, ignore_index: int, vocab: int) -> Optional[Tens
     return valid.nonzero().squeeze(1)
 
 
-def _budget_bytes() -> float:
-    """The logits block's memory budget: ``HPT_FAST_MEMORY_BUDGET_MB`` MiB (default 128).
+def _budget_bytes(n_rows: int, vocab: int) -> float:
+    """The logits block's memory budget in bytes for N = ``n_rows`` scored tokens and V =
+    ``vocab``: ``HPT_FAST_MEMORY_BUDGET_MB`` MiB when set, else 1/12 of the naive float32 logits
+    (N * V * 4 bytes), at least 128 MiB and at most 1 GiB.
 
     Raises ValueError when the variable is set to anything but a finite number > 0: a budget of
     0 or less would silently run one token per block, hundreds of times slower.
     """
     raw = os.environ.get("HPT_FAST_MEMORY_BUDGET_MB")
     if raw is None:
-        return _DEFAULT_BUDGET_MB * 2**20
+        share = n_rows * vocab * 4 * _BUDGET_SHARE
+        return min(max(share, _MIN_BUDGET_MB * 2**20), _MAX_BUDGET_MB * 2**20)
     try:
         mib = float(raw)
     except ValueError:
@@ -229,7 +239,7 @@ def _auto_order(
     Both orders cut the logits into about the same number of blocks of the same size and run the
     same GEMMs per block; they differ in the GEMMs' shapes and in which input gradient is summed
     over the blocks. Token order multiplies a chunk of C tokens by all of W (M = C, small when V is
-    large: 220 tokens at V = 151936 under the default budget), writes each chunk's rows of
+    large: 441 tokens at V = 151936 under a 128 MiB budget in bf16), writes each chunk's rows of
     grad_hidden once and sums grad_weight [V, H] over the chunks; vocabulary order multiplies all
     N tokens by a slab of W (M = N), writes each slab's rows of grad_weight once and sums
     grad_hidden [N, H] over the slabs. A sum over several blocks rereads and rewrites its tensor
@@ -244,9 +254,12 @@ def _auto_order(
     bench/results_gemm_chunking_cpu.md), 0.99x instead of 1.31x in bf16; level at V = 32768.
     Mode B (``mode="B"``): token order runs the statistics, the loss and the gradient on one
     logits block (three GEMMs in all); vocabulary order needs the statistics of every token before
-    its first gradient slab, so a statistics pass over the slabs first (four GEMMs). It is taken
+    its first gradient slab, so a statistics pass over the slabs first (four GEMMs, less the
+    last slab's logits GEMM, which the gradient pass takes from the statistics pass). It is taken
     only for memory: when the float32 [V, H] buffer of token order (``float32_weight_sum``,
-    several chunks) exceeds the memory budget and vocabulary order's [N, H] one is smaller.
+    several chunks) exceeds a quarter of the block's memory budget (token order holds both: at
+    most 1.25 budgets, about 1/10 of the naive logits under the default share, where the issue's
+    target is 1/8) and vocabulary order's [N, H] one is smaller.
     Token order saves less than the fourth GEMM, and the less the more chunks there are: summing
     grad_weight in that buffer moves about 12 V H bytes per chunk on CPU (each chunk's bf16
     product written and read back, the float32 sum read and written; 8 V H on CUDA, where the
@@ -260,7 +273,7 @@ def _auto_order(
     if mode == "A":
         return "vocab" if n_rows < vocab else "tokens"
     token_buffer = vocab * hidden_size * 4 if float32_weight_sum and chunk < n_rows else 0
-    return "vocab" if token_buffer > budget and n_rows < vocab else "tokens"
+    return "vocab" if token_buffer > budget / 4 and n_rows < vocab else "tokens"
 
 
 def _plan(
@@ -281,14 +294,12 @@ def _plan(
             raise TypeError(f"backend {backend!r} takes float32, bfloat16 or float16; float64 runs on 'torch'")
         backend = "torch"
     name, module = backends.resolve(backend, hidden.device)
-    budget = _budget_bytes()
+    budget = _budget_bytes(n_rows, vocab)
     if chunk_size is None:
         per_row = vocab * (hidden.element_size() + (_TORCH_BACKEND_EXTRA_BYTES if name == "torch" else 0))
         chunk_size = max(1, int(budget // per_row))
     chunk = max(1, min(chunk_size, n_rows))
-    slab = max(1, min(vocab, chunk * vocab // max(n_rows, 1)))
-    if _ROW_ALIGN < slab < vocab:
-        slab -= slab % _ROW_ALIGN
+    slab = _slab_width(vocab, max(1, chunk * vocab // max(n_rows, 1)))
     float32_weight_sum = hidden.dtype in _LOW_PRECISION and accum_dtype == torch.float32
     if grad_order == "auto":
         grad_order = _auto_order(mode, float32_weight_sum, n_rows, vocab, hidden.shape[-1], chunk, budget)
@@ -296,6 +307,24 @@ def _plan(
         backend=module, inv_temp=1.0 / temperature, chunk=chunk, slab=slab, order=grad_order,
         float32_weight_sum=float32_weight_sum,
     )
+
+
+def _slab_width(vocab: int, widest: int) -> int:
+    """Columns per vocabulary slab: as few slabs of at most ``widest`` columns as whole slabs of
+    ``widest`` rounded down to a multiple of ``_ROW_ALIGN`` would take, all but the last of one
+    width, a multiple of ``_ROW_ALIGN`` (unaligned only when ``widest`` is below it).
+
+    Even slabs rather than full ones and a remainder: the gradient pass reuses the statistics
+    pass's last slab (see ``_blocks``), which should be worth a whole slab's GEMM, and a narrow
+    remainder runs its GEMM at a worse rate.
+    """
+    if widest >= vocab:
+        return vocab
+    if widest < _ROW_ALIGN:
+        return -(-vocab // -(-vocab // widest))
+    widest -= widest % _ROW_ALIGN
+    # the even width rounded up stays within the aligned widest, itself a multiple of the alignment
+    return -(-vocab // -(-vocab // widest) // _ROW_ALIGN) * _ROW_ALIGN
 
 
 def _logits_block(h: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor) -> Tensor:
@@ -362,13 +391,17 @@ class _RowData:
 
 
 def _blocks(
-    plan: _Plan, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], buffer: Tensor
+    plan: _Plan, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], buffer: Tensor,
+    after_stats: bool = False,
 ) -> Iterator[tuple[Tensor, slice, slice]]:
     """The logits blocks of one pass in ``plan.order``: yields (logits, rows, cols), the block
     [rows, cols] of ``hidden @ weight.T (+ bias)`` computed by one GEMM into ``buffer``.
 
     Every pass of a call cuts the logits the same way, so a recomputed block holds bit for bit
-    the logits the statistics pass saw.
+    the logits the statistics pass saw. ``after_stats``: in vocabulary order, this pass follows
+    a statistics pass into the same ``buffer`` (mode B), so it runs the slabs last to first and
+    takes the last one as the buffer still holds it, without its GEMM: of the S slabs' logits
+    GEMMs the two passes run 2 S - 1, not 2 S.
     """
     n, vocab = hidden.shape[0], weight.shape[0]
     if plan.order == "tokens":
@@ -378,10 +411,15 @@ def _blocks(
             yield _logits_block(hidden[s:e], weight, bias, out), slice(s, e), slice(0, vocab)
     else:
         stride = _row_stride(plan.slab)
-        for v0, v1 in _chunks(vocab, plan.slab):
-            b = None if bias is None else bias[v0:v1]
+        slabs = list(_chunks(vocab, plan.slab))
+        if after_stats:
+            slabs.reverse()
+        for k, (v0, v1) in enumerate(slabs):
             out = _block_view(buffer, n, v1 - v0, stride)
-            yield _logits_block(hidden, weight[v0:v1], b, out), slice(0, n), slice(v0, v1)
+            if not (after_stats and k == 0):
+                b = None if bias is None else bias[v0:v1]
+                _logits_block(hidden, weight[v0:v1], b, out)
+            yield out, slice(0, n), slice(v0, v1)
 
 
 def _stats_pass(
@@ -511,9 +549,10 @@ class _GradientPass:
         if self.sum_b is not None:
             self.sum_b[c] += torch.sum(logits, dim=0, dtype=self.sum_b.dtype)
 
-    def recompute(self, bias: Optional[Tensor], buffer: Tensor) -> None:
-        """The whole pass in ``plan.order``: recompute each logits block (one GEMM), then ``step``."""
-        for logits, r, c in _blocks(self.plan, self.hidden, self.weight, bias, buffer):
+    def recompute(self, bias: Optional[Tensor], buffer: Tensor, after_stats: bool = False) -> None:
+        """The whole pass in ``plan.order``: recompute each logits block (one GEMM), then ``step``.
+        ``after_stats``: ``buffer`` holds the last block of a statistics pass (see ``_blocks``)."""
+        for logits, r, c in _blocks(self.plan, self.hidden, self.weight, bias, buffer, after_stats):
             self.step(logits, r, c)
 
     def result(self, bias_dtype: Optional[torch.dtype]) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
@@ -668,7 +707,7 @@ class _LinearLoss(torch.autograd.Function):
             # only), where chunk-sized calls cost the GPU an idle launch gap each
             chunk_loss(0, hidden.shape[0])
             if grads is not None:
-                grads.recompute(bias, buffer)
+                grads.recompute(bias, buffer, after_stats=True)
         # one host sync per call, after all the work is queued; nothing is returned before it
         _check_finite(status, index)
         saved = (None, None, None) if grads is None else grads.result(None if bias is None else bias.dtype)
@@ -778,9 +817,10 @@ def fused_token_logprobs(
         return_entropy: also return the entropy of each position's distribution.
         backend: "auto" (triton on CUDA, cpu elsewhere, torch as fallback), "torch", "cpu", "triton".
         chunk_size: tokens per logits block [chunk_size, V]; by default chosen from a memory
-            budget of ``HPT_FAST_MEMORY_BUDGET_MB`` (128) MiB for the block. Vocabulary order
-            uses blocks [N, chunk_size * V // N] of the N scored tokens instead (at least one
-            column): the same number of elements.
+            budget for the block: ``HPT_FAST_MEMORY_BUDGET_MB`` MiB when set, else 1/12 of the
+            naive float32 logits of the N scored tokens, within 128 MiB - 1 GiB. Vocabulary
+            order uses blocks [N, slab] of the N scored tokens instead, slab at most
+            ``chunk_size * V // N`` (at least one column): no more elements.
         grad_order: loop order of the forward's statistics pass and the backward's gradient
             pass alike: "tokens" (over token chunks, summing grad_weight over them), "vocab"
             (over vocabulary slabs of all tokens, summing grad_hidden) or "auto": "vocab" when
@@ -846,10 +886,12 @@ def fused_linear_loss(
         with_entropy: compute the entropy and pass it to ``token_loss_fn``.
         grad_order: "tokens": one pass over token chunks computes the loss and the gradients
             (three GEMMs); "vocab": a statistics pass, then a gradient pass, both over
-            vocabulary slabs of all tokens (four GEMMs), whose grad_weight needs no float32
+            vocabulary slabs of all tokens (four GEMMs less one slab's logits GEMM, which the
+            gradient pass takes from the statistics pass), whose grad_weight needs no float32
             [V, H] buffer in bfloat16 / float16; "auto": "vocab" only when that buffer (low
-            precision with ``accum_dtype=torch.float32``, several chunks) would exceed
-            ``HPT_FAST_MEMORY_BUDGET_MB`` and there are fewer scored tokens than V, else "tokens".
+            precision with ``accum_dtype=torch.float32``, several chunks) would exceed a quarter
+            of the block budget (see ``fused_token_logprobs``' chunk_size) and there are fewer scored
+            tokens than V, else "tokens".
         accum_dtype: as in ``fused_token_logprobs``. ``None`` keeps bfloat16 / float16 mode B in
             token order (three GEMMs) at the memory of one logits block.
     Returns:

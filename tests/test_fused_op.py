@@ -288,7 +288,8 @@ def _plan_order(mode: str, dtype: torch.dtype, n: int, v: int, h: int, chunk_siz
 def test_plan_picks_vocab_order_exactly_when_it_should(monkeypatch):
     """Mode A: vocabulary order whenever there are fewer tokens than V. Mode B: vocabulary order
     only when token order would sum grad_weight in a float32 [V, H] buffer (low precision, more
-    than one chunk) larger than the memory budget, and there are fewer tokens than V."""
+    than one chunk) larger than a quarter of the block's memory budget, and there are fewer tokens
+    than V."""
     monkeypatch.setenv("HPT_FAST_MEMORY_BUDGET_MB", "1")  # V * H * 4 > budget from V * H > 2**18
     bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
     for dtype in (bf16, f32):
@@ -299,14 +300,17 @@ def test_plan_picks_vocab_order_exactly_when_it_should(monkeypatch):
     assert _plan_order("B", f16, 64, 1000, 512, chunk_size=8) == "vocab"
     assert _plan_order("B", f32, 64, 1000, 512, chunk_size=8) == "tokens"  # no float32 buffer
     assert _plan_order("B", bf16, 64, 1000, 512, chunk_size=64) == "tokens"  # one chunk: no buffer
-    assert _plan_order("B", bf16, 64, 1000, 200, chunk_size=8) == "tokens"  # buffer under the budget
+    assert _plan_order("B", bf16, 64, 1000, 128, chunk_size=8) == "vocab"  # 512 kB: over a quarter
+    assert _plan_order("B", bf16, 64, 1000, 64, chunk_size=8) == "tokens"  # 256 kB: within it
     assert _plan_order("B", bf16, 2000, 1000, 512, chunk_size=8) == "tokens"  # [N, H] no smaller
     # the chunk from the budget: 1 MiB / (1000 * 2 bytes + the torch backend's extra) = 58 rows
     assert _plan_order("B", bf16, 64, 1000, 512) == "vocab"
     # summed in the gradient itself: no buffer, so token order
     assert _plan_order("B", bf16, 64, 1000, 512, chunk_size=8, accum_dtype=None) == "tokens"
     assert _plan_order("B", f16, 64, 1000, 512, chunk_size=8, accum_dtype=f16) == "tokens"
-    monkeypatch.setenv("HPT_FAST_MEMORY_BUDGET_MB", "2")
+    monkeypatch.setenv("HPT_FAST_MEMORY_BUDGET_MB", "7.8")
+    assert _plan_order("B", bf16, 64, 1000, 512, chunk_size=8) == "vocab"  # 2.048 MB > 7.8 MiB / 4 = 2.045 MB
+    monkeypatch.setenv("HPT_FAST_MEMORY_BUDGET_MB", "7.9")
     assert _plan_order("B", bf16, 64, 1000, 512, chunk_size=8) == "tokens"
 
 
@@ -366,7 +370,15 @@ def test_gradient_pass_runs_in_the_planned_order(monkeypatch, requested):
         blocks.append((tuple(logits.shape), col_offset))
         return real(logits, *args, col_offset=col_offset, **kwargs)
 
+    gemms = []
+    real_gemm = ops._logits_block
+
+    def count_gemms(h, w, b, out):
+        gemms.append(tuple(out.shape))
+        return real_gemm(h, w, b, out)
+
     monkeypatch.setattr(torch_backend, "grad_logits", spy)
+    monkeypatch.setattr(ops, "_logits_block", count_gemms)
     monkeypatch.setenv("HPT_FAST_MEMORY_BUDGET_MB", "0.01")  # the [V, H] float32 buffer is 20 KiB
     n, h, v = 12, 8, 640
     hidden = torch.randn(n, h, dtype=torch.bfloat16, requires_grad=True)
@@ -375,11 +387,32 @@ def test_gradient_pass_runs_in_the_planned_order(monkeypatch, requested):
     loss, _, _ = fused_linear_loss(hidden, weight, targets, lambda lp, e, r: -lp, backend="torch",
                                    chunk_size=5, grad_order=requested)
     loss.backward()
-    # chunk 5 of 12 tokens: slabs of 5 * 640 // 12 = 266 columns, rounded down to 4 * 64
     if requested == "tokens":
         assert blocks == [((5, v), 0), ((5, v), 0), ((2, v), 0)]
+        assert gemms == [(5, v), (5, v), (2, v)]  # one pass: three GEMMs in all
     else:
-        assert blocks == [((n, 256), 0), ((n, 256), 256), ((n, 128), 512)]
+        # chunk 5 of 12 tokens: slabs of at most 5 * 640 // 12 = 266 columns, so three; an even
+        # split, 214, rounds up to 256. The gradient pass runs them last to first and takes the
+        # last one from the statistics pass, without recomputing it.
+        assert blocks == [((n, 128), 512), ((n, 256), 256), ((n, 256), 0)]
+        assert gemms == [(n, 256), (n, 256), (n, 128), (n, 256), (n, 256)]
+
+
+@pytest.mark.parametrize("vocab,widest", [(151936, 8179), (151936, 30336), (1000, 126), (1000, 130),
+                                          (640, 266), (131, 65), (100, 60), (7, 3), (50, 64), (50, 50)])
+def test_slabs_are_even_aligned_and_within_the_widest(vocab, widest):
+    """Slabs: no wider than allowed, as few as full aligned ones would take, all but the last of one
+    width and a multiple of 64 columns where ``widest`` is, the last not much narrower."""
+    slab = ops._slab_width(vocab, widest)
+    n_slabs = -(-vocab // slab)
+    last = vocab - (n_slabs - 1) * slab
+    assert 0 < slab <= widest or slab == vocab <= widest
+    if slab < vocab:
+        aligned = widest - widest % 64 if widest >= 64 else widest
+        assert n_slabs == -(-vocab // aligned)
+        assert slab % 64 == 0 or widest < 64
+        # rounding each slab up to 64 columns takes at most 63 from the last per slab
+        assert last > slab - 64 * n_slabs, (slab, last)
 
 
 @pytest.mark.parametrize("order", ORDERS)
@@ -391,7 +424,7 @@ def test_logits_block_rows_are_aligned(order):
     n, h, v = 50, 16, 1001
     hidden, weight = torch.randn(n, h, generator=gen), torch.randn(v, h, generator=gen)
     plan = ops._plan("B", "torch", hidden, v, n, 7, 1.0, order, torch.float32)
-    assert plan.slab == 128  # 7 * 1001 // 50 = 140, rounded down to a multiple of 64
+    assert plan.slab == 128  # at most 7 * 1001 // 50 = 140: 128 (a multiple of 64), 8 slabs
     buffer = ops._block_buffer(plan, hidden, v)
     seen = 0
     for logits, r, c in ops._blocks(plan, hidden, weight, None, buffer):

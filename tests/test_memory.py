@@ -14,7 +14,7 @@ CHILD = textwrap.dedent(
 
     mode, backend, dtype, h = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3]), int(sys.argv[4])
     accum = None if sys.argv[5] == "none" else getattr(torch, sys.argv[5])
-    n, v = 2048, 151936
+    n, v = int(sys.argv[6]), 151936
     torch.manual_seed(0)
     hidden = torch.randn(n, h).to(dtype).requires_grad_()
     weight = torch.randn(v, h).mul(h ** -0.5).to(dtype).requires_grad_()
@@ -48,28 +48,33 @@ CHILD = textwrap.dedent(
     """
 )
 
-# (backend, dtype, H, accum_dtype): float32 at a small H; bfloat16 at an H where the float32
-# [V, H] buffer a token-order weight gradient would need (V * H * 4 = 156 MB) is larger than the
-# default 128 MiB budget, so mode B takes the vocabulary-order gradient pass and neither mode holds
-# such a buffer; the same with the gradient summed in bfloat16 (accum_dtype=None), where mode B
-# stays in token order and needs no buffer either (the torch backend's bf16 row passes are too
-# slow at this shape for the test suite: its float32 case shows its temporaries).
+# (backend, dtype, H, accum_dtype, tokens): float32 at a small H; bfloat16 at an H where the
+# float32 [V, H] buffer a token-order weight gradient would need (V * H * 4 = 156 MB) is larger
+# than a quarter of the block budget (128 MiB at 2048 tokens), so mode B takes the vocabulary-order
+# gradient pass and neither mode holds such a buffer; the same with the gradient summed in
+# bfloat16 (accum_dtype=None), where mode B stays in token order and needs no buffer either (the
+# torch backend's bf16 row passes are too slow at this shape for the test suite: its float32
+# case shows its temporaries). At 6144 tokens the default budget is 1/12 of the naive logits
+# (311 MB, over the 128 MiB floor), and the 156 MB buffer is still over a quarter of it.
 CASES = [
-    ("torch", "float32", 32, "float32"),
-    ("auto", "float32", 32, "float32"),
-    ("auto", "bfloat16", 256, "float32"),
-    ("auto", "bfloat16", 256, "none"),
+    ("torch", "float32", 32, "float32", 2048),
+    ("auto", "float32", 32, "float32", 2048),
+    ("auto", "bfloat16", 256, "float32", 2048),
+    ("auto", "bfloat16", 256, "none", 2048),
+    ("auto", "float32", 32, "float32", 6144),
+    ("auto", "bfloat16", 256, "float32", 6144),
 ]
 
 
 @pytest.mark.parametrize("mode", ["A", "B"])
-@pytest.mark.parametrize("backend, dtype, h, accum", CASES, ids=[f"{b}-{d}-{a}" for b, d, _, a in CASES])
-def test_peak_memory_far_below_logits(backend, dtype, h, accum, mode):
-    out = subprocess.run([sys.executable, "-c", CHILD, mode, backend, dtype, str(h), accum],
+@pytest.mark.parametrize("backend, dtype, h, accum, tokens", CASES,
+                         ids=[f"{b}-{d}-{a}-{n}" for b, d, _, a, n in CASES])
+def test_peak_memory_far_below_logits(backend, dtype, h, accum, tokens, mode):
+    out = subprocess.run([sys.executable, "-c", CHILD, mode, backend, dtype, str(h), accum, str(tokens)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    # the naive computation holds several [2048 x 151936] float32 tensors (1.2 GB each); the
+    # the naive computation holds several [tokens x 151936] float32 tensors (1.2 GB each at 2048); the
     # readable torch backend keeps a few block-sized temporaries, the default backend one block
     # (the issue's target: at most 1/8 of the naive float32 logits)
     limit = result["naive"] / (4 if backend == "torch" else 8)

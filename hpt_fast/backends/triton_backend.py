@@ -85,25 +85,10 @@ def grad_logits(
     Returns:
         ``out``.
     """
-    _check_columns(logits, "logits")
-    _check_columns(out, "out")
-    n_rows, vocab = logits.shape
-    if n_rows == 0:
-        return out
-    has_ent = g_ent is not None
-    targets, lse, g_logp = targets.contiguous(), lse.contiguous(), g_logp.contiguous()
-    # without the entropy term the kernel never reads these pointers; any float32 tensor will do
-    entropy = entropy.contiguous() if has_ent else lse
-    g_ent = g_ent.contiguous() if has_ent else g_logp
-    block_v = _block(vocab, _GRAD_MAX_BLOCK_V)
-    grid = (n_rows, triton.cdiv(vocab, block_v))
-    with _on_device(logits):
-        grad_logits_kernel[grid](
-            logits, targets, lse, entropy, g_logp, g_ent, out,
-            vocab, col_offset, logits.stride(0), out.stride(0), inv_temp,
-            BLOCK_V=block_v, HAS_ENT=has_ent, num_warps=_warps(block_v), enable_fp_fusion=False,
-        )
-    return out
+    return _grad_logits(
+        logits, targets, lse, entropy, g_logp, g_ent, inv_temp, out, col_offset,
+        _block(logits.shape[1], _GRAD_MAX_BLOCK_V),
+    )
 
 
 def accumulate_(acc: Tensor, x: Tensor) -> Tensor:
@@ -115,12 +100,40 @@ def accumulate_(acc: Tensor, x: Tensor) -> Tensor:
     return acc.add_(x)
 
 
+def _grad_logits(
+    logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor | None, g_logp: Tensor,
+    g_ent: Tensor | None, inv_temp: float, out: Tensor, col_offset: int, block_v: int,
+    num_warps: int | None = None,
+) -> Tensor:
+    """``grad_logits`` with explicit tiling: BLOCK_V ``block_v`` (a power of two) and
+    ``num_warps`` warps per program (default: ``_warps(block_v)``)."""
+    _check_columns(logits, "logits")
+    _check_columns(out, "out")
+    n_rows, vocab = logits.shape
+    if n_rows == 0:
+        return out
+    has_ent = g_ent is not None
+    targets, lse, g_logp = targets.contiguous(), lse.contiguous(), g_logp.contiguous()
+    # without the entropy term the kernel never reads these pointers; any float32 tensor will do
+    entropy = entropy.contiguous() if has_ent else lse
+    g_ent = g_ent.contiguous() if has_ent else g_logp
+    grid = (n_rows, triton.cdiv(vocab, block_v))
+    with _on_device(logits):
+        grad_logits_kernel[grid](
+            logits, targets, lse, entropy, g_logp, g_ent, out,
+            vocab, col_offset, logits.stride(0), out.stride(0), inv_temp,
+            BLOCK_V=block_v, HAS_ENT=has_ent, num_warps=num_warps or _warps(block_v), enable_fp_fusion=False,
+        )
+    return out
+
+
 def _row_stats(
     logits: Tensor, targets: Tensor, inv_temp: float, with_entropy: bool, state: Tensor, col_offset: int,
-    block_v: int, split_v: int,
+    block_v: int, split_v: int, num_warps: int | None = None,
 ) -> Tensor:
-    """``row_stats`` with explicit tiling: BLOCK_V ``block_v`` (a power of two) and rows split into
-    pieces of ``split_v`` columns (a multiple of ``block_v``) merged by a second kernel."""
+    """``row_stats`` with explicit tiling: BLOCK_V ``block_v`` (a power of two), rows split into
+    pieces of ``split_v`` columns (a multiple of ``block_v``) merged by a second kernel, and
+    ``num_warps`` warps per program (default: ``_warps(block_v)``)."""
     _check_columns(logits, "logits")
     n_rows, vocab = logits.shape
     if state.shape != (n_rows, 4) or state.dtype != torch.float64 or not state.is_contiguous():
@@ -139,7 +152,7 @@ def _row_stats(
         row_stats_kernel[(n_rows, n_splits)](
             logits, targets, part_m, part_s, part_s1, state,
             vocab, col_offset, logits.stride(0), n_splits, split_v, inv_temp,
-            BLOCK_V=block_v, WITH_ENT=with_entropy, MERGE=merge, num_warps=_warps(block_v),
+            BLOCK_V=block_v, WITH_ENT=with_entropy, MERGE=merge, num_warps=num_warps or _warps(block_v),
             enable_fp_fusion=False,
         )
         if not merge:

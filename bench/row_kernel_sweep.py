@@ -1,0 +1,120 @@
+"""Tile width and warps of the two Triton row kernels, swept on one logits block.
+
+The fused op spends its non-GEMM time in two memory-bound passes over each logits block:
+``row_stats`` reads the block once (max, sum of exp, entropy sum per row), ``grad_logits`` reads
+it and writes its gradient over it. This script times both kernels on a [rows, cols] block for
+each BLOCK_V and num_warps, beside a plain ``copy_`` of the block (one read and one write, what
+the memory system gives an elementwise pass), and prints the achieved bandwidth; the backend's
+current choice is marked. On CPU it runs under TRITON_INTERPRET=1 at small sizes, which checks
+the script, not the numbers.
+
+    python -m bench.row_kernel_sweep --device cuda                      # 8192 x 21760 bf16
+    python -m bench.row_kernel_sweep --device cuda --cols 8000,151936
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from bench.fused_op_table import machine_description
+from bench.implementations import synchronize
+from hpt_fast.backends import triton_backend as tb
+
+STATS_BLOCKS = (1024, 2048, 4096, 8192)
+GRAD_BLOCKS = (512, 1024, 2048, 4096)
+WARPS = (4, 8, 16)
+
+
+def median_us(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median wall time of ``fn`` in microseconds over ``repeats`` calls, after two untimed ones
+    (compilation and first touch)."""
+    for _ in range(2):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e6)
+    return statistics.median(times)
+
+
+def sweep(rows: int, cols: int, dtype: torch.dtype, device: torch.device, repeats: int) -> str:
+    """The markdown table of one block shape. Every configuration's result is compared with the
+    current one's (same: equal within float32 summation-order rounding)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    logits = (torch.randn(rows, cols, generator=gen, device=device) * 4).to(dtype)
+    work = torch.empty_like(logits)
+    targets = torch.randint(0, cols, (rows,), generator=gen, device=device)
+    lse = torch.logsumexp(logits.float(), dim=1)
+    entropy = torch.rand(rows, generator=gen, device=device) * 5
+    g_logp = torch.randn(rows, generator=gen, device=device)
+    g_ent = torch.randn(rows, generator=gen, device=device)
+    state = torch.empty(rows, 4, dtype=torch.float64, device=device)
+    block_bytes = logits.numel() * logits.element_size()
+
+    def fresh_state():
+        state[:, 0] = -float("inf")
+        state[:, 1:] = 0.0
+
+    lines = [f"### rows {rows}, cols {cols}, {str(dtype).replace('torch.', '')} "
+             f"({block_bytes / 2**20:.0f} MiB)", "",
+             "| kernel | BLOCK_V | warps | us | GB/s | result |", "| --- | --- | --- | --- | --- | --- |"]
+
+    def row(name: str, block: str, warps: str, us: float, moved: int, same: str, current: bool = False) -> None:
+        mark = " (current)" if current else ""
+        lines.append(f"| {name}{mark} | {block} | {warps} | {us:.1f} | {moved / us / 1e3:.0f} | {same} |")
+
+    def same_as(got: torch.Tensor, want: torch.Tensor) -> str:
+        return "same" if torch.allclose(got.double(), want.double(), rtol=1e-5, atol=1e-6) else "DIFFERS"
+
+    row("copy_ (read + write)", "—", "—", median_us(lambda: work.copy_(logits), device, repeats), 2 * block_bytes, "—")
+    stats_current = tb._block(cols, tb._STATS_MAX_BLOCK_V)
+    fresh_state()
+    tb.row_stats(logits, targets, 1.0, True, state)
+    want_state = state.clone()
+    tb.grad_logits(logits, targets, lse, entropy, g_logp, g_ent, 1.0, work)
+    want_grad = work.clone()
+    for block_v in STATS_BLOCKS:
+        split_v = tb._split_size(rows, cols, block_v, logits.device)
+        for warps in WARPS:
+            def run_stats():
+                fresh_state()
+                tb._row_stats(logits, targets, 1.0, True, state, 0, block_v, split_v, warps)
+            current = block_v == stats_current and warps == tb._warps(block_v)
+            us = median_us(run_stats, device, repeats)
+            row("row_stats (entropy)", str(block_v), str(warps), us, block_bytes, same_as(state, want_state), current)
+    grad_current = tb._block(cols, tb._GRAD_MAX_BLOCK_V)
+    for block_v in GRAD_BLOCKS:
+        for warps in WARPS:
+            # the op writes the gradient over the logits; a separate output moves the same bytes
+            # and leaves the input intact for the next call
+            def run_grad():
+                tb._grad_logits(logits, targets, lse, entropy, g_logp, g_ent, 1.0, work, 0, block_v, warps)
+            current = block_v == grad_current and warps == tb._warps(block_v)
+            us = median_us(run_grad, device, repeats)
+            row("grad_logits (entropy)", str(block_v), str(warps), us, 2 * block_bytes, same_as(work, want_grad), current)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--rows", type=int, default=8192)
+    parser.add_argument("--cols", default="21760", help="comma-separated block widths")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args(argv)
+    print(machine_description(args.device) + "\n")
+    device = torch.device(args.device)
+    for cols in (int(c) for c in args.cols.split(",")):
+        print(sweep(args.rows, cols, getattr(torch, args.dtype), device, args.repeats) + "\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
