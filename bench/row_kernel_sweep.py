@@ -86,7 +86,7 @@ def sweep(rows: int, cols: int, dtype: torch.dtype, device: torch.device, repeat
             def run_stats():
                 fresh_state()
                 tb._row_stats(logits, targets, 1.0, True, state, 0, block_v, split_v, warps)
-            current = block_v == stats_current and warps == tb._warps(block_v)
+            current = block_v == stats_current and warps == tb._STATS_WARPS
             us = median_us(run_stats, device, repeats)
             row("row_stats (entropy)", str(block_v), str(warps), us, block_bytes, same_as(state, want_state), current)
     grad_current = tb._block(cols, tb._GRAD_MAX_BLOCK_V)

@@ -16,9 +16,13 @@ from torch import Tensor
 
 from ..kernels import grad_logits_kernel, row_stats_combine_kernel, row_stats_kernel
 
-# Tile widths: wide enough to stream a 151k-column row in few loop steps with 16-byte loads per
-# thread, small enough to keep registers low. Not tuned by measurement.
-_STATS_MAX_BLOCK_V = 4096
+# Tile widths and warps, from bench/row_kernel_sweep.py on an H200 (8192 bf16 rows of 21760 and
+# 151936 columns, bench/results_gpu_h200_row_kernels.md): row_stats streams fastest with wide
+# tiles and 4 warps (8192 columns: 187 / 856 us, against 226 / 1094 us at the earlier 4096 and
+# 8 warps); grad_logits is level from 1024 to 4096 columns at 4 or 8 warps (2048 and 8: 264 /
+# 1467 us, 3.4 TB/s on whole rows).
+_STATS_MAX_BLOCK_V = 8192
+_STATS_WARPS = 4
 _GRAD_MAX_BLOCK_V = 2048
 _MIN_BLOCK_V = 128
 # Splitting a row over several programs pays off while there are fewer rows than this many
@@ -133,7 +137,7 @@ def _row_stats(
 ) -> Tensor:
     """``row_stats`` with explicit tiling: BLOCK_V ``block_v`` (a power of two), rows split into
     pieces of ``split_v`` columns (a multiple of ``block_v``) merged by a second kernel, and
-    ``num_warps`` warps per program (default: ``_warps(block_v)``)."""
+    ``num_warps`` warps per program (default: ``_STATS_WARPS``)."""
     _check_columns(logits, "logits")
     n_rows, vocab = logits.shape
     if state.shape != (n_rows, 4) or state.dtype != torch.float64 or not state.is_contiguous():
@@ -152,7 +156,7 @@ def _row_stats(
         row_stats_kernel[(n_rows, n_splits)](
             logits, targets, part_m, part_s, part_s1, state,
             vocab, col_offset, logits.stride(0), n_splits, split_v, inv_temp,
-            BLOCK_V=block_v, WITH_ENT=with_entropy, MERGE=merge, num_warps=num_warps or _warps(block_v),
+            BLOCK_V=block_v, WITH_ENT=with_entropy, MERGE=merge, num_warps=num_warps or _STATS_WARPS,
             enable_fp_fusion=False,
         )
         if not merge:
