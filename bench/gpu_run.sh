@@ -2,18 +2,21 @@
 # Everything that needs a GPU, as one run: the Triton backend's tests on the GPU (no interpreter),
 # the fused-op table against cuBLAS, Liger and cut-cross-entropy at a training shape, the block
 # budget's effect on mode A and mode B, a sweep of the row kernels' tiling, bf16 gradient
-# precision, a profile of mode B's step, then a second table shape with float32.
+# precision, the op's phases timed unprofiled, a profile of mode B's step, then a second table
+# shape with float32.
 #
 # Usage, from the repository root of a checkout on a CUDA machine with torch and triton:
 #     OUT=some/dir bash bench/gpu_run.sh
 # Wheels found in .whl/ (liger-kernel, cut-cross-entropy) are installed into /tmp/site first; the
-# tree itself runs uninstalled. Every step writes $OUT/<step>.out (stdout) and <step>.err as it
-# goes and has its own time limit, cut to what is left of DEADLINE_S (default 540 s, within the
-# device tool's 600 s per command); a step with under 15 s left is skipped and named in
-# $OUT/skipped.txt, so an overrun loses the last steps, not the whole run.
+# tree itself runs uninstalled. Every step writes <step>.out (stdout) and <step>.err into $WORK
+# and has its own time limit, cut to what is left of DEADLINE_S (default 540 s, within the device
+# tool's 600 s per command); a step with under 15 s left is skipped and named in skipped.txt, so an
+# overrun loses the last steps, not the whole run. After every step $WORK is packed into
+# $OUT/gpu_run.tgz: the device tool brings back only a few files per command.
 set -uo pipefail
 OUT=${OUT:-bench/gpu_out}
-mkdir -p "$OUT"
+WORK=${WORK:-/tmp/gpu_run}
+mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
 DEADLINE_S=${DEADLINE_S:-540}
@@ -25,12 +28,13 @@ step() {
     local left=$((DEADLINE_S - ($(date +%s) - START)))
     ((left < limit)) && limit=$left
     if ((limit < 15)); then
-        echo "$name: skipped, ${left} s left" | tee -a "$OUT/skipped.txt"
+        echo "$name: skipped, ${left} s left" | tee -a "$WORK/skipped.txt"
         return
     fi
     echo "== $name (limit ${limit} s, $(( $(date +%s) - START )) s in)"
-    timeout "$limit" "$@" >"$OUT/$name.out" 2>"$OUT/$name.err"
+    timeout "$limit" "$@" >"$WORK/$name.out" 2>"$WORK/$name.err"
     echo "   exit $? after $(( $(date +%s) - START )) s"
+    tar czf "$OUT/gpu_run.tgz" -C "$WORK" .
 }
 
 # .whl/ is git-ignored: the device tool's run needs carry=[".whl"] for it to arrive
@@ -48,10 +52,9 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 {
     echo "$wheels"
-    git log -1 --format='commit %h %s' 2>/dev/null || true
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
     python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
-} 2>&1 | tee "$OUT/machine.txt"
+} 2>&1 | tee "$WORK/machine.txt"
 
 TRAINING_SHAPE=8192x3584x151936  # Qwen2.5-7B's hidden size and vocabulary, 8192 tokens
 step tests_triton "${TEST_LIMIT_S:-70}" python3 -m pytest -p no:cacheprovider -q -rfE \
@@ -74,8 +77,13 @@ step row_kernel_sweep "${SWEEP_LIMIT_S:-45}" python3 -m bench.row_kernel_sweep -
     --rows 8192 --cols 21760,151936
 # bf16 gradient error against float64 by accum_dtype, where the float32 sum takes float32 products
 step precision "${PRECISION_LIMIT_S:-40}" python3 -m bench.accum_precision --device cuda --tokens 8192
+# each phase of the op on the device's timeline, unprofiled: is the idle time before the first
+# kernel that the profiler shows there without it?
+step phase_times "${PHASES_LIMIT_S:-40}" python3 -m bench.phase_times --device cuda \
+    --impls hpt_b_triton,hpt_b_triton_lowp_sum,hpt_a_triton
 # where the default mode B step spends its time now
 step profile "${PROFILE_LIMIT_S:-40}" python3 -m bench.profile_op --device cuda --impls hpt_b_triton,hpt_b_triton_lowp_sum --rows 16
 step table_2k "${TABLE_LIMIT_S:-110}" python3 -m bench.fused_op_table --device cuda \
     --shapes 4096x2048x151936 --dtypes bfloat16,float32
-echo "done after $(( $(date +%s) - START )) s" | tee -a "$OUT/machine.txt"
+echo "done after $(( $(date +%s) - START )) s" | tee -a "$WORK/machine.txt"
+tar czf "$OUT/gpu_run.tgz" -C "$WORK" .

@@ -49,9 +49,10 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 # [_MIN_BUDGET_MB, _MAX_BUDGET_MB] MiB. A share keeps the op's extra memory a fixed fraction of
 # what it saves (1/12 leaves room under the 1/8 target for vocabulary order's float32
 # [N, H] grad_hidden sum, H / V of the logits); the larger blocks of large calls run their GEMMs
-# nearer the full rate and sum fewer partial gradients (an H200 at 8192 x 3584 x 151936 bf16:
-# mode B in token order with a bf16 weight-gradient sum 1.58x the three GEMMs at 128 MiB, 1.16x
-# at 1 GiB; bench/results_gpu_h200.md). The floor keeps small calls' GEMMs large.
+# nearer the full rate and sum fewer partial gradients (an H200 at 8192 x 3584 x 151936 bf16,
+# bench/results_gpu_h200.md: mode B 1.63x the three GEMMs at 128 MiB, 1.48-1.58x at this default's
+# 396 MiB, 1.38x at 1 GiB; with a bf16 weight-gradient sum 1.49x, 1.26-1.36x and 1.15x). The
+# floor keeps small calls' GEMMs large.
 _BUDGET_SHARE = 1 / 12
 _MIN_BUDGET_MB = 128
 _MAX_BUDGET_MB = 1024
@@ -257,9 +258,11 @@ def _auto_order(
     its first gradient slab, so a statistics pass over the slabs first (four GEMMs, less the
     last slab's logits GEMM, which the gradient pass takes from the statistics pass). It is taken
     only for memory: when the float32 [V, H] buffer of token order (``float32_weight_sum``,
-    several chunks) exceeds a quarter of the block's memory budget (token order holds both: at
-    most 1.25 budgets, about 1/10 of the naive logits under the default share, where the issue's
-    target is 1/8) and vocabulary order's [N, H] one is smaller.
+    several chunks) exceeds what the budget allows it, and vocabulary order's [N, H] one is
+    smaller. Token order holds the buffer and the block, so the buffer may take the whole budget
+    up to the 128 MiB floor (small calls: 256 MiB in all) and a quarter of a larger budget (at
+    most 1.25 budgets in all, about 1/10 of the naive logits under the default share, where the
+    issue's target is 1/8).
     Token order saves less than the fourth GEMM, and the less the more chunks there are: summing
     grad_weight in that buffer moves about 12 V H bytes per chunk on CPU (each chunk's bf16
     product written and read back, the float32 sum read and written; 8 V H on CUDA, where the
@@ -273,7 +276,8 @@ def _auto_order(
     if mode == "A":
         return "vocab" if n_rows < vocab else "tokens"
     token_buffer = vocab * hidden_size * 4 if float32_weight_sum and chunk < n_rows else 0
-    return "vocab" if token_buffer > budget / 4 and n_rows < vocab else "tokens"
+    allowed = max(budget / 4, min(budget, _MIN_BUDGET_MB * 2**20))
+    return "vocab" if token_buffer > allowed and n_rows < vocab else "tokens"
 
 
 def _plan(
@@ -889,9 +893,9 @@ def fused_linear_loss(
             vocabulary slabs of all tokens (four GEMMs less one slab's logits GEMM, which the
             gradient pass takes from the statistics pass), whose grad_weight needs no float32
             [V, H] buffer in bfloat16 / float16; "auto": "vocab" only when that buffer (low
-            precision with ``accum_dtype=torch.float32``, several chunks) would exceed a quarter
-            of the block budget (see ``fused_token_logprobs``' chunk_size) and there are fewer scored
-            tokens than V, else "tokens".
+            precision with ``accum_dtype=torch.float32``, several chunks) would exceed the block
+            budget (see ``fused_token_logprobs``' chunk_size) up to 128 MiB, or a quarter of a
+            larger one, and there are fewer scored tokens than V, else "tokens".
         accum_dtype: as in ``fused_token_logprobs``. ``None`` keeps bfloat16 / float16 mode B in
             token order (three GEMMs) at the memory of one logits block.
     Returns:

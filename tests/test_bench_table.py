@@ -73,3 +73,41 @@ def test_accum_precision_table():
     for label, cells in rows.items():
         errors = [float(c) for c in cells[:4]]
         assert all(f * 0.99 <= e < 0.05 for e, f in zip(errors, floor)), (label, errors, floor)
+
+
+def test_idle_gaps_of_a_trace():
+    """The profile's gap list: busy time is the union of device work, gaps are measured from the
+    latest end so far, and each names the host call that ran through it."""
+    from bench.profile_op import STEP_LABEL, idle_gaps
+
+    events = [
+        {"ph": "X", "cat": "user_annotation", "name": STEP_LABEL, "ts": 0, "dur": 1000},
+        {"ph": "X", "cat": "kernel", "name": "k1", "ts": 100, "dur": 200},
+        {"ph": "X", "cat": "kernel", "name": "k2", "ts": 250, "dur": 100},  # overlaps k1
+        {"ph": "X", "cat": "kernel", "name": "k3", "ts": 600, "dur": 300},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 340, "dur": 270},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::item", "ts": 330, "dur": 5},
+    ]
+    text = idle_gaps(events, top=5)
+    assert "Device busy 0.55 ms of the step's 1.00 ms; 3 gaps of 20 us or more, 0.45 ms in all" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert rows[0] == "| 250 | 0.35 | k2 | k3 | cudaStreamSynchronize 250 |"
+    assert {r.split(" | ")[0] for r in rows[1:]} == {"| 100"}
+    assert idle_gaps(events[1:], top=5).startswith("no device activity")
+
+
+def test_phase_times_cover_the_step():
+    """Every phase of the op is timed, nested calls are not counted twice in the time outside the
+    phases, and the vocabulary-order gradient pass appears only where it runs."""
+    from bench.fused_op_table import Shape
+    from bench.phase_times import OUTSIDE, PHASES, time_phases
+
+    if "cpu" not in backends.available():
+        pytest.skip("the cpu backend is not built")
+    for impl, grad_pass_runs in (("hpt_b_cpu", False), ("hpt_b_cpu_vocab", True)):
+        rows = _table_rows(time_phases(impl, Shape(48, 16, 301), "float32", "cpu", steps=2))
+        assert set(rows) == {"phase", "whole step", OUTSIDE} | {p[0] for p in PHASES}
+        host = {k: float(v[0]) for k, v in rows.items() if k != "phase"}
+        assert host["whole step"] > host["statistics pass"] > 0
+        assert (host["gradient pass (recomputed blocks)"] > 0) == grad_pass_runs
+        assert 0 <= host[OUTSIDE] < host["whole step"]

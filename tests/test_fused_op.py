@@ -288,8 +288,8 @@ def _plan_order(mode: str, dtype: torch.dtype, n: int, v: int, h: int, chunk_siz
 def test_plan_picks_vocab_order_exactly_when_it_should(monkeypatch):
     """Mode A: vocabulary order whenever there are fewer tokens than V. Mode B: vocabulary order
     only when token order would sum grad_weight in a float32 [V, H] buffer (low precision, more
-    than one chunk) larger than a quarter of the block's memory budget, and there are fewer tokens
-    than V."""
+    than one chunk) larger than the memory budget up to 128 MiB, or a quarter of a larger budget,
+    and there are fewer tokens than V."""
     monkeypatch.setenv("HPT_FAST_MEMORY_BUDGET_MB", "1")  # V * H * 4 > budget from V * H > 2**18
     bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
     for dtype in (bf16, f32):
@@ -300,18 +300,27 @@ def test_plan_picks_vocab_order_exactly_when_it_should(monkeypatch):
     assert _plan_order("B", f16, 64, 1000, 512, chunk_size=8) == "vocab"
     assert _plan_order("B", f32, 64, 1000, 512, chunk_size=8) == "tokens"  # no float32 buffer
     assert _plan_order("B", bf16, 64, 1000, 512, chunk_size=64) == "tokens"  # one chunk: no buffer
-    assert _plan_order("B", bf16, 64, 1000, 128, chunk_size=8) == "vocab"  # 512 kB: over a quarter
-    assert _plan_order("B", bf16, 64, 1000, 64, chunk_size=8) == "tokens"  # 256 kB: within it
+    assert _plan_order("B", bf16, 64, 1000, 200, chunk_size=8) == "tokens"  # buffer under the budget
     assert _plan_order("B", bf16, 2000, 1000, 512, chunk_size=8) == "tokens"  # [N, H] no smaller
     # the chunk from the budget: 1 MiB / (1000 * 2 bytes + the torch backend's extra) = 58 rows
     assert _plan_order("B", bf16, 64, 1000, 512) == "vocab"
     # summed in the gradient itself: no buffer, so token order
     assert _plan_order("B", bf16, 64, 1000, 512, chunk_size=8, accum_dtype=None) == "tokens"
     assert _plan_order("B", f16, 64, 1000, 512, chunk_size=8, accum_dtype=f16) == "tokens"
-    monkeypatch.setenv("HPT_FAST_MEMORY_BUDGET_MB", "7.8")
-    assert _plan_order("B", bf16, 64, 1000, 512, chunk_size=8) == "vocab"  # 2.048 MB > 7.8 MiB / 4 = 2.045 MB
-    monkeypatch.setenv("HPT_FAST_MEMORY_BUDGET_MB", "7.9")
+    monkeypatch.setenv("HPT_FAST_MEMORY_BUDGET_MB", "2")
     assert _plan_order("B", bf16, 64, 1000, 512, chunk_size=8) == "tokens"
+    # above 128 MiB the buffer may take a quarter of the budget: token order then holds at most
+    # 1.25 budgets. V * H * 4 = 150 MiB here.
+    for mib, order in (("256", "vocab"), ("599", "vocab"), ("600", "tokens")):
+        monkeypatch.setenv("HPT_FAST_MEMORY_BUDGET_MB", mib)
+        assert _plan_order("B", bf16, 4096, 153600, 256, chunk_size=8) == order, mib
+    monkeypatch.delenv("HPT_FAST_MEMORY_BUDGET_MB")
+    # the default budget: 1/12 of the naive logits, 128 MiB at least. At 2048 x 32768 that is the
+    # floor, and the 128 MiB buffer of H 1024 fits it (the CPU table's bf16 shape: token order);
+    # at 8192 x 151936 x 3584 (Qwen2.5-7B) the 2.2 GB buffer is far over a quarter of 396 MiB
+    assert _plan_order("B", bf16, 2048, 32768, 1024) == "tokens"
+    assert _plan_order("B", bf16, 8192, 151936, 3584) == "vocab"
+    assert _plan_order("B", bf16, 8192, 151936, 3584, accum_dtype=None) == "tokens"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
