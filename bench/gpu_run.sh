@@ -15,7 +15,7 @@
 # $OUT/gpu_run.tgz: the device tool brings back only a few files per command.
 set -uo pipefail
 OUT=${OUT:-bench/gpu_out}
-WORK=${WORK:-/tmp/gpu_run}
+WORK=${WORK:-$(mktemp -d /tmp/gpu_run.XXXXXX)}  # fresh, so an archive holds one run only
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1
 START=$(date +%s)

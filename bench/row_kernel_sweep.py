@@ -80,7 +80,7 @@ def sweep(rows: int, cols: int, dtype: torch.dtype, device: torch.device, repeat
     want_state = state.clone()
     tb.grad_logits(logits, targets, lse, entropy, g_logp, g_ent, 1.0, work)
     want_grad = work.clone()
-    for block_v in STATS_BLOCKS:
+    for block_v in sorted(set(STATS_BLOCKS) | {stats_current}):
         split_v = tb._split_size(rows, cols, block_v, logits.device)
         for warps in WARPS:
             def run_stats():
@@ -90,7 +90,7 @@ def sweep(rows: int, cols: int, dtype: torch.dtype, device: torch.device, repeat
             us = median_us(run_stats, device, repeats)
             row("row_stats (entropy)", str(block_v), str(warps), us, block_bytes, same_as(state, want_state), current)
     grad_current = tb._block(cols, tb._GRAD_MAX_BLOCK_V)
-    for block_v in GRAD_BLOCKS:
+    for block_v in sorted(set(GRAD_BLOCKS) | {grad_current}):
         for warps in WARPS:
             # the op writes the gradient over the logits; a separate output moves the same bytes
             # and leaves the input intact for the next call

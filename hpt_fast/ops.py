@@ -262,8 +262,8 @@ def _auto_order(
     last slab's logits GEMM, which the gradient pass takes from the statistics pass). It is taken
     only for memory: when the float32 [V, H] buffer of token order (``float32_weight_sum``,
     several chunks) exceeds what the budget allows it, and vocabulary order's [N, H] one is
-    smaller. Token order holds the buffer and the block, so the buffer may take the whole budget
-    up to the 128 MiB floor (small calls: 256 MiB in all) and a quarter of a larger budget (at
+    smaller. Token order holds the buffer and the block, so the buffer may take a budget of up to
+    128 MiB, the default's floor (small calls: 256 MiB in all), and a quarter of a larger one (at
     most 1.25 budgets in all, about 1/10 of the naive logits under the default share, where the
     issue's target is 1/8).
     Token order saves less than the fourth GEMM, and the less the more chunks there are: summing
@@ -279,7 +279,7 @@ def _auto_order(
     if mode == "A":
         return "vocab" if n_rows < vocab else "tokens"
     token_buffer = vocab * hidden_size * 4 if float32_weight_sum and chunk < n_rows else 0
-    allowed = max(budget / 4, min(budget, _MIN_BUDGET_MB * 2**20))
+    allowed = budget if budget <= _MIN_BUDGET_MB * 2**20 else budget / 4
     return "vocab" if token_buffer > allowed and n_rows < vocab else "tokens"
 
 
@@ -321,9 +321,7 @@ def _slab_width(vocab: int, widest: int) -> int:
     ``widest`` rounded down to a multiple of ``_ROW_ALIGN`` would take, all but the last of one
     width, a multiple of ``_ROW_ALIGN`` (unaligned only when ``widest`` is below it).
 
-    Even slabs rather than full ones and a remainder: the gradient pass reuses the statistics
-    pass's last slab (see ``_blocks``), which should be worth a whole slab's GEMM, and a narrow
-    remainder runs its GEMM at a worse rate.
+    Even slabs rather than full ones and a narrow remainder, whose GEMM would run at a worse rate.
     """
     if widest >= vocab:
         return vocab
@@ -405,10 +403,11 @@ def _blocks(
     [rows, cols] of ``hidden @ weight.T (+ bias)`` computed by one GEMM into ``buffer``.
 
     Every pass of a call cuts the logits the same way, so a recomputed block holds bit for bit
-    the logits the statistics pass saw. ``after_stats``: in vocabulary order, this pass follows
-    a statistics pass into the same ``buffer`` (mode B), so it runs the slabs last to first and
-    takes the last one as the buffer still holds it, without its GEMM: of the S slabs' logits
-    GEMMs the two passes run 2 S - 1, not 2 S.
+    the logits the statistics pass saw. Vocabulary order runs the slabs last to first, ending on
+    slab 0, the one slab always of full width. ``after_stats``: this pass follows such a
+    statistics pass into the same ``buffer`` (mode B), so it runs them first to last and takes
+    slab 0 as the buffer still holds it, without its GEMM: of the S slabs' logits GEMMs the two
+    passes run 2 S - 1, not 2 S.
     """
     n, vocab = hidden.shape[0], weight.shape[0]
     if plan.order == "tokens":
@@ -419,7 +418,7 @@ def _blocks(
     else:
         stride = _row_stride(plan.slab)
         slabs = list(_chunks(vocab, plan.slab))
-        if after_stats:
+        if not after_stats:
             slabs.reverse()
         for k, (v0, v1) in enumerate(slabs):
             out = _block_view(buffer, n, v1 - v0, stride)
@@ -897,8 +896,8 @@ def fused_linear_loss(
             gradient pass takes from the statistics pass), whose grad_weight needs no float32
             [V, H] buffer in bfloat16 / float16; "auto": "vocab" only when that buffer (low
             precision with ``accum_dtype=torch.float32``, several chunks) would exceed the block
-            budget (see ``fused_token_logprobs``' chunk_size) up to 128 MiB, or a quarter of a
-            larger one, and there are fewer scored tokens than V, else "tokens".
+            budget (see ``fused_token_logprobs``' chunk_size) if that is at most 128 MiB, or a
+            quarter of a larger one, and there are fewer scored tokens than V, else "tokens".
         accum_dtype: as in ``fused_token_logprobs``. ``None`` keeps bfloat16 / float16 mode B in
             token order (three GEMMs) at the memory of one logits block.
     Returns:

@@ -309,9 +309,9 @@ def test_plan_picks_vocab_order_exactly_when_it_should(monkeypatch):
     assert _plan_order("B", f16, 64, 1000, 512, chunk_size=8, accum_dtype=f16) == "tokens"
     monkeypatch.setenv("HPT_FAST_MEMORY_BUDGET_MB", "2")
     assert _plan_order("B", bf16, 64, 1000, 512, chunk_size=8) == "tokens"
-    # above 128 MiB the buffer may take a quarter of the budget: token order then holds at most
-    # 1.25 budgets. V * H * 4 = 150 MiB here.
-    for mib, order in (("256", "vocab"), ("599", "vocab"), ("600", "tokens")):
+    # up to 128 MiB the buffer may take the budget (150 MiB > 128 here), above it a quarter:
+    # token order then holds at most 1.25 budgets. V * H * 4 = 150 MiB here.
+    for mib, order in (("128", "vocab"), ("256", "vocab"), ("599", "vocab"), ("600", "tokens")):
         monkeypatch.setenv("HPT_FAST_MEMORY_BUDGET_MB", mib)
         assert _plan_order("B", bf16, 4096, 153600, 256, chunk_size=8) == order, mib
     monkeypatch.delenv("HPT_FAST_MEMORY_BUDGET_MB")
@@ -321,6 +321,10 @@ def test_plan_picks_vocab_order_exactly_when_it_should(monkeypatch):
     assert _plan_order("B", bf16, 2048, 32768, 1024) == "tokens"
     assert _plan_order("B", bf16, 8192, 151936, 3584) == "vocab"
     assert _plan_order("B", bf16, 8192, 151936, 3584, accum_dtype=None) == "tokens"
+    # just over the floor (171 MiB) a quarter holds: the 120 MiB buffer of H 240 would take token
+    # order to 1.7 budgets, over 1/8 of the naive logits
+    assert _plan_order("B", bf16, 4096, 131072, 240) == "vocab"
+    assert _plan_order("B", bf16, 4096, 131072, 80) == "tokens"  # 40 MiB
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -401,10 +405,10 @@ def test_gradient_pass_runs_in_the_planned_order(monkeypatch, requested):
         assert gemms == [(5, v), (5, v), (2, v)]  # one pass: three GEMMs in all
     else:
         # chunk 5 of 12 tokens: slabs of at most 5 * 640 // 12 = 266 columns, so three; an even
-        # split, 214, rounds up to 256. The gradient pass runs them last to first and takes the
-        # last one from the statistics pass, without recomputing it.
-        assert blocks == [((n, 128), 512), ((n, 256), 256), ((n, 256), 0)]
-        assert gemms == [(n, 256), (n, 256), (n, 128), (n, 256), (n, 256)]
+        # split, 214, rounds up to 256. The statistics pass runs them last to first, ending on
+        # slab 0 (full width), which the gradient pass, first to last, takes without a GEMM.
+        assert blocks == [((n, 256), 0), ((n, 256), 256), ((n, 128), 512)]
+        assert gemms == [(n, 128), (n, 256), (n, 256), (n, 256), (n, 128)]
 
 
 @pytest.mark.parametrize("vocab,widest", [(151936, 8179), (151936, 30336), (1000, 126), (1000, 130),
