@@ -25,7 +25,8 @@ from unittest import mock
 import torch
 
 from bench.fused_op_table import DTYPES, Shape, machine_description
-from bench.implementations import implementations, make_problem, synchronize
+from bench.implementations import synchronize
+from bench.profile_op import warm_step
 from hpt_fast import ops
 
 # (label, owner, attribute): the op's phases in call order
@@ -92,10 +93,7 @@ class _Clock:
 
 def time_phases(name: str, shape: Shape, dtype: str, device: str, steps: int) -> str:
     """The markdown table of implementation ``name``'s phases, medians over ``steps`` steps."""
-    impl = next(i for i in implementations(device) if i.name == name)
-    problem = make_problem(shape.tokens, shape.hidden, shape.vocab, DTYPES[dtype], device)
-    step = impl.build(problem)
-    step()  # compilation and the allocator's first sizes
+    impl, problem, step = warm_step(name, shape, dtype, device)
     cuda = problem.device.type == "cuda"
     host: dict[str, list[float]] = {}
     dev: dict[str, list[float]] = {}

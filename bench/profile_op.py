@@ -16,12 +16,13 @@ import os
 import statistics
 import tempfile
 import time
+from typing import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from bench.fused_op_table import DTYPES, Shape, machine_description
-from bench.implementations import implementations, make_problem, synchronize
+from bench.fused_op_table import DTYPES, Shape, _timed, machine_description
+from bench.implementations import Impl, Problem, implementations, make_problem, synchronize
 
 
 # unprofiled steps timed before the profiled one, for the profiler's own overhead
@@ -31,23 +32,23 @@ STEP_LABEL = "profiled step"
 DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
-def profile_step(name: str, shape: Shape, dtype: str, device: str, rows: int, gaps: int = 0) -> str:
-    """The profiler's table for one step of implementation ``name``, the step's wall time with and
-    without the profiler and, on CUDA with ``gaps`` > 0, the device's idle gaps (``idle_gaps``)."""
+def warm_step(name: str, shape: Shape, dtype: str, device: str) -> tuple[Impl, Problem, Callable[[], None]]:
+    """Implementation ``name``'s step on a fresh problem, run once at full size (compilation,
+    autotuning, the allocator's first sizes), with its gradients dropped again."""
     impl = next(i for i in implementations(device) if i.name == name)
     problem = make_problem(shape.tokens, shape.hidden, shape.vocab, DTYPES[dtype], device)
     step = impl.build(problem)
-    step()  # warm-up at full size: compilation, autotuning, allocator
+    step()
     problem.zero_grads()
+    return impl, problem, step
+
+
+def profile_step(name: str, shape: Shape, dtype: str, device: str, rows: int, gaps: int = 0) -> str:
+    """The profiler's table for one step of implementation ``name``, the step's wall time with and
+    without the profiler and, on CUDA with ``gaps`` > 0, the device's idle gaps (``idle_gaps``)."""
+    impl, problem, step = warm_step(name, shape, dtype, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    plain_ms = []
-    for _ in range(PLAIN_STEPS):
-        problem.zero_grads()
-        synchronize(problem.device)
-        start = time.perf_counter()
-        step()
-        synchronize(problem.device)
-        plain_ms.append((time.perf_counter() - start) * 1e3)
+    plain_ms = [_timed(step, problem) for _ in range(PLAIN_STEPS)]
     problem.zero_grads()
     synchronize(problem.device)
     with profile(activities=activities) as prof:

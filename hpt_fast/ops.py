@@ -258,8 +258,8 @@ def _auto_order(
     bench/results_gemm_chunking_cpu.md), 0.99x instead of 1.31x in bf16; level at V = 32768.
     Mode B (``mode="B"``): token order runs the statistics, the loss and the gradient on one
     logits block (three GEMMs in all); vocabulary order needs the statistics of every token before
-    its first gradient slab, so a statistics pass over the slabs first (four GEMMs, less the
-    last slab's logits GEMM, which the gradient pass takes from the statistics pass). It is taken
+    its first gradient slab, so a statistics pass over the slabs first (four GEMMs, less one
+    slab's logits GEMM, which the gradient pass takes from the statistics pass). It is taken
     only for memory: when the float32 [V, H] buffer of token order (``float32_weight_sum``,
     several chunks) exceeds what the budget allows it, and vocabulary order's [N, H] one is
     smaller. Token order holds the buffer and the block, so the buffer may take a budget of up to
