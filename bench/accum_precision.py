@@ -9,7 +9,9 @@ product in float32 (cuBLAS with a float32 output). This script measures both, be
 default's vocabulary order at this shape (grad_weight written once per slab, grad_hidden summed
 over the slabs in float32) and all tokens in one block (nothing summed), against a float64
 computation of the same loss from the same bf16 inputs, and beside the error of that float64
-result rounded once to bf16 (the floor of any bf16 gradient).
+result rounded once to bf16 (the floor of any bf16 gradient). A last row runs torch AMP's mixed
+precision: float32 leaves holding the same values, the forward under autocast in bf16, where the
+op writes float32 gradients (below that floor: they are not rounded to bf16 at the end).
 
     python -m bench.accum_precision                          # tokens 2048, H 1024, V 151936
     python -m bench.accum_precision --tokens 8192            # more token chunks
@@ -18,6 +20,7 @@ result rounded once to bf16 (the floor of any bf16 gradient).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from typing import Optional
 
@@ -31,12 +34,14 @@ from hpt_fast import fused_linear_loss
 # the float64 reference's token chunk: a [chunk, V] float64 block at a time
 REFERENCE_CHUNK = 256
 
-# (row label, grad_order, chunk_size: None = the memory budget's / "all" = every token, accum_dtype)
+# (row label, grad_order, chunk_size: None = the memory budget's / "all" = every token, accum_dtype,
+# mixed: float32 leaves under autocast)
 VARIANTS = [
-    ("accum_dtype=float32, auto order", "auto", None, torch.float32),
-    ("accum_dtype=float32, token order", "tokens", None, torch.float32),
-    ("accum_dtype=None, auto order", "auto", None, None),
-    ("one token chunk (nothing summed over blocks)", "tokens", "all", torch.float32),
+    ("accum_dtype=float32, auto order", "auto", None, torch.float32, False),
+    ("accum_dtype=float32, token order", "tokens", None, torch.float32, False),
+    ("accum_dtype=None, auto order", "auto", None, None, False),
+    ("one token chunk (nothing summed over blocks)", "tokens", "all", torch.float32, False),
+    ("float32 leaves under autocast (float32 gradients), auto order", "auto", None, torch.float32, True),
 ]
 
 
@@ -71,19 +76,23 @@ def errors(got: Tensor, want: Tensor) -> tuple[float, float]:
 
 
 def run_variant(
-    p: Problem, order: str, chunk: Optional[str], accum: Optional[torch.dtype]
+    p: Problem, order: str, chunk: Optional[str], accum: Optional[torch.dtype], mixed: bool
 ) -> tuple[Tensor, Tensor, float]:
-    """Mode B's (grad_hidden, grad_weight) and its wall time in seconds."""
+    """Mode B's (grad_hidden, grad_weight) and its wall time in seconds; ``mixed``: on the
+    problem's float32 leaves (the same values), the forward under autocast in p's dtype."""
+    q = p.float32_leaves if mixed else p
+    forward = torch.autocast(p.device.type, dtype=p.hidden.dtype) if mixed else contextlib.nullcontext()
     p.zero_grads()
     synchronize(p.device)
     start = time.perf_counter()
-    loss, _, _ = fused_linear_loss(p.hidden, p.weight, p.targets, grpo_token_loss(p), with_entropy=True,
-                                   grad_order=order, chunk_size=p.tokens if chunk == "all" else None,
-                                   accum_dtype=accum)
+    with forward:
+        loss, _, _ = fused_linear_loss(q.hidden, q.weight, q.targets, grpo_token_loss(q), with_entropy=True,
+                                       grad_order=order, chunk_size=q.tokens if chunk == "all" else None,
+                                       accum_dtype=accum)
     loss.backward()
     synchronize(p.device)
     seconds = time.perf_counter() - start
-    return p.hidden.grad, p.weight.grad, seconds
+    return q.hidden.grad, q.weight.grad, seconds
 
 
 def main() -> None:
@@ -107,8 +116,8 @@ def main() -> None:
     h_floor, w_floor = errors(want_h.to(dtype), want_h), errors(want_w.to(dtype), want_w)
     print(f"| float64 reference rounded once to {args.dtype} | {h_floor[0]:.2e} | "
           f"{h_floor[1]:.2e} | {w_floor[0]:.2e} | {w_floor[1]:.2e} | — |", flush=True)
-    for label, order, chunk, accum in VARIANTS:
-        gh, gw, seconds = run_variant(p, order, chunk, accum)
+    for label, order, chunk, accum, mixed in VARIANTS:
+        gh, gw, seconds = run_variant(p, order, chunk, accum, mixed)
         (hm, ha), (wm, wa) = errors(gh, want_h), errors(gw, want_w)
         print(f"| {label} | {hm:.2e} | {ha:.2e} | {wm:.2e} | {wa:.2e} | {seconds:.2f} |", flush=True)
 

@@ -153,7 +153,7 @@ def time_round_robin(impls: list[Impl], shape: Shape, dtype: str, device: str, r
     if device == "cuda":
         for impl in impls:
             if impl.floor is not None and impl.name in steps and impl.name not in result.notes:
-                extra = _peak_extra_bytes(steps[impl.name], problem)
+                extra = _peak_extra_bytes(steps[impl.name], problem, impl.grad_bytes(problem))
                 result.memory[impl.name] = extra / problem.naive_logits_bytes()
 
 
@@ -181,8 +181,8 @@ def _reset_peak_rss() -> int:
     return _proc_status_bytes("VmRSS")
 
 
-def _peak_extra_bytes(step, problem: Problem) -> int:
-    """Peak bytes one step needs beyond its inputs and the gradients it leaves behind."""
+def _peak_extra_bytes(step, problem: Problem, grad_bytes: int) -> int:
+    """Peak bytes one step needs beyond its inputs and the ``grad_bytes`` of gradients it leaves behind."""
     problem.zero_grads()
     if problem.device.type == "cuda":
         synchronize(problem.device)
@@ -195,7 +195,7 @@ def _peak_extra_bytes(step, problem: Problem) -> int:
         base = _reset_peak_rss()
         step()
         peak = _proc_status_bytes("VmHWM")
-    return peak - base - problem.grad_bytes()
+    return peak - base - grad_bytes
 
 
 def memory_child(name: str, shape: Shape, dtype: str, device: str) -> dict:
@@ -204,7 +204,7 @@ def memory_child(name: str, shape: Shape, dtype: str, device: str) -> dict:
     try:
         problem = make_problem(shape.tokens, shape.hidden, shape.vocab, DTYPES[dtype], device)
         warm_up(impl, problem)
-        extra = _peak_extra_bytes(impl.build(problem), problem)
+        extra = _peak_extra_bytes(impl.build(problem), problem, impl.grad_bytes(problem))
     except Exception as exc:
         return {"error": _short_error(exc)}
     return {"fraction": extra / problem.naive_logits_bytes()}
@@ -234,10 +234,11 @@ def measure_memory(name: str, shape: Shape, dtype: str, device: str, result: Dty
 # ---- one (shape, dtype) case and the table ----
 
 def selected_implementations(device: str, names: Optional[list[str]]) -> list[Impl]:
-    """The bare GEMMs and the implementations named in ``names`` (all of them for None)."""
+    """The bare GEMMs and the implementations named in ``names`` (for None, all but the
+    mixed-precision rows, which only low-precision tables take)."""
     impls = implementations(device)
     if names is None:
-        return impls
+        return [impl for impl in impls if not impl.mixed]
     known = {impl.name for impl in impls}
     unknown = sorted(set(names) - known)
     if unknown:
@@ -343,7 +344,12 @@ FOOTNOTES = """\
   (loss_type "dapo", beta 0, no reference model, sequences of 512 tokens, its default chunk of one
   sequence, compiled=False), which computes no entropy. Liger's fused linear cross-entropy (CUDA
   only) and cut-cross-entropy: mean cross-entropy only (no entropy, no per-token output), with
-  their default grad_weight sums in the inputs' dtype."""
+  their default grad_weight sums in the inputs' dtype. Rows with "float32 leaves, autocast" (named
+  with ``--impls``, bf16 / fp16 only) are torch AMP's mixed precision: float32 hidden and weight
+  holding the same values, the forward under ``torch.autocast`` in the table's dtype, the
+  backward outside it; their mem also leaves out those leaves and their float32 gradients. The
+  op takes the float32 leaves itself and writes their gradients in float32; "cast to the dtype
+  first" hands it bf16 / fp16 casts instead, whose gradients autograd casts back."""
 
 
 def _budget_text(shapes: list[Shape]) -> str:

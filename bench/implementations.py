@@ -9,6 +9,8 @@ its gradients the way a training step without gradient accumulation does.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib.util
 import math
 from dataclasses import dataclass
@@ -60,13 +62,28 @@ class Problem:
         return self.hidden.device
 
     def zero_grads(self) -> None:
-        """Drop the previous step's gradients so the next step allocates its own."""
+        """Drop the previous step's gradients so the next step allocates its own (the float32
+        leaves' too, once made)."""
         self.hidden.grad = None
         self.weight.grad = None
+        if "float32_leaves" in self.__dict__:
+            self.float32_leaves.zero_grads()
 
     def grad_bytes(self) -> int:
         """Bytes of the gradients a step leaves behind (same shapes and dtype as the inputs)."""
         return (self.hidden.numel() + self.weight.numel()) * self.hidden.element_size()
+
+    @cached_property
+    def float32_leaves(self) -> "Problem":
+        """This problem with hidden and weight as float32 leaves of the same values (exactly:
+        bf16 / fp16 values are float32 values), the parameters and activations of torch AMP's
+        mixed precision; the rows that use them run their forward under torch.autocast in this
+        problem's dtype (see ``Impl.mixed``)."""
+        return dataclasses.replace(
+            self,
+            hidden=self.hidden.detach().float().requires_grad_(True),
+            weight=self.weight.detach().float().requires_grad_(True),
+        )
 
     def naive_logits_bytes(self) -> int:
         """The memory unit of the tables: the [T, V] float32 logits the naive version holds."""
@@ -142,7 +159,9 @@ class Impl:
 
     name: short id (command line, pytest ids). label: the table's row text. floor: how many
     [T x H x V] GEMMs form its floor (None for the bare GEMM rows themselves). build: Problem ->
-    Step. missing: device type -> why it cannot run there, or None when it can.
+    Step. missing: device type -> why it cannot run there, or None when it can. mixed: torch
+    AMP's mixed precision, the step's forward on the problem's float32 leaves under autocast in
+    its (low-precision) dtype, its backward outside (``Problem.float32_leaves``).
     """
 
     name: str
@@ -150,14 +169,33 @@ class Impl:
     floor: Optional[int]
     build: Callable[[Problem], Step]
     missing: Callable[[str], Optional[str]] = lambda device: None
+    mixed: bool = False
+
+    def grad_bytes(self, p: Problem) -> int:
+        """Bytes of the gradients its step leaves behind on ``p``'s leaves."""
+        return (p.float32_leaves if self.mixed else p).grad_bytes()
 
 
-def _hpt_mode_a(backend: str, grad_order: str = "auto") -> Callable[[Problem], Step]:
+def _forward_inputs(p: Problem, mixed: bool) -> tuple[Problem, Callable[[], contextlib.AbstractContextManager]]:
+    """(the problem a step's forward takes, the context it runs in): ``p`` and no context, or
+    with ``mixed`` p's float32 leaves under torch.autocast in p's dtype, as torch AMP runs a
+    forward (the backward runs outside it)."""
+    if not mixed:
+        return p, contextlib.nullcontext
+    if p.hidden.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"mixed precision needs a bfloat16 or float16 problem, got {p.hidden.dtype}")
+    return p.float32_leaves, lambda: torch.autocast(p.device.type, dtype=p.hidden.dtype)
+
+
+def _hpt_mode_a(backend: str, grad_order: str = "auto", mixed: bool = False) -> Callable[[Problem], Step]:
     def build(p: Problem) -> Step:
+        q, forward = _forward_inputs(p, mixed)
+
         def step() -> None:
-            logp, ent = fused_token_logprobs(p.hidden, p.weight, p.targets, return_entropy=True, backend=backend,
-                                             grad_order=grad_order)
-            torch.autograd.backward((logp, ent), (p.g_logp, p.g_ent))
+            with forward():
+                logp, ent = fused_token_logprobs(q.hidden, q.weight, q.targets, return_entropy=True,
+                                                 backend=backend, grad_order=grad_order)
+            torch.autograd.backward((logp, ent), (q.g_logp, q.g_ent))
 
         return step
 
@@ -165,21 +203,29 @@ def _hpt_mode_a(backend: str, grad_order: str = "auto") -> Callable[[Problem], S
 
 
 def _hpt_mode_b(
-    backend: str, grad_order: str = "auto", one_chunk: bool = False, accum_dtype: Optional[torch.dtype] = torch.float32
+    backend: str, grad_order: str = "auto", one_chunk: bool = False, accum_dtype: Optional[torch.dtype] = torch.float32,
+    mixed: bool = False, cast_first: bool = False,
 ) -> Callable[[Problem], Step]:
     """Mode B's step; ``one_chunk``: all tokens in one logits block [T, V] instead of the memory
     budget's chunks (the memory cut-cross-entropy's portable path takes, see ``implementations``);
     ``accum_dtype``: the op's argument (None: a low-precision grad_weight summed over the token
-    chunks in its own dtype)."""
+    chunks in its own dtype); ``mixed``: see ``Impl``; ``cast_first``: the float32 leaves cast
+    to the problem's dtype before the op, so it sees low-precision inputs and autograd casts their
+    gradients back (how the op ran under autocast before it took float32 inputs itself)."""
 
     def build(p: Problem) -> Step:
-        token_loss = grpo_token_loss(p)
-        chunk_size = p.tokens if one_chunk else None
+        q, forward = _forward_inputs(p, mixed)
+        token_loss = grpo_token_loss(q)
+        chunk_size = q.tokens if one_chunk else None
 
         def step() -> None:
-            loss, _, _ = fused_linear_loss(p.hidden, p.weight, p.targets, token_loss, with_entropy=True,
-                                           backend=backend, grad_order=grad_order, chunk_size=chunk_size,
-                                           accum_dtype=accum_dtype)
+            with forward():
+                hidden, weight = q.hidden, q.weight
+                if cast_first:
+                    hidden, weight = hidden.to(p.hidden.dtype), weight.to(p.weight.dtype)
+                loss, _, _ = fused_linear_loss(hidden, weight, q.targets, token_loss, with_entropy=True,
+                                               backend=backend, grad_order=grad_order, chunk_size=chunk_size,
+                                               accum_dtype=accum_dtype)
             loss.backward()
 
         return step
@@ -187,18 +233,26 @@ def _hpt_mode_b(
     return build
 
 
-def _naive(p: Problem) -> Step:
-    token_loss = grpo_token_loss(p)
-    rows = torch.arange(p.tokens, device=p.device)
+def _naive(mixed: bool = False) -> Callable[[Problem], Step]:
+    """Materialised logits, float32 log_softmax, gather, entropy; ``mixed``: see ``Impl``."""
 
-    def step() -> None:
-        logits = p.hidden @ p.weight.t()
-        logp_all = torch.log_softmax(logits.float(), dim=-1)
-        logp = logp_all.gather(1, p.targets[:, None]).squeeze(1)
-        entropy = -(logp_all.exp() * logp_all).sum(dim=-1)
-        token_loss(logp, entropy, rows).sum().backward()
+    def build(p: Problem) -> Step:
+        q, forward = _forward_inputs(p, mixed)
+        token_loss = grpo_token_loss(q)
+        rows = torch.arange(q.tokens, device=q.device)
 
-    return step
+        def step() -> None:
+            with forward():
+                logits = q.hidden @ q.weight.t()
+                logp_all = torch.log_softmax(logits.float(), dim=-1)
+                logp = logp_all.gather(1, q.targets[:, None]).squeeze(1)
+                entropy = -(logp_all.exp() * logp_all).sum(dim=-1)
+                loss = token_loss(logp, entropy, rows).sum()
+            loss.backward()
+
+        return step
+
+    return build
 
 
 def _liger_grpo(p: Problem) -> Step:
@@ -342,8 +396,18 @@ def implementations(device: str) -> list[Impl]:
         # defaults do: token order at the block budget's memory (float32 inputs: the default)
         impls.append(Impl(f"hpt_b_{default}_lowp_sum", f"hpt_fast mode B, backend {default}, accum_dtype=None", 3,
                           _hpt_mode_b(default, accum_dtype=None)))
+        # torch AMP (low-precision tables only; by name, not in the default selection): the op
+        # given the float32 leaves, and given casts of them as before it took float32 inputs
+        impls.append(Impl(f"hpt_a_{default}_autocast", f"hpt_fast mode A, backend {default}, float32 leaves, autocast",
+                          4, _hpt_mode_a(default, mixed=True), mixed=True))
+        impls.append(Impl(f"hpt_b_{default}_autocast", f"hpt_fast mode B, backend {default}, float32 leaves, autocast",
+                          3, _hpt_mode_b(default, mixed=True), mixed=True))
+        impls.append(Impl(f"hpt_b_{default}_autocast_cast",
+                          f"hpt_fast mode B, backend {default}, float32 leaves cast to the dtype first, autocast", 3,
+                          _hpt_mode_b(default, mixed=True, cast_first=True), mixed=True))
     impls += [
-        Impl("naive", "naive PyTorch (materialised logits)", 3, _naive),
+        Impl("naive", "naive PyTorch (materialised logits)", 3, _naive()),
+        Impl("naive_autocast", "naive PyTorch, float32 leaves, autocast", 3, _naive(mixed=True), mixed=True),
         Impl("liger_grpo", "Liger LigerFusedLinearGRPOLoss (no entropy)", 3, _liger_grpo, _needs_module("liger_kernel")),
         Impl("liger_flce", "Liger LigerFusedLinearCrossEntropyLoss (CE only)", 3, _liger_flce,
              _needs_module("liger_kernel", cuda_only=True)),

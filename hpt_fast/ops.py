@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
+import operator
 import os
 from dataclasses import dataclass
 from types import ModuleType
@@ -66,7 +68,7 @@ _ROW_ALIGN = 64
 
 # Loop orders of the gradient pass (see _auto_order); "auto" lets the plan choose.
 GRAD_ORDERS = ("auto", "tokens", "vocab")
-# Device types whose torch.autocast the op follows (see _autocast_inputs): those of its backends.
+# Device types whose torch.autocast the op follows (see _compute_dtype): those of its backends.
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
@@ -74,7 +76,8 @@ _AUTOCAST_DEVICES = ("cpu", "cuda")
 class _Plan:
     """How one call runs.
 
-    backend: the row-kernel module. inv_temp: 1 / temperature.
+    backend: the row-kernel module. dtype: the GEMMs' dtype (the inputs', or autocast's; see
+        ``_compute_dtype``). inv_temp: 1 / temperature.
     chunk: tokens per logits block [chunk, V] in token order, and per call of mode B's
         token_loss_fn there (vocabulary order calls it once, on all tokens).
     slab: vocabulary columns per logits block [N, slab] in vocabulary order, N the scored tokens:
@@ -83,11 +86,13 @@ class _Plan:
     order: the loop of every pass over logits blocks, "tokens" (over token chunks) or "vocab"
         (over vocabulary slabs).
     float32_weight_sum: in token order, sum grad_weight over the chunks in a float32 buffer
-        (low-precision inputs with ``accum_dtype=torch.float32``) rather than in grad_weight
-        itself. (Vocabulary order's grad_hidden, [N, H], is always summed in float32.)
+        (a low-precision weight with ``accum_dtype=torch.float32``) rather than in grad_weight
+        itself. (A float32 weight's gradient is itself the float32 sum, also under autocast;
+        vocabulary order's grad_hidden, [N, H], is always summed in float32.)
     """
 
     backend: ModuleType
+    dtype: torch.dtype
     inv_temp: float
     chunk: int
     slab: int
@@ -100,23 +105,27 @@ def _check_inputs(
     weight: Tensor,
     targets: Tensor,
     bias: Optional[Tensor],
-    temperature: float,
-    ignore_index: int,
-    chunk_size: Optional[int],
     grad_order: str,
     accum_dtype: Optional[torch.dtype],
 ) -> None:
-    """Raise a clear error for any argument the op cannot take, before any work starts."""
+    """Raise a clear error for any tensor or option the op cannot take, before any work starts
+    (the numbers: ``_scalar_args``).
+
+    The dtype checks are on the dtypes the op computes in (``_compute_dtype``): under autocast,
+    a float32 weight with bf16 activations is one bf16 op, as for ``F.linear``.
+    """
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if hidden.dtype not in _FLOAT_DTYPES:
+    autocast = _autocast_dtype(hidden.device)
+    dtype = _compute_dtype(hidden, autocast)
+    if dtype not in _FLOAT_DTYPES:
         raise TypeError(f"hidden must be float32, bfloat16, float16 or float64, got {hidden.dtype}")
     if hidden.dim() < 1:
         raise ValueError("hidden must have shape [..., H], got a 0-d tensor")
     if weight.dim() != 2:
         raise ValueError(f"weight must have shape [V, H], got {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
+    if _compute_dtype(weight, autocast) != dtype:
         raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
@@ -138,50 +147,73 @@ def _check_inputs(
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"bias must have shape [V]=({weight.shape[0]},), got {tuple(bias.shape)}")
-        if bias.dtype != weight.dtype:
+        if _compute_dtype(bias, autocast) != dtype:
             raise TypeError(f"bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
         devices.add(bias.device)
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if grad_order not in GRAD_ORDERS:
         raise ValueError(f"grad_order must be one of {GRAD_ORDERS}, got {grad_order!r}")
-    if accum_dtype not in (None, torch.float32, hidden.dtype):
+    if accum_dtype not in (None, torch.float32, dtype):
         raise ValueError(
-            f"accum_dtype must be torch.float32, None or the inputs' dtype ({hidden.dtype}), got {accum_dtype!r}"
+            f"accum_dtype must be torch.float32, None or the inputs' dtype ({dtype}), got {accum_dtype!r}"
         )
 
 
-def _autocast_inputs(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
-) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """hidden, weight and bias as ``torch.autocast`` would hand them to ``F.linear``.
+def _integer(value: object) -> Optional[int]:
+    """``value`` as a Python int when it is an integer (a numpy one too), else None; never a bool."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
-    The op is the output layer's matmul, so under autocast for hidden's device type the
-    floating-point inputs other than float64 are cast to the autocast dtype (the usual mixed
-    precision case: bf16 activations, float32 lm_head weight). The casts are differentiable, so
-    each gradient comes back in its input's own dtype. Without autocast, or for anything that is
-    not such a tensor, the inputs pass unchanged to the argument checks.
+
+def _scalar_args(
+    temperature: float, ignore_index: int, chunk_size: Optional[int]
+) -> tuple[float, int, Optional[int]]:
+    """(temperature, ignore_index, chunk_size) as float, int and int or None, or a clear error.
+
+    Any real number / integer is taken (numpy scalars included); tensors are not, since reading
+    one on the host would wait for its device.
     """
-    if not (isinstance(hidden, Tensor) and hidden.device.type in _AUTOCAST_DEVICES
-            and torch.is_autocast_enabled(hidden.device.type)):
-        return hidden, weight, bias
-    dtype = torch.get_autocast_dtype(hidden.device.type)
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    temperature = float(temperature)
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    index = _integer(ignore_index)
+    if index is None:
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if chunk_size is not None:
+        size = _integer(chunk_size)
+        if size is None or size < 1:
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        chunk_size = size
+    return temperature, index, chunk_size
 
-    def cast(t):
-        eligible = isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
-        return t.to(dtype) if eligible else t
 
-    return cast(hidden), cast(weight), cast(bias)
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """torch.autocast's dtype on ``device`` when autocast is on there (cpu, cuda), else None."""
+    if device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def _compute_dtype(t: Tensor, autocast: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype the op's GEMMs take ``t`` in: ``autocast`` (see ``_autocast_dtype``) for a
+    floating-point tensor other than float64, as autocast casts ``F.linear``'s inputs (the usual
+    mixed precision case: bf16 activations, float32 lm_head weight), else t's own.
+
+    The op casts its inputs to it itself and gives each input its gradient in the input's own
+    dtype: a float32 weight's gradient is summed over the logits blocks in float32 straight into
+    it, with no rounding to bf16 in between (on CUDA; see ``_matmul_into``) and no bf16 gradient
+    or float32 buffer beside it.
+    """
+    if autocast is not None and t.is_floating_point() and t.dtype != torch.float64:
+        return autocast
+    return t.dtype
 
 
 def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
@@ -293,9 +325,17 @@ def _plan(
     temperature: float,
     grad_order: str,
     accum_dtype: Optional[torch.dtype],
+    dtype: Optional[torch.dtype] = None,
+    weight_dtype: Optional[torch.dtype] = None,
 ) -> _Plan:
-    """Backend, block sizes, gradient order and sum precision for one call of mode ``mode`` ("A" or "B")."""
-    if hidden.dtype == torch.float64:
+    """Backend, block sizes, gradient order and sum precision for one call of mode ``mode`` ("A" or "B").
+
+    ``dtype``: the GEMMs' dtype (default hidden's); ``weight_dtype``: the weight's own, that of
+    its gradient (default ``dtype``).
+    """
+    dtype = hidden.dtype if dtype is None else dtype
+    weight_dtype = dtype if weight_dtype is None else weight_dtype
+    if dtype == torch.float64:
         # float64 is the reference / gradcheck dtype: only the readable backend computes in it
         if backend not in ("auto", "torch"):
             raise TypeError(f"backend {backend!r} takes float32, bfloat16 or float16; float64 runs on 'torch'")
@@ -303,15 +343,15 @@ def _plan(
     name, module = backends.resolve(backend, hidden.device)
     budget = _budget_bytes(n_rows, vocab)
     if chunk_size is None:
-        per_row = vocab * (hidden.element_size() + (_TORCH_BACKEND_EXTRA_BYTES if name == "torch" else 0))
+        per_row = vocab * (dtype.itemsize + (_TORCH_BACKEND_EXTRA_BYTES if name == "torch" else 0))
         chunk_size = max(1, int(budget // per_row))
     chunk = max(1, min(chunk_size, n_rows))
     slab = _slab_width(vocab, max(1, chunk * vocab // max(n_rows, 1)))
-    float32_weight_sum = hidden.dtype in _LOW_PRECISION and accum_dtype == torch.float32
+    float32_weight_sum = weight_dtype in _LOW_PRECISION and accum_dtype == torch.float32
     if grad_order == "auto":
         grad_order = _auto_order(mode, float32_weight_sum, n_rows, vocab, hidden.shape[-1], chunk, budget)
     return _Plan(
-        backend=module, inv_temp=1.0 / temperature, chunk=chunk, slab=slab, order=grad_order,
+        backend=module, dtype=dtype, inv_temp=1.0 / temperature, chunk=chunk, slab=slab, order=grad_order,
         float32_weight_sum=float32_weight_sum,
     )
 
@@ -459,46 +499,67 @@ def _stats_pass(
         rows.finish(slice(0, hidden.shape[0]), state)
 
 
-class _MatmulSum:
-    """out = the sum over blocks k of a_k @ b_k, into ``out`` (its dtype and shape).
+def _matmul_into(
+    out: Tensor, a: Tensor, b: Tensor, add: bool, backend: ModuleType, scratch: Optional[Tensor] = None
+) -> None:
+    """``out = a @ b``, or ``out += a @ b`` with ``add``: a and b in the op's dtype, out in the same
+    or float32 / float64 (a float32 gradient under autocast, a float32 sum), float32 accumulation
+    inside the GEMM either way.
 
-    float32 / float64, and low precision without ``float32``: each block's GEMM adds its product
-    into ``out`` itself (beta = 1; float32 accumulation inside the GEMM, then one rounding of the
-    running sum to out's dtype per block). Low precision with ``float32`` and several blocks: the
-    sum is kept in a float32 buffer of out's shape, rounded once at the end. On CUDA each block's
-    GEMM adds into that buffer directly (cuBLAS takes bf16 / fp16 inputs with a float32 output);
-    on CPU, which has no such GEMM in PyTorch, it writes its own rounded product into ``out``
-    (used as scratch), which is then added to the buffer.
+    A wider float32 out on CUDA takes the product straight from cuBLAS (bf16 / fp16 inputs,
+    float32 output). Elsewhere (PyTorch's CPU GEMMs have no such output) the product leaves the
+    GEMM in a's dtype, into ``scratch`` (out's shape) when given, and is then copied, or added
+    by the backend's ``accumulate_`` (float32 out).
+    """
+    if out.dtype == a.dtype:
+        if add:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+    elif out.is_cuda and out.dtype == torch.float32:
+        if add:
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        else:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+    else:
+        product = torch.mm(a, b) if scratch is None else torch.mm(a, b, out=scratch)
+        if not add:
+            out.copy_(product)
+        elif out.dtype == torch.float32:
+            backend.accumulate_(out, product)
+        else:
+            out.add_(product)
+
+
+class _MatmulSum:
+    """out = the sum over blocks k of a_k @ b_k, into ``out`` (its dtype and shape), a_k and b_k
+    in the op's dtype ``dtype``.
+
+    The sum runs in ``out`` itself (beta = 1, float32 accumulation inside each GEMM) when out is
+    float32 / float64, or low precision without ``float32``: then one rounding of the running
+    sum to out's dtype per block. Low precision with ``float32`` and several blocks: the sum is
+    kept in a float32 buffer of out's shape, rounded once at the end. Each block's product goes
+    in through ``_matmul_into``: on CPU a product for a wider sum leaves the GEMM in ``dtype``,
+    through a scratch tensor of out's shape, ``out`` itself when it has that dtype.
     """
 
-    def __init__(self, out: Tensor, n_blocks: int, backend: ModuleType, float32: bool) -> None:
+    def __init__(self, out: Tensor, n_blocks: int, backend: ModuleType, float32: bool, dtype: torch.dtype) -> None:
         self.out, self.backend = out, backend
         buffered = float32 and out.dtype in _LOW_PRECISION and n_blocks > 1
-        self.acc = hugepages.empty(out.shape, torch.float32, out.device) if buffered else None
+        self.acc = hugepages.empty(out.shape, torch.float32, out.device) if buffered else out
+        self.scratch = None
+        if self.acc.dtype != dtype and not (self.acc.is_cuda and self.acc.dtype == torch.float32):
+            self.scratch = out if out.dtype == dtype else hugepages.empty(out.shape, dtype, out.device)
         self.first = True
 
     def add(self, a: Tensor, b: Tensor) -> None:
-        if self.acc is not None and self.acc.is_cuda:
-            if self.first:
-                torch.mm(a, b, out_dtype=torch.float32, out=self.acc)
-            else:
-                torch.addmm(self.acc, a, b, out_dtype=torch.float32, out=self.acc)
-        elif self.acc is not None:
-            torch.mm(a, b, out=self.out)
-            if self.first:
-                self.acc.copy_(self.out)
-            else:
-                self.backend.accumulate_(self.acc, self.out)
-        elif self.first:
-            torch.mm(a, b, out=self.out)
-        else:
-            self.out.addmm_(a, b)
+        _matmul_into(self.acc, a, b, not self.first, self.backend, self.scratch)
         self.first = False
 
     def result(self) -> Tensor:
         if self.first:  # no block at all
             self.out.zero_()
-        elif self.acc is not None:
+        elif self.acc is not self.out:
             self.out.copy_(self.acc)
         return self.out
 
@@ -513,16 +574,21 @@ class _GradientPass:
     order (``plan.order == "tokens"``, c = all of V) grad_hidden's rows are written once and
     grad_weight is summed over the blocks; in vocabulary order (r = all N tokens) grad_weight's
     rows are written once and grad_hidden is summed. See ``_auto_order``.
+
+    hidden, weight: in the op's dtype; each gradient comes out in its input's own dtype,
+    ``dtypes`` = (hidden's, weight's, bias's or None for no bias gradient).
     """
 
     def __init__(
         self, plan: _Plan, hidden: Tensor, weight: Tensor, targets: Tensor, rows: _RowData,
-        want_h: bool, want_w: bool, want_b: bool,
+        dtypes: tuple[torch.dtype, torch.dtype, Optional[torch.dtype]], want_h: bool, want_w: bool,
     ) -> None:
         self.plan, self.hidden, self.weight, self.targets, self.rows = plan, hidden, weight, targets, rows
         n, vocab = hidden.shape[0], weight.shape[0]
-        self.grad_h = hugepages.empty(hidden.shape, hidden.dtype, hidden.device) if want_h else None
-        self.grad_w = hugepages.empty(weight.shape, weight.dtype, weight.device) if want_w else None
+        self.grad_h = hugepages.empty(hidden.shape, dtypes[0], hidden.device) if want_h else None
+        self.grad_w = hugepages.empty(weight.shape, dtypes[1], weight.device) if want_w else None
+        self.bias_dtype = dtypes[2]
+        want_b = dtypes[2] is not None
         self.sum_b = torch.zeros(vocab, dtype=_stat_dtype(hidden), device=hidden.device) if want_b else None
         if plan.order == "tokens":
             summed, n_blocks, float32 = self.grad_w, math.ceil(n / plan.chunk), plan.float32_weight_sum
@@ -531,7 +597,7 @@ class _GradientPass:
             # error doubled in a trial of bench/accum_precision.py (6.2e-3 against 2.9e-3 over 19
             # slabs at 8192 tokens, H 1024, V 151936)
             summed, n_blocks, float32 = self.grad_h, math.ceil(vocab / plan.slab), True
-        self.sum = None if summed is None else _MatmulSum(summed, n_blocks, plan.backend, float32)
+        self.sum = None if summed is None else _MatmulSum(summed, n_blocks, plan.backend, float32, plan.dtype)
 
     def step(self, logits: Tensor, r: slice, c: slice) -> None:
         """Turn logits [r, c] into their gradient in place and add its share to the results."""
@@ -544,12 +610,12 @@ class _GradientPass:
         h, w = self.hidden[r], self.weight[c]
         if self.plan.order == "tokens":
             if self.grad_h is not None:
-                torch.mm(logits, w, out=self.grad_h[r])
+                _matmul_into(self.grad_h[r], logits, w, False, self.plan.backend)
             if self.sum is not None:
                 self.sum.add(logits.t(), h)
         else:
             if self.grad_w is not None:
-                torch.mm(logits.t(), h, out=self.grad_w[c])
+                _matmul_into(self.grad_w[c], logits.t(), h, False, self.plan.backend)
             if self.sum is not None:
                 self.sum.add(logits, w)
         if self.sum_b is not None:
@@ -561,12 +627,24 @@ class _GradientPass:
         for logits, r, c in _blocks(self.plan, self.hidden, self.weight, bias, buffer, after_stats):
             self.step(logits, r, c)
 
-    def result(self, bias_dtype: Optional[torch.dtype]) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-        """(grad_hidden, grad_weight, grad_bias in ``bias_dtype``), None where not wanted."""
+    def result(self) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        """(grad_hidden, grad_weight, grad_bias), None where not wanted."""
         if self.sum is not None:
             self.sum.result()
-        grad_b = None if self.sum_b is None else self.sum_b.to(bias_dtype)
+        grad_b = None if self.sum_b is None else self.sum_b.to(self.bias_dtype)
         return self.grad_h, self.grad_w, grad_b
+
+
+def _dtypes(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor]
+) -> tuple[torch.dtype, torch.dtype, Optional[torch.dtype]]:
+    """The inputs' own dtypes, those of their gradients (None: no bias)."""
+    return hidden.dtype, weight.dtype, None if bias is None else bias.dtype
+
+
+def _cast(dtype: torch.dtype, *tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+    """The tensors in ``dtype``, contiguous: themselves when they already are (None stays None)."""
+    return tuple(None if t is None else t.to(dtype).contiguous() for t in tensors)
 
 
 def _refuse_double_backward() -> None:
@@ -583,6 +661,9 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, plan: _Plan, with_entropy: bool):
+        ctx.dtypes = _dtypes(hidden, weight, bias)
+        # in the GEMMs' dtype (the inputs themselves without autocast), kept for the backward
+        hidden, weight, bias = _cast(plan.dtype, hidden, weight, bias)
         rows = _RowData.empty(hidden, with_entropy)
         _stats_pass(plan, hidden, weight, bias, targets, rows, _block_buffer(plan, hidden, weight.shape[0]))
         ctx.plan = plan
@@ -601,10 +682,11 @@ class _TokenLogprobs(torch.autograd.Function):
         g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.to(lse.dtype).contiguous()
         g_ent = None if (entropy is None or g_ent is None) else g_ent.to(lse.dtype).contiguous()
         rows = _RowData(None, lse, entropy, g_logp, g_ent)
-        grads = _GradientPass(plan, hidden, weight, targets, rows, want_h, want_w, want_b and bias is not None)
+        dtypes = (*ctx.dtypes[:2], ctx.dtypes[2] if want_b else None)
+        grads = _GradientPass(plan, hidden, weight, targets, rows, dtypes, want_h, want_w)
         with _autocast_off(hidden.device):  # a backward called inside the autocast region
             grads.recompute(bias, _block_buffer(plan, hidden, weight.shape[0]))
-        return (*grads.result(None if bias is None else bias.dtype), None, None, None)
+        return (*grads.result(), None, None, None)
 
 
 # per-token status codes of _token_loss_grads
@@ -626,7 +708,13 @@ def _token_loss_grads(
         lp = logp.detach().requires_grad_(True)
         ent = None if entropy is None else entropy.detach().requires_grad_(True)
         # copies, not the leaves: the function may work on its inputs in place, as on any tensor
-        losses = token_loss_fn(lp.clone(), None if ent is None else ent.clone(), rows)
+        try:
+            losses = token_loss_fn(lp.clone(), None if ent is None else ent.clone(), rows)
+        except TypeError as exc:
+            if ent is not None:
+                raise
+            raise TypeError(f"token_loss_fn raised TypeError: {exc} (its entropy argument is None: "
+                            "pass with_entropy=True for a loss that uses it)") from exc
         if not isinstance(losses, Tensor):
             raise TypeError(f"token_loss_fn must return a Tensor, got {type(losses).__name__}")
         if tuple(losses.shape) != tuple(lp.shape):
@@ -678,7 +766,8 @@ class _LinearLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, index, token_loss_fn, plan: _Plan, with_entropy: bool):
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
-        want_b = want_b and bias is not None
+        dtypes = _dtypes(hidden, weight, bias if want_b else None)
+        hidden, weight, bias = _cast(plan.dtype, hidden, weight, bias)  # the GEMMs' dtype
         rows = _RowData.empty(hidden, with_entropy)
         rows.g_logp = torch.empty_like(rows.lse)
         rows.g_ent = torch.empty_like(rows.lse) if with_entropy else None
@@ -686,8 +775,8 @@ class _LinearLoss(torch.autograd.Function):
         status = torch.empty(hidden.shape[0], dtype=torch.uint8, device=hidden.device)
         buffer = _block_buffer(plan, hidden, weight.shape[0])
         grads = None
-        if want_h or want_w or want_b:
-            grads = _GradientPass(plan, hidden, weight, targets, rows, want_h, want_w, want_b)
+        if want_h or want_w or dtypes[2] is not None:
+            grads = _GradientPass(plan, hidden, weight, targets, rows, dtypes, want_h, want_w)
 
         def chunk_loss(s: int, e: int) -> None:
             ent = None if rows.entropy is None else rows.entropy[s:e]
@@ -710,13 +799,16 @@ class _LinearLoss(torch.autograd.Function):
         else:
             _stats_pass(plan, hidden, weight, bias, targets, rows, buffer)
             # every token's statistics are ready: one call on all of them (per-token tensors
-            # only), where chunk-sized calls cost the GPU an idle launch gap each
-            chunk_loss(0, hidden.shape[0])
+            # only), where chunk-sized calls cost the GPU an idle launch gap each; none on no
+            # token at all, as in token order
+            if hidden.shape[0]:
+                chunk_loss(0, hidden.shape[0])
             if grads is not None:
                 grads.recompute(bias, buffer, after_stats=True)
-        # one host sync per call, after all the work is queued; nothing is returned before it
+        saved = (None, None, None) if grads is None else grads.result()
+        # one host sync per call, after all the work (the gradients' final rounding included) is
+        # queued, so the device does not wait on the host for it; nothing is returned before it
         _check_finite(status, index)
-        saved = (None, None, None) if grads is None else grads.result(None if bias is None else bias.dtype)
         ctx.save_for_backward(*saved)
         ent_out = rows.logp.new_zeros(0) if rows.entropy is None else rows.entropy
         ctx.mark_non_differentiable(rows.logp, ent_out)
@@ -735,11 +827,14 @@ class _LinearLoss(torch.autograd.Function):
         except RuntimeError as err:
             raise RuntimeError(
                 "fused_linear_loss: backward through a retained graph after the gradient it handed "
-                "out was changed in place (accumulated into or zeroed as .grad); call the op again "
-                f"for another backward ({err})"
+                "out was changed in place (accumulated into or zeroed as .grad, or edited by the "
+                f"caller); call the op again for another backward ({err})"
             ) from None
-        if float(grad_loss) != 1.0:
-            grads = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in grads)
+        scale = float(grad_loss) != 1.0
+        if scale or getattr(ctx, "handed_out", False):
+            # a later backward (retained graph) gets new tensors, not the ones handed out before
+            grads = tuple(None if g is None else (g * grad_loss.to(g.dtype) if scale else g.clone()) for g in grads)
+        ctx.handed_out = True
         return (*grads, None, None, None, None, None)
 
 
@@ -773,21 +868,23 @@ def _prepare(
     grad_order: str,
     accum_dtype: Optional[torch.dtype],
 ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor], _Plan]:
-    """Follow autocast, check the arguments, keep the scored rows, plan the blocks for mode
-    ``mode`` ("A" / "B").
+    """Check the arguments, keep the scored rows, plan the blocks for mode ``mode`` ("A" / "B"),
+    in the dtype autocast would give ``F.linear`` (``plan.dtype``).
 
-    Returns (hidden [N, H] and targets [N] of the N non-ignored positions, weight [V, H]
-    contiguous and bias [V] or None in the op's dtype, the positions' flat indices or None when
-    none is ignored, the plan).
+    Returns (hidden [N, H] and targets [N] of the N non-ignored positions, weight [V, H] and
+    bias [V] or None, the tensors in their own dtypes (the autograd functions cast them), the
+    positions' flat indices or None when none is ignored, the plan).
     """
-    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
-    _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, chunk_size, grad_order, accum_dtype)
+    temperature, ignore_index, chunk_size = _scalar_args(temperature, ignore_index, chunk_size)
+    _check_inputs(hidden, weight, targets, bias, grad_order, accum_dtype)
     index = _valid_rows(targets, ignore_index, weight.shape[0])
     h, t = _gather_valid(hidden, targets, index)
+    dtype = _compute_dtype(hidden, _autocast_dtype(hidden.device))
     plan = _plan(
-        mode, backend, hidden, weight.shape[0], h.shape[0], chunk_size, temperature, grad_order, accum_dtype
+        mode, backend, hidden, weight.shape[0], h.shape[0], chunk_size, temperature, grad_order, accum_dtype,
+        dtype, weight.dtype,
     )
-    return h, t, weight.contiguous(), bias, index, plan
+    return h, t, weight, bias, index, plan
 
 
 # torch.compile runs the op as it is, without tracing into it: it is already fused, and its
@@ -812,9 +909,12 @@ def fused_token_logprobs(
     Args:
         hidden: [..., H] float32 / bfloat16 / float16 (float64 for reference checks: torch backend).
         weight: [V, H], the same dtype and device as ``hidden``. Under ``torch.autocast`` for
-            hidden's device type (cpu, cuda), hidden, weight and bias are first cast to the
-            autocast dtype, as for ``F.linear`` (float64 excepted), so float32 weights with bf16
-            activations work, and their gradients come back in float32; inside, the op runs with
+            hidden's device type (cpu, cuda), the GEMMs take hidden, weight and bias in the
+            autocast dtype, as ``F.linear`` would (float64 excepted), so float32 weights with
+            bf16 activations work; each gradient comes back in its input's own dtype, a float32
+            weight's summed over the logits blocks in float32 straight into it (on CUDA no
+            block's product is rounded to bf16; on CPU each is, as any CPU bf16 GEMM's output),
+            so mode B needs no float32 buffer and keeps token order. Inside, the op runs with
             autocast off.
         targets: [...] int64, the leading shape of ``hidden``; ids in [0, V) or ``ignore_index``.
         bias: [V] or None. Logits are ``(hidden @ weight.T + bias) / temperature``.
@@ -884,7 +984,7 @@ def fused_linear_loss(
             ``fused_token_logprobs``.
         token_loss_fn: ``(logp [C] float32, entropy [C] float32 or None, rows [C] int64) ->
             losses [C]``, called on the non-ignored tokens only, chunk by chunk in token order
-            and once on all of them in vocabulary order; ``rows`` are their indices into
+            and once on all of them in vocabulary order (never on zero tokens); ``rows`` are their indices into
             ``targets.reshape(-1)``. It is differentiated w.r.t. logp and entropy only: any other
             tensor it uses is treated as a constant. A non-finite loss or gradient raises
             FloatingPointError naming the rows, before the op returns; so do non-finite logits
@@ -901,7 +1001,8 @@ def fused_linear_loss(
         accum_dtype: as in ``fused_token_logprobs``. ``None`` keeps bfloat16 / float16 mode B in
             token order (three GEMMs) at the memory of one logits block.
     Returns:
-        loss: float32 scalar, differentiable w.r.t. hidden, weight and bias;
+        loss: float32 scalar, differentiable w.r.t. hidden, weight and bias (under
+        ``torch.no_grad`` / ``inference_mode`` the op computes the loss only, no gradients);
         logp: float32 [...] detached (0 at ignored positions); entropy: float32 [...] detached, or None.
     """
     if not callable(token_loss_fn):
@@ -910,6 +1011,10 @@ def fused_linear_loss(
         hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, "B", grad_order,
         accum_dtype,
     )
+    if not torch.is_grad_enabled():
+        # autograd records nothing (no_grad, inference_mode), yet needs_input_grad follows
+        # requires_grad: detached, the forward skips the gradient pass (an evaluation loss)
+        h, w, b = h.detach(), w.detach(), None if b is None else b.detach()
     shape, n_total = tuple(targets.shape), targets.numel()
     rows = index if index is not None else torch.arange(n_total, device=hidden.device)
     with _autocast_off(h.device):

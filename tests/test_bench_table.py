@@ -49,6 +49,31 @@ def test_table_for_selected_implementations():
     assert rows["naive PyTorch (materialised logits)"][3] == "1.00x"
 
 
+def test_mixed_precision_rows():
+    """The torch AMP rows (float32 leaves, forward under autocast) run in a bf16 table when named,
+    with their memory beyond the float32 leaves' gradients; the default selection leaves them out,
+    and a float32 table refuses them by name."""
+    if "cpu" not in backends.available():
+        pytest.skip("the cpu backend is not built")
+    from bench.fused_op_table import selected_implementations
+
+    assert not any(impl.mixed for impl in selected_implementations("cpu", None))
+    names = "hpt_b_cpu_autocast,hpt_b_cpu_autocast_cast,naive_autocast"
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.fused_op_table", "--shapes", "48x16x301", "--dtypes", "bfloat16,float32",
+         "--repeats", "2", "--impls", names],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = _table_rows(out.stdout)
+    for label in ("hpt_fast mode B, backend cpu, float32 leaves, autocast",
+                  "hpt_fast mode B, backend cpu, float32 leaves cast to the dtype first, autocast",
+                  "naive PyTorch, float32 leaves, autocast"):
+        bf16, fp32 = rows[label][1:5], rows[label][5:9]
+        assert re.fullmatch(r"\d+\.\d \(\d+%\)", bf16[0]) and re.fullmatch(r"\d+\.\d\dx", bf16[3]), (label, bf16)
+        assert fp32[0].startswith("fails: ValueError: mixed precision needs a bfloat16 or float16 problem"), fp32
+
+
 def test_unknown_implementation_is_refused():
     out = subprocess.run(
         [sys.executable, "-m", "bench.fused_op_table", "--impls", "hpt_b_cpu,nope"],
@@ -60,7 +85,8 @@ def test_unknown_implementation_is_refused():
 
 def test_accum_precision_table():
     """The precision script's rows: every variant within bf16 reach of the float64 reference, and
-    no closer than the reference rounded to the nearest bf16, which no bf16 tensor can beat."""
+    each bf16 one no closer than the reference rounded to the nearest bf16, which no bf16 tensor
+    can beat."""
     env = {**os.environ, "HPT_FAST_MEMORY_BUDGET_MB": "0.05"}  # several token chunks at this shape
     out = subprocess.run(
         [sys.executable, "-m", "bench.accum_precision", "--tokens", "64", "--hidden", "16", "--vocab", "3001"],
@@ -68,11 +94,13 @@ def test_accum_precision_table():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {label: cells for label, cells in _table_rows(out.stdout).items() if label != "variant"}
-    assert len(rows) == 5, rows
+    assert len(rows) == 6, rows
     floor = [float(c) for c in rows.pop("float64 reference rounded once to bfloat16")[:4]]
     for label, cells in rows.items():
         errors = [float(c) for c in cells[:4]]
-        assert all(f * 0.99 <= e < 0.05 for e, f in zip(errors, floor)), (label, errors, floor)
+        # float32 gradients (mixed precision) are not bound by bf16's final rounding
+        lowest = [0.0] * 4 if "float32 gradients" in label else [f * 0.99 for f in floor]
+        assert all(low <= e < 0.05 for e, low in zip(errors, lowest)), (label, errors, floor)
 
 
 def test_idle_gaps_of_a_trace():

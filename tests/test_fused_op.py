@@ -340,7 +340,7 @@ def test_sum_in_the_inputs_dtype(backend, dtype, monkeypatch):
 
     def spy(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
-        made.append(self.acc is not None)
+        made.append(self.acc is not self.out)
 
     monkeypatch.setattr(ops._MatmulSum, "__init__", spy)
     p = draw_problem(backend, dtype, 2)
@@ -543,6 +543,52 @@ def test_mode_b_frozen_inputs_skip_gradients():
     with torch.no_grad():
         loss_ng, logp, _ = fused_linear_loss(hidden, weight, targets, lambda lp, e, r: -lp, backend="torch")
     assert not loss_ng.requires_grad and torch.allclose(loss_ng.double(), -ref_logp.sum(), atol=1e-4)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_mode_b_without_autograd_skips_the_gradient_pass(order, monkeypatch):
+    """Under no_grad / inference_mode (an evaluation loss) mode B computes the loss of inputs that
+    require grad without building any gradient, at a statistics pass's cost."""
+    made = []
+    real_init = ops._GradientPass.__init__
+
+    def spy(self, *args, **kwargs):
+        made.append(True)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(ops._GradientPass, "__init__", spy)
+    gen = torch.Generator().manual_seed(6)
+    hidden = torch.randn(9, 6, generator=gen, requires_grad=True)
+    weight = torch.randn(13, 6, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 13, (9,), generator=gen)
+    kw = dict(backend="torch", chunk_size=4, grad_order=order)
+    want, _, _ = fused_linear_loss(hidden, weight, targets, lambda lp, e, r: -lp, **kw)
+    assert made == [True]
+    for context in (torch.no_grad, torch.inference_mode):
+        made.clear()
+        with context():
+            got, _, _ = fused_linear_loss(hidden, weight, targets, lambda lp, e, r: -lp, **kw)
+        assert made == [] and not got.requires_grad and torch.equal(got, want.detach())
+
+
+def test_mode_b_backward_through_a_retained_graph_hands_out_new_tensors():
+    """A later backward through a retained graph gets copies of the gradients, not the tensors an
+    earlier one handed out, so editing those in place changes nothing else."""
+    gen = torch.Generator().manual_seed(7)
+    hidden = torch.randn(5, 4, generator=gen, requires_grad=True)
+    weight = torch.randn(7, 4, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 7, (5,), generator=gen)
+    loss, _, _ = fused_linear_loss(hidden, weight, targets, lambda lp, e, r: -lp, backend="torch")
+    g1 = torch.autograd.grad(loss, [weight], retain_graph=True)[0]
+    g2 = torch.autograd.grad(loss, [weight], retain_graph=True)[0]
+    assert g1 is not g2 and g1.data_ptr() != g2.data_ptr() and torch.equal(g1, g2)
+    want = g2.clone()
+    g2.mul_(0.5)
+    g3 = torch.autograd.grad(loss, [weight], retain_graph=True)[0]
+    assert torch.equal(g3, want)
+    g1.mul_(0.5)  # the saved gradient itself
+    with pytest.raises(RuntimeError, match="or edited by the caller"):
+        torch.autograd.grad(loss, [weight])
 
 
 @pytest.mark.parametrize("ignored", [False, True], ids=["all-valid", "some-ignored"])

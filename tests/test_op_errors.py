@@ -1,6 +1,7 @@
 """Bad input to the fused op gives a clear error naming the problem, before any work starts."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,10 +57,42 @@ def test_bad_options(kwargs, error, match):
         fused_token_logprobs(h, w, t, **kwargs)
 
 
+def test_numpy_scalars_are_numbers():
+    """temperature, ignore_index and chunk_size take numpy scalars (from configs, arrays) as their
+    Python equivalents; a tensor temperature, whose reading would wait for its device, does not."""
+    h, w, t = _ok()
+    t = t.clone()
+    t[1] = -1
+    want, _ = fused_token_logprobs(h, w, t, temperature=0.5, ignore_index=-1, chunk_size=2)
+    got, _ = fused_token_logprobs(h, w, t, temperature=np.float32(0.5), ignore_index=np.int64(-1),
+                                  chunk_size=np.int32(2))
+    assert torch.equal(got, want)
+    with pytest.raises(TypeError, match="temperature must be a number, got Tensor"):
+        fused_token_logprobs(h, w, t, temperature=torch.tensor(0.5))
+    with pytest.raises(ValueError, match="chunk_size must be a positive int or None, got np.int64.0."):
+        fused_token_logprobs(h, w, t, chunk_size=np.int64(0))
+    with pytest.raises(TypeError, match="ignore_index must be an int, got bool"):
+        fused_token_logprobs(h, w, t, ignore_index=True)
+
+
 def test_float64_only_on_the_torch_backend():
     h, w, t = (x.double() if x.is_floating_point() else x for x in _ok())
     with pytest.raises(TypeError, match="float64 runs on 'torch'"):
         fused_token_logprobs(h, w, t, backend="cpu")
+
+
+@pytest.mark.parametrize("order", ["tokens", "vocab"])
+def test_no_scored_token_calls_no_token_loss_fn(order):
+    """With every position ignored, token_loss_fn is never called (a reducing loss would fail on
+    zero tokens), in either order: the loss is 0 and the gradients are zeros."""
+    h, w, t = _ok()
+    h.requires_grad_()
+    calls = []
+    loss, logp, _ = fused_linear_loss(h, w, torch.full_like(t, -100), lambda lp, e, r: calls.append(1) or -lp,
+                                      grad_order=order)
+    assert calls == [] and float(loss.detach()) == 0.0 and not logp.any()
+    loss.backward()
+    assert not h.grad.any()
 
 
 def test_ignore_index_is_not_out_of_range():
@@ -78,6 +111,8 @@ def test_ignore_index_is_not_out_of_range():
         (lambda lp, e, r: lp.tolist(), TypeError, "must return a Tensor"),
         (lambda lp, e, r: -lp * torch.nan, FloatingPointError, "non-finite"),
         (lambda lp, e, r: torch.sqrt(lp - lp), FloatingPointError, "non-finite"),  # finite loss, inf gradient
+        # an entropy term without with_entropy=True: the user's own TypeError, with the reason
+        (lambda lp, e, r: -lp - 0.001 * e, TypeError, "entropy argument is None: pass with_entropy=True"),
     ],
 )
 def test_bad_token_loss_fn(fn, error, match):
