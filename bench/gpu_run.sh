@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, as one run: the Triton backend's tests on the GPU (no interpreter),
 # the fused-op table against cuBLAS, Liger and cut-cross-entropy at a training shape, the block
-# budget's effect on mode A and mode B, a sweep of the row kernels' tiling, bf16 gradient
+# budget's effect on mode A and mode B, torch AMP's mixed precision (float32 leaves), bf16 gradient
 # precision, the op's phases timed unprofiled, a profile of mode B's step, then a second table
 # shape with float32.
 #
@@ -71,10 +71,13 @@ for mb in ${BUDGETS_MB:-128 256 512 1024}; do
         python3 -m bench.fused_op_table --device cuda --shapes $TRAINING_SHAPE --dtypes bfloat16 \
         --impls hpt_a_triton,hpt_b_triton,hpt_b_triton_tokens,hpt_b_triton_lowp_sum
 done
-# the row kernels' tiling, on the default's slab at this shape (7 slabs of 21760 columns) and on
-# whole rows (token order)
-step row_kernel_sweep "${SWEEP_LIMIT_S:-45}" python3 -m bench.row_kernel_sweep --device cuda \
-    --rows 8192 --cols 21760,151936
+# torch AMP: float32 leaves, forward under autocast; the op taking them itself (float32 weight
+# gradient summed in place, so token order) against bf16 casts of them handed to it (vocabulary
+# order, bf16 gradients cast back by autograd). (The row kernels' tiling sweep,
+# bench/row_kernel_sweep.py, ran in an earlier session: results_gpu_h200_row_kernels.md.)
+step table_7b_amp "${AMP_LIMIT_S:-60}" python3 -m bench.fused_op_table --device cuda \
+    --shapes $TRAINING_SHAPE --dtypes bfloat16 \
+    --impls hpt_b_triton,hpt_b_triton_autocast,hpt_b_triton_autocast_cast,hpt_a_triton_autocast,naive_autocast
 # bf16 gradient error against float64 by accum_dtype, where the float32 sum takes float32 products
 step precision "${PRECISION_LIMIT_S:-40}" python3 -m bench.accum_precision --device cuda --tokens 8192
 # each phase of the op on the device's timeline, unprofiled: is the idle time before the first

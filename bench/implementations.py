@@ -2,8 +2,8 @@
 
 Shared by ``bench/fused_op_table.py`` (one markdown table per shape) and
 ``bench/test_bench_fused_op.py`` (pytest-benchmark). Every step runs on one ``Problem``: hidden
-[T, H] and weight [V, H] leaves in the benchmark dtype, targets [T] int64, and per-token float32
-side inputs for a GRPO-like loss. A step leaves its gradients in ``hidden.grad`` / ``weight.grad``;
+[T, H] and weight [V, H] leaves in the benchmark dtype (the mixed-precision rows: float32 copies,
+see ``Impl``), targets [T] int64, and per-token float32 side inputs for a GRPO-like loss. A step leaves its gradients in ``hidden.grad`` / ``weight.grad``;
 callers reset them with ``Problem.zero_grads`` outside the timed region, so every step allocates
 its gradients the way a training step without gradient accumulation does.
 """

@@ -327,6 +327,37 @@ def test_plan_picks_vocab_order_exactly_when_it_should(monkeypatch):
     assert _plan_order("B", bf16, 4096, 131072, 80) == "tokens"  # 40 MiB
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wider_sums_take_products_in_pieces(backend, monkeypatch):
+    """A product bound for a wider sum (bf16 GEMMs into a float32 buffer or a float32 gradient
+    under autocast) leaves the CPU GEMM a few rows at a time, the last piece shorter: the
+    gradients stay those of whole products, within rounding, and of the float64 reference."""
+    _skip_unavailable(backend)
+    p = draw_problem(backend, torch.bfloat16, 3)
+    p.chunk_size = 5
+    ref_in = _reference_inputs(p)
+    ref_logp, ref_ent = _reference(p, ref_in)
+    want = torch.autograd.grad((ref_logp + 0.5 * ref_ent).sum(), ref_in)
+    fp32 = [x.detach().float().requires_grad_() for x in _inputs(p)]
+    results = []
+    for piece_bytes in (ops._PIECE_BYTES, 3 * p.hidden.shape[-1] * 2):  # whole products, then 3 rows
+        monkeypatch.setattr(ops, "_PIECE_BYTES", piece_bytes)
+        for order in ORDERS:
+            kw = dict(bias=p.bias, temperature=p.temperature, backend=backend, chunk_size=p.chunk_size,
+                      grad_order=order, return_entropy=True)
+            logp, ent = fused_token_logprobs(p.hidden, p.weight, p.targets, **kw)
+            results.append(torch.autograd.grad((logp + 0.5 * ent).sum(), _inputs(p)))
+            with torch.autocast(p.hidden.device.type, dtype=torch.bfloat16):
+                bias = fp32[2] if p.bias is not None else None
+                logp, ent = fused_token_logprobs(fp32[0], fp32[1], p.targets, **{**kw, "bias": bias})
+            results.append(torch.autograd.grad((logp + 0.5 * ent).sum(), fp32))
+    half = len(results) // 2
+    for whole, pieces in zip(results[:half], results[half:]):
+        for name, a, b, r in zip(("hidden", "weight", "bias"), pieces, whole, want):
+            assert rel_err(a, b) <= 1e-2, name
+            assert rel_err(a, r) <= TOL[torch.bfloat16], name
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sum_in_the_inputs_dtype(backend, dtype, monkeypatch):
