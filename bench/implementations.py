@@ -218,14 +218,15 @@ def _hpt_mode_b(
         token_loss = grpo_token_loss(q)
         chunk_size = q.tokens if one_chunk else None
 
+        def cast(t: Tensor) -> Tensor:
+            return t.to(p.hidden.dtype) if cast_first else t
+
         def step() -> None:
             with forward():
-                hidden, weight = q.hidden, q.weight
-                if cast_first:
-                    hidden, weight = hidden.to(p.hidden.dtype), weight.to(p.weight.dtype)
-                loss, _, _ = fused_linear_loss(hidden, weight, q.targets, token_loss, with_entropy=True,
-                                               backend=backend, grad_order=grad_order, chunk_size=chunk_size,
-                                               accum_dtype=accum_dtype)
+                # the casts are temporaries: freed when the op returns, as its own were
+                loss, _, _ = fused_linear_loss(cast(q.hidden), cast(q.weight), q.targets, token_loss,
+                                               with_entropy=True, backend=backend, grad_order=grad_order,
+                                               chunk_size=chunk_size, accum_dtype=accum_dtype)
             loss.backward()
 
         return step

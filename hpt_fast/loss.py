@@ -110,7 +110,9 @@ class FusedUnifiedLoss(nn.Module):
         Args:
             hidden: [B, T, H] float32 / bfloat16 / float16 (float64 with backend "torch"), the
                 final hidden state at each position that predicts ``targets``.
-            weight: [V, H], the output embedding (lm_head.weight), hidden's dtype.
+            weight: [V, H], the output embedding (lm_head.weight), hidden's dtype (under
+                ``torch.autocast`` any float dtype, e.g. float32 with bf16 hidden: see
+                ``fused_token_logprobs``).
             targets: [B, T] int64, the next token ids; -100 exactly where ``mask`` is 0.
             mask: [B, T] bool (or 0/1), the response tokens that count.
             advantages: float [B] or [B, T]; old_logp: float [B, T]; off_policy: bool [B];

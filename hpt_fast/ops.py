@@ -66,6 +66,8 @@ _TORCH_BACKEND_EXTRA_BYTES = 16
 _ROW_ALIGN = 64
 # A GEMM product bound for a wider sum leaves the CPU GEMM in pieces of this size (see _matmul_into).
 _PIECE_BYTES = 8 * 2**20
+# torch.mm / addmm with out_dtype (low-precision inputs, a float32 output; CUDA), from torch 2.8
+_FLOAT32_OUT_GEMM = "dtype_out" in torch.ops.aten.addmm.overloads()
 
 
 # Loop orders of the gradient pass (see _auto_order); "auto" lets the plan choose.
@@ -163,8 +165,9 @@ def _check_inputs(
 
 
 def _integer(value: object) -> Optional[int]:
-    """``value`` as a Python int when it is an integer (a numpy one too), else None; never a bool."""
-    if isinstance(value, bool):
+    """``value`` as a Python int when it is an integer (a numpy one too), else None; never a bool
+    or a tensor (whose reading would wait for its device)."""
+    if isinstance(value, (bool, Tensor)):
         return None
     try:
         return operator.index(value)
@@ -509,7 +512,8 @@ def _matmul_into(
     autocast, a float32 sum), float32 accumulation inside the GEMM either way.
 
     A wider float32 out on CUDA takes the product straight from cuBLAS (bf16 / fp16 inputs,
-    float32 output). Elsewhere (PyTorch's CPU GEMMs have no such output) the product leaves the
+    float32 output; ``_FLOAT32_OUT_GEMM``). Elsewhere (PyTorch's CPU GEMMs have no such output,
+    nor has torch before 2.8) the product leaves the
     GEMM in a's dtype, a piece of ``_piece_rows`` rows of a at a time, into ``scratch`` (at least
     that many rows of N; allocated when not given), and is copied, or added by the backend's
     ``accumulate_`` (float32 out), while it is still in cache: one token chunk's [V, H] weight
@@ -521,7 +525,7 @@ def _matmul_into(
             out.addmm_(a, b)
         else:
             torch.mm(a, b, out=out)
-    elif out.is_cuda and out.dtype == torch.float32:
+    elif out.is_cuda and out.dtype == torch.float32 and _FLOAT32_OUT_GEMM:
         if add:
             torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
         else:
@@ -561,7 +565,7 @@ class _MatmulSum:
         buffered = float32 and out.dtype in _LOW_PRECISION and n_blocks > 1
         self.acc = hugepages.empty(out.shape, torch.float32, out.device) if buffered else out
         self.scratch = None
-        if self.acc.dtype != dtype and not (self.acc.is_cuda and self.acc.dtype == torch.float32):
+        if self.acc.dtype != dtype and not (self.acc.is_cuda and self.acc.dtype == torch.float32 and _FLOAT32_OUT_GEMM):
             rows = min(_piece_rows(out.shape[1], dtype), out.shape[0])
             self.scratch = torch.empty(rows, out.shape[1], dtype=dtype, device=out.device)
         self.first = True
@@ -709,23 +713,25 @@ _LOSS_NOT_FINITE = 2
 
 
 def _token_loss_grads(
-    token_loss_fn: TokenLossFn, logp: Tensor, entropy: Optional[Tensor], rows: Tensor
-) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
-    """Evaluate the per-token loss on one chunk and differentiate it w.r.t. logp and entropy.
+    token_loss_fn: TokenLossFn, logp: Tensor, entropy: Optional[Tensor], rows: Tensor, differentiate: bool
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Tensor]:
+    """Evaluate the per-token loss on one chunk and, with ``differentiate``, differentiate it
+    w.r.t. logp and entropy.
 
-    Returns (losses [C], g_logp [C], g_ent [C] or None) in logp's dtype, and status [C] uint8:
-    ``_LOGITS_NOT_FINITE`` where logp or entropy already was (NaN / inf logits), else
+    Returns (losses [C], g_logp [C] or None, g_ent [C] or None) in logp's dtype, and status [C]
+    uint8: ``_LOGITS_NOT_FINITE`` where logp or entropy already was (NaN / inf logits), else
     ``_LOSS_NOT_FINITE`` where the loss or a gradient is, else 0. The caller checks it once per
-    call of the op, not per chunk: reading it on the host waits for the device.
+    call of the op, not per chunk: reading it on the host waits for the device. Without
+    ``differentiate`` (no input gradient wanted) there is no gradient to compute or check.
     """
-    with torch.enable_grad():
-        lp = logp.detach().requires_grad_(True)
-        ent = None if entropy is None else entropy.detach().requires_grad_(True)
+    with torch.enable_grad() if differentiate else contextlib.nullcontext():
+        lp = logp.detach().requires_grad_(differentiate)
+        ent = None if entropy is None else entropy.detach().requires_grad_(differentiate)
         # copies, not the leaves: the function may work on its inputs in place, as on any tensor
         try:
             losses = token_loss_fn(lp.clone(), None if ent is None else ent.clone(), rows)
         except TypeError as exc:
-            if ent is not None:
+            if ent is not None or "NoneType" not in str(exc):
                 raise
             raise TypeError(f"token_loss_fn raised TypeError: {exc} (its entropy argument is None: "
                             "pass with_entropy=True for a loss that uses it)") from exc
@@ -741,13 +747,16 @@ def _token_loss_grads(
         inputs = [lp] if ent is None else [lp, ent]
         grads = (None, None)
         losses = losses.to(lp.dtype)
-        if losses.requires_grad:
+        if differentiate and losses.requires_grad:
             grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
-    g_logp = torch.zeros_like(logp) if grads[0] is None else grads[0]
+    g_logp = None
+    if differentiate:
+        g_logp = torch.zeros_like(logp) if grads[0] is None else grads[0]
     g_ent = grads[1] if len(grads) > 1 else None
-    loss_ok = torch.isfinite(losses) & torch.isfinite(g_logp)
-    if g_ent is not None:
-        loss_ok &= torch.isfinite(g_ent)
+    loss_ok = torch.isfinite(losses)
+    for g in (g_logp, g_ent):
+        if g is not None:
+            loss_ok &= torch.isfinite(g)
     logits_ok = torch.isfinite(logp) if entropy is None else torch.isfinite(logp) & torch.isfinite(entropy)
     status = torch.where(logits_ok, torch.where(loss_ok, 0, _LOSS_NOT_FINITE), _LOGITS_NOT_FINITE)
     return losses.detach(), g_logp, g_ent, status.to(torch.uint8)
@@ -795,9 +804,11 @@ class _LinearLoss(torch.autograd.Function):
         def chunk_loss(s: int, e: int) -> None:
             ent = None if rows.entropy is None else rows.entropy[s:e]
             losses, g_logp, g_ent, status[s:e] = _token_loss_grads(
-                token_loss_fn, rows.logp[s:e], ent, index[s:e]
+                token_loss_fn, rows.logp[s:e], ent, index[s:e], grads is not None
             )
             total.add_(losses.sum())
+            if grads is None:
+                return
             rows.g_logp[s:e] = g_logp
             if rows.g_ent is not None:
                 # a loss that ignores the entropy has no gradient for it
@@ -847,7 +858,8 @@ class _LinearLoss(torch.autograd.Function):
         scale = float(grad_loss) != 1.0
         if scale or getattr(ctx, "handed_out", False):
             # a later backward (retained graph) gets new tensors, not the ones handed out before
-            grads = tuple(None if g is None else (g * grad_loss.to(g.dtype) if scale else g.clone()) for g in grads)
+            # (a 0-d float32 factor: bf16 / fp16 gradients are scaled in float32, then rounded)
+            grads = tuple(None if g is None else (g * grad_loss if scale else g.clone()) for g in grads)
         ctx.handed_out = True
         return (*grads, None, None, None, None, None)
 

@@ -599,7 +599,29 @@ def test_mode_b_without_autograd_skips_the_gradient_pass(order, monkeypatch):
         made.clear()
         with context():
             got, _, _ = fused_linear_loss(hidden, weight, targets, lambda lp, e, r: -lp, **kw)
+            # a loss whose gradient is not finite: only a gradient that is computed is checked
+            fused_linear_loss(hidden, weight, targets, lambda lp, e, r: torch.sqrt(lp - lp), **kw)
         assert made == [] and not got.requires_grad and torch.equal(got, want.detach())
+    with pytest.raises(FloatingPointError, match="non-finite loss or gradient"):
+        fused_linear_loss(hidden, weight, targets, lambda lp, e, r: torch.sqrt(lp - lp), **kw)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_mode_b_scales_low_precision_gradients_in_float32(order):
+    """backward(loss / 3) scales mode B's bf16 gradients by the float32 factor, then rounds once:
+    not by that factor rounded to bf16 first (1/3 is 0.33398 in bf16)."""
+    gen = torch.Generator().manual_seed(8)
+    hidden = torch.randn(9, 8, generator=gen).bfloat16().requires_grad_()
+    weight = torch.randn(13, 8, generator=gen).bfloat16().requires_grad_()
+    targets = torch.randint(0, 13, (9,), generator=gen)
+    kw = dict(backend="torch", chunk_size=4, grad_order=order)
+    loss, _, _ = fused_linear_loss(hidden, weight, targets, lambda lp, e, r: -lp, **kw)
+    whole = torch.autograd.grad(loss, [hidden, weight])
+    loss, _, _ = fused_linear_loss(hidden, weight, targets, lambda lp, e, r: -lp, **kw)
+    third = torch.autograd.grad(loss / 3, [hidden, weight])
+    factor = torch.ones((), dtype=torch.float32) / 3
+    for g, w in zip(third, whole):
+        assert g.dtype == torch.bfloat16 and torch.equal(g, (w.float() * factor).bfloat16())
 
 
 def test_mode_b_backward_through_a_retained_graph_hands_out_new_tensors():

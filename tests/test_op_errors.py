@@ -73,6 +73,21 @@ def test_numpy_scalars_are_numbers():
         fused_token_logprobs(h, w, t, chunk_size=np.int64(0))
     with pytest.raises(TypeError, match="ignore_index must be an int, got bool"):
         fused_token_logprobs(h, w, t, ignore_index=True)
+    with pytest.raises(TypeError, match="ignore_index must be an int, got Tensor"):
+        fused_token_logprobs(h, w, t, ignore_index=torch.tensor(-1))
+    with pytest.raises(ValueError, match="chunk_size must be a positive int or None, got tensor"):
+        fused_token_logprobs(h, w, t, chunk_size=torch.tensor(2))
+
+
+def test_a_token_loss_fn_type_error_keeps_its_own_message():
+    """Only a TypeError about the None entropy gets the with_entropy hint; any other passes as is."""
+    h, w, t = _ok()
+
+    def fn(lp, e, r):
+        raise TypeError("unrelated")
+
+    with pytest.raises(TypeError, match="^unrelated$"):
+        fused_linear_loss(h.requires_grad_(), w, t, fn)
 
 
 def test_float64_only_on_the_torch_backend():

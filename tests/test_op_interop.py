@@ -146,13 +146,69 @@ def test_autocast_float32_weight_keeps_mode_b_in_token_order(backend, monkeypatc
     _check_autocast_grads(("hidden", "weight", "bias"), got, want, ref, device)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("order", ["tokens", "vocab"])
+def test_bf16_leaves_under_float16_autocast(backend, order):
+    """Under float16 autocast bf16 leaves take float16 GEMMs (their values are float16 values:
+    exact) and get bf16 gradients, the float16 products added into them; within the low-precision
+    tolerance of the float64 reference in both modes."""
+    _skip_unavailable(backend)
+    device = backend_device(backend)
+    hidden, weight, bias, targets = _leaves(torch.bfloat16, seed=6, device=device)
+    fn = lambda lp, e, r: -torch.exp(lp) * (r % 3 - 1) - 0.1 * e
+    kw = dict(bias=bias, backend=backend, chunk_size=4, grad_order=order)
+    valid = targets != -100
+    rows = valid.nonzero().squeeze(1)
+    for accum in (torch.float32, None):
+        with torch.autocast(device.type, dtype=torch.float16):
+            logp, ent = fused_token_logprobs(hidden, weight, targets, return_entropy=True, accum_dtype=accum, **kw)
+            loss, _, _ = fused_linear_loss(hidden, weight, targets, fn, with_entropy=True, accum_dtype=accum, **kw)
+        got_a = torch.autograd.grad((logp + 0.5 * ent).sum(), [hidden, weight, bias])
+        got_b = torch.autograd.grad(loss, [hidden, weight, bias])
+        low = (hidden, weight, bias)
+        want_a = _reference_grads(low, targets, lambda lp, e: (lp + 0.5 * e)[valid].sum())
+        want_b = _reference_grads(low, targets, lambda lp, e: fn(lp[rows], e[rows], rows).sum())
+        for got, want in ((got_a, want_a), (got_b, want_b)):
+            for name, g, r in zip(("hidden", "weight", "bias"), got, want):
+                assert g.dtype == torch.bfloat16 and rel_err(g, r) <= BF16_TOL, (accum, name)
+
+
+@pytest.mark.parametrize("rows, piece_rows, add", [(10, 3, False), (10, 3, True), (10, 16, True), (0, 3, True)])
+def test_matmul_into_a_wider_output(rows, piece_rows, add, monkeypatch):
+    """bf16 products into float32 rows of a larger tensor, a few rows of a transposed operand at a
+    time on CPU: each piece is the bf16 product of its rows, copied or added; the rest of the
+    tensor is untouched."""
+    gen = torch.Generator().manual_seed(9)
+    k, n = 7, 5
+    monkeypatch.setattr(ops, "_PIECE_BYTES", piece_rows * n * 2)
+    a = torch.randn(k, rows, generator=gen).bfloat16().t()  # [rows, k], not contiguous
+    b = torch.randn(k, n, generator=gen).bfloat16()
+    full = torch.randn(rows + 4, n, generator=gen)
+    before = full.clone()
+    ops._matmul_into(full[2 : 2 + rows], a, b, add, backends.load("torch"))
+    product = (a @ b).float()
+    want = before[2 : 2 + rows] + product if add else product
+    assert torch.equal(full[2 : 2 + rows], want)
+    assert torch.equal(full[:2], before[:2]) and torch.equal(full[2 + rows :], before[2 + rows :])
+
+
 def test_float64_is_left_alone_under_autocast():
-    """autocast does not cast float64, and neither does the op: the reference dtype stays exact."""
+    """autocast does not cast float64, and neither does the op: the reference dtype stays exact,
+    values and gradients, in both modes."""
     hidden, weight, bias, targets = _leaves(torch.float64)
-    want, _ = fused_token_logprobs(hidden, weight, targets, bias=bias, backend="torch")
+    leaves = [hidden, weight, bias]
+    fn = lambda lp, e, r: -lp - 0.1 * e
+
+    def run():
+        logp, ent = fused_token_logprobs(hidden, weight, targets, bias=bias, backend="torch", return_entropy=True)
+        loss, _, _ = fused_linear_loss(hidden, weight, targets, fn, bias=bias, backend="torch", with_entropy=True)
+        return [logp, ent, loss, *torch.autograd.grad((logp + ent).sum(), leaves), *torch.autograd.grad(loss, leaves)]
+
+    want = run()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got, _ = fused_token_logprobs(hidden, weight, targets, bias=bias, backend="torch")
-    assert got.dtype == want.dtype and torch.equal(got, want)
+        got = run()
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float64 and torch.equal(g, w)
 
 
 @pytest.mark.parametrize("mode", ["A", "B"])
