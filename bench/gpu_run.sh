@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, as one run: the Triton backend's tests on the GPU (no interpreter),
-# the fused-op table against cuBLAS, Liger and cut-cross-entropy at a training shape, the block
-# budget's effect on mode A and mode B, torch AMP's mixed precision (float32 leaves), bf16 gradient
-# precision, the op's phases timed unprofiled, a profile of mode B's step, then a second table
-# shape with float32.
+# Everything that needs a GPU, as one run, most wanted first: the Triton backend's tests on the GPU
+# (no interpreter), the fused-op table against cuBLAS, Liger and cut-cross-entropy at a training
+# shape, the op's phases timed unprofiled, torch AMP's mixed precision (float32 leaves), gradient
+# precision, a profile of mode B's step, the random-configuration tests, the block budget's effect
+# on mode A and mode B, then a second table shape with float32.
 #
 # Usage, from the repository root of a checkout on a CUDA machine with torch and triton:
 #     OUT=some/dir bash bench/gpu_run.sh
@@ -57,20 +57,15 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 } 2>&1 | tee "$WORK/machine.txt"
 
 TRAINING_SHAPE=8192x3584x151936  # Qwen2.5-7B's hidden size and vocabulary, 8192 tokens
+# Most wanted first: a step cut by the deadline is one of the last.
 step tests_triton "${TEST_LIMIT_S:-70}" python3 -m pytest -p no:cacheprovider -q -rfE \
     tests/test_fused_op.py tests/test_row_stats.py tests/test_op_interop.py -k triton
-# the random configurations: their Triton cases run on the GPU at full size (the others skip
-# where the C++ extension is not built for this python)
-step tests_random "${TEST_LIMIT_S:-70}" python3 -m pytest -p no:cacheprovider -q -rfE tests/test_fused_op_random.py
 step table_7b "${TABLE_LIMIT_S:-110}" python3 -m bench.fused_op_table --device cuda \
     --shapes $TRAINING_SHAPE --dtypes bfloat16
-# the block budget: 128 MiB (the earlier fixed default) up to 1 GiB; the default is 1/12 of the
-# naive float32 logits, 396 MiB at this shape
-for mb in ${BUDGETS_MB:-128 256 512 1024}; do
-    step "table_7b_budget$mb" "${BUDGET_LIMIT_S:-45}" env HPT_FAST_MEMORY_BUDGET_MB=$mb \
-        python3 -m bench.fused_op_table --device cuda --shapes $TRAINING_SHAPE --dtypes bfloat16 \
-        --impls hpt_a_triton,hpt_b_triton,hpt_b_triton_tokens,hpt_b_triton_lowp_sum
-done
+# each phase of the op on the device's timeline, unprofiled: is the idle time before the first
+# kernel that the profiler shows there without it?
+step phase_times "${PHASES_LIMIT_S:-40}" python3 -m bench.phase_times --device cuda \
+    --impls hpt_b_triton,hpt_b_triton_lowp_sum,hpt_a_triton
 # torch AMP: float32 leaves, forward under autocast; the op taking them itself (float32 weight
 # gradient summed in place, so token order) against bf16 casts of them handed to it (vocabulary
 # order, bf16 gradients cast back by autograd). (The row kernels' tiling sweep,
@@ -78,14 +73,21 @@ done
 step table_7b_amp "${AMP_LIMIT_S:-60}" python3 -m bench.fused_op_table --device cuda \
     --shapes $TRAINING_SHAPE --dtypes bfloat16 \
     --impls hpt_b_triton,hpt_b_triton_autocast,hpt_b_triton_autocast_cast,hpt_a_triton_autocast,naive_autocast
-# bf16 gradient error against float64 by accum_dtype, where the float32 sum takes float32 products
+# gradient error against float64 by accum_dtype, where the float32 sum takes float32 products,
+# and of the float32 gradients under autocast
 step precision "${PRECISION_LIMIT_S:-40}" python3 -m bench.accum_precision --device cuda --tokens 8192
-# each phase of the op on the device's timeline, unprofiled: is the idle time before the first
-# kernel that the profiler shows there without it?
-step phase_times "${PHASES_LIMIT_S:-40}" python3 -m bench.phase_times --device cuda \
-    --impls hpt_b_triton,hpt_b_triton_lowp_sum,hpt_a_triton
 # where the default mode B step spends its time now
 step profile "${PROFILE_LIMIT_S:-40}" python3 -m bench.profile_op --device cuda --impls hpt_b_triton,hpt_b_triton_lowp_sum --rows 16
+# the random configurations: their Triton cases run on the GPU at full size (the others skip
+# where the C++ extension is not built for this python)
+step tests_random "${TEST_LIMIT_S:-70}" python3 -m pytest -p no:cacheprovider -q -rfE tests/test_fused_op_random.py
+# the block budget (the default is 1/12 of the naive float32 logits, 396 MiB at this shape; the
+# earlier session measured 128, 256, 512 and 1024 MiB)
+for mb in ${BUDGETS_MB:-256 1024}; do
+    step "table_7b_budget$mb" "${BUDGET_LIMIT_S:-45}" env HPT_FAST_MEMORY_BUDGET_MB=$mb \
+        python3 -m bench.fused_op_table --device cuda --shapes $TRAINING_SHAPE --dtypes bfloat16 \
+        --impls hpt_a_triton,hpt_b_triton,hpt_b_triton_tokens,hpt_b_triton_lowp_sum
+done
 step table_2k "${TABLE_LIMIT_S:-110}" python3 -m bench.fused_op_table --device cuda \
     --shapes 4096x2048x151936 --dtypes bfloat16,float32
 echo "done after $(( $(date +%s) - START )) s" | tee -a "$WORK/machine.txt"

@@ -304,10 +304,11 @@ def _auto_order(
     most 1.25 budgets in all, about 1/10 of the naive logits under the default share, where the
     issue's target is 1/8).
     Token order saves less than the fourth GEMM, and the less the more chunks there are: summing
-    grad_weight in that buffer moves about 12 V H bytes per chunk on CPU (each chunk's bf16
-    product written and read back, the float32 sum read and written; 8 V H on CUDA, where the
-    GEMM adds into the sum). On an H200 at 8192 x 3584 x 151936 (bench/results_gpu_h200.md)
-    token order took 63 ms against vocabulary order's 54 ms. Measured in bf16 at H 1024,
+    grad_weight in that buffer reads and writes it once per chunk, 8 V H bytes (on CPU each
+    chunk's bf16 product passes through cache in pieces, see _matmul_into; on CUDA the GEMM adds
+    into the sum). On an H200 at 8192 x 3584 x 151936 (bench/results_gpu_h200.md) token order
+    took 66 ms against vocabulary order's 58 ms under a 128 MiB budget (19 chunks), and 50.5
+    against 52-55 ms under the default's 396 MiB (6 chunks). Measured in bf16 at H 1024,
     V 151936 on the 2-core CPU: at N = 2048 (5 chunks; bench/results_cpu_v151936.md) token order
     1.11x and vocabulary order 1.29x of three GEMMs (1.08x and 1.22x in an earlier run), at
     0.61x and 0.12x of the naive logits' memory; at N = 12288 (28 chunks;
