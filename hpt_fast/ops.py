@@ -123,6 +123,8 @@ def _check_inputs(
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     autocast = _autocast_dtype(hidden.device)
     dtype = _compute_dtype(hidden, autocast)
+    # under autocast the dtypes differ only where one is float64, which autocast does not cast
+    why = "" if autocast is None else f" (under {autocast} autocast, which leaves float64 as it is)"
     if dtype not in _FLOAT_DTYPES:
         raise TypeError(f"hidden must be float32, bfloat16, float16 or float64, got {hidden.dtype}")
     if hidden.dim() < 1:
@@ -130,7 +132,7 @@ def _check_inputs(
     if weight.dim() != 2:
         raise ValueError(f"weight must have shape [V, H], got {tuple(weight.shape)}")
     if _compute_dtype(weight, autocast) != dtype:
-        raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+        raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}{why}")
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
             f"hidden size mismatch: hidden is {tuple(hidden.shape)} (H={hidden.shape[-1]}) but "
@@ -152,7 +154,7 @@ def _check_inputs(
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"bias must have shape [V]=({weight.shape[0]},), got {tuple(bias.shape)}")
         if _compute_dtype(bias, autocast) != dtype:
-            raise TypeError(f"bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
+            raise TypeError(f"bias dtype {bias.dtype} differs from weight dtype {weight.dtype}{why}")
         devices.add(bias.device)
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
@@ -514,12 +516,11 @@ def _matmul_into(
 
     A wider float32 out on CUDA takes the product straight from cuBLAS (bf16 / fp16 inputs,
     float32 output; ``_FLOAT32_OUT_GEMM``). Elsewhere (PyTorch's CPU GEMMs have no such output,
-    nor has torch before 2.8) the product leaves the
-    GEMM in a's dtype, a piece of ``_piece_rows`` rows of a at a time, into ``scratch`` (at least
-    that many rows of N; allocated when not given), and is copied, or added by the backend's
-    ``accumulate_`` (float32 out), while it is still in cache: one token chunk's [V, H] weight
-    gradient at V 151936, H 1024 took 186 ms so against 240 ms through one whole [V, H] product on
-    the 2-core CPU, which also needed a [V, H] scratch.
+    nor has torch before 2.8) the product leaves the GEMM in a's dtype, ``_piece_rows`` rows of a
+    at a time, into ``scratch`` (at least that many rows of N; allocated when not given), and is
+    copied, or added by the backend's ``accumulate_`` (float32 out), while it is still in cache:
+    one token chunk's [V, H] weight gradient at V 151936, H 1024 took 186 ms that way on the
+    2-core CPU, against 240 ms as one whole [V, H] product, which also needed a [V, H] scratch.
     """
     if out.dtype == a.dtype:
         if add:
@@ -1011,9 +1012,10 @@ def fused_linear_loss(
             ``fused_token_logprobs``.
         token_loss_fn: ``(logp [C] float32, entropy [C] float32 or None, rows [C] int64) ->
             losses [C]``, called on the non-ignored tokens only, chunk by chunk in token order
-            and once on all of them in vocabulary order (never on zero tokens); ``rows`` are their indices into
-            ``targets.reshape(-1)``. It is differentiated w.r.t. logp and entropy only: any other
-            tensor it uses is treated as a constant. A non-finite loss or gradient raises
+            and once on all of them in vocabulary order (never on zero tokens); ``rows`` are
+            their indices into ``targets.reshape(-1)``. It is differentiated w.r.t. logp and
+            entropy only, and only when an input gradient is wanted: any other tensor it uses is
+            treated as a constant. A non-finite loss or gradient raises
             FloatingPointError naming the rows, before the op returns; so do non-finite logits
             (NaN / inf inputs, a float16 overflow), named as the cause.
         with_entropy: compute the entropy and pass it to ``token_loss_fn``.

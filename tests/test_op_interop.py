@@ -207,6 +207,9 @@ def test_float64_is_left_alone_under_autocast():
     want = run()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = run()
+        mixed = "float64 differs from hidden dtype torch.float32 .under torch.bfloat16 autocast"
+        with pytest.raises(TypeError, match=mixed):
+            fused_token_logprobs(hidden.float(), weight, targets)
     for g, w in zip(got, want):
         assert g.dtype == torch.float64 and torch.equal(g, w)
 
