@@ -59,7 +59,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 TRAINING_SHAPE=8192x3584x151936  # Qwen2.5-7B's hidden size and vocabulary, 8192 tokens
 # Most wanted first: a step cut by the deadline is one of the last.
 step tests_triton "${TEST_LIMIT_S:-70}" python3 -m pytest -p no:cacheprovider -q -rfE \
-    tests/test_fused_op.py tests/test_row_stats.py tests/test_op_interop.py -k triton
+    tests/test_fused_op.py tests/test_row_stats.py tests/test_op_interop.py -k "triton or cuda"
 step table_7b "${TABLE_LIMIT_S:-110}" python3 -m bench.fused_op_table --device cuda \
     --shapes $TRAINING_SHAPE --dtypes bfloat16
 # each phase of the op on the device's timeline, unprofiled: is the idle time before the first

@@ -173,22 +173,31 @@ def test_bf16_leaves_under_float16_autocast(backend, order):
                 assert g.dtype == torch.bfloat16 and rel_err(g, r) <= BF16_TOL, (accum, name)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("rows, piece_rows, add", [(10, 3, False), (10, 3, True), (10, 16, True), (0, 3, True)])
-def test_matmul_into_a_wider_output(rows, piece_rows, add, monkeypatch):
-    """bf16 products into float32 rows of a larger tensor, a few rows of a transposed operand at a
-    time on CPU: each piece is the bf16 product of its rows, copied or added; the rest of the
+def test_matmul_into_a_wider_output(device, rows, piece_rows, add, monkeypatch):
+    """bf16 products into float32 rows of a larger tensor, from a transposed operand: on CPU a few
+    rows at a time, each piece the bf16 product of its rows, copied or added; on CUDA straight
+    from cuBLAS in float32 (the products of the bf16 values summed in float32). The rest of the
     tensor is untouched."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no GPU")
     gen = torch.Generator().manual_seed(9)
     k, n = 7, 5
     monkeypatch.setattr(ops, "_PIECE_BYTES", piece_rows * n * 2)
-    a = torch.randn(k, rows, generator=gen).bfloat16().t()  # [rows, k], not contiguous
-    b = torch.randn(k, n, generator=gen).bfloat16()
-    full = torch.randn(rows + 4, n, generator=gen)
+    a = torch.randn(k, rows, generator=gen).bfloat16().to(device).t()  # [rows, k], not contiguous
+    b = torch.randn(k, n, generator=gen).bfloat16().to(device)
+    full = torch.randn(rows + 4, n, generator=gen).to(device)
     before = full.clone()
     ops._matmul_into(full[2 : 2 + rows], a, b, add, backends.load("torch"))
-    product = (a @ b).float()
-    want = before[2 : 2 + rows] + product if add else product
-    assert torch.equal(full[2 : 2 + rows], want)
+    if device == "cpu":
+        product = (a @ b).float()
+        want = before[2 : 2 + rows] + product if add else product
+        assert torch.equal(full[2 : 2 + rows], want)
+    else:
+        product = a.double() @ b.double()
+        want = before[2 : 2 + rows].double() + product if add else product
+        assert torch.allclose(full[2 : 2 + rows].double(), want, rtol=1e-6, atol=1e-6)
     assert torch.equal(full[:2], before[:2]) and torch.equal(full[2 + rows :], before[2 + rows :])
 
 
