@@ -535,7 +535,7 @@ def _matmul_into(
     else:
         rows = _piece_rows(b.shape[1], a.dtype)
         if scratch is None:
-            scratch = torch.empty(min(rows, a.shape[0]), b.shape[1], dtype=a.dtype, device=a.device)
+            scratch = hugepages.empty((min(rows, a.shape[0]), b.shape[1]), a.dtype, a.device)
         for r0, r1 in _chunks(a.shape[0], rows):
             piece, target = torch.mm(a[r0:r1], b, out=scratch[: r1 - r0]), out[r0:r1]
             if not add:
@@ -569,7 +569,7 @@ class _MatmulSum:
         self.scratch = None
         if self.acc.dtype != dtype and not (self.acc.is_cuda and self.acc.dtype == torch.float32 and _FLOAT32_OUT_GEMM):
             rows = min(_piece_rows(out.shape[1], dtype), out.shape[0])
-            self.scratch = torch.empty(rows, out.shape[1], dtype=dtype, device=out.device)
+            self.scratch = hugepages.empty((rows, out.shape[1]), dtype, out.device)
         self.first = True
 
     def add(self, a: Tensor, b: Tensor) -> None:
