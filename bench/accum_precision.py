@@ -20,7 +20,6 @@ op writes float32 gradients (below that floor: they are not rounded to bf16 at t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 from typing import Optional
 
@@ -28,7 +27,7 @@ import torch
 from torch import Tensor
 
 from bench.fused_op_table import machine_description
-from bench.implementations import Problem, grpo_token_loss, make_problem, synchronize
+from bench.implementations import Problem, forward_inputs, grpo_token_loss, make_problem, synchronize
 from hpt_fast import fused_linear_loss
 
 # the float64 reference's token chunk: a [chunk, V] float64 block at a time
@@ -80,12 +79,11 @@ def run_variant(
 ) -> tuple[Tensor, Tensor, float]:
     """Mode B's (grad_hidden, grad_weight) and its wall time in seconds; ``mixed``: on the
     problem's float32 leaves (the same values), the forward under autocast in p's dtype."""
-    q = p.float32_leaves if mixed else p
-    forward = torch.autocast(p.device.type, dtype=p.hidden.dtype) if mixed else contextlib.nullcontext()
+    q, forward = forward_inputs(p, mixed)
     p.zero_grads()
     synchronize(p.device)
     start = time.perf_counter()
-    with forward:
+    with forward():
         loss, _, _ = fused_linear_loss(q.hidden, q.weight, q.targets, grpo_token_loss(q), with_entropy=True,
                                        grad_order=order, chunk_size=q.tokens if chunk == "all" else None,
                                        accum_dtype=accum)

@@ -176,7 +176,7 @@ class Impl:
         return (p.float32_leaves if self.mixed else p).grad_bytes()
 
 
-def _forward_inputs(p: Problem, mixed: bool) -> tuple[Problem, Callable[[], contextlib.AbstractContextManager]]:
+def forward_inputs(p: Problem, mixed: bool) -> tuple[Problem, Callable[[], contextlib.AbstractContextManager]]:
     """(the problem a step's forward takes, the context it runs in): ``p`` and no context, or
     with ``mixed`` p's float32 leaves under torch.autocast in p's dtype, as torch AMP runs a
     forward (the backward runs outside it)."""
@@ -189,7 +189,7 @@ def _forward_inputs(p: Problem, mixed: bool) -> tuple[Problem, Callable[[], cont
 
 def _hpt_mode_a(backend: str, grad_order: str = "auto", mixed: bool = False) -> Callable[[Problem], Step]:
     def build(p: Problem) -> Step:
-        q, forward = _forward_inputs(p, mixed)
+        q, forward = forward_inputs(p, mixed)
 
         def step() -> None:
             with forward():
@@ -214,7 +214,7 @@ def _hpt_mode_b(
     gradients back (how the op ran under autocast before it took float32 inputs itself)."""
 
     def build(p: Problem) -> Step:
-        q, forward = _forward_inputs(p, mixed)
+        q, forward = forward_inputs(p, mixed)
         token_loss = grpo_token_loss(q)
         chunk_size = q.tokens if one_chunk else None
 
@@ -238,7 +238,7 @@ def _naive(mixed: bool = False) -> Callable[[Problem], Step]:
     """Materialised logits, float32 log_softmax, gather, entropy; ``mixed``: see ``Impl``."""
 
     def build(p: Problem) -> Step:
-        q, forward = _forward_inputs(p, mixed)
+        q, forward = forward_inputs(p, mixed)
         token_loss = grpo_token_loss(q)
         rows = torch.arange(q.tokens, device=q.device)
 
