@@ -520,7 +520,8 @@ def _matmul_into(
     at a time, into ``scratch`` (at least that many rows of N; allocated when not given), and is
     copied, or added by the backend's ``accumulate_`` (float32 out), while it is still in cache:
     one token chunk's [V, H] weight gradient at V 151936, H 1024 took 186 ms that way on the
-    2-core CPU, against 240 ms as one whole [V, H] product, which also needed a [V, H] scratch.
+    2-core CPU, against 210 ms as one whole [V, H] product, which also needed a [V, H] scratch
+    (bench/product_pieces.py, bench/results_cpu_product_pieces.md).
     """
     if out.dtype == a.dtype:
         if add:

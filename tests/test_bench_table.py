@@ -103,6 +103,24 @@ def test_accum_precision_table():
         assert all(low <= e < 0.05 for e, low in zip(errors, lowest)), (label, errors, floor)
 
 
+def test_product_pieces_table():
+    """The pieces script times the whole product and each piece size it is given (rows per piece
+    capped at V), marking the op's own size."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.product_pieces", "--vocab", "3001", "--chunk", "16", "--hidden", "32",
+         "--repeats", "2", "--pieces-mib", "0.01,8"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("| ")][2:]  # past header, rule
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    # 0.01 MiB holds 163 rows of 32 bf16 columns; 8 MiB (the default) is capped at V
+    assert [(c[0], c[1], c[2]) for c in cells] == [
+        ("whole, then one pass", "3001", "0"), ("pieces", "163", "0.01"), ("pieces (default)", "3001", "8"),
+    ]
+    assert all(re.fullmatch(r"\d+\.\d", c[3]) for c in cells), cells
+
+
 def test_idle_gaps_of_a_trace():
     """The profile's gap list: busy time is the union of device work, gaps are measured from the
     latest end so far, and each names the host call that ran through it."""
