@@ -519,8 +519,8 @@ def _matmul_into(
     nor has torch before 2.8) the product leaves the GEMM in a's dtype, ``_piece_rows`` rows of a
     at a time, into ``scratch`` (at least that many rows of N; allocated when not given), and is
     copied, or added by the backend's ``accumulate_`` (float32 out), while it is still in cache:
-    one token chunk's [V, H] weight gradient at V 151936, H 1024 took 186 ms that way on the
-    2-core CPU, against 210 ms as one whole [V, H] product, which also needed a [V, H] scratch
+    one token chunk's [V, H] weight gradient at V 151936, H 1024 took 172 ms that way on the
+    2-core CPU, against 198 ms as one whole [V, H] product, which also needed a [V, H] scratch
     (bench/product_pieces.py, bench/results_cpu_product_pieces.md).
     """
     if out.dtype == a.dtype:
