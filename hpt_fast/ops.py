@@ -26,6 +26,7 @@ so the backends only ever need the two per-token scalars g_logp and g_ent.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 import operator
@@ -66,7 +67,9 @@ _TORCH_BACKEND_EXTRA_BYTES = 16
 _ROW_ALIGN = 64
 # A GEMM product bound for a wider sum leaves the CPU GEMM in pieces of this size (see _matmul_into).
 _PIECE_BYTES = 8 * 2**20
-# torch.mm / addmm with out_dtype (low-precision inputs, a float32 output; CUDA), from torch 2.8
+# torch.mm / addmm with out_dtype (low-precision inputs, a float32 output; CUDA), from torch 2.8.
+# Some builds of that era refused addmm into a float32 self with bf16 / fp16 matrices
+# (pytorch#154086), so a device is trusted with them only after a trial (_float32_products).
 _FLOAT32_OUT_GEMM = "dtype_out" in torch.ops.aten.addmm.overloads()
 
 
@@ -515,7 +518,7 @@ def _matmul_into(
     autocast, a float32 sum), float32 accumulation inside the GEMM either way.
 
     A wider float32 out on CUDA takes the product straight from cuBLAS (bf16 / fp16 inputs,
-    float32 output; ``_FLOAT32_OUT_GEMM``). Elsewhere (PyTorch's CPU GEMMs have no such output,
+    float32 output; ``_float32_products``). Elsewhere (PyTorch's CPU GEMMs have no such output,
     nor has torch before 2.8) the product leaves the GEMM in a's dtype, ``_piece_rows`` rows of a
     at a time, into ``scratch`` (at least that many rows of N; allocated when not given), and is
     copied, or added by the backend's ``accumulate_`` (float32 out), while it is still in cache:
@@ -528,7 +531,7 @@ def _matmul_into(
             out.addmm_(a, b)
         else:
             torch.mm(a, b, out=out)
-    elif out.is_cuda and out.dtype == torch.float32 and _FLOAT32_OUT_GEMM:
+    elif out.dtype == torch.float32 and _float32_products(out.device, a.dtype):
         if add:
             torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
         else:
@@ -545,6 +548,30 @@ def _matmul_into(
                 backend.accumulate_(target, piece)
             else:
                 target.add_(piece)
+
+
+@functools.lru_cache(maxsize=None)
+def _float32_products(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch on ``device`` multiplies ``dtype`` matrices into a float32 output itself
+    (``torch.mm`` / ``torch.addmm`` with ``out_dtype``, as ``_matmul_into`` calls them), tried
+    once per device and dtype on a small product checked against float64. False where the
+    overloads are missing (torch before 2.8), not implemented (CPU), raise or sum wrongly; the
+    op then takes its products in ``dtype`` pieces, slower but the same sums."""
+    if not _FLOAT32_OUT_GEMM or dtype not in _LOW_PRECISION:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    a, b, start = (torch.randn(shape, generator=gen) for shape in ((24, 40), (40, 16), (24, 16)))
+    a, b, start = a.to(device, dtype), b.to(device, dtype), start.to(device)
+    product = a.double() @ b.double()
+    out = start.clone()
+    try:
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
+        ok = torch.allclose(out.double(), product, rtol=1e-5, atol=1e-5)
+        out.copy_(start)
+        torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        return ok and torch.allclose(out.double(), start.double() + product, rtol=1e-5, atol=1e-5)
+    except (RuntimeError, TypeError):  # NotImplementedError (no CPU kernel) is a RuntimeError
+        return False
 
 
 def _piece_rows(cols: int, dtype: torch.dtype) -> int:
@@ -568,7 +595,9 @@ class _MatmulSum:
         buffered = float32 and out.dtype in _LOW_PRECISION and n_blocks > 1
         self.acc = hugepages.empty(out.shape, torch.float32, out.device) if buffered else out
         self.scratch = None
-        if self.acc.dtype != dtype and not (self.acc.is_cuda and self.acc.dtype == torch.float32 and _FLOAT32_OUT_GEMM):
+        if self.acc.dtype != dtype and not (
+            self.acc.dtype == torch.float32 and _float32_products(self.acc.device, dtype)
+        ):
             rows = min(_piece_rows(out.shape[1], dtype), out.shape[0])
             self.scratch = hugepages.empty((rows, out.shape[1]), dtype, out.device)
         self.first = True

@@ -201,6 +201,62 @@ def test_matmul_into_a_wider_output(device, rows, piece_rows, add, monkeypatch):
     assert torch.equal(full[:2], before[:2]) and torch.equal(full[2 + rows :], before[2 + rows :])
 
 
+def _float32_output_gemms(monkeypatch, addmm_fault=None):
+    """Give CPU torch.mm / torch.addmm the ``out_dtype=torch.float32`` path CUDA has (the
+    products of the low-precision values summed in float32), same signatures; ``addmm_fault``
+    makes addmm into a float32 self misbehave: "raise" as pytorch#154086 reports, "wrong" a bad
+    sum. Returns the calls that took the float32 path."""
+    mm, addmm, calls = torch.mm, torch.addmm, []
+
+    def fake_mm(a, b, *, out_dtype=None, out=None):
+        if out_dtype is None:
+            return mm(a, b, out=out)
+        calls.append("mm")
+        return mm(a.to(out_dtype), b.to(out_dtype), out=out)
+
+    def fake_addmm(c, a, b, *, out_dtype=None, beta=1, alpha=1, out=None):
+        if out_dtype is None:
+            return addmm(c, a, b, beta=beta, alpha=alpha, out=out)
+        if addmm_fault == "raise":
+            raise RuntimeError("self and mat2 must have the same dtype, but got Float and BFloat16")
+        calls.append("addmm")
+        result = addmm(c, a.to(out_dtype), b.to(out_dtype), beta=beta, alpha=alpha, out=out)
+        return result.mul_(1.5) if addmm_fault == "wrong" else result
+
+    monkeypatch.setattr(torch, "mm", fake_mm)
+    monkeypatch.setattr(torch, "addmm", fake_addmm)
+    ops._float32_products.cache_clear()
+    return calls
+
+
+@pytest.mark.parametrize("fault", [None, "raise", "wrong"])
+def test_float32_output_gemms_are_tried_before_use(fault, monkeypatch):
+    """Products for a float32 sum come straight from a float32-output GEMM only where a trial on
+    that device found it working (the CPU has none; some torch builds refuse addmm into a float32
+    self, pytorch#154086): with the GEMM the sum is of exact products, without it of bf16-rounded
+    pieces, and either way the op's values are right."""
+    assert not ops._float32_products(torch.device("cpu"), torch.bfloat16)  # no CPU kernel
+    calls = _float32_output_gemms(monkeypatch, fault)
+    try:
+        works = ops._float32_products(torch.device("cpu"), torch.bfloat16)
+        assert works == (fault is None)
+        assert not ops._float32_products(torch.device("cpu"), torch.float32)
+        gen = torch.Generator().manual_seed(4)
+        a = torch.randn(9, 33, generator=gen).bfloat16()
+        b = torch.randn(33, 6, generator=gen).bfloat16()
+        start = torch.randn(9, 6, generator=gen)
+        calls.clear()
+        for add in (False, True):
+            out = start.clone()
+            ops._matmul_into(out, a, b, add, backends.load("torch"))
+            product = (a.float() @ b.float()) if works else (a @ b).float()
+            want = start + product if add else product
+            assert torch.allclose(out, want, rtol=1e-6, atol=1e-6), add
+        assert calls == (["mm", "addmm"] if works else [])
+    finally:
+        ops._float32_products.cache_clear()
+
+
 def test_float64_is_left_alone_under_autocast():
     """autocast does not cast float64, and neither does the op: the reference dtype stays exact,
     values and gradients, in both modes."""
