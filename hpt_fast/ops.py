@@ -31,6 +31,7 @@ import math
 import numbers
 import operator
 import os
+import warnings
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable, Iterator, Optional
@@ -739,6 +740,10 @@ class _TokenLogprobs(torch.autograd.Function):
         return (*grads.result(), None, None, None)
 
 
+_DETACHED_LOSS_WARNING = (
+    "token_loss_fn returned losses with no autograd graph back to its logp / entropy arguments "
+    "(detached, or computed outside torch): they are constant, so the input gradients are zero"
+)
 # per-token status codes of _token_loss_grads
 _LOGITS_NOT_FINITE = 1
 _LOSS_NOT_FINITE = 2
@@ -781,6 +786,10 @@ def _token_loss_grads(
         losses = losses.to(lp.dtype)
         if differentiate and losses.requires_grad:
             grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
+        elif differentiate:
+            # e.g. built from .item() / .tolist() / numpy, or detached: constant, so zero gradients,
+            # which is legitimate but more often a mistake than meant
+            warnings.warn(_DETACHED_LOSS_WARNING, stacklevel=2)
     g_logp = None
     if differentiate:
         g_logp = torch.zeros_like(logp) if grads[0] is None else grads[0]
@@ -1045,7 +1054,8 @@ def fused_linear_loss(
             and once on all of them in vocabulary order (never on zero tokens); ``rows`` are
             their indices into ``targets.reshape(-1)``. It is differentiated w.r.t. logp and
             entropy only, and only when an input gradient is wanted: any other tensor it uses is
-            treated as a constant. A non-finite loss or gradient raises
+            treated as a constant, and losses with no autograd graph back to logp / entropy
+            give zero gradients with a warning. A non-finite loss or gradient raises
             FloatingPointError naming the rows, before the op returns; so do non-finite logits
             (NaN / inf inputs, a float16 overflow), named as the cause.
         with_entropy: compute the entropy and pass it to ``token_loss_fn``.

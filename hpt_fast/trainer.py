@@ -169,7 +169,9 @@ class Trainer:
             str(resume) if resume else cfg.model.path, dtype=dtype, trust_remote_code=trust
         )
         if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            # renamed in later transformers 5 releases; the old name warns there
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
         # from_pretrained returns eval mode, in which transformers skips gradient checkpointing (and
         # dropout); the native engine restores this mode after each generate
         model.to(self.device).train()

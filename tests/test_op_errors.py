@@ -1,5 +1,6 @@
 """Bad input to the fused op gives a clear error naming the problem, before any work starts."""
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -134,6 +135,25 @@ def test_bad_token_loss_fn(fn, error, match):
     h, w, t = _ok()
     with pytest.raises(error, match=match):
         fused_linear_loss(h.requires_grad_(), w, t, fn)
+
+
+@pytest.mark.parametrize("order", ["tokens", "vocab"])
+@pytest.mark.parametrize("detach", [lambda lp: lp.detach(), lambda lp: torch.tensor(lp.tolist())])
+def test_a_loss_without_a_graph_warns(order, detach):
+    """A loss detached from logp (or rebuilt from its values) is a constant: the op still returns
+    its value, with zero gradients, and says so; a loss through logp says nothing."""
+    h, w, t = _ok()
+    h.requires_grad_()
+    with pytest.warns(UserWarning, match="no autograd graph back to its logp / entropy"):
+        loss, _, _ = fused_linear_loss(h, w, t, lambda lp, e, r: -detach(lp), grad_order=order)
+    want, _, _ = fused_linear_loss(h.detach(), w, t, lambda lp, e, r: -lp)
+    assert torch.allclose(loss.detach(), want)
+    loss.backward()
+    assert not h.grad.any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused_linear_loss(h, w, t, lambda lp, e, r: -lp, grad_order=order)[0].backward()
+    assert h.grad.any()
 
 
 @pytest.mark.parametrize("order", ["tokens", "vocab"])
