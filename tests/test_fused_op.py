@@ -3,6 +3,7 @@ reference of the naive computation."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -771,6 +772,23 @@ def test_auto_backend_falls_back_to_torch_with_one_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fused_token_logprobs(hidden, weight, targets, backend="auto")  # warned once only
+
+
+@pytest.mark.parametrize("version, interpreted, refused", [
+    ("3.0.0", True, True), ("3.2.0", True, True), ("3.3.1", True, False), ("3.10.0+git1a2b", True, False),
+    ("3.0.0", False, False),
+])
+def test_old_triton_interpreters_are_refused(version, interpreted, refused):
+    """The interpreters of Triton 3.0-3.2 (pinned by torch 2.4-2.6) give NaN or wrong logp on these
+    kernels: the triton backend will not load under them, naming the version; compiled, it does."""
+    _skip_unavailable("triton")
+    from hpt_fast.backends import triton_backend
+
+    if refused:
+        with pytest.raises(ImportError, match=f"before Triton 3.3; found {re.escape(version)}"):
+            triton_backend._check_interpreter(version, interpreted)
+    else:
+        triton_backend._check_interpreter(version, interpreted)
 
 
 def test_required_backends_are_built():

@@ -225,6 +225,7 @@ def _float32_output_gemms(monkeypatch, addmm_fault=None):
 
     monkeypatch.setattr(torch, "mm", fake_mm)
     monkeypatch.setattr(torch, "addmm", fake_addmm)
+    monkeypatch.setattr(ops, "_FLOAT32_OUT_GEMM", True)  # the overloads, which torch < 2.8 lacks
     ops._float32_products.cache_clear()
     return calls
 

@@ -9,12 +9,33 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import re
 
 import torch
 import triton
 from torch import Tensor
 
 from ..kernels import grad_logits_kernel, row_stats_combine_kernel, row_stats_kernel
+
+# Interpreters before Triton 3.3 (those torch 2.4-2.6 pin) run these kernels to wrong values or
+# NaN on the CPU (measured with 3.0, 3.1 and 3.2; 3.3.1 and 3.9 pass the tests): refuse, not mislead.
+_MIN_INTERPRETER = (3, 3)
+
+
+def _check_interpreter(version: str, interpreted: bool) -> None:
+    """Raise ImportError when the kernels would run under a Triton interpreter older than
+    ``_MIN_INTERPRETER``; ``version``: triton.__version__, ``interpreted``: TRITON_INTERPRET=1."""
+    found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if interpreted and found < _MIN_INTERPRETER:
+        raise ImportError(
+            f"the Triton interpreter (TRITON_INTERPRET=1) computes these kernels wrongly before Triton "
+            f"{'.'.join(map(str, _MIN_INTERPRETER))}; found {version} (pip install 'triton>=3.3' to test "
+            "the triton backend on the CPU)"
+        )
+
+
+_check_interpreter(triton.__version__, os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 # Tile widths and warps, from bench/row_kernel_sweep.py on an H200 (8192 bf16 rows of 21760 and
 # 151936 columns, bench/results_gpu_h200_row_kernels.md): row_stats streams fastest with wide
