@@ -24,10 +24,13 @@ A ground truth that itself contains ``\\boxed`` is reduced to its last box first
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing as mp
+import os
 import re
 import signal
+import sys
 import time
 import weakref
 from collections import Counter, deque
@@ -156,6 +159,10 @@ def math_verify_check(answer: str, gold: str) -> bool:
     return bool(mv_verify(read(gold), read(answer), timeout_seconds=None))
 
 
+# prctl option of <linux/prctl.h>: the signal a process gets when its parent dies
+_PR_SET_PDEATHSIG = 1
+
+
 @dataclass(frozen=True)
 class Scores:
     """The rewards of a batch of responses.
@@ -174,8 +181,28 @@ class Scores:
         return {k: c.get(k, 0) for k in OUTCOMES}
 
 
-def _worker_main(conn: Connection, check: Callable[[str, str], bool]) -> None:
+def _die_with(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux).
+
+    A worker otherwise outlives a trainer killed by SIGKILL, the OOM killer or a crash: forked
+    workers inherit the pipe ends that would give them EOF, and one mid-check may hold the GIL in
+    a single huge integer power, where no watcher thread could run. The kernel's signal comes
+    when the thread that started the worker ends; if that is not the trainer's main thread, a
+    killed idle worker is replaced at the next check like any dead one. Elsewhere the workers
+    stop when the pool is closed, as before.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return
+    if os.getppid() != parent_pid:  # it died before the prctl
+        os._exit(1)
+
+
+def _worker_main(conn: Connection, check: Callable[[str, str], bool], parent_pid: int) -> None:
     """A worker's loop: receive (index, answer, gold), send back (index, outcome); None stops it."""
+    _die_with(parent_pid)
     # Ctrl-C belongs to the trainer, which closes the pool; a worker must not die half-way first
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # math-verify warns once per process that its own time limits are off; ours replace them
@@ -200,7 +227,7 @@ class _Worker:
 
     def __init__(self, ctx, check: Callable[[str, str], bool]) -> None:
         self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(child, check), daemon=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, check, os.getpid()), daemon=True)
         self.proc.start()
         child.close()
         self.task: Optional[int] = None

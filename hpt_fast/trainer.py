@@ -429,6 +429,9 @@ class Trainer:
         per_update = (cfg.train.mini_batch_prompts or cfg.train.prompts_per_step) // self.world
         batches = [self._micro_batches([r for r in rows if start <= r.prompt_index < start + per_update])
                    for start in range(0, len(indices), per_update)]
+        # the training forward passes' own draws (dropout) also come from (seed, step, rank), so a
+        # resumed run draws what the uninterrupted one would have
+        torch.manual_seed(_seed(cfg.train.seed, "train", self.step, self.rank))
         olds = self._old_logp(batches)
         stats, skipped_before = StepStats(self.device), self.skipped
         updates = [u for mbs, old in zip(batches, olds) if (u := self._update(rule, mbs, old, stats)) is not None]

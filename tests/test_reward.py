@@ -1,5 +1,8 @@
 """The reward: boxed-answer extraction, normalised matching, math-verify in a time-limited process pool."""
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -122,6 +125,55 @@ def test_crashed_worker_scores_zero_and_is_replaced():
 def test_exception_in_check_scores_zero():
     with RewardPool(num_workers=1, check=raising_check) as p:
         assert p.score([r"\boxed{a}"], ["b"]).outcomes == ("error",)
+
+
+_ORPHAN_SCRIPT = """
+import os, signal, sys, time
+from hpt_fast.reward import RewardPool
+
+def stuck_check(answer, gold):
+    if answer == "stuck":
+        time.sleep(600)
+    return answer == gold
+
+pool = RewardPool(num_workers=2, timeout_s=600, check=stuck_check)
+assert pool.score([r"\\boxed{b}", r"\\boxed{d}"], ["c", "e"]).outcomes == ("wrong", "wrong")  # starts 2
+pool._assign(0, (0, "stuck", "x"))  # worker 0 starts a check that never ends; no waiting for it
+print(" ".join(str(w.proc.pid) for w in pool._workers), flush=True)
+time.sleep(0.5)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie has exited; a container's PID 1 may never reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+def test_workers_die_with_a_killed_trainer(tmp_path):
+    """A trainer killed by SIGKILL takes its reward workers with it, an idle one and one stuck
+    in a check, instead of leaving them running (holding its stdout) forever."""
+    script, out = tmp_path / "orphan.py", tmp_path / "pids.txt"
+    script.write_text(_ORPHAN_SCRIPT)
+    with open(out, "w") as f, open(tmp_path / "err.txt", "w") as err:
+        # files, not pipes: a surviving worker would hold a pipe open and the run would not end
+        code = subprocess.run([sys.executable, str(script)], stdout=f, stderr=err, timeout=120)
+    assert code.returncode == -signal.SIGKILL, (tmp_path / "err.txt").read_text()
+    pids = [int(p) for p in out.read_text().split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 10
+    try:
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in pids), f"workers {pids} outlived their killed parent"
+    finally:
+        for p in filter(_alive, pids):
+            os.kill(p, signal.SIGKILL)
 
 
 def test_close_is_idempotent_and_the_pool_restarts():

@@ -10,6 +10,7 @@ import torch
 
 from hpt_fast.checkpoint import latest_checkpoint, load_state
 from hpt_fast.metrics import read_metrics
+from hpt_fast.toy import build_toy, default_toy_dir
 from test_trainer import _run, _weights
 
 # SFT rows make the batch independent of sampling (so of the rank count); micro-batches of one row
@@ -48,15 +49,28 @@ def test_two_ranks_under_zero_match_one_rank_at_stage_0(tmp_path, stage0_run, st
     assert sorted(p.name for p in latest_checkpoint(out).glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
 
 
+def _dropout_model(tmp_path) -> str:
+    """The toy model with attention dropout 0.1: training forward passes that draw random numbers."""
+    path = tmp_path / "dropout_model"
+    shutil.copytree(build_toy(default_toy_dir()).model, path)
+    config = json.loads((path / "config.json").read_text())
+    config["attention_dropout"] = 0.1
+    (path / "config.json").write_text(json.dumps(config))
+    return f"model.path={path}"
+
+
 @pytest.mark.parametrize("setting,nproc", [
     (["deepspeed.zero_stage=3", "algorithm.method=sft"], 2),  # no generation: see the last test
     (["deepspeed.zero_stage=1", "deepspeed.bf16=true"], 1),
     (["deepspeed.bf16=true"], 1),
-], ids=["zero3-2ranks", "zero1-bf16", "zero0-bf16"])
+    (["dropout"], 1),
+], ids=["zero3-2ranks", "zero1-bf16", "zero0-bf16", "dropout"])
 def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(tmp_path, setting, nproc):
     """Run 4 steps (checkpoints at 2 and 4); drop checkpoint 4 and resume: the same weights, bit for bit
-    (the float32 master weights and each rank's optimizer partition come back from the checkpoint)."""
+    (the float32 master weights and each rank's optimizer partition come back from the checkpoint;
+    a model with dropout draws the same masks)."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
+    setting = [_dropout_model(tmp_path) if s == "dropout" else s for s in setting]
     steps = ["train.total_steps=4", "train.checkpoint_every=2"]
     _run(full, *setting, *steps, nproc=nproc)
     shutil.copytree(full, resumed)
