@@ -69,7 +69,8 @@ setup(
     ext_modules=[Extension("hpt_fast._C", sources=[], optional=True)],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[
-        "torch>=2.4",
+        # transformers 5's model classes refuse torch before 2.6
+        "torch>=2.6",
         "numpy",
         "tqdm",
         "pyyaml",
@@ -78,10 +79,13 @@ setup(
         "pyarrow",
         "tokenizers",
         "deepspeed",
+        # transformers' DeepSpeed ZeRO-3 loading (zero.Init in from_pretrained) imports it
+        "accelerate>=1.1",
         "math-verify",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "triton", "matplotlib"],
+        # liger-kernel: the trainer's Liger patch is tested through its real API
+        "test": ["pytest", "pytest-benchmark", "triton", "matplotlib", "liger-kernel"],
         # TRL and what it needs, pinned to the versions bench/step_time_vs_trl.py was measured with
         "bench": ["pytest-benchmark", "liger-kernel", "cut-cross-entropy", "triton",
                   "trl==1.16.0", "accelerate==1.15.0", "datasets==5.2.0"],

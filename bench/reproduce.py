@@ -117,7 +117,8 @@ def evaluate_checkpoint(ckpt: Path, files: Sequence[str]) -> dict[str, dict]:
 
 def training_summary(run: Path) -> dict:
     """From ``RUN/metrics.jsonl``: the validation curve (step -> level -> avg@4, plus overall) and the
-    mean SFT fraction and rollout reward over the training steps."""
+    mean demonstration row fraction (``batch_sft_fraction``: the share of the trained rows that are
+    demonstrations) and rollout reward over the training steps."""
     from hpt_fast.plot import load_steps
 
     steps = load_steps(run)
@@ -130,7 +131,7 @@ def training_summary(run: Path) -> dict:
     trained = [m for m in steps.values() if "reward_mean" in m]
     return {
         "curve": curve,
-        "sft_fraction": float(np.mean([m.get("sft_fraction", 0.0) for m in trained])),
+        "demo_row_fraction": float(np.mean([m.get("batch_sft_fraction", 0.0) for m in trained])),
         "reward_mean": float(np.mean([m["reward_mean"] for m in trained])),
     }
 
@@ -143,7 +144,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def aggregate(runs: dict[str, list[dict]]) -> dict[str, dict]:
     """method -> level -> mean/std over seeds of avg@8, pass@8 and the pass@k curve; also the
-    mean validation curve, SFT fraction, rollout reward and training time."""
+    mean validation curve, demonstration row fraction, rollout reward and training time."""
     out = {}
     for method, seeds in runs.items():
         levels = list(seeds[0]["eval"])
@@ -161,7 +162,7 @@ def aggregate(runs: dict[str, list[dict]]) -> dict[str, dict]:
                    for lv in seeds[0]["train"]["curve"][step]}
             for step in common
         }
-        for key in ("sft_fraction", "reward_mean"):
+        for key in ("demo_row_fraction", "reward_mean"):
             summary[key] = mean_std([s["train"][key] for s in seeds])
         summary["train_seconds"] = mean_std([s["train_seconds"] for s in seeds])
         out[method] = summary
@@ -188,10 +189,10 @@ def markdown(summary: dict[str, dict], seeds: Sequence[int], steps: dict[str, in
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["**training** (mean over seeds)", "",
-              f"| {label} | steps | mean SFT fraction | mean rollout reward | seconds per run |",
+              f"| {label} | steps | mean demonstration row fraction | mean rollout reward | seconds per run |",
               "|---|---:|---:|---:|---:|"]
     for method, s in summary.items():
-        lines.append(f"| {method} | {steps[method]} | {s['sft_fraction'][0]:.3f} | {s['reward_mean'][0]:.3f} | "
+        lines.append(f"| {method} | {steps[method]} | {s['demo_row_fraction'][0]:.3f} | {s['reward_mean'][0]:.3f} | "
                      f"{s['train_seconds'][0]:.0f} |")
     return "\n".join(lines) + "\n"
 

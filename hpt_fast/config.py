@@ -302,7 +302,8 @@ class FusedOpConfig:
     Attributes:
         backend: "auto" (triton on CUDA, cpu elsewhere), "torch", "cpu" or "triton".
         chunk_size: tokens per logits block; None: from the op's memory budget
-            (``HPT_FAST_MEMORY_BUDGET_MB``, 128 MiB by default).
+            (``HPT_FAST_MEMORY_BUDGET_MB`` MiB when set, else 1/12 of the naive float32 logits,
+            within 128 MiB - 1 GiB).
         grad_order: "auto", "tokens" or "vocab": the loop order of the op's passes.
         accum_dtype: how a bfloat16 / float16 lm_head gradient is summed over token chunks:
             "float32" (a float32 [V, H] buffer, rounded once) or "inputs" (in the gradient itself,

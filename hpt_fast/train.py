@@ -43,8 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         trainer.close()
     if trainer.rank == 0:
-        shown = {k: v for k, v in last.items() if k.startswith("val/") or k in ("step", "reward_mean", "sft_fraction")}
-        print("final:", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+        if last:
+            shown = {k: v for k, v in last.items() if k.startswith("val/") or k in ("step", "reward_mean", "sft_fraction")}
+            print("final:", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+        else:  # resumed from a checkpoint at or past the last step
+            print(f"final: nothing to train: the run is already at step {trainer.step} of "
+                  f"train.total_steps={cfg.train.total_steps} (its metrics are in metrics.jsonl)")
         print(f"run directory: {cfg.train.output_dir}")
     return 0
 

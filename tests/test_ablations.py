@@ -1,10 +1,11 @@
 """bench/ablations.py: the variants are valid configs, and the task-mix file drops exactly its levels."""
+import json
 import math
 
 import pytest
 
 from bench.ablations import VARIANTS, Variant, luffy_reference, task_mix_file, variant_overrides, welch_t
-from bench.reproduce import CONFIGS, REPO
+from bench.reproduce import CONFIGS, REPO, training_summary
 from hpt_fast.config import build_estimators, load_config
 from hpt_fast.data import Problem, read_train_parquet, write_train_parquet
 
@@ -86,3 +87,20 @@ def test_luffy_reference_trains_on_the_same_task_mix():
     assert luffy_reference(full, variants) is None
     # the shipped sweep has a LUFFY baseline for every task mix it trains HPT on
     assert all(luffy_reference(v, VARIANTS) for v in VARIANTS if v.method == "hpt")
+
+
+def test_training_summary_averages_the_demonstration_row_fraction(tmp_path):
+    """The tables' fraction is the trained rows' share of demonstrations (batch_sft_fraction), not
+    the share of prompts sent to SFT (sft_fraction, 1 on every LUFFY step); validation-only lines
+    count for the curve, not for the training means."""
+    lines = [
+        {"step": 0, "val/toy-add1/avg@4": 0.5, "val/toy-add3/avg@4": 0.1},
+        {"step": 1, "reward_mean": 0.2, "sft_fraction": 1.0, "batch_sft_fraction": 0.25},
+        {"step": 2, "reward_mean": 0.4, "sft_fraction": 1.0, "batch_sft_fraction": 0.125,
+         "val/toy-add1/avg@4": 0.75, "val/toy-add3/avg@4": 0.25},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    summary = training_summary(tmp_path)
+    assert summary["demo_row_fraction"] == pytest.approx(0.1875)
+    assert summary["reward_mean"] == pytest.approx(0.3)
+    assert summary["curve"][2]["toy-add1"] == 0.75 and summary["curve"][0]["overall"] == pytest.approx(0.3)

@@ -63,6 +63,10 @@ def test_one_hpt_step_end_to_end(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(ckpt)
     assert sum(p.numel() for p in model.parameters()) > 0
     assert (out / "config.yaml").is_file()
+    # the same command again: nothing left to train, and it says so
+    again = _run(out, "train.total_steps=1")
+    assert "final: nothing to train: the run is already at step 1 of train.total_steps=1" in again.stdout
+    assert len(read_metrics(out)) == 1
 
 
 def test_two_ranks_match_one_rank(tmp_path):
