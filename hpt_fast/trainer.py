@@ -467,7 +467,7 @@ class Trainer:
                 metrics[key] = sum(u[key] for u in updates) / len(updates)
         for key, value in stats.result(max(len(updates), 1)).items():
             # the estimator's stats are per row or token of the batch; where a name is taken by a step
-            # metric (sft_fraction: prompts sent to SFT) the row-level one is logged as batch_<name>
+            # metric (sft_fraction: prompts trained on a demonstration) the row-level one is logged as batch_<name>
             metrics[f"batch_{key}" if key in metrics else key] = value
         return metrics
 
