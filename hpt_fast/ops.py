@@ -62,9 +62,11 @@ _MIN_BUDGET_MB = 128
 _MAX_BUDGET_MB = 1024
 # The torch backend holds about four float32 temporaries of the block's size at once.
 _TORCH_BACKEND_EXTRA_BYTES = 16
-# Elements between the starts of a logits block's rows, and of vocabulary slabs, are multiples of
-# this (128 bytes in bf16): cuBLAS's fast bf16 GEMMs need 16-byte aligned rows, and an odd row
-# length (slabs of 8179 columns) made vocabulary order take 6-7x its GEMMs' time on an H200.
+# On CUDA the elements between the starts of a logits block's rows, and vocabulary slab widths
+# everywhere, are multiples of this (128 bytes in bf16): cuBLAS's fast bf16 GEMMs need 16-byte
+# aligned rows, and an odd row length (slabs of 8179 columns) made vocabulary order take 6-7x its
+# GEMMs' time on an H200. On CPU a block is contiguous instead (``_Plan.row_align`` 1): torch 2.6's
+# CPU GEMM wrote a strided one through a float32 copy of it (256 MB for one slab at N 2048).
 _ROW_ALIGN = 64
 # A GEMM product bound for a wider sum leaves the CPU GEMM in pieces of this size (see _matmul_into).
 _PIECE_BYTES = 8 * 2**20
@@ -97,6 +99,8 @@ class _Plan:
         (a low-precision weight with ``accum_dtype=torch.float32``) rather than in grad_weight
         itself. (A float32 weight's gradient is itself the float32 sum, also under autocast;
         vocabulary order's grad_hidden, [N, H], is always summed in float32.)
+    row_align: a logits block's rows start a multiple of this many elements apart:
+        ``_ROW_ALIGN`` on CUDA, 1 (a contiguous block) elsewhere.
     """
 
     backend: ModuleType
@@ -106,6 +110,7 @@ class _Plan:
     slab: int
     order: str
     float32_weight_sum: bool
+    row_align: int
 
 
 def _check_inputs(
@@ -364,7 +369,7 @@ def _plan(
         grad_order = _auto_order(mode, float32_weight_sum, n_rows, vocab, hidden.shape[-1], chunk, budget)
     return _Plan(
         backend=module, dtype=dtype, inv_temp=1.0 / temperature, chunk=chunk, slab=slab, order=grad_order,
-        float32_weight_sum=float32_weight_sum,
+        float32_weight_sum=float32_weight_sum, row_align=_ROW_ALIGN if hidden.is_cuda else 1,
     )
 
 
@@ -401,16 +406,17 @@ def _chunks(n: int, size: int):
         yield start, min(start + size, n)
 
 
-def _row_stride(cols: int) -> int:
+def _row_stride(cols: int, align: int) -> int:
     """Elements between the rows of a logits block ``cols`` wide: ``cols`` rounded up to a
-    multiple of ``_ROW_ALIGN``."""
-    return -(-cols // _ROW_ALIGN) * _ROW_ALIGN
+    multiple of ``align`` (``_Plan.row_align``)."""
+    return -(-cols // align) * align
 
 
 def _block_buffer(plan: _Plan, hidden: Tensor, vocab: int) -> Tensor:
     """The flat logits buffer every block of one call is a view of: [chunk, V] or [N, slab],
     rows ``_row_stride`` apart."""
-    numel = max(plan.chunk * _row_stride(vocab), hidden.shape[0] * _row_stride(plan.slab))
+    align = plan.row_align
+    numel = max(plan.chunk * _row_stride(vocab, align), hidden.shape[0] * _row_stride(plan.slab, align))
     return hugepages.empty((numel,), hidden.dtype, hidden.device)
 
 
@@ -463,17 +469,16 @@ def _blocks(
     """
     n, vocab = hidden.shape[0], weight.shape[0]
     if plan.order == "tokens":
-        stride = _row_stride(vocab)
+        stride = _row_stride(vocab, plan.row_align)
         for s, e in _chunks(n, plan.chunk):
             out = _block_view(buffer, e - s, vocab, stride)
             yield _logits_block(hidden[s:e], weight, bias, out), slice(s, e), slice(0, vocab)
     else:
-        stride = _row_stride(plan.slab)
         slabs = list(_chunks(vocab, plan.slab))
         if not after_stats:
             slabs.reverse()
         for k, (v0, v1) in enumerate(slabs):
-            out = _block_view(buffer, n, v1 - v0, stride)
+            out = _block_view(buffer, n, v1 - v0, _row_stride(v1 - v0, plan.row_align))
             if not (after_stats and k == 0):
                 b = None if bias is None else bias[v0:v1]
                 _logits_block(hidden, weight[v0:v1], b, out)

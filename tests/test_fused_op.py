@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -461,19 +462,24 @@ def test_slabs_are_even_aligned_and_within_the_widest(vocab, widest):
 
 
 @pytest.mark.parametrize("order", ORDERS)
-def test_logits_block_rows_are_aligned(order):
-    """Every logits block's rows start a multiple of 64 elements apart (cuBLAS's tensor-core
-    GEMMs need 16-byte aligned rows), whatever V, the slab and the last block's width, and the
-    blocks hold the logits."""
+@pytest.mark.parametrize("align", [64, 1])
+def test_logits_block_rows_are_aligned(order, align):
+    """Every logits block's rows start a multiple of 64 elements apart as on CUDA (cuBLAS's
+    tensor-core GEMMs need 16-byte aligned rows), or are contiguous as on CPU (torch 2.6's CPU
+    GEMM copied a strided output through float32), whatever V, the slab and the last block's
+    width, and the blocks hold the logits."""
     gen = torch.Generator().manual_seed(4)
     n, h, v = 50, 16, 1001
     hidden, weight = torch.randn(n, h, generator=gen), torch.randn(v, h, generator=gen)
     plan = ops._plan("B", "torch", hidden, v, n, 7, 1.0, order, torch.float32)
     assert plan.slab == 128  # at most 7 * 1001 // 50 = 140: 128 (a multiple of 64), 8 slabs
+    assert plan.row_align == 1  # CPU tensors
+    plan = dataclasses.replace(plan, row_align=align)
     buffer = ops._block_buffer(plan, hidden, v)
     seen = 0
     for logits, r, c in ops._blocks(plan, hidden, weight, None, buffer):
-        assert logits.stride(0) % 64 == 0 and logits.stride(1) == 1
+        assert logits.stride(1) == 1
+        assert logits.stride(0) % 64 == 0 if align == 64 else logits.is_contiguous()
         assert torch.allclose(logits, hidden[r] @ weight[c].t(), atol=1e-5)
         seen += logits.numel()
     assert seen == n * v
