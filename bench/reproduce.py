@@ -131,9 +131,17 @@ def training_summary(run: Path) -> dict:
     trained = [m for m in steps.values() if "reward_mean" in m]
     return {
         "curve": curve,
-        "demo_row_fraction": float(np.mean([m.get("batch_sft_fraction", 0.0) for m in trained])),
+        "demo_row_fraction": _mean_row_fraction(trained),
         "reward_mean": float(np.mean([m["reward_mean"] for m in trained])),
     }
+
+
+def _mean_row_fraction(trained: list[dict]) -> float:
+    """Mean over the steps that logged it of the trained rows' demonstration share: the estimator's
+    ``batch_sft_fraction``, or, in logs from before it had that name, its ``sft_fraction``."""
+    key = "batch_sft_fraction" if any("batch_sft_fraction" in m for m in trained) else "sft_fraction"
+    values = [m[key] for m in trained if key in m]
+    return float(np.mean(values)) if values else 0.0
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

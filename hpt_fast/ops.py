@@ -319,7 +319,7 @@ def _auto_order(
     chunk's bf16 product passes through cache in pieces, see _matmul_into; on CUDA the GEMM adds
     into the sum). On an H200 at 8192 x 3584 x 151936 (bench/results_gpu_h200.md) token order
     took 66 ms against vocabulary order's 58 ms under a 128 MiB budget (19 chunks), and 50.5
-    against 52-55 ms under the default's 396 MiB (6 chunks). Measured in bf16 at H 1024,
+    against 52-55 ms under the default's 396 MiB (7 chunks). Measured in bf16 at H 1024,
     V 151936 on the 2-core CPU: at N = 2048 (5 chunks; bench/results_cpu_v151936.md) token order
     1.11x and vocabulary order 1.29x of three GEMMs (1.08x and 1.22x in an earlier run), at
     0.61x and 0.12x of the naive logits' memory; at N = 12288 (28 chunks;
@@ -562,22 +562,27 @@ def _float32_products(device: torch.device, dtype: torch.dtype) -> bool:
     (``torch.mm`` / ``torch.addmm`` with ``out_dtype``, as ``_matmul_into`` calls them), tried
     once per device and dtype on a small product checked against float64. False where the
     overloads are missing (torch before 2.8), not implemented (CPU), raise or sum wrongly; the
-    op then takes its products in ``dtype`` pieces, slower but the same sums."""
+    op then takes its products in ``dtype`` pieces, each rounded to ``dtype`` before it is added,
+    as on CPU. Tried with ``a`` contiguous and transposed, as the gradient pass passes it."""
     if not _FLOAT32_OUT_GEMM or dtype not in _LOW_PRECISION:
         return False
     gen = torch.Generator().manual_seed(0)
     a, b, start = (torch.randn(shape, generator=gen) for shape in ((24, 40), (40, 16), (24, 16)))
     a, b, start = a.to(device, dtype), b.to(device, dtype), start.to(device)
     product = a.double() @ b.double()
-    out = start.clone()
     try:
-        torch.mm(a, b, out_dtype=torch.float32, out=out)
-        ok = torch.allclose(out.double(), product, rtol=1e-5, atol=1e-5)
-        out.copy_(start)
-        torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
-        return ok and torch.allclose(out.double(), start.double() + product, rtol=1e-5, atol=1e-5)
+        for lhs in (a, a.t().contiguous().t()):
+            out = start.clone()
+            torch.mm(lhs, b, out_dtype=torch.float32, out=out)
+            if not torch.allclose(out.double(), product, rtol=1e-5, atol=1e-5):
+                return False
+            out.copy_(start)
+            torch.addmm(out, lhs, b, out_dtype=torch.float32, out=out)
+            if not torch.allclose(out.double(), start.double() + product, rtol=1e-5, atol=1e-5):
+                return False
     except (RuntimeError, TypeError):  # NotImplementedError (no CPU kernel) is a RuntimeError
         return False
+    return True
 
 
 def _piece_rows(cols: int, dtype: torch.dtype) -> int:
@@ -1012,7 +1017,8 @@ def fused_token_logprobs(
             ``accum_dtype=None``) and cut-cross-entropy's CUDA kernel do: no buffer, and no pass
             over it. On CPU each chunk's product leaves the GEMM in bf16 either way, and that
             rounding dominates: measured at H 1024, V 151936, the mean error of grad_weight is
-            the same at 2048 tokens (5 chunks) and 5% larger at 8192 (19 chunks)
+            the same at 2048 tokens (5 chunks) and about 1% larger at 8192 (7 chunks; 5% at 19
+            chunks under an earlier budget)
             (``bench/results_accum_precision_cpu.md``). On CUDA the float32 sum takes each
             chunk's product in float32 (cuBLAS, bf16 inputs, float32 output), so no chunk is
             rounded to bf16 before the end. Vocabulary order's grad_hidden sum is

@@ -159,8 +159,11 @@ def math_verify_check(answer: str, gold: str) -> bool:
     return bool(mv_verify(read(gold), read(answer), timeout_seconds=None))
 
 
-# prctl option of <linux/prctl.h>: the signal a process gets when its parent dies
+# prctl option of <linux/prctl.h>: the signal a process gets when its parent dies. prctl is looked
+# up here, in the trainer: a forked child must not enter the dynamic loader, whose lock another
+# trainer thread may have held at the fork.
 _PR_SET_PDEATHSIG = 1
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
 
 @dataclass(frozen=True)
@@ -181,26 +184,24 @@ class Scores:
         return {k: c.get(k, 0) for k in OUTCOMES}
 
 
-def _die_with(parent_pid: int) -> None:
+def _die_with(parent_pid: Optional[int]) -> None:
     """Have the kernel SIGKILL this process when its parent dies (Linux).
 
     A worker otherwise outlives a trainer killed by SIGKILL, the OOM killer or a crash: forked
     workers inherit the pipe ends that would give them EOF, and one mid-check may hold the GIL in
     a single huge integer power, where no watcher thread could run. The kernel's signal comes
     when the thread that started the worker ends; if that is not the trainer's main thread, a
-    killed idle worker is replaced at the next check like any dead one. Elsewhere the workers
-    stop when the pool is closed, as before.
+    killed idle worker is replaced at the next check like any dead one. Under "forkserver" the
+    parent is the fork server, which exits with the trainer (``parent_pid`` None: not checked).
+    Elsewhere the workers stop when the pool is closed, as before.
     """
-    if not sys.platform.startswith("linux"):
+    if _PRCTL is None or _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        return
-    if os.getppid() != parent_pid:  # it died before the prctl
+    if parent_pid is not None and os.getppid() != parent_pid:  # it died before the prctl
         os._exit(1)
 
 
-def _worker_main(conn: Connection, check: Callable[[str, str], bool], parent_pid: int) -> None:
+def _worker_main(conn: Connection, check: Callable[[str, str], bool], parent_pid: Optional[int]) -> None:
     """A worker's loop: receive (index, answer, gold), send back (index, outcome); None stops it."""
     _die_with(parent_pid)
     # Ctrl-C belongs to the trainer, which closes the pool; a worker must not die half-way first
@@ -227,7 +228,8 @@ class _Worker:
 
     def __init__(self, ctx, check: Callable[[str, str], bool]) -> None:
         self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(child, check, os.getpid()), daemon=True)
+        parent = None if ctx.get_start_method() == "forkserver" else os.getpid()
+        self.proc = ctx.Process(target=_worker_main, args=(child, check, parent), daemon=True)
         self.proc.start()
         child.close()
         self.task: Optional[int] = None

@@ -99,8 +99,14 @@ def test_training_summary_averages_the_demonstration_row_fraction(tmp_path):
         {"step": 2, "reward_mean": 0.4, "sft_fraction": 1.0, "batch_sft_fraction": 0.125,
          "val/toy-add1/avg@4": 0.75, "val/toy-add3/avg@4": 0.25},
     ]
+    lines.append({"step": 3, "reward_mean": 0.3, "sft_fraction": 1.0})  # no trained row: no statistic
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
     summary = training_summary(tmp_path)
     assert summary["demo_row_fraction"] == pytest.approx(0.1875)
     assert summary["reward_mean"] == pytest.approx(0.3)
+    # a log from before the row share was renamed batch_sft_fraction: it is sft_fraction there
+    old = [{k: v for k, v in m.items() if k != "sft_fraction"} for m in lines[:3]]
+    old = [{("sft_fraction" if k == "batch_sft_fraction" else k): v for k, v in m.items()} for m in old]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in old))
+    assert training_summary(tmp_path)["demo_row_fraction"] == pytest.approx(0.1875)
     assert summary["curve"][2]["toy-add1"] == 0.75 and summary["curve"][0]["overall"] == pytest.approx(0.3)

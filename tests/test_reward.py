@@ -92,6 +92,14 @@ def test_empty_batch(pool):
     assert scores.rewards.shape == (0,) and scores.outcomes == ()
 
 
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_every_start_method_scores(method):
+    """Workers started by fork, spawn or a fork server all check answers (a fork server's worker
+    is not the trainer's child, which the parent-death check must allow for)."""
+    with RewardPool(num_workers=2, start_method=method) as p:
+        assert p.score([r"\boxed{\frac{1}{2}}", r"\boxed{0.3}"], ["0.5", r"\frac13"]).outcomes == ("verified", "wrong")
+
+
 def test_pathological_answer_times_out_and_the_pool_recovers():
     with RewardPool(num_workers=2, timeout_s=1.0) as p:
         start = time.perf_counter()

@@ -30,7 +30,10 @@ def _run(out: Path, *overrides: str, nproc: int = 1, wait: bool = True, env_extr
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--master_port", str(29500 + os.getpid() % 1000), *prefix, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    # as pyproject.toml does in this process: a loss with no graph (zero gradients) fails the run
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONWARNINGS": "error:token_loss_fn returned losses with no autograd graph:UserWarning",
+           **(env_extra or {})}
     if not wait:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
