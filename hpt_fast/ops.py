@@ -66,7 +66,8 @@ _TORCH_BACKEND_EXTRA_BYTES = 16
 # everywhere, are multiples of this (128 bytes in bf16): cuBLAS's fast bf16 GEMMs need 16-byte
 # aligned rows, and an odd row length (slabs of 8179 columns) made vocabulary order take 6-7x its
 # GEMMs' time on an H200. On CPU a block is contiguous instead (``_Plan.row_align`` 1): torch 2.6's
-# CPU GEMM wrote a strided one through a float32 copy of it (256 MB for one slab at N 2048).
+# CPU GEMM wrote a strided one through a float32 copy of it (tests/test_memory.py's bf16 cases
+# reached 0.25-0.30x of the naive logits there).
 _ROW_ALIGN = 64
 # A GEMM product bound for a wider sum leaves the CPU GEMM in pieces of this size (see _matmul_into).
 _PIECE_BYTES = 8 * 2**20
