@@ -5,17 +5,22 @@ Training files (parquet, hpt.md section 3; the published ``openr1.parquet`` has 
 | column | type | read as |
 |---|---|---|
 | ``prompt`` | list<struct<role: string, content: string>> | the chat messages (required, non-empty) |
-| ``target`` | list<struct<role, content>> or string | the demonstration: the first message's content, or the string; null: none |
+| ``target`` | list<struct<role, content>> or string | the demonstration: the content of the one assistant message, or the string; null: none |
 | ``reward_model`` | struct<ground_truth: string, ...> | the answer the reward checks (required) |
 | ``data_source`` | string | for per-source metrics (optional, default "") |
 | ``ability``, ``extra_info`` | string, struct<split: string, index: int64> | written, not needed to read |
 
 ``target`` is required when the method trains on demonstrations (``require_target``); a null
-target on a row means that prompt has no demonstration (the HPT gate then keeps it on RL).
+target on a row means that prompt has no demonstration (the HPT gate then keeps it on RL). A
+target given as messages must hold exactly one assistant message (other roles are refused, so a
+whole conversation is not read as its first turn). Targets and ground truths that are empty or
+blank are refused, and a column written as all-null (Arrow type ``null``, as pandas writes an
+empty optional column) reads as absent values.
 
 Validation files (JSON): a list of objects, one per problem, with exactly one of
 ``"prompt"`` (a string: the user message, or a list of ``{role, content}`` messages) or
-``"problem"`` (a string), and ``"answer"`` (a string, or a number, read as its decimal string).
+``"problem"`` (a string), and ``"answer"`` (a non-blank string, or a finite number, read as its
+plain decimal string: ``1e-05`` as ``"0.00001"``, ``3.0`` as ``"3"``).
 Other keys are ignored. A set is named after the file: its parent directory for a file named
 ``test.json`` (``data/AIME24/test.json`` -> "AIME24"), else the file's stem.
 
@@ -36,7 +41,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -108,7 +115,7 @@ def _column(table: pa.Table, path: Path, name: str, ok, expected: str) -> Option
     if name not in table.column_names:
         return None
     t = table.schema.field(name).type
-    if not ok(t):
+    if not (ok(t) or pa.types.is_null(t)):
         raise DataError(f"{path}: column {name!r} must be {expected}, got {t}")
     return table.column(name).to_pylist()
 
@@ -123,6 +130,19 @@ def _messages(where: str, value) -> list[dict[str, str]]:
             raise DataError(f"{where}: each message needs string 'role' and 'content', got {m!r:.80}")
         out.append({"role": m["role"], "content": m["content"]})
     return out
+
+
+def _demonstration(where: str, value: Union[str, list]) -> str:
+    """A target's text: the string, or the content of the one assistant message of a list."""
+    if isinstance(value, list):
+        messages = _messages(where, value)
+        roles = [m["role"] for m in messages]
+        if roles != ["assistant"]:
+            raise DataError(f"{where}: a demonstration given as messages must be one assistant message, got roles {roles}")
+        value = messages[0]["content"]
+    if not value.strip():
+        raise DataError(f"{where}: blank demonstration {value!r} (write null for a prompt without one)")
+    return value
 
 
 def read_train_parquet(path: PathLike, require_target: bool = True) -> list[Problem]:
@@ -156,9 +176,11 @@ def read_train_parquet(path: PathLike, require_target: bool = True) -> list[Prob
     for i, (prompt, truth) in enumerate(zip(prompts, truths)):
         if truth is None:
             raise DataError(f"{path}: column 'reward_model', row {i}: null (or null ground_truth)")
+        if not truth.strip():
+            raise DataError(f"{path}: column 'reward_model', row {i}: blank ground_truth {truth!r}")
         target = None if targets is None else targets[i]
-        if isinstance(target, list):
-            target = _messages(f"{path}: column 'target', row {i}", target)[0]["content"]
+        if target is not None:
+            target = _demonstration(f"{path}: column 'target', row {i}", target)
         out.append(Problem(
             prompt=_messages(f"{path}: column 'prompt', row {i}", prompt),
             ground_truth=truth,
@@ -204,7 +226,16 @@ def _json_item(path: Path, i: int, item: Any) -> Problem:
     answer = item["answer"]
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
         raise DataError(f"{where}: 'answer' must be a string or a number, got {type(answer).__name__}")
-    return Problem(prompt=messages, ground_truth=str(answer), data_source=validation_name(path), index=i)
+    if isinstance(answer, float):
+        if not math.isfinite(answer):
+            raise DataError(f"{where}: 'answer' must be finite, got {answer}")
+        # str() would give "1e-05" / "1e+21", which no response writes; repr is the shortest
+        # decimal that reads back as the same float
+        answer = format(Decimal(repr(answer)).normalize(), "f")
+    answer = str(answer)
+    if not answer.strip():
+        raise DataError(f"{where}: blank 'answer' {answer!r}")
+    return Problem(prompt=messages, ground_truth=answer, data_source=validation_name(path), index=i)
 
 
 def read_validation_json(path: PathLike) -> list[Problem]:

@@ -32,7 +32,7 @@ import torch
 
 from hpt_fast.data import DataError, PromptSet, check_set_names, load_prompt_set
 from hpt_fast.reward import RewardPool
-from hpt_fast.rollout import NativeEngine, RolloutEngine
+from hpt_fast.rollout import NativeEngine, RolloutEngine, end_token_ids
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -180,15 +180,11 @@ def load_benchmarks(files: Sequence[str], tokenizer, settings: EvalSettings) -> 
 def evaluate(model, benchmarks: dict[str, PromptSet], settings: EvalSettings) -> list[BenchmarkResult]:
     """Every benchmark of ``load_benchmarks`` with ``model`` (a transformers causal LM, on its device)."""
     tokenizer = next(iter(benchmarks.values())).tokenizer
-    # chat models stop on their end-of-turn token, which the generation config may add to EOS
-    stops = {tokenizer.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    stops.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    stops.discard(None)
+    stops = end_token_ids(tokenizer, model)
     engine = NativeEngine(model)
     with RewardPool() as rewards:
         return [
-            evaluate_set(engine, s, settings, rewards, sorted(stops), f, benchmark=i)
+            evaluate_set(engine, s, settings, rewards, stops, f, benchmark=i)
             for i, (f, s) in enumerate(benchmarks.items())
         ]
 

@@ -48,8 +48,10 @@ _BOXED = "\\boxed"
 _BRACE_OR_ESCAPE = re.compile(r"\\.|[{}]", re.DOTALL)
 # wrappers whose braces only format: the content is the answer
 _TEXT_WRAP = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox)\{([^{}]*)\}")
-# spacing, sizing and units that never change an answer's value
-_DROPPED = ("\\left", "\\right", "\\displaystyle", "\\!", "\\,", "\\;", "\\:", "^{\\circ}", "^\\circ", "\\%", "%", "$")
+# sizing macros, matched as whole names: \leftarrow and \rightarrow keep their value
+_SIZING = re.compile(r"\\(?:left|right|displaystyle)(?![a-zA-Z])")
+# spacing and units that never change an answer's value, dropped once whitespace is gone
+_DROPPED = ("\\!", "\\,", "\\;", "\\:", "^{\\circ}", "^\\circ", "\\%", "%", "$")
 _INTEGER = re.compile(r"[+-]?\d+")
 
 # outcomes of a check; the first three score 1
@@ -104,9 +106,10 @@ def normalize_answer(answer: str) -> str:
     """
     s = _TEXT_WRAP.sub(r"\1", answer)
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = "".join(_SIZING.sub("", s).split())
     for token in _DROPPED:
         s = s.replace(token, "")
-    return "".join(s.split()).rstrip(".")
+    return s.rstrip(".")
 
 
 def _canonical_integer(s: str) -> Optional[str]:

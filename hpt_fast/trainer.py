@@ -42,7 +42,7 @@ from hpt_fast.loss import FusedUnifiedLoss
 from hpt_fast.metrics import MetricsLogger
 from hpt_fast.policy import FusedHeadPolicy, gathered_state_dict
 from hpt_fast.reward import RewardPool
-from hpt_fast.rollout import NativeEngine, RolloutEngine
+from hpt_fast.rollout import NativeEngine, RolloutEngine, end_token_ids
 from hpt_fast.step_stats import StepStats
 
 logger = logging.getLogger(__name__)
@@ -194,6 +194,7 @@ class Trainer:
         if self.zero_stage == 3:
             policy.declare_head_to_zero3()
         self.model = policy.lm
+        self.stop_token_ids = end_token_ids(self.tokenizer, self.model)
         # under ZeRO-3 each forward gathers weights from every rank: generate in lockstep
         self.rollout: RolloutEngine = vllm if vllm is not None else NativeEngine(self.model, lockstep=self.zero_stage == 3)
         self.rewards = RewardPool()
@@ -412,7 +413,7 @@ class Trainer:
             samples = self.rollout.generate(
                 batch.prompt_ids, n=n_gen, max_new_tokens=cfg.data.max_response_length,
                 temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                stop_token_ids=[self.tokenizer.eos_token_id], seed=_seed(cfg.train.seed, self.step, self.rank),
+                stop_token_ids=self.stop_token_ids, seed=_seed(cfg.train.seed, self.step, self.rank),
             )
         self.rollout.sleep()  # hand the engine's memory to training
         t1 = time.perf_counter()
@@ -486,7 +487,7 @@ class Trainer:
             samples = self.rollout.generate(
                 batch.prompt_ids, n=v.n, max_new_tokens=self.cfg.data.max_response_length,
                 temperature=v.temperature, top_p=v.top_p if v.temperature > 0 else 1.0,
-                stop_token_ids=[self.tokenizer.eos_token_id], seed=_seed(self.cfg.train.seed, "val", self.rank),
+                stop_token_ids=self.stop_token_ids, seed=_seed(self.cfg.train.seed, "val", self.rank),
                 logprobs_needed=False,
             )
             self.rollout.sleep()

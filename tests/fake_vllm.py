@@ -12,8 +12,10 @@ It mirrors the signatures and defaults of the real objects VLLMEngine uses (read
 
 Every call is appended to ``LLM.events`` as a tuple, so tests can check the order; generating from
 dummy or discarded weights raises (vLLM would silently produce garbage). Generation is
-not a model: completion j of a prompt is ``(prompt[-1] + j + k) % FAKE_VOCAB`` at step k, each with
-log-prob ``-0.25 * (k + 1)``, ending at a stop token (kept) or after ``max_tokens``.
+not a model: completion j of a prompt is ``(prompt[-1] + s + k) % FAKE_VOCAB`` at step k, where s
+is the sample's seed (vLLM's: the request's seed + j; j when unseeded), each with log-prob
+``-0.25 * (k + 1)``, ending at a stop token (kept) or after ``max_tokens``. ``sampling_params`` may
+be one ``SamplingParams`` for every prompt or a list with one per prompt, as in vLLM.
 """
 from __future__ import annotations
 
@@ -110,6 +112,7 @@ ENGINE_ARGS_FIELDS = frozenset((
 LOGPROBS_MODES = ("raw_logits", "raw_logprobs", "processed_logits", "processed_logprobs")
 # SamplingParams raises a temperature in (0, _MIN_TEMPERATURE) to it and refuses one above 2
 _MIN_TEMPERATURE, _MAX_TEMPERATURE = 1e-2, 2.0
+_SAMPLING_EPS = 1e-5
 EXECUTOR_BACKENDS = ("ray", "mp", "uni", "external_launcher")
 
 
@@ -163,8 +166,13 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if 0 < self.temperature < _MIN_TEMPERATURE:
             self.temperature = _MIN_TEMPERATURE
+        if self.seed == -1:
+            self.seed = None
         if not 0 <= self.temperature <= _MAX_TEMPERATURE:
             raise ValueError(f"temperature must be in [0, 2], got {self.temperature}.")
+        self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids or ()))
+        if self.temperature < _SAMPLING_EPS:  # greedy: the truncations mean nothing
+            self.top_p, self.top_k = 1.0, 0
 
 
 class FakeModel:
@@ -248,7 +256,7 @@ class LLM:
     def generate(
         self,
         prompts: Any,
-        sampling_params: Optional[SamplingParams] = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         use_tqdm: bool | Callable[..., Any] = True,
         lora_request: Any = None,
@@ -261,17 +269,25 @@ class LLM:
         if self.model.garbage:
             # real vLLM would generate from dummy weights without a word: a tripwire for the engine
             raise RuntimeError("generate with dummy or discarded weights")
-        params = sampling_params or SamplingParams()
-        self.events.append(("generate", len(prompts), params))
-        stops = set(params.stop_token_ids or ())
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            per_prompt = [sampling_params] * len(prompts)
+        else:
+            per_prompt = list(sampling_params)
+            if len(per_prompt) != len(prompts):
+                raise ValueError("The lengths of prompts and params must be the same.")
+        self.events.append(("generate", len(prompts), sampling_params))
         outputs = []
-        for i, prompt in enumerate(prompts):
+        for i, (prompt, params) in enumerate(zip(prompts, per_prompt)):
             ids = prompt["prompt_token_ids"]
+            stops = set(params.stop_token_ids)
             completions = []
             for j in range(params.n):
                 tokens, logprobs, reason = [], [], "length"
+                sample_seed = j if params.seed is None else params.seed + j
                 for k in range(params.max_tokens):
-                    token = (ids[-1] + j + k) % FAKE_VOCAB
+                    token = (ids[-1] + sample_seed + k) % FAKE_VOCAB
                     tokens.append(token)
                     logprobs.append({token: Logprob(-0.25 * (k + 1), rank=1)})
                     if token in stops:

@@ -72,6 +72,15 @@ def test_parquet_target_as_string_and_extra_columns(tmp_path):
     (dict(reward_model=pa.array([None], type=pa.struct([("ground_truth", pa.string())]))),
      r"column 'reward_model', row 0: null"),
     (dict(data_source=pa.array([1])), r"column 'data_source' must be a string, got int64"),
+    (dict(reward_model=pa.array([{"ground_truth": " "}])), r"column 'reward_model', row 0: blank ground_truth ' '"),
+    (dict(target=pa.array([""])), r"column 'target', row 0: blank demonstration ''"),
+    (dict(target=pa.array([[{"role": "assistant", "content": "\n"}]])), r"column 'target', row 0: blank demonstration"),
+    # a whole conversation is not a demonstration: its first turn would be the question
+    (dict(target=pa.array([[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]])),
+     r"column 'target', row 0: a demonstration given as messages must be one assistant message, "
+     r"got roles \['user', 'assistant'\]"),
+    (dict(target=pa.array([[{"role": "user", "content": "a"}]])), r"column 'target', row 0: .* one assistant message, got roles \['user'\]"),
+    (dict(prompt=pa.array([None], type=pa.null())), r"column 'prompt', row 0: expected a non-empty list"),
 ])
 def test_bad_parquet_names_file_and_column(tmp_path, columns, message):
     path = tmp_path / "bad.parquet"
@@ -83,6 +92,14 @@ def test_bad_parquet_names_file_and_column(tmp_path, columns, message):
 def test_target_column_is_optional_when_not_required(tmp_path):
     pq.write_table(_table(target=None), tmp_path / "rl.parquet")
     assert read_train_parquet(tmp_path / "rl.parquet", require_target=False)[0].target is None
+
+
+def test_all_null_optional_columns_read_as_absent_values(tmp_path):
+    """pandas writes an optional column holding only None with Arrow type null."""
+    pq.write_table(_table(target=pa.array([None]), data_source=pa.array([None])), tmp_path / "nulls.parquet")
+    assert pq.read_schema(tmp_path / "nulls.parquet").field("target").type == pa.null()
+    problem = read_train_parquet(tmp_path / "nulls.parquet")[0]
+    assert problem.target is None and problem.data_source == ""
 
 
 def test_empty_and_unreadable_parquet(tmp_path):
@@ -99,12 +116,15 @@ def test_validation_json_accepted_keys(tmp_path):
         {"prompt": "What is 1+1?", "answer": "2", "id": 7},
         {"problem": "What is 2+2?", "answer": 4},
         {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], "answer": 0.5},
+        {"prompt": "q", "answer": 0.00001}, {"prompt": "q", "answer": 1e21}, {"prompt": "q", "answer": 3.0},
+        {"prompt": "q", "answer": -2.50},
     ]
     path = tmp_path / "AIME24" / "test.json"
     path.parent.mkdir()
     path.write_text(json.dumps(items))
     problems = read_validation_json(path)
-    assert [p.ground_truth for p in problems] == ["2", "4", "0.5"]
+    # numbers as the plain decimals a response would write, never str(float)'s "1e-05"
+    assert [p.ground_truth for p in problems] == ["2", "4", "0.5", "0.00001", "1" + "0" * 21, "3", "-2.5"]
     assert problems[1].prompt == [{"role": "user", "content": "What is 2+2?"}] and len(problems[2].prompt) == 2
     assert {p.data_source for p in problems} == {"AIME24"} and validation_name(tmp_path / "math500.json") == "math500"
     write_validation_json(tmp_path / "out.json", problems)
@@ -120,6 +140,9 @@ def test_validation_json_accepted_keys(tmp_path):
     ('[{"question": "q", "answer": "1"}]', r"item 0: needs exactly one of 'prompt' and 'problem', has neither"),
     ('[{"prompt": "q", "answer": "1"}, {"prompt": "q"}]', r"item 1: missing key 'answer'"),
     ('[{"prompt": "q", "answer": null}]', r"item 0: 'answer' must be a string or a number"),
+    ('[{"prompt": "q", "answer": NaN}]', r"item 0: 'answer' must be finite, got nan"),
+    ('[{"prompt": "q", "answer": -Infinity}]', r"item 0: 'answer' must be finite, got -inf"),
+    ('[{"prompt": "q", "answer": " "}]', r"item 0: blank 'answer' ' '"),
     ('[{"prompt": "", "answer": "1"}]', r"item 0: 'prompt' must be a non-empty string"),
     ('[{"problem": ["q"], "answer": "1"}]', r"item 0: 'problem' must be a non-empty string"),
     ('[{"prompt": [{"role": "user"}], "answer": "1"}]', r"item 0, key 'prompt': each message needs string"),

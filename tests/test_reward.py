@@ -60,6 +60,13 @@ def test_normalize_answer():
     assert normalize_answer(r"\left( 1, 2 \right).") == "(1,2)"
     assert normalize_answer("50\\%") == "50"
     assert normalize_answer("X") != normalize_answer("x")
+    # sizing macros go as whole names only: arrows keep their meaning
+    assert normalize_answer(r"\leftarrow") != normalize_answer("arrow")
+    assert normalize_answer(r"A \rightarrow B") == r"A\rightarrowB"
+    assert normalize_answer(r"\displaystyle \frac{1}{2}") == r"\frac{1}{2}"
+    # units and spacing are found with spaces inside them too
+    assert normalize_answer(r"3^{ \circ }") == normalize_answer(r"3 ^ \circ") == "3"
+    assert normalize_answer(r"1\, 000") == "1000"
 
 
 @pytest.mark.parametrize("response, truth, outcome", [

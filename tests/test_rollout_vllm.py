@@ -134,17 +134,32 @@ def test_zero3_parameters_are_gathered_one_at_a_time(vllm, model, monkeypatch):
 def test_samples_and_sampling_params(vllm, model):
     engine = _engine(model)
     engine.update_weights()
-    out = engine.generate([[3, 4], [7]], n=3, max_new_tokens=5, temperature=0.8, stop_token_ids=[10, 9], seed=11)
+    out = engine.generate([[3, 4], [7]], n=3, max_new_tokens=5, temperature=0.8, stop_token_ids=[24, 20], seed=11)
     params = next(e[2] for e in engine._llm.events if e[0] == "generate")
-    assert params == fake_vllm.SamplingParams(n=3, temperature=0.8, top_p=1.0, top_k=0, seed=11,
-                                              stop_token_ids=[9, 10], max_tokens=5, logprobs=0,
-                                              detokenize=False, ignore_eos=True)
-    assert [s.token_ids for s in out[0]] == [[4, 5, 6, 7, 8], [5, 6, 7, 8, 9], [6, 7, 8, 9]]
+    # one request per prompt, seeded apart: vLLM gives sample j of a request its seed + j
+    assert params == [fake_vllm.SamplingParams(n=3, temperature=0.8, top_p=1.0, top_k=0, seed=seed,
+                                               stop_token_ids=[20, 24], max_tokens=5, logprobs=0,
+                                               detokenize=False, ignore_eos=True) for seed in (11, 14)]
+    assert [s.token_ids for s in out[0]] == [[15, 16, 17, 18, 19], [16, 17, 18, 19, 20], [17, 18, 19, 20]]
     assert [s.finish_reason for s in out[0]] == ["length", "stop", "stop"]
-    assert [s.token_ids for s in out[1]] == [[7, 8, 9], [8, 9], [9]]
+    assert [s.token_ids for s in out[1]] == [[21, 22, 23, 24], [22, 23, 24], [23, 24]]
     sample = out[0][2]
     assert sample.logprobs.dtype == torch.float32
     torch.testing.assert_close(sample.logprobs, torch.tensor([-0.25, -0.5, -0.75, -1.0]))
+
+
+@pytest.mark.parametrize("seed", [0, -1, 2**63 - 3])
+def test_every_sample_of_a_call_has_its_own_seed(vllm, model, seed):
+    """Identical prompts in one call are sampled independently, as NativeEngine samples them; no
+    derived seed is vLLM's -1, which means unseeded."""
+    engine = _engine(model)
+    engine.update_weights()
+    engine.generate([[5], [5], [5]], n=2, max_new_tokens=2, seed=seed)
+    params = next(e[2] for e in engine._llm.events if e[0] == "generate")
+    sample_seeds = [p.seed + j for p in params for j in range(p.n)]
+    assert len(set(sample_seeds)) == 6 and all(0 <= s for s in sample_seeds)
+    engine.generate([[5], [5]], n=2, max_new_tokens=2)
+    assert [p.seed for p in [e for e in engine._llm.events if e[0] == "generate"][-1][2]] == [None, None]
 
 
 def test_truncated_sampling_when_the_caller_needs_no_logprobs(vllm, model):
@@ -152,7 +167,7 @@ def test_truncated_sampling_when_the_caller_needs_no_logprobs(vllm, model):
     engine = _engine(model)
     engine.update_weights()
     engine.generate([[3]], n=2, max_new_tokens=2, temperature=0.6, top_p=0.95, seed=1, logprobs_needed=False)
-    params = next(e[2] for e in engine._llm.events if e[0] == "generate")
+    [params] = next(e[2] for e in engine._llm.events if e[0] == "generate")
     assert params.top_p == 0.95 and params.temperature == 0.6
 
 

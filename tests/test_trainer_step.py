@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from hpt_fast.config import load_config
 from hpt_fast.data import DataError
 from hpt_fast.reward import Scores
+from hpt_fast.rollout import end_token_ids
 from hpt_fast.toy import build_toy, default_toy_dir, use_toy
 from hpt_fast.trainer import Trainer, _load_tokenizer
 
@@ -206,3 +208,28 @@ def test_a_tokenizer_without_a_pad_token_pads_with_eos(tmp_path):
     tokenizer.save_pretrained(tmp_path)
     loaded = _load_tokenizer(str(tmp_path), False)
     assert loaded.pad_token_id == loaded.eos_token_id is not None
+
+
+def test_rollouts_stop_on_the_generation_configs_end_of_turn_too(make_trainer, tmp_path):
+    """A chat model's end-of-turn token listed only in its generation config ends training rollouts
+    as it ends evaluation's, instead of a response running past it."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(build_toy(default_toy_dir()).model, model_dir)
+    config = json.loads((model_dir / "generation_config.json").read_text())
+    eos = config["eos_token_id"]
+    (model_dir / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": [eos, 7]}))
+    trainer = make_trainer(f"model.path={model_dir}")
+    assert trainer.tokenizer.eos_token_id == eos and trainer.stop_token_ids == sorted({eos, 7})
+    seen = []
+    generate = trainer.rollout.generate
+    trainer.rollout.generate = lambda prompts, **kw: seen.append(kw["stop_token_ids"]) or generate(prompts, **kw)
+    trainer.train_step()
+    assert seen == [sorted({eos, 7})]
+
+
+def test_end_token_ids():
+    tok = SimpleNamespace(eos_token_id=5)
+    assert end_token_ids(tok, None) == [5]
+    assert end_token_ids(tok, SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None))) == [5]
+    assert end_token_ids(tok, SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=9))) == [5, 9]
+    assert end_token_ids(tok, SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[9, 5, 2]))) == [2, 5, 9]

@@ -110,6 +110,22 @@ class GenerationRequest:
         return not self.greedy and (self.top_k > 0 or self.top_p < 1.0)
 
 
+def end_token_ids(tokenizer, model) -> list[int]:
+    """The tokens that end a response: the tokenizer's EOS and the EOS ids of the model's generation
+    config, where chat models list their end-of-turn token (as vLLM, by default, stops on them).
+
+    Args:
+        tokenizer: a transformers tokenizer. model: a transformers model, or anything without a
+            ``generation_config`` (then the tokenizer's EOS alone).
+    Returns: the ids, sorted, without repeats or None.
+    """
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    ids.discard(None)
+    return sorted(ids)
+
+
 def _is_int(x: object) -> bool:
     # bool is an int subclass, but True as a token id or a count is always a caller's bug
     return isinstance(x, int) and not isinstance(x, bool)

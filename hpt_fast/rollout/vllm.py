@@ -287,23 +287,35 @@ class VLLMEngine:
             prompts, seed = [p for g in gathered for p in g[0]], gathered[0][1]
             mine = slice(start, start + len(request.prompts))
 
-        params = SamplingParams(
-            n=request.n,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            top_k=request.top_k,
-            seed=seed,
-            stop_token_ids=list(request.stop_token_ids),
-            max_tokens=request.max_new_tokens,
-            logprobs=0,  # the sampled token's log-prob only
-            detokenize=False,
-            ignore_eos=True,  # stop on stop_token_ids only, as every engine does
-        )
+        # vLLM seeds each request's own generator with its seed, and sample j of an n-sample
+        # request with seed + j: one seed for the batch would give every prompt the same noise
+        params = [
+            SamplingParams(
+                n=request.n,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                top_k=request.top_k,
+                seed=None if seed is None else _request_seed(seed, i, request.n),
+                stop_token_ids=list(request.stop_token_ids),
+                max_tokens=request.max_new_tokens,
+                logprobs=0,  # the sampled token's log-prob only
+                detokenize=False,
+                ignore_eos=True,  # stop on stop_token_ids only, as every engine does
+            )
+            for i in range(len(prompts))
+        ]
         with self._phase("generate"):
             outputs = self._llm.generate(
                 [{"prompt_token_ids": p} for p in prompts], sampling_params=params, use_tqdm=False
             )
         return [[_to_sample(c) for c in out.outputs] for out in outputs[mine]]
+
+
+def _request_seed(seed: int, prompt: int, n: int) -> int:
+    """The seed of prompt ``prompt``'s request: its samples take ``seed + prompt * n + j`` (vLLM adds
+    j), disjoint across prompts; kept in [0, 2**62), so that no seed is vLLM's -1 ("unseeded") and
+    seed + j stays within a torch generator's seed range."""
+    return (seed + prompt * n) % 2**62
 
 
 def _tensor_parallel_group(size: int):
