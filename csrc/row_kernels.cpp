@@ -189,7 +189,8 @@ struct Split {
 
 Split split_rows(int64_t rows, int64_t cols, int64_t align) {
   const int64_t threads = at::get_num_threads();
-  if (rows >= threads || cols < 2 * kMinSplit) {
+  // no rows (every target ignored): nothing to split, and divup below would divide by zero
+  if (rows == 0 || rows >= threads || cols < 2 * kMinSplit) {
     return {cols, 1};
   }
   const int64_t want = std::min(divup(threads, rows), cols / kMinSplit);

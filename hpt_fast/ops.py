@@ -49,6 +49,8 @@ ChunkHook = Callable[[int, int, Tensor], None]
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # dtypes whose GEMM outputs are rounded below float32, so that a sum over blocks loses precision
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+_INT64_MIN, _INT64_MAX = torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max
 # The logits block's default budget: this share of the naive float32 logits [N, V], within
 # [_MIN_BUDGET_MB, _MAX_BUDGET_MB] MiB. A share keeps the op's extra memory a fixed fraction of
 # what it saves (1/12 leaves room under the 1/8 target for vocabulary order's float32
@@ -200,9 +202,14 @@ def _scalar_args(
     temperature = float(temperature)
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if 1.0 / temperature > _FLOAT32_MAX:
+        # the kernels scale by 1 / T in float32: inf would turn every logit into inf or NaN
+        raise ValueError(f"temperature must be at least 1 / {_FLOAT32_MAX:.4g} (its inverse is a float32), got {temperature}")
     index = _integer(ignore_index)
     if index is None:
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not _INT64_MIN <= index <= _INT64_MAX:
+        raise ValueError(f"ignore_index must fit in int64, got {index}")
     if chunk_size is not None:
         size = _integer(chunk_size)
         if size is None or size < 1:
@@ -246,7 +253,9 @@ def _valid_rows(targets: Tensor, ignore_index: int, vocab: int) -> Optional[Tens
 
     Raises for ids outside [0, V): the kernels index by them and must never read out of bounds.
     """
-    flat = targets.reshape(-1)
+    # compared as int64: against int32 targets torch would wrap an ignore_index outside int32's
+    # range onto a real id, dropping its positions without a word
+    flat = targets.reshape(-1).long()
     valid = flat != ignore_index
     bad = valid & ((flat < 0) | (flat >= vocab))
     # both answers in one device-to-host read: each read waits for the device (a GPU profile
@@ -996,7 +1005,7 @@ def fused_token_logprobs(
             autocast off.
         targets: [...] int64, the leading shape of ``hidden``; ids in [0, V) or ``ignore_index``.
         bias: [V] or None. Logits are ``(hidden @ weight.T + bias) / temperature``.
-        temperature: finite, > 0.
+        temperature: finite, > 0, with 1 / temperature a finite float32 (T >= about 2.9e-39).
         ignore_index: positions with this target give logp = 0, entropy = 0 and no gradient.
         return_entropy: also return the entropy of each position's distribution.
         backend: "auto" (triton on CUDA, cpu elsewhere, torch as fallback), "torch", "cpu", "triton".

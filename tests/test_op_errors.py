@@ -42,6 +42,9 @@ def test_bad_tensors(change, error, match):
         ({"temperature": -1.0}, ValueError, "temperature"),
         ({"temperature": math.nan}, ValueError, "temperature"),
         ({"temperature": "1"}, TypeError, "temperature must be a number"),
+        # 1 / T overflows float32: the kernels' scale would make every logit inf / NaN
+        ({"temperature": 1e-39}, ValueError, r"temperature must be at least 1 / 3.403e\+38"),
+        ({"ignore_index": 2**63}, ValueError, "ignore_index must fit in int64, got 9223372036854775808"),
         ({"bias": torch.randn(10)}, ValueError, "bias must have shape"),
         ({"bias": torch.randn(11, dtype=torch.float64)}, TypeError, "bias dtype"),
         ({"backend": "cuda"}, ValueError, "backend must be one of"),
@@ -56,6 +59,16 @@ def test_bad_options(kwargs, error, match):
     h, w, t = _ok()
     with pytest.raises(error, match=match):
         fused_token_logprobs(h, w, t, **kwargs)
+
+
+def test_an_ignore_index_outside_int32_never_matches_int32_targets():
+    """Compared in int32, 2**32 + 3 wraps to 3: the positions of id 3 were dropped without a word."""
+    h, w, t = _ok()
+    t = t.clone()
+    t[0] = 3
+    want, _ = fused_token_logprobs(h, w, t, ignore_index=2**32 + 3)
+    got, _ = fused_token_logprobs(h, w, t.int(), ignore_index=2**32 + 3)
+    assert (want != 0).all() and torch.equal(got, want)
 
 
 def test_numpy_scalars_are_numbers():
