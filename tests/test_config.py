@@ -53,6 +53,11 @@ def test_method_rules_and_estimators():
     assert cfg.rollouts_per_prompt("sft") == 0 and cfg.rollouts_per_prompt("rl") == 8
     luffy = load_config(CONFIGS[0].parent / "luffy.yaml")
     assert luffy.algorithm.batch_rule(0) == "luffy" and luffy.rollouts_per_prompt("luffy") == 7
+    # the HPT repository's LUFFY and SRFT scripts: lr 1e-6 and no step skipped, unlike its HPT script
+    srft = load_config(CONFIGS[0].parent / "srft.yaml")
+    for baseline in (luffy, srft):
+        assert baseline.optim.lr == 1e-6 and baseline.optim.skip_grad_norm_above is None
+        assert baseline.algorithm.entropy_coef == 0.001 and baseline.train.total_steps == 500
 
 
 def test_overrides_are_parsed_by_field_type():
