@@ -130,9 +130,15 @@ def _check_inputs(
     The dtype checks are on the dtypes the op computes in (``_compute_dtype``): under autocast,
     a float32 weight with bf16 activations is one bf16 op, as for ``F.linear``.
     """
-    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets), ("bias", bias)):
+        if t is None and name == "bias":
+            continue
         if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"{name} must be a torch.Tensor{' or None' if name == 'bias' else ''}, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+        if t.is_meta:
+            raise ValueError(f"{name} is on the meta device: it has no values to compute with")
     autocast = _autocast_dtype(hidden.device)
     dtype = _compute_dtype(hidden, autocast)
     # under autocast the dtypes differ only where one is float64, which autocast does not cast
@@ -161,8 +167,6 @@ def _check_inputs(
         )
     devices = {hidden.device, weight.device, targets.device}
     if bias is not None:
-        if not isinstance(bias, Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"bias must have shape [V]=({weight.shape[0]},), got {tuple(bias.shape)}")
         if _compute_dtype(bias, autocast) != dtype:
@@ -745,6 +749,7 @@ class _TokenLogprobs(torch.autograd.Function):
         return rows.logp, (rows.logp.new_zeros(0) if rows.entropy is None else rows.entropy.clone())
 
     @staticmethod
+    @torch.compiler.disable  # as the forward: a compiled step's backward would trace into it
     def backward(ctx, g_logp, g_ent):
         _refuse_double_backward()
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
@@ -764,6 +769,26 @@ _DETACHED_LOSS_WARNING = (
     "token_loss_fn returned losses with no autograd graph back to its logp / entropy arguments "
     "(detached, or computed outside torch): they are constant, so the input gradients are zero"
 )
+
+
+def _pack_saved(t: Tensor) -> tuple[Tensor, int]:
+    return t, t._version
+
+
+def _unpack_saved(packed: tuple[Tensor, int]) -> Tensor:
+    t, version = packed
+    if t._version != version:
+        # what autograd itself reports when no hook is installed
+        raise RuntimeError("token_loss_fn modified in place a tensor that its loss's gradient needs")
+    return t
+
+
+def _own_saved_tensors() -> contextlib.AbstractContextManager:
+    """Saved-tensor hooks that keep token_loss_fn's tensors as they are. The caller's hooks are for
+    its own graph; this one is built and differentiated here, chunk by chunk, so under a
+    non-reentrant ``torch.utils.checkpoint`` each of its unpacks would rerun the whole checkpointed
+    region (once per chunk, in the forward), and ``save_on_cpu`` would copy every chunk's tensors."""
+    return torch.autograd.graph.saved_tensors_hooks(_pack_saved, _unpack_saved)
 # per-token status codes of _token_loss_grads
 _LOGITS_NOT_FINITE = 1
 _LOSS_NOT_FINITE = 2
@@ -781,17 +806,17 @@ def _token_loss_grads(
     call of the op, not per chunk: reading it on the host waits for the device. Without
     ``differentiate`` (no input gradient wanted) there is no gradient to compute or check.
     """
-    with torch.enable_grad() if differentiate else contextlib.nullcontext():
+    with torch.enable_grad() if differentiate else contextlib.nullcontext(), _own_saved_tensors():
         lp = logp.detach().requires_grad_(differentiate)
         ent = None if entropy is None else entropy.detach().requires_grad_(differentiate)
         # copies, not the leaves: the function may work on its inputs in place, as on any tensor
         try:
             losses = token_loss_fn(lp.clone(), None if ent is None else ent.clone(), rows)
-        except TypeError as exc:
+        except (TypeError, AttributeError) as exc:
             if ent is not None or "NoneType" not in str(exc):
                 raise
-            raise TypeError(f"token_loss_fn raised TypeError: {exc} (its entropy argument is None: "
-                            "pass with_entropy=True for a loss that uses it)") from exc
+            raise type(exc)(f"token_loss_fn raised {type(exc).__name__}: {exc} (its entropy argument is "
+                            "None: pass with_entropy=True for a loss that uses it)") from exc
         if not isinstance(losses, Tensor):
             raise TypeError(f"token_loss_fn must return a Tensor, got {type(losses).__name__}")
         if tuple(losses.shape) != tuple(lp.shape):
@@ -806,9 +831,10 @@ def _token_loss_grads(
         losses = losses.to(lp.dtype)
         if differentiate and losses.requires_grad:
             grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
-        elif differentiate:
-            # e.g. built from .item() / .tolist() / numpy, or detached: constant, so zero gradients,
-            # which is legitimate but more often a mistake than meant
+        if differentiate and all(g is None for g in grads):
+            # e.g. built from .item() / .tolist() / numpy, or detached (a graph through other
+            # tensors only): constant in logp / entropy, so zero gradients, which is legitimate
+            # but more often a mistake than meant
             warnings.warn(_DETACHED_LOSS_WARNING, stacklevel=2)
     g_logp = None
     if differentiate:
@@ -901,6 +927,7 @@ class _LinearLoss(torch.autograd.Function):
         return total, rows.logp, ent_out
 
     @staticmethod
+    @torch.compiler.disable
     def backward(ctx, grad_loss, _g_logp, _g_ent):
         _refuse_double_backward()
         # Saved tensors, so autograd frees the [V, H] gradient right after backward. They are

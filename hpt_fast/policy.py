@@ -34,6 +34,7 @@ class FusedHeadPolicy(nn.Module):
 
     def __init__(self, lm: nn.Module, op_kwargs: Optional[dict[str, Any]] = None) -> None:
         super().__init__()
+        _check_plain_head(lm)
         self.lm = lm
         self.op_kwargs = dict(op_kwargs or {})
 
@@ -77,6 +78,24 @@ class FusedHeadPolicy(nn.Module):
             return logp
         return loss_fn(hidden, head.weight, mb.targets, mb.mask, mb.advantages, bias=head.bias,
                        old_logp=old_logp, off_policy=mb.off_policy, rewards=mb.rewards, normalizers=normalizers)
+
+
+# config fields with which transformers models change the logits after lm_head, and the value
+# that leaves them unchanged (Gemma 2 / 3: tanh soft-capping; Granite: a divisor; Cohere: a factor)
+_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logits_scaling": 1.0, "logit_scale": 1.0}
+
+
+def _check_plain_head(lm: nn.Module) -> None:
+    """ValueError for a model whose logits are not ``lm_head(hidden)``: the fused head would train
+    it on the log-probs of other logits than the ones it samples from, without a word."""
+    config = getattr(lm, "config", None)
+    for field, neutral in _LOGIT_TRANSFORMS.items():
+        value = getattr(config, field, neutral)
+        if value != neutral:
+            raise ValueError(
+                f"{type(lm).__name__} sets {field}={value}: its logits are transformed after lm_head, "
+                "which the fused head does not do; hpt_fast trains models whose logits are lm_head(hidden)"
+            )
 
 
 def gathered_state_dict(lm: nn.Module, rank: int) -> Optional[dict[str, Tensor]]:

@@ -17,6 +17,8 @@ def _ok():
     "change, error, match",
     [
         (lambda h, w, t: (h, torch.randn(11, 7), t), ValueError, "hidden size mismatch"),
+        (lambda h, w, t: (h, w.to_sparse(), t), TypeError, r"weight must be a dense \(strided\) tensor, got layout torch.sparse_coo"),
+        (lambda h, w, t: (h.to("meta"), w.to("meta"), t.to("meta")), ValueError, "hidden is on the meta device"),
         (lambda h, w, t: (h, w.to(torch.bfloat16), t), TypeError, "weight dtype"),
         (lambda h, w, t: (h.long(), w, t), TypeError, "hidden must be"),
         (lambda h, w, t: (h, w, t.float()), TypeError, "targets must be int64"),
@@ -142,6 +144,9 @@ def test_ignore_index_is_not_out_of_range():
         (lambda lp, e, r: torch.sqrt(lp - lp), FloatingPointError, "non-finite"),  # finite loss, inf gradient
         # an entropy term without with_entropy=True: the user's own TypeError, with the reason
         (lambda lp, e, r: -lp - 0.001 * e, TypeError, "entropy argument is None: pass with_entropy=True"),
+        (lambda lp, e, r: -lp - 0.001 * e.mean(), AttributeError, "entropy argument is None: pass with_entropy"),
+        # autograd's own in-place check, kept under the op's saved-tensor hooks
+        (lambda lp, e, r: (lambda y: (y.clone(), y.add_(1))[0])(lp.exp()), RuntimeError, "modified in place a tensor that its loss's gradient"),
     ],
 )
 def test_bad_token_loss_fn(fn, error, match):
@@ -151,7 +156,12 @@ def test_bad_token_loss_fn(fn, error, match):
 
 
 @pytest.mark.parametrize("order", ["tokens", "vocab"])
-@pytest.mark.parametrize("detach", [lambda lp: lp.detach(), lambda lp: torch.tensor(lp.tolist())])
+@pytest.mark.parametrize("detach", [
+    lambda lp: lp.detach(),
+    lambda lp: torch.tensor(lp.tolist()),
+    # a graph, but through another tensor only: still constant in logp
+    lambda lp: lp.detach() * torch.ones((), requires_grad=True),
+], ids=["detached", "rebuilt", "other-graph"])
 def test_a_loss_without_a_graph_warns(order, detach):
     """A loss detached from logp (or rebuilt from its values) is a constant: the op still returns
     its value, with zero gradients, and says so; a loss through logp says nothing."""

@@ -303,3 +303,44 @@ def test_inside_torch_compile(mode):
     got = torch.autograd.grad(torch.compile(step, backend="aot_eager")(hidden, weight, bias), [hidden, weight, bias])
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+
+
+def test_a_compiled_step_does_not_trace_into_the_backward():
+    """A compiled step that calls backward itself: the autograd engine runs the op's backward
+    while Dynamo is active, and traced into it broke the graph on every C++ call."""
+    hidden, weight, bias, targets = _leaves(torch.float32, seed=4)
+
+    def step(h, w):
+        loss, _, _ = fused_linear_loss(torch.tanh(h), w, targets, lambda lp, e, r: -lp.exp() - 0.1 * e,
+                                       with_entropy=True)
+        logp, _ = fused_token_logprobs(torch.tanh(h), w, targets)
+        (loss - logp.sum()).backward()
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(step)(hidden, weight)
+    inside = [str(r.reason)[:80] for r in explained.break_reasons
+              if any("hpt_fast" in frame.filename for frame in r.user_stack)]
+    assert explained.graph_break_count >= 1 and not inside
+
+
+def test_inside_non_reentrant_checkpoint_the_region_runs_once_per_pass():
+    """Under torch.utils.checkpoint(use_reentrant=False) every tensor saved in the region gets the
+    checkpoint's hooks; mode B's per-chunk graph of token_loss_fn took them too, so unpacking it
+    reran the whole region once per chunk, in the forward."""
+    hidden, weight, bias, targets = _leaves(torch.float32, seed=5)
+    adv = torch.randn(hidden.shape[0])
+    runs = []
+
+    def region(h, w):
+        runs.append(1)
+        fn = lambda lp, e, r: -torch.exp(lp - lp.detach()) * adv[r] - 0.1 * e  # noqa: E731
+        return fused_linear_loss(torch.tanh(h), w, targets, fn, with_entropy=True, chunk_size=4)[0]
+
+    want = torch.autograd.grad(region(hidden, weight), [hidden, weight])
+    runs.clear()
+    loss = torch.utils.checkpoint.checkpoint(region, hidden, weight, use_reentrant=False)
+    assert len(runs) == 1
+    got = torch.autograd.grad(loss, [hidden, weight])
+    assert len(runs) == 2  # the backward's one recomputation
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)

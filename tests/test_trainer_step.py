@@ -233,3 +233,27 @@ def test_end_token_ids():
     assert end_token_ids(tok, SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None))) == [5]
     assert end_token_ids(tok, SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=9))) == [5, 9]
     assert end_token_ids(tok, SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[9, 5, 2]))) == [2, 5, 9]
+
+
+@pytest.mark.parametrize("family, settings", [
+    ("Gemma2", {"final_logit_softcapping": 30.0}),
+    ("Granite", {"logits_scaling": 8.0}),
+    ("Cohere", {"logit_scale": 0.0625}),
+])
+def test_a_model_that_transforms_its_logits_after_the_head_is_refused(family, settings):
+    """The fused head computes the log-probs of lm_head(hidden): for these models that is not what
+    they sample from, and training them would be wrong without a word."""
+    import transformers
+
+    from hpt_fast.policy import FusedHeadPolicy
+
+    tiny = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    config = getattr(transformers, f"{family}Config")(**tiny, **settings)
+    model = getattr(transformers, f"{family}ForCausalLM")(config)
+    field, value = next(iter(settings.items()))
+    with pytest.raises(ValueError, match=f"sets {field}={value}: its logits are transformed after lm_head"):
+        FusedHeadPolicy(model)
+    neutral = {"final_logit_softcapping": None, "logits_scaling": 1.0, "logit_scale": 1.0}[field]
+    FusedHeadPolicy(getattr(transformers, f"{family}ForCausalLM")(
+        getattr(transformers, f"{family}Config")(**tiny, **{field: neutral})))
