@@ -333,7 +333,7 @@ FOOTNOTES = """\
   without an order run the plan's choice (``grad_order="auto"``): mode A in vocabulary order
   (both passes) when tokens < V; mode B in token order (three GEMMs) unless low precision with
   several token chunks would need a float32 [V, H] weight-gradient buffer larger than the memory
-  budget, then a statistics pass and a gradient pass in vocabulary order (four GEMMs less one
+  budget (a quarter of a budget above 128 MiB), then a statistics pass and a gradient pass in vocabulary order (four GEMMs less one
   slab's logits GEMM, still divided by the three-GEMM floor). The "token order" rows force ``grad_order="tokens"``, the
   "vocabulary order" row ``grad_order="vocab"``; the "one token chunk" row also puts all tokens
   in one logits block (``chunk_size=tokens``), about the memory of cut-cross-entropy's row, where
