@@ -118,7 +118,8 @@ def evaluate_checkpoint(ckpt: Path, files: Sequence[str]) -> dict[str, dict]:
 def training_summary(run: Path) -> dict:
     """From ``RUN/metrics.jsonl``: the validation curve (step -> level -> avg@4, plus overall) and the
     mean demonstration row fraction (``batch_sft_fraction``: the share of the trained rows that are
-    demonstrations) and rollout reward over the training steps."""
+    demonstrations) over the training steps, and the rollout reward over those that had rollouts
+    (None without any)."""
     from hpt_fast.plot import load_steps
 
     steps = load_steps(run)
@@ -128,11 +129,13 @@ def training_summary(run: Path) -> dict:
         if levels:
             # every level holds the same number of problems: the level mean is the pooled accuracy
             curve[step] = {**levels, OVERALL: float(np.mean(list(levels.values())))}
-    trained = [m for m in steps.values() if "reward_mean" in m]
+    trained = [m for m in steps.values() if "train_tokens" in m or "reward_mean" in m]
+    # steps without rollouts log no reward; older logs wrote 0 there, with a response length of 0
+    rewards = [m["reward_mean"] for m in trained if "reward_mean" in m and m.get("response_length", 1.0) > 0]
     return {
         "curve": curve,
         "demo_row_fraction": _mean_row_fraction(trained),
-        "reward_mean": float(np.mean([m["reward_mean"] for m in trained])),
+        "reward_mean": float(np.mean(rewards)) if rewards else None,
     }
 
 
@@ -171,7 +174,8 @@ def aggregate(runs: dict[str, list[dict]]) -> dict[str, dict]:
             for step in common
         }
         for key in ("demo_row_fraction", "reward_mean"):
-            summary[key] = mean_std([s["train"][key] for s in seeds])
+            values = [s["train"][key] for s in seeds if s["train"][key] is not None]
+            summary[key] = mean_std(values) if values else None
         summary["train_seconds"] = mean_std([s["train_seconds"] for s in seeds])
         out[method] = summary
     return out
@@ -200,7 +204,8 @@ def markdown(summary: dict[str, dict], seeds: Sequence[int], steps: dict[str, in
               f"| {label} | steps | mean demonstration row fraction | mean rollout reward | seconds per run |",
               "|---|---:|---:|---:|---:|"]
     for method, s in summary.items():
-        lines.append(f"| {method} | {steps[method]} | {s['demo_row_fraction'][0]:.3f} | {s['reward_mean'][0]:.3f} | "
+        reward = "—" if s["reward_mean"] is None else f"{s['reward_mean'][0]:.3f}"  # no rollouts: SFT
+        lines.append(f"| {method} | {steps[method]} | {s['demo_row_fraction'][0]:.3f} | {reward} | "
                      f"{s['train_seconds'][0]:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -256,6 +261,9 @@ def run_one(method: str, seed: int, out: Path, steps: Optional[int], extra: Sequ
     timing, cached = run / "train_seconds.txt", run / "eval.json"
     if not ckpt.is_dir():
         seconds = train(method, seed, out, steps, extra, config)
+        if not ckpt.is_dir():  # the trainer resumed a run already past that step
+            raise SystemExit(f"{run}: no checkpoint {ckpt.name} after training: the directory holds a longer run; "
+                             "give another --out")
         timing.write_text(f"{seconds:.1f}\n")
         cached.unlink(missing_ok=True)  # a stale evaluation of an earlier checkpoint
     if not cached.is_file():

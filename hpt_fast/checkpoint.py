@@ -5,6 +5,7 @@ A checkpoint is a directory ``step_{N:08d}`` under ``<output_dir>/checkpoints`` 
   ``transformers.AutoModelForCausalLM`` and so by vLLM) and the tokenizer;
 - ``rank_{r:05d}.pt``, one per rank, when the optimizer state is partitioned over ranks (ZeRO
   stages 1-3): each rank's share, float32 master weights included;
+- ``run_settings.json``: the run settings a resume must keep (small, read before any model loads);
 - ``trainer_state.pt``, written last: scheduler and data-sampler state, the step, the world size
   and ZeRO stage it was written with, and the whole optimizer state when it is not partitioned.
 State files are written with ``torch.save`` and read with ``torch.load(weights_only=True)``: only
@@ -17,6 +18,7 @@ checkpoints are kept: the older ones are removed after the new one is in place.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -28,6 +30,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 STATE_FILE = "trainer_state.pt"
+SETTINGS_FILE = "run_settings.json"
 RANK_FILE = "rank_{:05d}.pt"
 _NAME = re.compile(r"^step_(\d{8})$")
 
@@ -85,6 +88,7 @@ def save_checkpoint(
     *,
     rank_state: Optional[dict[str, Any]] = None,
     state_dict: Optional[dict[str, Tensor]] = None,
+    settings: Optional[dict[str, Any]] = None,
     keep: int = 0,
 ) -> Path:
     """Write checkpoint ``step`` atomically and durably. Collective: in a distributed job every
@@ -96,6 +100,7 @@ def save_checkpoint(
         rank_state: this rank's share of a partitioned state (every rank passes one), or None.
         state_dict: the weights to save instead of ``model``'s own (a ZeRO-3 model's gathered
             weights; see ``hpt_fast.policy.gathered_state_dict``), on rank 0.
+        settings: JSON-serialisable run settings for ``load_settings`` (rank 0), or None.
         keep: > 0: then remove all but the newest ``keep`` complete checkpoints (this one among
             them); 0: keep every checkpoint.
     Returns the checkpoint's final path.
@@ -117,6 +122,8 @@ def save_checkpoint(
     if rank == 0:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
+        if settings is not None:
+            (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=1, sort_keys=True))
         torch.save(state, tmp / STATE_FILE)
         # on the disk before the rename: a rename that reaches the disk first would otherwise
         # leave a complete-looking checkpoint of empty files after a power loss
@@ -139,6 +146,12 @@ def _safe_load(path: Path) -> dict[str, Any]:
 
     with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
         return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_settings(path: Path) -> Optional[dict[str, Any]]:
+    """The run settings saved with checkpoint ``path``, or None (none saved: an older checkpoint)."""
+    file = Path(path) / SETTINGS_FILE
+    return json.loads(file.read_text()) if file.is_file() else None
 
 
 def load_state(path: Path) -> dict[str, Any]:

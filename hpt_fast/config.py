@@ -203,7 +203,9 @@ class OptimConfig:
         lr: peak learning rate.
         schedule: after warm-up, "constant", "cosine" (to min_lr_ratio * lr at the last step) or
             "linear" (likewise, in a straight line).
-        warmup_steps: linear warm-up from 0 to lr over these steps (any schedule).
+        warmup_steps: linear warm-up from 0 to lr over these optimizer updates (any schedule); a
+            training step makes prompts_per_step / mini_batch_prompts updates, and the schedule
+            counts updates throughout.
         min_lr_ratio: the final learning rate of "cosine" and "linear", as a fraction of lr.
         weight_decay: AdamW's decoupled weight decay.
         grad_clip: clip the gradient to this global norm; None: no clipping.
@@ -637,6 +639,23 @@ def _missing_local_dir(value: Optional[str]) -> bool:
     return local and not Path(value).expanduser().is_dir()
 
 
+# a file every directory save_pretrained writes holds, per what is loaded from it
+_SAVED_FILES = {"model": ("config.json",), "tokenizer": ("tokenizer_config.json", "tokenizer.json")}
+
+
+def local_dir_problem(value: Optional[str], kind: str) -> Optional[str]:
+    """What is wrong with ``value`` as a local ``kind`` ("model" / "tokenizer") directory, or None
+    (also for a hub id): a directory without the files ``save_pretrained`` writes, such as a run
+    directory given for its checkpoint, which transformers would report as a missing library."""
+    if not value or not Path(value).expanduser().is_dir():
+        return None
+    names = _SAVED_FILES[kind]
+    if any((Path(value).expanduser() / name).is_file() for name in names):
+        return None
+    return (f"{value} has no {' or '.join(names)}: not a {kind} directory written by save_pretrained "
+            "(a run's checkpoints are its checkpoints/step_N directories)")
+
+
 def validate(cfg: Config) -> None:
     """Raise ConfigError naming the key of the first bad or inconsistent setting."""
     # types first: a Config built in code can hold anything
@@ -646,6 +665,10 @@ def validate(cfg: Config) -> None:
     for key, value in (("model.path", cfg.model.path), ("model.tokenizer", cfg.model.tokenizer)):
         _require(not _missing_local_dir(value), key,
                  f"no such directory: {value} (a local model directory, or a Hugging Face hub id 'namespace/name')")
+    problem = local_dir_problem(cfg.model.path, "model")
+    _require(problem is None, "model.path", problem or "")
+    problem = local_dir_problem(cfg.model.tokenizer or cfg.model.path, "tokenizer")
+    _require(problem is None, "model.tokenizer" if cfg.model.tokenizer else "model.path", problem or "")
     _require(bool(d.train_files), "data.train_files", "needs at least one file")
     for key, value in (
         ("data.max_prompt_length", d.max_prompt_length), ("data.max_response_length", d.max_response_length),

@@ -30,6 +30,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from hpt_fast.config import local_dir_problem
 from hpt_fast.data import DataError, PromptSet, check_set_names, load_prompt_set
 from hpt_fast.reward import RewardPool
 from hpt_fast.rollout import NativeEngine, RolloutEngine, end_token_ids
@@ -254,9 +255,12 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error(f"--seed must be >= 0, got {a.seed}")
     if a.prompt_template is not None and "{prompt}" not in a.prompt_template:
         p.error("--prompt-template must contain {prompt}")
-    for opt, path in (("--model", a.model), ("--tokenizer", a.tokenizer)):
+    for opt, path, kind in (("--model", a.model, "model"),
+                            ("--tokenizer" if a.tokenizer else "--model", a.tokenizer or a.model, "tokenizer")):
         if path is not None and not Path(path).is_dir():
             p.error(f"{opt}: no such directory: {path}")
+        if local_dir_problem(path, kind):
+            p.error(f"{opt}: {local_dir_problem(path, kind)}")
     for i, f in enumerate(a.data):
         if not Path(f).is_file():
             p.error(f"--data: no such file: {f}")

@@ -18,7 +18,8 @@ class _Bar:
 
     def update(self, m: dict[str, Any]) -> None:
         self.bar.set_postfix(
-            reward=f"{m.get('reward_mean', 0.0):.3f}", sft=f"{m.get('sft_fraction', 0.0):.2f}",
+            reward=f"{m['reward_mean']:.3f}" if "reward_mean" in m else "-",  # none without rollouts
+            sft=f"{m.get('sft_fraction', 0.0):.2f}",
             tok_s=f"{m.get('tokens_per_s', 0.0):.0f}", refresh=False,
         )
         self.bar.update(1)

@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer.close()
     if trainer.rank == 0:
         if last:
-            shown = {k: v for k, v in last.items() if k.startswith("val/") or k in ("step", "reward_mean", "sft_fraction")}
+            shown = {k: last[k] for k in ("step", "reward_mean", "sft_fraction") if k in last}
+            shown.update((k, v) for k, v in last.items() if k.startswith("val/"))
             print("final:", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
         else:  # resumed from a checkpoint at or past the last step
             print(f"final: nothing to train: the run is already at step {trainer.step} of "

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -33,7 +34,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hpt_fast.batching import MicroBatch, Row, collate, pack
-from hpt_fast.checkpoint import latest_checkpoint, load_rank_state, load_state, save_checkpoint
+from hpt_fast.checkpoint import latest_checkpoint, load_rank_state, load_settings, load_state, save_checkpoint
 from hpt_fast.config import Config, ConfigError, build_estimators, dump_config
 from hpt_fast.data import DataError, PromptSampler, check_set_names, load_prompt_set, shard
 from hpt_fast.estimator import Normalizers
@@ -87,6 +88,37 @@ def _seed(*parts: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+# settings a resumed run keeps: the checkpoint's weights, optimizer state, schedule and data order
+# were made with them (the optimizer state carries lr and weight decay, and would override a change)
+_RESUME_KEYS = (
+    "model.path", "deepspeed.bf16", "optim.lr", "optim.weight_decay", "optim.schedule", "optim.warmup_steps",
+    "optim.min_lr_ratio", "train.seed", "data.shuffle",
+)
+
+
+def _resume_settings(cfg: Config) -> dict:
+    out = {}
+    for key in _RESUME_KEYS:
+        section, name = key.split(".")
+        out[key] = getattr(getattr(cfg, section), name)
+    return out
+
+
+def _check_resume_settings(path: Path, cfg: Config) -> None:
+    """ConfigError naming each setting of ``_RESUME_KEYS`` that differs from the checkpoint's."""
+    saved = load_settings(path)
+    if saved is None:  # written before checkpoints recorded their settings
+        return
+    now = _resume_settings(cfg)
+    changed = [f"{k} {saved[k]!r} there, {now[k]!r} now" for k in _RESUME_KEYS if k in saved and saved[k] != now[k]]
+    if changed:
+        raise ConfigError(
+            f"train.output_dir holds checkpoint {path}, written with other settings ({'; '.join(changed)}). "
+            "A resumed run keeps them: resume with the same values, or give a new train.output_dir "
+            "(with model.path set to that checkpoint to start from its weights)"
+        )
+
+
 def _load_tokenizer(path: str, trust_remote_code: bool):
     """The tokenizer at ``path``; one without a pad token (LLaMA-3's) pads with its EOS, which the
     attention mask and the targets leave out anyway."""
@@ -121,6 +153,10 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise ConfigError(f"train.output_dir: cannot create {self.out}: {err.strerror or err}") from None
+        try:  # writable: found now, not after the model has loaded
+            tempfile.TemporaryFile(dir=self.out).close()
+        except OSError as err:
+            raise ConfigError(f"train.output_dir: cannot write in {self.out}: {err.strerror or err}") from None
         mini = cfg.train.mini_batch_prompts or cfg.train.prompts_per_step
         if mini % self.world:
             key = "train.mini_batch_prompts" if cfg.train.mini_batch_prompts else "train.prompts_per_step"
@@ -128,6 +164,8 @@ class Trainer:
         torch.manual_seed(_seed(cfg.train.seed, "init"))
 
         resume = latest_checkpoint(self.out)
+        if resume:
+            _check_resume_settings(resume, cfg)
         trust = cfg.model.trust_remote_code
         self.tokenizer = _load_tokenizer(cfg.model.tokenizer or cfg.model.path, trust)
         # the data before the model: a missing or malformed file is reported in seconds, not
@@ -259,7 +297,10 @@ class Trainer:
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.sampler.load_state_dict(state["sampler"])
+        try:
+            self.sampler.load_state_dict(state["sampler"])
+        except ValueError as err:
+            raise DataError(f"{path}: {err}: the training data changed since this checkpoint was written") from None
         self.step = int(state["step"])
         self.skipped = int(state["skipped"])
         logger.info("resumed from %s at step %d", path, self.step)
@@ -281,7 +322,7 @@ class Trainer:
             state["optimizer"] = self.optimizer.state_dict()
         weights = gathered_state_dict(self.model, self.rank) if self.zero_stage == 3 else None
         save_checkpoint(self.out, self.step, self.model, self.tokenizer, state, rank_state=rank_state, state_dict=weights,
-                        keep=self.cfg.train.keep_checkpoints)
+                        settings=_resume_settings(self.cfg), keep=self.cfg.train.keep_checkpoints)
 
     # ---- one step ------------------------------------------------------------------------------
 
@@ -366,6 +407,7 @@ class Trainer:
                 loss = self.engine(self._idle_batch()).sum() * 0.0
             self.engine.backward(loss * self.world)
             loss_sum += float(loss.detach())
+        lr = self.scheduler.get_last_lr()[0]  # this update's: the engine's step moves the schedule on
         skip = self.cfg.optim.skip_grad_norm_above
         grad_norm = self._grad_norm() if (skip is not None or self.zero_stage == 0) else None
         if skip is not None and grad_norm > skip:
@@ -379,7 +421,7 @@ class Trainer:
         if grad_norm is None:  # ZeRO computed it during the step (for clipping)
             grad_norm = float(self.engine.get_global_grad_norm())
         loss_total, = _all_sum([loss_sum], self.device)
-        return {"loss": loss_total, "grad_norm": grad_norm}
+        return {"loss": loss_total, "grad_norm": grad_norm, "lr": lr}
 
     def _idle_batch(self) -> MicroBatch:
         """A one-token micro-batch for a rank that has run out of micro-batches of its own."""
@@ -451,19 +493,19 @@ class Trainer:
         metrics = {
             "step": self.step,
             "rule": rule,
-            "reward_mean": sums[0] / max(sums[1], 1.0),
             "sft_fraction": sums[2] / max(sums[3], 1.0),
-            "response_length": sums[4] / max(sums[1], 1.0),
             "train_tokens": sums[5],
             "skipped_steps": self.skipped,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": self.scheduler.get_last_lr()[0],  # with no update: the next one's
             "time_rollout": t1 - t0,
             "time_reward": t2 - t1,
             "time_train": t3 - t2,
             "time_weight_update": t4 - t3,
             "tokens_per_s": (sums[4] + sums[5]) / max(t4 - t0, 1e-9),
         }
-        for key in ("loss", "grad_norm"):
+        if sums[1]:  # rollout statistics only where there were rollouts (not on SFT steps)
+            metrics.update(reward_mean=sums[0] / sums[1], response_length=sums[4] / sums[1])
+        for key in ("loss", "grad_norm", "lr"):
             if updates:
                 metrics[key] = sum(u[key] for u in updates) / len(updates)
         for key, value in stats.result(max(len(updates), 1)).items():

@@ -110,3 +110,21 @@ def test_training_summary_averages_the_demonstration_row_fraction(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in old))
     assert training_summary(tmp_path)["demo_row_fraction"] == pytest.approx(0.1875)
     assert summary["curve"][2]["toy-add1"] == 0.75 and summary["curve"][0]["overall"] == pytest.approx(0.3)
+
+
+def test_steps_without_rollouts_count_for_the_row_fraction_not_the_reward(tmp_path):
+    """An SFT step logs no reward (older logs wrote 0 there, with response length 0): the table's
+    rollout reward is over the steps that had rollouts, and absent for a run without any."""
+    lines = [
+        {"step": 1, "rule": "sft", "train_tokens": 90.0, "sft_fraction": 1.0, "batch_sft_fraction": 1.0},
+        {"step": 2, "rule": "sft", "reward_mean": 0.0, "response_length": 0.0, "sft_fraction": 1.0,
+         "batch_sft_fraction": 1.0},
+        {"step": 3, "rule": "rl", "train_tokens": 80.0, "reward_mean": 0.5, "response_length": 7.5,
+         "sft_fraction": 0.0, "batch_sft_fraction": 0.0},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    summary = training_summary(tmp_path)
+    assert summary["reward_mean"] == pytest.approx(0.5)
+    assert summary["demo_row_fraction"] == pytest.approx(2 / 3)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines[:2]))
+    assert training_summary(tmp_path)["reward_mean"] is None

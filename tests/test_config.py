@@ -134,6 +134,17 @@ def test_bad_settings_name_the_key(overrides, message):
         load_config(None, overrides)
 
 
+def test_a_directory_that_is_not_a_saved_model_is_named(tmp_path):
+    """A run directory given for its checkpoint: transformers would blame a missing library."""
+    with pytest.raises(ConfigError, match=r"model\.path: .* has no config\.json: not a model directory"):
+        load_config(None, [f"model.path={tmp_path}"])
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"model\.path: .* has no tokenizer_config\.json or tokenizer\.json"):
+        load_config(None, [f"model.path={tmp_path}"])
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    assert load_config(None, [f"model.path={tmp_path}"]).model.path == str(tmp_path)
+
+
 @pytest.mark.parametrize("text, message", [
     ("rollout:\n  nn: 3\n", r"rollout\.nn: unknown key \(did you mean 'rollout\.n'"),
     ("rolout:\n  n: 3\n", r"rolout: unknown key \(did you mean 'rollout'"),
@@ -191,5 +202,7 @@ def test_lr_schedules():
 def test_model_paths_may_be_hub_ids_or_existing_directories(tmp_path):
     """Only a value that can only be a local directory must exist: a hub id is left to
     transformers."""
+    for name in ("config.json", "tokenizer.json"):  # a directory save_pretrained wrote
+        (tmp_path / name).write_text("{}")
     for path in ("Qwen/Qwen2.5-Math-7B", "gpt2", str(tmp_path), "toy"):
         assert load_config(None, [f"model.path={path}", f"model.tokenizer={path}"]).model.path == path

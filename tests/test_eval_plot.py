@@ -144,6 +144,13 @@ def _exit_message(capsys, argv) -> str:
 def test_eval_cli_rejects_bad_arguments(tmp_path, capsys):
     data = tmp_path / "set.json"
     data.write_text('[{"problem": "1+1?", "answer": 2}]')
+    # a run directory, not one of its checkpoints: refused by name, not by a missing-library error
+    assert "has no config.json: not a model directory" in _exit_message(
+        capsys, ["--model", str(tmp_path), "--data", str(data), "--n", "2"])
+    (tmp_path / "config.json").write_text("{}")
+    assert "--model: " + str(tmp_path) + " has no tokenizer_config.json or tokenizer.json" in _exit_message(
+        capsys, ["--model", str(tmp_path), "--data", str(data), "--n", "2"])
+    (tmp_path / "tokenizer.json").write_text("{}")
     base = ["--model", str(tmp_path), "--data", str(data)]
     assert "--n must be >= 1, got 0" in _exit_message(capsys, base + ["--n", "0"])
     assert "no such file" in _exit_message(capsys, ["--model", str(tmp_path), "--data", str(tmp_path / "nope.json"), "--n", "2"])

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from hpt_fast.config import load_config
+from hpt_fast.config import ConfigError, load_config
 from hpt_fast.data import DataError
 from hpt_fast.reward import Scores
 from hpt_fast.rollout import end_token_ids
@@ -257,3 +257,48 @@ def test_a_model_that_transforms_its_logits_after_the_head_is_refused(family, se
     neutral = {"final_logit_softcapping": None, "logits_scaling": 1.0, "logit_scale": 1.0}[field]
     FusedHeadPolicy(getattr(transformers, f"{family}ForCausalLM")(
         getattr(transformers, f"{family}Config")(**tiny, **{field: neutral})))
+
+
+def test_the_logged_lr_is_the_one_the_step_trained_with(make_trainer):
+    """Warm-up over 4 updates, 2 updates a step: step 1 trains at 1/4 and 2/4 of lr (logged was the
+    lr after the step, one update ahead)."""
+    trainer = make_trainer("optim.warmup_steps=4", "optim.lr=0.01", "train.mini_batch_prompts=2", "train.total_steps=3")
+    used = []
+    step = trainer.optimizer.step
+
+    def spy(*args, **kwargs):
+        used.append(trainer.optimizer.param_groups[0]["lr"])
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = spy
+    first, second = trainer.train_step(), trainer.train_step()
+    assert used == pytest.approx([0.0025, 0.005, 0.0075, 0.01])
+    assert (first["lr"], second["lr"]) == pytest.approx((0.00375, 0.00875))
+
+
+def test_resuming_with_other_settings_is_a_config_error(make_trainer, tmp_path):
+    """The optimizer state would bring back the checkpoint's lr, and the checkpoint's weights
+    would replace model.path's, both without a word: a changed setting is refused instead."""
+    trainer = make_trainer()
+    trainer.train_step()
+    trainer.save()
+    with pytest.raises(ConfigError, match=r"other settings \(optim.lr 0.0003 there, 1e-06 now\)"):
+        make_trainer("optim.lr=1e-6")
+    shutil.copytree(build_toy(default_toy_dir()).model, tmp_path / "other")
+    with pytest.raises(ConfigError, match=r"model.path '.*' there, '.*other' now; deepspeed.bf16 False there"):
+        make_trainer(f"model.path={tmp_path / 'other'}", "deepspeed.bf16=true")
+    assert make_trainer("train.total_steps=5").step == 1  # not a kept setting: extending a run resumes
+
+
+def test_a_step_without_rollouts_logs_no_rollout_reward(make_trainer):
+    """SFT steps generate nothing: a reward or response length of 0 there would be no rollout's."""
+    metrics = make_trainer("algorithm.method=sft").train_step()
+    assert metrics["rule"] == "sft" and metrics["sft_fraction"] == 1.0
+    assert "reward_mean" not in metrics and "response_length" not in metrics
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/sys"), reason="needs Linux's /proc/sys")
+def test_an_output_directory_that_cannot_be_written_is_a_config_error(make_trainer):
+    """It exists, so creating it succeeds; writing into it did not, after the model had loaded."""
+    with pytest.raises(ConfigError, match=r"train\.output_dir: cannot write in /proc/sys"):
+        make_trainer("train.output_dir=/proc/sys")
