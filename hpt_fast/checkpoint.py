@@ -15,13 +15,18 @@ Everything goes to a temporary directory first, is flushed to the disk (fsync) a
 place, so a crash mid-write, even a power loss, leaves only a ``.tmp-*`` directory, which is
 ignored (and removed by the next save). With ``keep`` > 0 only the newest ``keep`` complete
 checkpoints are kept: the older ones are removed after the new one is in place.
+A checkpoint damaged afterwards (a partial copy, a disk fault) is a ``CheckpointError`` naming the
+file and the checkpoint to fall back to, found by ``verify_checkpoint`` before a resume loads
+anything, or by the load itself.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import pickle
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,6 +38,18 @@ STATE_FILE = "trainer_state.pt"
 SETTINGS_FILE = "run_settings.json"
 RANK_FILE = "rank_{:05d}.pt"
 _NAME = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A file of a complete checkpoint cannot be read: damaged after it was written."""
+
+
+def _damaged(path: Path, file: Path, reason: object) -> CheckpointError:
+    older = [p for p in complete_checkpoints(path.parent.parent) if p.name < path.name]
+    fallback = f"resume from {older[-1].name}, the newest before it" if older else "start the run anew"
+    return CheckpointError(
+        f"checkpoint {path} is damaged: {file.name}: {reason}. Move it out of {path.parent} to {fallback}"
+    )
 
 
 def checkpoint_dir(output_dir: Path) -> Path:
@@ -139,19 +156,55 @@ def save_checkpoint(
     return final
 
 
+def verify_checkpoint(path: Path) -> None:
+    """Raise CheckpointError naming the first file of checkpoint ``path`` that cannot be read.
+
+    Cheap enough to run before every resume: it parses the JSON files and reads the other files'
+    headers only (each safetensors header against its file's length, each ``.pt`` file's zip
+    directory at its end), so a truncated or zeroed file is found before a model loads; damage
+    inside a ``.pt`` file's data is found when it loads (``load_state`` / ``load_rank_state``).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    files = sorted(path.iterdir())
+    if not any(f.suffix == ".safetensors" for f in files):
+        raise _damaged(path, path / "model.safetensors", "no weights file (*.safetensors) is there")
+    for file in files:
+        try:
+            if file.suffix == ".json":
+                json.loads(file.read_text())
+            elif file.suffix == ".safetensors":
+                with safe_open(file, "pt"):
+                    pass
+            elif file.suffix == ".pt":
+                zipfile.ZipFile(file).close()
+        except (OSError, ValueError, SafetensorError, zipfile.BadZipFile) as err:
+            raise _damaged(path, file, err) from None
+
+
 def _safe_load(path: Path) -> dict[str, Any]:
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        # torch's reader appends a paragraph on how files get corrupted: its first line says what
+        raise _damaged(path.parent, path, str(err).split(". ")[0]) from None
 
 
 def load_settings(path: Path) -> Optional[dict[str, Any]]:
     """The run settings saved with checkpoint ``path``, or None (none saved: an older checkpoint)."""
     file = Path(path) / SETTINGS_FILE
-    return json.loads(file.read_text()) if file.is_file() else None
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except ValueError as err:
+        raise _damaged(Path(path), file, err) from None
 
 
 def load_state(path: Path) -> dict[str, Any]:

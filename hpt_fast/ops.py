@@ -38,6 +38,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from hpt_fast import backends, hugepages
 from hpt_fast.backends import row_state
@@ -139,6 +140,13 @@ def _check_inputs(
             raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
         if t.is_meta:
             raise ValueError(f"{name} is on the meta device: it has no values to compute with")
+        if is_traceable_wrapper_subclass(t):
+            # a DTensor's GEMM would meet the op's plain buffers deep inside it, after work started
+            raise TypeError(
+                f"{name} is a {type(t).__name__}, a tensor subclass (FSDP2 and tensor parallelism shard "
+                "parameters as DTensor): the op takes plain tensors; pass a DTensor's full_tensor(), or call "
+                "the op where the module's parameters are unsharded"
+            )
     autocast = _autocast_dtype(hidden.device)
     dtype = _compute_dtype(hidden, autocast)
     # under autocast the dtypes differ only where one is float64, which autocast does not cast
@@ -789,6 +797,8 @@ def _own_saved_tensors() -> contextlib.AbstractContextManager:
     non-reentrant ``torch.utils.checkpoint`` each of its unpacks would rerun the whole checkpointed
     region (once per chunk, in the forward), and ``save_on_cpu`` would copy every chunk's tensors."""
     return torch.autograd.graph.saved_tensors_hooks(_pack_saved, _unpack_saved)
+
+
 # per-token status codes of _token_loss_grads
 _LOGITS_NOT_FINITE = 1
 _LOSS_NOT_FINITE = 2

@@ -11,10 +11,13 @@ import argparse
 import logging
 import sys
 
+from hpt_fast.checkpoint import CheckpointError
 from hpt_fast.config import ConfigError, load_config
 from hpt_fast.data import DataError
 from hpt_fast.toy import use_toy
 from hpt_fast.trainer import Trainer
+
+_KIND = {ConfigError: "config", DataError: "data", CheckpointError: "checkpoint"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         trainer = Trainer(cfg)
-    except (ConfigError, DataError) as err:  # raised before the model loads
-        kind = "config" if isinstance(err, ConfigError) else "data"
+    except tuple(_KIND) as err:  # raised before the model loads, but damage inside a state file
+        kind = next(name for cls, name in _KIND.items() if isinstance(err, cls))
         print(f"{kind} error: {err}", file=sys.stderr)
         return 2
     try:

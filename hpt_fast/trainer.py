@@ -33,8 +33,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from hpt_fast import backends
 from hpt_fast.batching import MicroBatch, Row, collate, pack
-from hpt_fast.checkpoint import latest_checkpoint, load_rank_state, load_settings, load_state, save_checkpoint
+from hpt_fast.checkpoint import (
+    latest_checkpoint, load_rank_state, load_settings, load_state, save_checkpoint, verify_checkpoint,
+)
 from hpt_fast.config import Config, ConfigError, build_estimators, dump_config
 from hpt_fast.data import DataError, PromptSampler, check_set_names, load_prompt_set, shard
 from hpt_fast.estimator import Normalizers
@@ -148,6 +151,10 @@ class Trainer:
 
         self.cfg = cfg
         self.rank, self.world, self.device = init_distributed()
+        try:  # a backend this device cannot run: found now, not at the first loss
+            backends.resolve(cfg.fused_op.backend, self.device)
+        except (ValueError, ImportError) as err:
+            raise ConfigError(f"fused_op.backend: {err}") from None
         self.out = Path(cfg.train.output_dir)
         try:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -165,6 +172,7 @@ class Trainer:
 
         resume = latest_checkpoint(self.out)
         if resume:
+            verify_checkpoint(resume)
             _check_resume_settings(resume, cfg)
         trust = cfg.model.trust_remote_code
         self.tokenizer = _load_tokenizer(cfg.model.tokenizer or cfg.model.path, trust)
@@ -570,7 +578,10 @@ def _grad_norm(model: torch.nn.Module) -> float:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return 0.0
-    return float(torch.nn.utils.get_total_norm(grads))
+    # each norm summed and returned in float32: a bf16 norm carries 3 significant digits, too few
+    # for skip_grad_norm_above's comparison and for the log
+    norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
+    return float(torch.linalg.vector_norm(norms))
 
 
 def _all_max(value: float, device: torch.device) -> float:

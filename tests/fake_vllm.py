@@ -14,12 +14,17 @@ Every call is appended to ``LLM.events`` as a tuple, so tests can check the orde
 dummy or discarded weights raises (vLLM would silently produce garbage). Generation is
 not a model: completion j of a prompt is ``(prompt[-1] + s + k) % FAKE_VOCAB`` at step k, where s
 is the sample's seed (vLLM's: the request's seed + j; j when unseeded), each with log-prob
-``-0.25 * (k + 1)``, ending at a stop token (kept) or after ``max_tokens``. ``sampling_params`` may
-be one ``SamplingParams`` for every prompt or a list with one per prompt, as in vLLM.
+``-0.25 * (k + 1)``, ending at a stop token (kept), after ``max_tokens``, or when prompt and
+completion fill ``max_model_len`` (vLLM's ``check_stop``; the default is the model directory's
+``max_position_embeddings``, unbounded for a hub id); a longer prompt is refused with vLLM's error.
+``sampling_params`` may be one ``SamplingParams`` for every prompt or a list with one per prompt,
+as in vLLM.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Optional, Sequence, TypedDict
 
@@ -193,6 +198,12 @@ class FakeModel:
         return loaded
 
 
+def _config_max_len(model: str) -> Optional[int]:
+    """vLLM's default max_model_len: the model config's context length (a local directory here)."""
+    config = Path(model) / "config.json"
+    return json.loads(config.read_text()).get("max_position_embeddings") if config.is_file() else None
+
+
 class LLM:
     def __init__(
         self,
@@ -222,6 +233,7 @@ class LLM:
             dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
             kv_cache_memory_bytes=kv_cache_memory_bytes, **engine_args,
         )
+        self.max_model_len = engine_args["max_model_len"] or _config_max_len(model)
         self.events: list[tuple] = [("init",)]
         self.sleeping: set[str] = set()
         self.paused = False
@@ -281,6 +293,11 @@ class LLM:
         outputs = []
         for i, (prompt, params) in enumerate(zip(prompts, per_prompt)):
             ids = prompt["prompt_token_ids"]
+            if self.max_model_len is not None and len(ids) > self.max_model_len:
+                raise ValueError(
+                    f"The decoder prompt (length {len(ids)}) is longer than the maximum model length of "
+                    f"{self.max_model_len}. Make sure that `max_model_len` is no smaller than the number of text tokens."
+                )
             stops = set(params.stop_token_ids)
             completions = []
             for j in range(params.n):
@@ -292,6 +309,8 @@ class LLM:
                     logprobs.append({token: Logprob(-0.25 * (k + 1), rank=1)})
                     if token in stops:
                         reason = "stop"
+                        break
+                    if self.max_model_len is not None and len(ids) + len(tokens) >= self.max_model_len:
                         break
                 completions.append(CompletionOutput(j, "", tokens, None, logprobs, finish_reason=reason))
             outputs.append(RequestOutput(str(i), None, ids, None, completions, True))

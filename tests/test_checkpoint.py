@@ -7,7 +7,10 @@ import pytest
 import torch
 
 import hpt_fast.checkpoint as checkpoint
-from hpt_fast.checkpoint import complete_checkpoints, latest_checkpoint, load_state, save_checkpoint
+from hpt_fast.checkpoint import (
+    CheckpointError, complete_checkpoints, latest_checkpoint, load_settings, load_state, save_checkpoint,
+    verify_checkpoint,
+)
 from hpt_fast.toy import ToySpec, build_model, build_tokenizer
 
 
@@ -57,3 +60,54 @@ def test_half_written_checkpoints_are_ignored_and_cleared(tmp_path, model_and_to
     assert latest_checkpoint(tmp_path).name == "step_00000001"
     save_checkpoint(tmp_path, 4, model, tokenizer, {"step": 4}, keep=1)
     assert sorted(os.listdir(root)) == ["step_00000003", "step_00000004"]
+
+
+def _truncate(file):
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+def _zero(file):
+    file.write_bytes(bytes(file.stat().st_size))
+
+
+def _scribble(file):
+    """Damage inside the data: the zip directory at the end still reads."""
+    data = bytearray(file.read_bytes())
+    data[200:400] = b"\x07" * 200
+    file.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name, damage, found_by, reason", [
+    ("model.safetensors", _truncate, "verify", "incomplete metadata, file not fully covered"),
+    ("model.safetensors", _zero, "verify", "invalid JSON in header"),
+    ("model.safetensors", lambda f: f.unlink(), "verify", r"no weights file \(\*\.safetensors\)"),
+    ("config.json", _truncate, "verify", "Expecting|Unterminated"),
+    ("run_settings.json", _zero, "settings", "Expecting value"),
+    ("trainer_state.pt", _truncate, "verify", "File is not a zip file"),
+    ("rank_00000.pt", _zero, "verify", "File is not a zip file"),
+    ("trainer_state.pt", _scribble, "load", "PytorchStreamReader failed reading"),
+])
+def test_a_damaged_checkpoint_is_named_with_the_one_to_fall_back_to(
+    tmp_path, model_and_tokenizer, name, damage, found_by, reason
+):
+    model, tokenizer = model_and_tokenizer
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, model, tokenizer, {"step": step, "w": torch.ones(64)},
+                        rank_state={"x": torch.ones(2)}, settings={"optim.lr": 0.1})
+    latest = latest_checkpoint(tmp_path)
+    verify_checkpoint(latest)  # whole: nothing to say
+    damage(latest / name)
+    read = {"verify": verify_checkpoint, "settings": load_settings, "load": load_state}[found_by]
+    message = rf"checkpoint {latest} is damaged: {name}: .*({reason}).*Move it out of .* to resume from step_00000001"
+    with pytest.raises(CheckpointError, match=message):
+        read(latest)
+    if found_by == "load":
+        verify_checkpoint(latest)  # damage inside the data only shows as it loads
+
+
+def test_a_damaged_only_checkpoint_says_to_start_anew(tmp_path, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    path = save_checkpoint(tmp_path, 1, model, tokenizer, {"step": 1})
+    _truncate(path / "trainer_state.pt")
+    with pytest.raises(CheckpointError, match="trainer_state.pt: File is not a zip file. Move it out of .* to start the run anew"):
+        verify_checkpoint(path)

@@ -148,6 +148,20 @@ def test_samples_and_sampling_params(vllm, model):
     torch.testing.assert_close(sample.logprobs, torch.tensor([-0.25, -0.5, -0.75, -1.0]))
 
 
+def test_completions_end_where_the_context_is_full(vllm, model):
+    """vLLM stops a request when prompt and completion fill max_model_len, whatever max_tokens
+    says; the samples then end with finish_reason "length", their log-probs as long as they are."""
+    engine = _engine(model, max_model_len=10)
+    engine.update_weights()
+    [samples] = engine.generate([[1] * 7], n=2, max_new_tokens=8, seed=0)
+    assert [len(s.token_ids) for s in samples] == [3, 3] and {s.finish_reason for s in samples} == {"length"}
+    assert [len(s.logprobs) for s in samples] == [3, 3]
+    with pytest.raises(ValueError, match="prompt 0 has 10 tokens, which leaves no room in the model's context of 10"):
+        engine.generate([[1] * 10], max_new_tokens=2)
+    # the model config's length when max_model_len is not given, as vLLM takes it
+    assert _engine(model).max_context == 64
+
+
 @pytest.mark.parametrize("seed", [0, -1, 2**63 - 3])
 def test_every_sample_of_a_call_has_its_own_seed(vllm, model, seed):
     """Identical prompts in one call are sampled independently, as NativeEngine samples them; no

@@ -141,21 +141,6 @@ def test_missing_data_file_is_a_clear_error_before_the_model_loads(tmp_path):
     assert "Loading weights" not in done.stderr
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the Triton backend runs: nothing is refused")
-@pytest.mark.parametrize("path, overrides", [
-    ("hpt_fast/loss.py", []),
-    ("in _old_logp", ["train.mini_batch_prompts=2", "rollout.old_logprobs=recompute"]),
-])
-def test_fused_op_settings_reach_the_op(tmp_path, path, overrides):
-    """``fused_op.*`` reaches both of the trainer's calls of the op, the loss and the no-grad
-    old log-probs: the Triton backend on CPU tensors without the interpreter is refused there."""
-    # the test session's conftest turns the interpreter on when there is no GPU: off in the run
-    done = _run(tmp_path / "run", "train.total_steps=1", "fused_op.backend=triton", *overrides,
-                check=False, env_extra={"TRITON_INTERPRET": "0"})
-    assert done.returncode != 0
-    assert "backend 'triton' needs CUDA tensors" in done.stderr and path in done.stderr, done.stderr[-3000:]
-
-
 def test_liger_kernels_patch_the_model_classes():
     """``model.liger_kernels``: the trainer's call into Liger's real API swaps in its RMSNorm and
     SwiGLU modules and its RoPE function (their Triton kernels run on CUDA only, so none runs here)."""

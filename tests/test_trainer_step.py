@@ -16,12 +16,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from hpt_fast import train
+from hpt_fast.checkpoint import latest_checkpoint
 from hpt_fast.config import ConfigError, load_config
 from hpt_fast.data import DataError
 from hpt_fast.reward import Scores
 from hpt_fast.rollout import end_token_ids
 from hpt_fast.toy import build_toy, default_toy_dir, use_toy
-from hpt_fast.trainer import Trainer, _load_tokenizer
+from hpt_fast.trainer import Trainer, _grad_norm, _load_tokenizer
 
 # 4 prompts x 2 rollouts of at most 24 tokens, as tests/test_trainer.py
 SMALL = ["train.prompts_per_step=4", "rollout.n=2", "data.max_response_length=24", "validation.every=0",
@@ -297,3 +299,53 @@ def test_an_output_directory_that_cannot_be_written_is_a_config_error(make_train
     """It exists, so creating it succeeds; writing into it did not, after the model had loaded."""
     with pytest.raises(ConfigError, match=r"train\.output_dir: cannot write in /proc/sys"):
         make_trainer("train.output_dir=/proc/sys")
+
+
+def test_a_fused_op_backend_this_device_cannot_run_is_a_config_error(make_trainer, monkeypatch):
+    """On CPU without Triton's interpreter, 'triton' failed only at the first loss, after the
+    model had loaded and the first rollouts were generated."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match=r"fused_op\.backend: backend 'triton' needs CUDA tensors"):
+        make_trainer("fused_op.backend=triton")
+
+
+def test_the_gradient_norm_of_bf16_gradients_is_summed_in_float32():
+    """torch's total norm of bf16 gradients is a bf16 number: 3.219 for this 3.2063."""
+    model = torch.nn.Sequential(torch.nn.Linear(40, 25, bias=False), torch.nn.Linear(25, 1)).bfloat16()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.1)
+    exact = sum(float(p.grad.double().pow(2).sum()) for p in model.parameters()) ** 0.5
+    assert _grad_norm(model) == pytest.approx(exact, rel=1e-6)
+
+
+def test_fused_op_settings_reach_both_of_the_trainers_calls_of_the_op(make_trainer, monkeypatch):
+    """``fused_op.*`` reaches the loss (mode B) and the no-grad old log-probs (mode A) alike."""
+    import hpt_fast.ops as ops
+
+    seen, prepare = set(), ops._prepare
+
+    def spy(hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, mode, grad_order, accum):
+        seen.add((mode, backend, chunk_size, grad_order, accum))
+        return prepare(hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, mode, grad_order, accum)
+
+    monkeypatch.setattr(ops, "_prepare", spy)
+    trainer = make_trainer(
+        "fused_op.backend=torch", "fused_op.chunk_size=5", "fused_op.grad_order=tokens", "fused_op.accum_dtype=inputs",
+        "train.mini_batch_prompts=2", "rollout.old_logprobs=recompute",
+    )
+    trainer.train_step()
+    assert seen == {("A", "torch", 5, "tokens", None), ("B", "torch", 5, "tokens", None)}
+
+
+def test_a_damaged_checkpoint_stops_the_resume_before_the_model_loads(make_trainer, tmp_path, capsys):
+    trainer = make_trainer()
+    trainer.train_step()
+    trainer.save()
+    path = latest_checkpoint(trainer.out)
+    state = path / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    capsys.readouterr()
+    code = train.main([f"train.output_dir={tmp_path / 'run'}", *SMALL])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"checkpoint error: checkpoint {path} is damaged: trainer_state.pt"), err
+    assert "Loading weights" not in err  # transformers' progress bar: the model never started loading
