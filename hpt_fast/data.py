@@ -15,7 +15,8 @@ target on a row means that prompt has no demonstration (the HPT gate then keeps 
 target given as messages must hold exactly one assistant message (other roles are refused, so a
 whole conversation is not read as its first turn). Targets and ground truths that are empty or
 blank are refused, and a column written as all-null (Arrow type ``null``, as pandas writes an
-empty optional column) reads as absent values.
+empty optional column) reads as absent values; a method that trains on demonstrations refuses a
+file with none.
 
 Validation files (JSON): a list of objects, one per problem, with exactly one of
 ``"prompt"`` (a string: the user message, or a list of ``{role, content}`` messages) or
@@ -29,8 +30,8 @@ generation prompt (``apply_chat_template(..., add_generation_prompt=True)``) and
 adding special tokens (the template writes them), or, with a ``prompt_template`` such as
 ``"Question:\\n{prompt}\\nAnswer:"``, by replacing its ``{prompt}`` with the last message's
 content, encoded with the tokenizer's special tokens (a base model's BOS). ``prompt_suffix`` is
-appended to every user message first. Prompts longer than ``max_prompt_length`` tokens are
-dropped, and the count is logged. Demonstrations are encoded when a batch asks for them, truncated to
+appended to every user message first. Prompts longer than ``max_prompt_length`` tokens, or
+than the model's context less one, are dropped, and the count is logged. Demonstrations are encoded when a batch asks for them, truncated to
 ``max_response_length - 1`` tokens and ended with EOS (truncations counted); a leading
 ``<think>\\n`` is dropped when the prompt already ends with one (R1-style templates).
 
@@ -188,6 +189,8 @@ def read_train_parquet(path: PathLike, require_target: bool = True) -> list[Prob
             data_source="" if sources is None else (sources[i] or ""),
             index=i,
         ))
+    if require_target and all(p.target is None for p in out):
+        raise DataError(f"{path}: column 'target' holds no demonstration (null on every row); the method trains on them")
     return out
 
 
@@ -215,12 +218,12 @@ def _json_item(path: Path, i: int, item: Any) -> Problem:
     if len(keys) != 1:
         raise DataError(f"{where}: needs exactly one of 'prompt' and 'problem', has {keys or 'neither'}")
     question = item[keys[0]]
-    if isinstance(question, str) and question:
+    if isinstance(question, str) and question.strip():
         messages = [{"role": "user", "content": question}]
     elif keys[0] == "prompt" and isinstance(question, list):
         messages = _messages(f"{where}, key 'prompt'", question)
     else:
-        raise DataError(f"{where}: {keys[0]!r} must be a non-empty string{' or a list of messages' if keys[0] == 'prompt' else ''}")
+        raise DataError(f"{where}: {keys[0]!r} must be a non-blank string{' or a list of messages' if keys[0] == 'prompt' else ''}")
     if "answer" not in item:
         raise DataError(f"{where}: missing key 'answer'")
     answer = item["answer"]
@@ -242,11 +245,17 @@ def read_validation_json(path: PathLike) -> list[Problem]:
     """The problems of a validation JSON file (format in the module docstring)."""
     path = Path(path)
     try:
-        items = json.loads(path.read_text())
+        # utf-8-sig: the byte-order mark some Windows tools write is not JSON
+        items = json.loads(path.read_bytes().decode("utf-8-sig"))
     except OSError as err:
         raise DataError(f"{path}: cannot read: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}); JSON files are UTF-8") from None
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON: {err}") from None
+        hint = " (one object per line is JSON Lines: write one JSON list)" if err.msg == "Extra data" else ""
+        raise DataError(f"{path}: not valid JSON: {err}{hint}") from None
+    except ValueError as err:  # e.g. an integer over Python's digit limit
+        raise DataError(f"{path}: {err}") from None
     if not isinstance(items, list):
         raise DataError(f"{path}: expected a JSON list of problems, got {type(items).__name__}")
     if not items:
@@ -305,8 +314,22 @@ def render_prompt(tokenizer, messages: list[dict[str, str]], template: Optional[
         # replace, not str.format: a template may hold other braces (\boxed{}, say)
         return template.replace("{prompt}", messages[-1]["content"])
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError("the tokenizer has no chat template; set data.prompt_template (e.g. 'Question:\\n{prompt}\\nAnswer:')")
+        raise DataError(
+            "the tokenizer has no chat template; set data.prompt_template (hpt_fast.eval: --prompt-template), "
+            "e.g. 'Question:\\n{prompt}\\nAnswer:'"
+        )
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def _render(tokenizer, problem: Problem, template: Optional[str], suffix: str, name: str) -> str:
+    """``render_prompt``, with a chat template's own refusal (Gemma's of a system turn, say) as a
+    DataError naming the problem."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return render_prompt(tokenizer, problem.prompt, template, suffix)
+    except TemplateError as err:
+        raise DataError(f"{name}: problem {problem.index}: the chat template refused its messages: {err}") from None
 
 
 class Ragged:
@@ -363,6 +386,8 @@ class PromptSet:
         max_response_length: demonstrations are cut to this many tokens, EOS included.
         template, suffix: ``data.prompt_template`` and ``data.prompt_suffix``.
         name: for log messages (a file name or a benchmark name).
+        max_context: the model's context length, or None: prompts that leave no room in it for a
+            token are dropped too (the engines refuse them).
 
     Attributes:
         prompts: Ragged int32, the kept prompts' token ids.
@@ -381,6 +406,7 @@ class PromptSet:
         template: Optional[str] = None,
         suffix: str = "",
         name: str = "",
+        max_context: Optional[int] = None,
     ) -> None:
         if tokenizer.eos_token_id is None:
             raise DataError("the tokenizer has no EOS token: demonstrations must end with one")
@@ -389,17 +415,17 @@ class PromptSet:
         self.name = name
         if not problems:
             raise DataError(f"{name}: no problems")
-        texts = [render_prompt(tokenizer, p.prompt, template, suffix) for p in problems]
+        texts = [_render(tokenizer, p, template, suffix, name) for p in problems]
         ids = tokenizer(texts, add_special_tokens=template is not None)["input_ids"] if texts else []
-        keep = [i for i, row in enumerate(ids) if len(row) <= max_prompt_length]
+        limit, why = max_prompt_length, f"max_prompt_length = {max_prompt_length} tokens"
+        if max_context is not None and max_context - 1 < limit:
+            limit, why = max_context - 1, f"{max_context - 1} tokens (the model's context of {max_context} less one)"
+        keep = [i for i, row in enumerate(ids) if len(row) <= limit]
         self.dropped = len(problems) - len(keep)
         if self.dropped:
-            logger.warning(
-                "%s: dropped %d of %d prompts longer than max_prompt_length = %d tokens",
-                name, self.dropped, len(problems), max_prompt_length,
-            )
+            logger.warning("%s: dropped %d of %d prompts longer than %s", name, self.dropped, len(problems), why)
         if not keep:
-            raise DataError(f"{name}: every prompt is longer than max_prompt_length = {max_prompt_length} tokens")
+            raise DataError(f"{name}: every prompt is longer than {why}")
         self.problems = [problems[i] for i in keep]
         self.prompt_texts = [texts[i] for i in keep]
         self.prompts = Ragged([ids[i] for i in keep])
@@ -444,8 +470,10 @@ def load_prompt_set(
     template: Optional[str] = None,
     suffix: str = "",
     require_target: bool = False,
+    max_context: Optional[int] = None,
 ) -> PromptSet:
-    """Read one or more data files (``read_problems``), concatenated, into a PromptSet.
+    """Read one or more data files (``read_problems``), concatenated, into a PromptSet
+    (``max_context``: as there).
 
     The set is named after the file (``validation_name``) when there is one, else "train".
     """
@@ -454,7 +482,7 @@ def load_prompt_set(
         raise DataError("no data files given")
     problems = [p for path in paths for p in read_problems(path, require_target)]
     name = validation_name(paths[0]) if len(paths) == 1 else "train"
-    return PromptSet(problems, tokenizer, max_prompt_length, max_response_length, template, suffix, name)
+    return PromptSet(problems, tokenizer, max_prompt_length, max_response_length, template, suffix, name, max_context)
 
 
 # ---- order -------------------------------------------------------------------------------------

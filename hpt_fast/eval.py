@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -33,7 +34,7 @@ import torch
 from hpt_fast.config import local_dir_problem
 from hpt_fast.data import DataError, PromptSet, check_set_names, load_prompt_set
 from hpt_fast.reward import RewardPool
-from hpt_fast.rollout import NativeEngine, RolloutEngine, end_token_ids
+from hpt_fast.rollout import NativeEngine, RolloutEngine, context_length, end_token_ids
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -88,6 +89,8 @@ class BenchmarkResult:
         dropped: problems left out for prompts over ``max_prompt_length``.
         response_length: mean generated tokens per sample.
         truncated: fraction of samples cut at ``max_new_tokens`` (or the model's context).
+        undecided: samples scored 0 because their answer check did not finish (past its time
+            limit, a crashed or failing check: ``hpt_fast.reward.UNDECIDED``).
     """
 
     name: str
@@ -98,6 +101,7 @@ class BenchmarkResult:
     dropped: int
     response_length: float
     truncated: float
+    undecided: int = 0
 
     @property
     def avg(self) -> float:
@@ -121,6 +125,7 @@ class BenchmarkResult:
             "pass_at": {str(j): p for j, p in enumerate(curve, start=1)},
             "response_length": self.response_length,
             "truncated": self.truncated,
+            "undecided": self.undecided,
             "correct": dict(zip(map(str, self.indices), self.correct)),
         }
 
@@ -146,7 +151,7 @@ def evaluate_set(
     tok = prompts.tokenizer
     correct: list[int] = []
     lengths: list[int] = []
-    truncated = 0
+    truncated = undecided = 0
     for b, start in enumerate(range(0, len(prompts), settings.batch_size)):
         batch = prompts.batch(range(start, min(start + settings.batch_size, len(prompts))))
         groups = engine.generate(
@@ -157,23 +162,28 @@ def evaluate_set(
         samples = [s for g in groups for s in g]
         texts = tok.batch_decode([s.token_ids for s in samples], skip_special_tokens=True)
         truths = [gt for gt in batch.ground_truths for _ in range(settings.n)]
-        scores = rewards.score(texts, truths).rewards.reshape(len(groups), settings.n)
-        correct += [int(c) for c in scores.sum(1)]
+        scored = rewards.score(texts, truths)
+        undecided += scored.undecided
+        correct += [int(c) for c in scored.rewards.reshape(len(groups), settings.n).sum(1)]
         lengths += [len(s.token_ids) for s in samples]
         truncated += sum(s.finish_reason == "length" for s in samples)
     return BenchmarkResult(
         name=prompts.name, file=file, n=settings.n, correct=correct,
         indices=[p.index for p in prompts.problems], dropped=prompts.dropped,
-        response_length=sum(lengths) / len(lengths), truncated=truncated / len(lengths),
+        response_length=sum(lengths) / len(lengths), truncated=truncated / len(lengths), undecided=undecided,
     )
 
 
-def load_benchmarks(files: Sequence[str], tokenizer, settings: EvalSettings) -> dict[str, PromptSet]:
-    """file -> its prompts, tokenized; DataError for a bad file or two files with one benchmark name."""
+def load_benchmarks(
+    files: Sequence[str], tokenizer, settings: EvalSettings, max_context: Optional[int] = None
+) -> dict[str, PromptSet]:
+    """file -> its prompts, tokenized, those over ``settings.max_prompt_length`` or leaving no room
+    in the model's context ``max_context`` left out (counted); DataError for a bad file or two files
+    with one benchmark name."""
     check_set_names(files)
     return {
         f: load_prompt_set(f, tokenizer, settings.max_prompt_length, settings.max_new_tokens,
-                           settings.prompt_template, settings.prompt_suffix)
+                           settings.prompt_template, settings.prompt_suffix, max_context=max_context)
         for f in files
     }
 
@@ -215,7 +225,11 @@ def format_tables(results: Sequence[BenchmarkResult]) -> str:
         lines.append(f"| {r.name} | " + " | ".join(f"{curve[k - 1]:.4f}" for k in points) + " |")
     dropped = [f"{r.name}: {r.dropped}" for r in results if r.dropped]
     if dropped:
-        lines += ["", "prompts over --max-prompt-length, left out: " + ", ".join(dropped)]
+        lines += ["", "prompts over --max-prompt-length or the model's context, left out: " + ", ".join(dropped)]
+    undecided = [f"{r.name}: {r.undecided}" for r in results if r.undecided]
+    if undecided:
+        lines += ["", "samples scored 0 because their answer check did not finish (time limit, crash): "
+                  + ", ".join(undecided)]
     return "\n".join(lines)
 
 
@@ -261,6 +275,15 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             p.error(f"{opt}: no such directory: {path}")
         if local_dir_problem(path, kind):
             p.error(f"{opt}: {local_dir_problem(path, kind)}")
+    if a.out is not None:  # found now, not after hours of generation
+        out = Path(a.out)
+        where = next(p for p in out.absolute().parents if p.exists())
+        if out.is_dir():
+            p.error(f"--out: {out} is a directory; give the path of a JSON file")
+        if not where.is_dir():
+            p.error(f"--out: {where} is a file, not a directory")
+        if not os.access(where, os.W_OK | os.X_OK):
+            p.error(f"--out: cannot write in {where}")
     for i, f in enumerate(a.data):
         if not Path(f).is_file():
             p.error(f"--data: no such file: {f}")
@@ -272,7 +295,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
@@ -284,8 +307,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     trust = args.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, trust_remote_code=trust)
+    context = context_length(AutoConfig.from_pretrained(args.model, trust_remote_code=trust))
     try:  # the data first: a bad file should not wait for a large model to load
-        benchmarks = load_benchmarks(args.data, tokenizer, settings)
+        benchmarks = load_benchmarks(args.data, tokenizer, settings, context)
     except DataError as err:
         print(f"data error: {err}", file=sys.stderr)
         return 2

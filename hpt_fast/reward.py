@@ -10,7 +10,9 @@ No format reward (hpt.md section 3). Each response goes through these steps, che
    earlier box does not count, since the response did not end with it. No answer scores 0.
 2. normalised string match (``normalize_answer``) of the answer with the ground truth.
 3. integer shortcut: when both normalised strings are integer literals, they are compared as
-   integers (leading zeros and sign), and a mismatch is final: math-verify could not say otherwise.
+   integers (leading zeros and sign), and a mismatch is final: math-verify could not say otherwise,
+   unless a percent sign was dropped (math-verify reads ``100\\%`` as 100 and as 1 alike), which
+   leaves a mismatch to math-verify.
 4. math-verify (``math_verify_check``): both sides are parsed as ``\\boxed{...}`` LaTeX by
    ``math_verify.parse`` and compared by ``math_verify.verify`` (numeric, symbolic, sets, intervals,
    relations). This step can take unbounded time (``9^{9^{9^{9}}}`` makes sympy compute a power
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import multiprocessing as mp
 import os
 import re
@@ -56,7 +59,9 @@ _INTEGER = re.compile(r"[+-]?\d+")
 
 # outcomes of a check; the first three score 1
 CORRECT = ("match", "integer", "verified")
-OUTCOMES = CORRECT + ("wrong", "no_answer", "timeout", "crash", "error")
+# the checks that scored 0 without deciding: past the time limit, a dead worker, an exception
+UNDECIDED = ("timeout", "crash", "error")
+OUTCOMES = CORRECT + ("wrong", "no_answer") + UNDECIDED
 
 
 def _boxed_start(text: str) -> int:
@@ -144,7 +149,7 @@ def quick_check(response: str, ground_truth: str) -> tuple[Optional[str], str, s
     if a == g and a:
         return "match", answer, gold
     ia, ig = _canonical_integer(a), _canonical_integer(g)
-    if ia is not None and ig is not None:
+    if ia is not None and ig is not None and (ia == ig or "%" not in answer + gold):
         return ("integer" if ia == ig else "wrong"), answer, gold
     return None, answer, gold
 
@@ -185,6 +190,11 @@ class Scores:
         """Number of responses per outcome (every outcome of ``OUTCOMES``, zeros included)."""
         c = Counter(self.outcomes)
         return {k: c.get(k, 0) for k in OUTCOMES}
+
+    @property
+    def undecided(self) -> int:
+        """How many responses scored 0 because their check did not finish (``UNDECIDED``)."""
+        return sum(o in UNDECIDED for o in self.outcomes)
 
 
 def _die_with(parent_pid: Optional[int]) -> None:
@@ -285,8 +295,8 @@ class RewardPool:
     ) -> None:
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
             raise ValueError(f"num_workers must be an int >= 1, got {num_workers!r}")
-        if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or not timeout_s > 0:
-            raise ValueError(f"timeout_s must be a number > 0, got {timeout_s!r}")
+        if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or not 0 < timeout_s < math.inf:
+            raise ValueError(f"timeout_s must be a finite number > 0, got {timeout_s!r}")
         self.num_workers = num_workers
         self.timeout_s = float(timeout_s)
         self.check = check
@@ -327,7 +337,13 @@ class RewardPool:
             if outcome is None:
                 pending.append((i, answer, gold))
         if pending:
-            self._run(pending, outcomes)
+            try:
+                self._run(pending, outcomes)
+            except BaseException:
+                # interrupted (Ctrl-C, say): a busy worker's late answer must not land in the next
+                # call's outcomes, so every worker goes; the next call starts new ones
+                self.close()
+                raise
         rewards = np.array([o in CORRECT for o in outcomes], dtype=np.float32)
         return Scores(rewards=rewards, outcomes=tuple(outcomes))
 

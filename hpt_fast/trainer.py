@@ -46,7 +46,7 @@ from hpt_fast.loss import FusedUnifiedLoss
 from hpt_fast.metrics import MetricsLogger
 from hpt_fast.policy import FusedHeadPolicy, gathered_state_dict
 from hpt_fast.reward import RewardPool
-from hpt_fast.rollout import NativeEngine, RolloutEngine, end_token_ids
+from hpt_fast.rollout import NativeEngine, RolloutEngine, context_length, end_token_ids
 from hpt_fast.step_stats import StepStats
 
 logger = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class Trainer:
 
     def __init__(self, cfg: Config) -> None:
         import deepspeed
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         self.cfg = cfg
         self.rank, self.world, self.device = init_distributed()
@@ -179,18 +179,22 @@ class Trainer:
         # the data before the model: a missing or malformed file is reported in seconds, not
         # after a 7B model has loaded
         d = cfg.data
+        # a prompt that fills the model's context cannot be generated from: dropped with the long ones
+        context = context_length(AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=trust))
         self.train_set = load_prompt_set(
             d.train_files, self.tokenizer, d.max_prompt_length, d.max_response_length, d.prompt_template, d.prompt_suffix,
-            require_target=cfg.algorithm.uses_demonstrations,
+            require_target=cfg.algorithm.uses_demonstrations, max_context=context,
         )
         if len(self.train_set) < cfg.train.prompts_per_step:
             raise DataError(
                 f"{', '.join(map(str, d.train_files))}: {len(self.train_set)} prompts fit data.max_prompt_length "
-                f"({self.train_set.dropped} dropped as longer), fewer than train.prompts_per_step = {cfg.train.prompts_per_step}"
+                f"and the model's context ({self.train_set.dropped} dropped as longer), fewer than "
+                f"train.prompts_per_step = {cfg.train.prompts_per_step}"
             )
         check_set_names(cfg.validation.files if cfg.validation.every else [])
         self.val_sets = [
-            load_prompt_set(f, self.tokenizer, d.max_prompt_length, d.max_response_length, d.prompt_template, d.prompt_suffix)
+            load_prompt_set(f, self.tokenizer, d.max_prompt_length, d.max_response_length, d.prompt_template,
+                            d.prompt_suffix, max_context=context)
             for f in cfg.validation.files
         ] if cfg.validation.every else []
         dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
@@ -469,11 +473,15 @@ class Trainer:
         t1 = time.perf_counter()
         texts = [self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for group in samples for s in group]
         truths = [gt for gt, group in zip(batch.ground_truths, samples) for _ in group]
-        rewards = torch.as_tensor(self.rewards.score(texts, truths).rewards, dtype=torch.float32).reshape(len(indices), n_gen)
+        scores = self.rewards.score(texts, truths)
+        rewards = torch.as_tensor(scores.rewards, dtype=torch.float32).reshape(len(indices), n_gen)
+        undecided = scores.undecided
         demo_rewards = None
         if rule == "luffy":
             demo_texts = [self.tokenizer.decode(d or [], skip_special_tokens=True) for d in batch.demo_ids]
-            demo_rewards = torch.as_tensor(self.rewards.score(demo_texts, batch.ground_truths).rewards, dtype=torch.float32)
+            demo_scores = self.rewards.score(demo_texts, batch.ground_truths)
+            demo_rewards = torch.as_tensor(demo_scores.rewards, dtype=torch.float32)
+            undecided += demo_scores.undecided
         rows = self._rows(rule, batch, samples, rewards, demo_rewards)
         t2 = time.perf_counter()
 
@@ -497,6 +505,7 @@ class Trainer:
             sum(1.0 for r in rows if r.off_policy), float(len(indices)),
             float(sum(len(s.token_ids) for g in samples for s in g)),
             float(sum(len(r.response_ids) for r in rows)),
+            float(undecided),
         ], self.device)
         metrics = {
             "step": self.step,
@@ -512,7 +521,7 @@ class Trainer:
             "tokens_per_s": (sums[4] + sums[5]) / max(t4 - t0, 1e-9),
         }
         if sums[1]:  # rollout statistics only where there were rollouts (not on SFT steps)
-            metrics.update(reward_mean=sums[0] / sums[1], response_length=sums[4] / sums[1])
+            metrics.update(reward_mean=sums[0] / sums[1], response_length=sums[4] / sums[1], reward_undecided=sums[6])
         for key in ("loss", "grad_norm", "lr"):
             if updates:
                 metrics[key] = sum(u[key] for u in updates) / len(updates)

@@ -16,7 +16,8 @@ not a model: completion j of a prompt is ``(prompt[-1] + s + k) % FAKE_VOCAB`` a
 is the sample's seed (vLLM's: the request's seed + j; j when unseeded), each with log-prob
 ``-0.25 * (k + 1)``, ending at a stop token (kept), after ``max_tokens``, or when prompt and
 completion fill ``max_model_len`` (vLLM's ``check_stop``; the default is the model directory's
-``max_position_embeddings``, unbounded for a hub id); a longer prompt is refused with vLLM's error.
+``max_position_embeddings``, unbounded for a hub id); a prompt that fills it is refused with vLLM's
+error, and so is greedy sampling (temperature 0) with ``n`` > 1, as vLLM's ``SamplingParams`` does.
 ``sampling_params`` may be one ``SamplingParams`` for every prompt or a list with one per prompt,
 as in vLLM.
 """
@@ -31,6 +32,11 @@ from typing import Any, Callable, Iterable, Optional, Sequence, TypedDict
 import torch
 
 FAKE_VOCAB = 50
+
+
+class VLLMValidationError(Exception):
+    """vllm.exceptions.VLLMValidationError (a VLLMClientError, not a ValueError): a refused request."""
+
 MEMORY_TAGS = ("weights", "kv_cache")
 
 # the EngineArgs fields the fake acts on, with vLLM 0.33's defaults
@@ -178,6 +184,8 @@ class SamplingParams:
         self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids or ()))
         if self.temperature < _SAMPLING_EPS:  # greedy: the truncations mean nothing
             self.top_p, self.top_k = 1.0, 0
+            if self.n > 1:
+                raise VLLMValidationError(f"n must be 1 when using greedy sampling, got {self.n}.")
 
 
 class FakeModel:
@@ -294,9 +302,15 @@ class LLM:
         for i, (prompt, params) in enumerate(zip(prompts, per_prompt)):
             ids = prompt["prompt_token_ids"]
             if self.max_model_len is not None and len(ids) > self.max_model_len:
-                raise ValueError(
+                raise VLLMValidationError(
                     f"The decoder prompt (length {len(ids)}) is longer than the maximum model length of "
                     f"{self.max_model_len}. Make sure that `max_model_len` is no smaller than the number of text tokens."
+                )
+            if self.max_model_len is not None and len(ids) == self.max_model_len:
+                raise VLLMValidationError(
+                    f"The decoder prompt (length {len(ids)}) plus the number of requested output tokens (at least 1) "
+                    f"is longer than the maximum model length of {self.max_model_len}. Make sure that `max_model_len` "
+                    "is no smaller than the number of text tokens (prompt + requested output tokens)."
                 )
             stops = set(params.stop_token_ids)
             completions = []

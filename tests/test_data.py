@@ -98,8 +98,11 @@ def test_all_null_optional_columns_read_as_absent_values(tmp_path):
     """pandas writes an optional column holding only None with Arrow type null."""
     pq.write_table(_table(target=pa.array([None]), data_source=pa.array([None])), tmp_path / "nulls.parquet")
     assert pq.read_schema(tmp_path / "nulls.parquet").field("target").type == pa.null()
-    problem = read_train_parquet(tmp_path / "nulls.parquet")[0]
+    problem = read_train_parquet(tmp_path / "nulls.parquet", require_target=False)[0]
     assert problem.target is None and problem.data_source == ""
+    # a method that trains on demonstrations would train on none: SFT made no step and exited 0
+    with pytest.raises(DataError, match=r"nulls\.parquet: column 'target' holds no demonstration \(null on every row\)"):
+        read_train_parquet(tmp_path / "nulls.parquet", require_target=True)
 
 
 def test_empty_and_unreadable_parquet(tmp_path):
@@ -143,15 +146,34 @@ def test_validation_json_accepted_keys(tmp_path):
     ('[{"prompt": "q", "answer": NaN}]', r"item 0: 'answer' must be finite, got nan"),
     ('[{"prompt": "q", "answer": -Infinity}]', r"item 0: 'answer' must be finite, got -inf"),
     ('[{"prompt": "q", "answer": " "}]', r"item 0: blank 'answer' ' '"),
-    ('[{"prompt": "", "answer": "1"}]', r"item 0: 'prompt' must be a non-empty string"),
-    ('[{"problem": ["q"], "answer": "1"}]', r"item 0: 'problem' must be a non-empty string"),
+    ('[{"prompt": "", "answer": "1"}]', r"item 0: 'prompt' must be a non-blank string"),
+    ('[{"problem": ["q"], "answer": "1"}]', r"item 0: 'problem' must be a non-blank string"),
     ('[{"prompt": [{"role": "user"}], "answer": "1"}]', r"item 0, key 'prompt': each message needs string"),
+    ('[{"problem": " \\n", "answer": "1"}]', r"item 0: 'problem' must be a non-blank string"),
+    ('{"prompt": "q", "answer": "1"}\n{"prompt": "r", "answer": "2"}',
+     r"not valid JSON: Extra data.* \(one object per line is JSON Lines: write one JSON list\)"),
+    ('[{"prompt": "q", "answer": 1' + "0" * 5000 + '}]', r"Exceeds the limit \(4300 digits\)"),
 ])
 def test_bad_validation_json_names_file_and_item(tmp_path, content, message):
     path = tmp_path / "bench.json"
     path.write_text(content)
     with pytest.raises(DataError, match=rf"bench\.json: {message}"):
         read_validation_json(path)
+
+
+@pytest.mark.parametrize("encoding, error", [
+    ("utf-8-sig", None),  # the byte-order mark Windows tools write
+    ("utf-16", r"bench\.json: not UTF-8 text \(byte 0\); JSON files are UTF-8"),
+    ("latin-1", r"bench\.json: not UTF-8 text \(byte 16\)"),  # the é
+])
+def test_validation_json_encodings(tmp_path, encoding, error):
+    path = tmp_path / "bench.json"
+    path.write_text('[{"prompt": "caf\u00e9 2+2?", "answer": "4"}]', encoding=encoding)
+    if error is None:
+        assert read_validation_json(path)[0].prompt[0]["content"] == "caf\u00e9 2+2?"
+    else:
+        with pytest.raises(DataError, match=error):
+            read_validation_json(path)
 
 
 def test_read_problems_dispatch(tmp_path):
@@ -187,6 +209,14 @@ def test_overlong_prompts_are_dropped_and_logged(tok, caplog):
     assert "set: dropped 1 of 3 prompts longer than max_prompt_length = 40" in caplog.text
     with pytest.raises(DataError, match="every prompt is longer"):
         PromptSet(problems, tok, max_prompt_length=5, max_response_length=32)
+    # a prompt that fills the model's context leaves no room to generate: dropped, not an engine
+    # error hours into the run
+    lengths = [len(ids) for ids in tok([render_prompt(tok, p.prompt) for p in problems], add_special_tokens=False)["input_ids"]]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hpt_fast.data"):
+        ps = PromptSet(problems, tok, max_prompt_length=1000, max_response_length=32, name="set", max_context=lengths[0] + 1)
+    assert ps.dropped == 1 and [p.ground_truth for p in ps.problems] == ["2", "3"]
+    assert f"dropped 1 of 3 prompts longer than {lengths[0]} tokens (the model's context of {lengths[0] + 1} less one)" in caplog.text
     with pytest.raises(DataError, match="no problems"):
         PromptSet([], tok, max_prompt_length=5, max_response_length=32)
 
@@ -219,6 +249,19 @@ def test_tokenizer_without_chat_template(tok):
     bare.chat_template = None
     with pytest.raises(DataError, match="no chat template; set data.prompt_template"):
         render_prompt(bare, _problem(0).prompt)
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_data_error(tok):
+    """Gemma's template raises on a system turn, from inside jinja."""
+    strict = build_tokenizer()
+    strict.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    system = Problem(prompt=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "1+1?"}],
+                     ground_truth="2", index=7)
+    with pytest.raises(DataError, match="set: problem 7: the chat template refused its messages: System role not supported"):
+        PromptSet([_problem(0), system], strict, 64, 32, name="set")
 
 
 def test_load_prompt_set_concatenates_files(tok, tmp_path):

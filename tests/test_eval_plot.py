@@ -105,6 +105,23 @@ def test_evaluate_set_counts_correct_samples_per_problem():
     assert engine.logprobs_needed == [False] * 3  # evaluation may sample with top-p on any engine
 
 
+def failing_check(answer: str, gold: str) -> bool:
+    raise RuntimeError("parser bug")
+
+
+def test_checks_that_did_not_finish_are_counted_and_printed():
+    """A sample whose answer check timed out, crashed or raised scored 0 without a word."""
+    tok = build_tokenizer()
+    problems = [Problem([{"role": "user", "content": f"What is {i}+1?"}], str(i + 1), index=i) for i in range(3)]
+    prompts = PromptSet(problems, tok, max_prompt_length=64, max_response_length=16, name="scripted")
+    engine = ScriptedEngine(tok, prompts, right=[0, 1, 2])  # "\boxed{x}" goes to the failing check
+    with RewardPool(num_workers=1, check=failing_check) as pool:
+        result = ev.evaluate_set(engine, prompts, ev.EvalSettings(n=2, max_new_tokens=16), pool, [tok.eos_token_id], "s.json")
+    assert result.correct == [0, 1, 2] and result.undecided == 3 and result.to_json()["undecided"] == 3
+    assert "samples scored 0 because their answer check did not finish (time limit, crash): scripted: 3" in (
+        ev.format_tables([result]))
+
+
 # ---- the eval CLI on the toy model ---------------------------------------------------------------
 
 
@@ -131,7 +148,7 @@ def test_eval_cli_on_toy_model(toy, tmp_path, capsys):
     assert bench["pass_at"]["1"] == pytest.approx(bench["avg@2"])
     assert bench["pass_at"]["2"] == bench["pass@2"]
     assert sorted(bench["correct"]) == ["0", "1", "2", "3", "4"]
-    assert 0 < bench["response_length"] <= 6
+    assert 0 < bench["response_length"] <= 6 and bench["undecided"] == 0
 
 
 def _exit_message(capsys, argv) -> str:
@@ -158,6 +175,10 @@ def test_eval_cli_rejects_bad_arguments(tmp_path, capsys):
     assert "given twice" in _exit_message(capsys, base + [str(data), "--n", "2"])
     assert "--top-p" in _exit_message(capsys, base + ["--n", "2", "--top-p", "0"])
     assert "--n" in _exit_message(capsys, ["--model", str(tmp_path), "--data", str(data)])
+    # where the results go is checked before hours of generation, not after
+    assert f"--out: {tmp_path} is a directory" in _exit_message(capsys, base + ["--n", "2", "--out", str(tmp_path)])
+    assert f"--out: {data} is a file, not a directory" in _exit_message(
+        capsys, base + ["--n", "2", "--out", str(data / "sub" / "r.json")])
 
 
 def test_eval_cli_reports_bad_data_before_loading_the_model(toy, tmp_path, capsys):

@@ -78,6 +78,11 @@ def test_normalize_answer():
     (r"no answer", "7", "no_answer"),
     (r"\boxed{0.5}", r"\frac{1}{2}", None),  # only math-verify can tell
     (r"\boxed{5}", r"the answer is \boxed{5}", "match"),  # a boxed ground truth is unwrapped
+    # math-verify reads 100% as 100 and as 1: a dropped percent sign leaves a mismatch to it
+    (r"\boxed{1}", r"100\%", None),
+    (r"\boxed{100\%}", "1", None),
+    (r"\boxed{100\%}", "100", "match"),
+    (r"\boxed{3\%}", "4", None),
 ])
 def test_quick_check(response, truth, outcome):
     assert quick_check(response, truth)[0] == outcome
@@ -88,6 +93,7 @@ def test_pool_scores_a_batch(pool):
     truths = ["12", r"\frac{1}{2}", "(x+1)^2", "(x+1)^2", "3", "7"]
     scores = pool.score(responses, truths)
     assert scores.outcomes == ("match", "verified", "verified", "wrong", "no_answer", "wrong")
+    assert pool.score([r"\boxed{1}", r"\boxed{2}"], [r"100\%", r"100\%"]).outcomes == ("verified", "wrong")
     assert scores.rewards.dtype == np.float32
     np.testing.assert_array_equal(scores.rewards, [1, 1, 1, 0, 0, 0])
     counts = scores.counts()
@@ -113,7 +119,7 @@ def test_pathological_answer_times_out_and_the_pool_recovers():
         scores = p.score([PATHOLOGICAL, r"\boxed{0.25}", PATHOLOGICAL], ["1", r"\frac14", "2"])
         elapsed = time.perf_counter() - start
         assert scores.outcomes == ("timeout", "verified", "timeout")
-        assert scores.counts()["timeout"] == 2
+        assert scores.counts()["timeout"] == 2 and scores.undecided == 2
         assert elapsed < 4.0, f"two timed-out checks of 1 s on two workers took {elapsed:.1f} s"
         # the killed workers were replaced
         assert p.score([r"\boxed{0.5}"], [r"\frac12"]).outcomes == ("verified",)
@@ -135,6 +141,33 @@ def test_crashed_worker_scores_zero_and_is_replaced():
         scores = p.score([r"\boxed{crash}", r"\boxed{ok}", r"\boxed{crash}"], ["b", "fine", "c"])
         assert scores.outcomes == ("crash", "verified", "crash")
         np.testing.assert_array_equal(scores.rewards, [0, 1, 0])
+
+
+def slow_check(answer: str, gold: str) -> bool:
+    if answer == "slow":
+        time.sleep(1.0)
+    return answer.upper() == gold
+
+
+def test_an_interrupted_call_leaves_no_answer_for_the_next():
+    """Ctrl-C in the middle of a call: the busy worker's late answer (and its deadline) must not
+    land in the next call's outcomes, which scored an exact match 0 or raised IndexError."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    with RewardPool(num_workers=1, timeout_s=2.0, check=slow_check) as p:
+        previous = signal.signal(signal.SIGALRM, interrupt)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            with pytest.raises(KeyboardInterrupt):
+                p.score([r"\boxed{slow}"], ["x"])
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        time.sleep(1.2)  # the interrupted check would have answered by now
+        assert p.score([r"\boxed{a}", r"\boxed{b}", r"\boxed{slow}"], ["a", "c", "SLOW"]).outcomes == (
+            "match", "wrong", "verified")
 
 
 def test_exception_in_check_scores_zero():
@@ -211,3 +244,5 @@ def test_bad_arguments():
         RewardPool(num_workers=0)
     with pytest.raises(ValueError, match="timeout_s"):
         RewardPool(timeout_s=0)
+    with pytest.raises(ValueError, match="timeout_s must be a finite number > 0, got inf"):
+        RewardPool(timeout_s=float("inf"))

@@ -148,6 +148,36 @@ def test_samples_and_sampling_params(vllm, model):
     torch.testing.assert_close(sample.logprobs, torch.tensor([-0.25, -0.5, -0.75, -1.0]))
 
 
+def test_greedy_samples_are_one_request_sample_copied(vllm, model):
+    """vLLM refuses n > 1 at temperature 0 ("n must be 1 when using greedy sampling"): the engine
+    asks for one sample per prompt and gives back n copies of it, each a Sample of its own."""
+    engine = _engine(model)
+    engine.update_weights()
+    out = engine.generate([[3], [9]], n=3, max_new_tokens=4, temperature=0.0, seed=2)
+    params = next(e[2] for e in engine._llm.events if e[0] == "generate")
+    assert [p.n for p in params] == [1, 1]
+    for group in out:
+        assert len(group) == 3 and len({id(s) for s in group}) == 3
+        assert all(s.token_ids == group[0].token_ids for s in group)
+    group[0].logprobs.zero_()
+    assert group[1].logprobs.min() < 0  # not one tensor shared
+    with pytest.raises(fake_vllm.VLLMValidationError, match="n must be 1 when using greedy sampling"):
+        fake_vllm.SamplingParams(n=2, temperature=0.0)
+
+
+def test_an_unseeded_tensor_parallel_call_draws_one_seed_for_its_ranks(vllm, model, one_rank_group):
+    """Unseeded, vLLM draws from each rank's own random state and the ranks of one engine would
+    sample different tokens: the engine draws a seed, and every rank takes the first rank's."""
+    import torch.distributed as dist
+
+    engine = _engine(model)
+    engine._tp_group = dist.new_group([0])
+    engine.update_weights()
+    engine.generate([[5], [5]], n=2, max_new_tokens=2)
+    params = next(e[2] for e in engine._llm.events if e[0] == "generate")
+    assert None not in [p.seed for p in params] and params[1].seed == (params[0].seed + 2) % 2**62
+
+
 def test_completions_end_where_the_context_is_full(vllm, model):
     """vLLM stops a request when prompt and completion fill max_model_len, whatever max_tokens
     says; the samples then end with finish_reason "length", their log-probs as long as they are."""

@@ -146,8 +146,10 @@ def _toy_train_file(tmp_path, rows: int = 3200, null_targets: bool = False, drop
     i = table.schema.get_field_index("target")
     if drop_target:
         table = table.remove_column(i)
-    elif null_targets:
-        table = table.set_column(i, "target", pa.nulls(table.num_rows, table.schema.field("target").type))
+    elif null_targets:  # all but the last row's (a file with none at all is refused)
+        kept = table.column(i).slice(rows - 1)
+        nulls = pa.nulls(table.num_rows - 1, table.schema.field("target").type)
+        table = table.set_column(i, "target", pa.concat_arrays([nulls, kept.combine_chunks()]))
     path = tmp_path / "train.parquet"
     pq.write_table(table, path)
     return f"data.train_files=[{path}]"
@@ -163,7 +165,7 @@ def test_a_method_with_demonstrations_needs_the_target_column(make_trainer, tmp_
 def test_an_update_without_any_row_makes_no_step(make_trainer, tmp_path):
     """SFT on prompts that all lack a demonstration: no rows, so no backward and no optimizer step
     (DeepSpeed's step without gradients raised IndexError)."""
-    trainer = make_trainer("algorithm.method=sft", _toy_train_file(tmp_path, rows=64, null_targets=True))
+    trainer = make_trainer("algorithm.method=sft", "data.shuffle=false", _toy_train_file(tmp_path, rows=64, null_targets=True))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     metrics = trainer.train_step()
     assert "loss" not in metrics and metrics["train_tokens"] == 0 and metrics["sft_fraction"] == 0.0
@@ -349,3 +351,14 @@ def test_a_damaged_checkpoint_stops_the_resume_before_the_model_loads(make_train
     err = capsys.readouterr().err
     assert code == 2 and err.startswith(f"checkpoint error: checkpoint {path} is damaged: trainer_state.pt"), err
     assert "Loading weights" not in err  # transformers' progress bar: the model never started loading
+
+
+def test_rewards_whose_check_did_not_finish_are_counted(make_trainer):
+    """A timed-out, crashed or raising answer check scores 0; the step says how many there were."""
+    trainer = make_trainer()
+
+    def score(texts, truths):
+        return Scores(rewards=np.zeros(len(texts), np.float32), outcomes=("timeout",) * len(texts))
+
+    trainer.rewards.score = score
+    assert trainer.train_step()["reward_undecided"] == 8  # 4 prompts x 2 rollouts

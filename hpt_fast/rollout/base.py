@@ -126,6 +126,12 @@ def end_token_ids(tokenizer, model) -> list[int]:
     return sorted(ids)
 
 
+def context_length(config) -> Optional[int]:
+    """The longest sequence (prompt + completion) the model of a transformers ``config`` takes, or
+    None where the config states none: what the engines generate within by default."""
+    return getattr(config, "max_position_embeddings", None)
+
+
 def _is_int(x: object) -> bool:
     # bool is an int subclass, but True as a token id or a count is always a caller's bug
     return isinstance(x, int) and not isinstance(x, bool)

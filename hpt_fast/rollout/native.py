@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from hpt_fast.rollout.base import GenerationRequest, Sample, validate_request
+from hpt_fast.rollout.base import GenerationRequest, Sample, context_length, validate_request
 
 # Dropping finished rows copies the live rows' KV cache (about what one decode step reads), while
 # carrying a finished row wastes 1/batch of every later step; so rows are dropped once at least
@@ -187,7 +187,7 @@ class NativeEngine:
         self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
         self.model = model
         self.vocab_size = model.get_input_embeddings().num_embeddings
-        self.max_context = max_context if max_context is not None else getattr(config, "max_position_embeddings", None)
+        self.max_context = max_context if max_context is not None else context_length(config)
         self.num_layers = config.num_hidden_layers
         self.lockstep = lockstep and dist.is_initialized() and dist.get_world_size() > 1
 

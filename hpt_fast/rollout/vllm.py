@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Sequence
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from hpt_fast.config import VLLM_TEMPERATURE_RANGE
-from hpt_fast.rollout.base import Sample, validate_request
+from hpt_fast.rollout.base import Sample, context_length, validate_request
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ class VLLMEngine:
         self.dtype = dtype
         self.sleep_level = sleep_level
         self.vocab_size = model.get_input_embeddings().num_embeddings
-        self.max_context = max_model_len or getattr(model.config, "max_position_embeddings", None)
+        self.max_context = max_model_len or context_length(model.config)
         self.timings: dict[str, float] = {}
         self._llm = LLM(
             model=model_path,
@@ -278,6 +279,10 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         prompts, seed, mine = list(request.prompts), request.seed, slice(0, len(request.prompts))
+        if self._tp_group is not None and seed is None:
+            # unseeded, vLLM draws from each rank's own random state, and the ranks would diverge:
+            # a fresh seed, the first rank's for all (below)
+            seed = secrets.randbits(62)
         if self._tp_group is not None:
             # the ranks of one engine must feed it identical requests
             gathered: list = [None] * torch.distributed.get_world_size(self._tp_group)
@@ -287,11 +292,13 @@ class VLLMEngine:
             prompts, seed = [p for g in gathered for p in g[0]], gathered[0][1]
             mine = slice(start, start + len(request.prompts))
 
+        # vLLM refuses n > 1 at temperature 0: one greedy sample per prompt, copied n times
+        copies = request.n if request.greedy else 1
         # vLLM seeds each request's own generator with its seed, and sample j of an n-sample
         # request with seed + j: one seed for the batch would give every prompt the same noise
         params = [
             SamplingParams(
-                n=request.n,
+                n=request.n // copies,
                 temperature=request.temperature,
                 top_p=request.top_p,
                 top_k=request.top_k,
@@ -308,7 +315,7 @@ class VLLMEngine:
             outputs = self._llm.generate(
                 [{"prompt_token_ids": p} for p in prompts], sampling_params=params, use_tqdm=False
             )
-        return [[_to_sample(c) for c in out.outputs] for out in outputs[mine]]
+        return [[_to_sample(c) for c in out.outputs for _ in range(copies)] for out in outputs[mine]]
 
 
 def _request_seed(seed: int, prompt: int, n: int) -> int:
