@@ -157,6 +157,21 @@ class RolloutConfig:
 
 
 @dataclass
+class RewardConfig:
+    """The answer checks (``hpt_fast.reward.RewardPool``), per rank.
+
+    Attributes:
+        num_workers: worker processes running math-verify checks in parallel (the cheap steps
+            run in the trainer); each rank has its own.
+        timeout_s: the time limit of one check, in seconds; a check past it scores 0, counted as
+            ``reward_undecided``.
+    """
+
+    num_workers: int = 2
+    timeout_s: float = 5.0
+
+
+@dataclass
 class AlgorithmConfig:
     """The training method: batch rule and estimator.
 
@@ -346,6 +361,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -675,9 +691,10 @@ def validate(cfg: Config) -> None:
         ("rollout.n", r.n), ("rollout.vllm.tensor_parallel_size", r.vllm.tensor_parallel_size),
         ("train.total_steps", t.total_steps),
         ("train.prompts_per_step", t.prompts_per_step), ("validation.n", v.n),
-        ("deepspeed.micro_batch_tokens", ds.micro_batch_tokens),
+        ("deepspeed.micro_batch_tokens", ds.micro_batch_tokens), ("reward.num_workers", cfg.reward.num_workers),
     ):
         _require(value >= 1, key, f"must be >= 1, got {value}")
+    _require(0 < cfg.reward.timeout_s < math.inf, "reward.timeout_s", f"must be a finite number > 0, got {cfg.reward.timeout_s}")
     for key, value in (
         ("rollout.vllm.max_num_seqs", r.vllm.max_num_seqs), ("rollout.vllm.kv_cache_memory_bytes", r.vllm.kv_cache_memory_bytes),
         ("train.mini_batch_prompts", t.mini_batch_prompts), ("fused_op.chunk_size", cfg.fused_op.chunk_size),

@@ -75,6 +75,8 @@ class EvalSettings:
     seed: int = 0
     prompt_template: Optional[str] = None
     prompt_suffix: str = ""
+    reward_workers: int = 2
+    reward_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ class BenchmarkResult:
         n: samples per problem.
         correct: [problems] correct samples per evaluated problem, in file order.
         indices: [problems] each evaluated problem's item index in the file.
-        dropped: problems left out for prompts over ``max_prompt_length``.
+        dropped: problems left out for prompts over ``max_prompt_length`` or the model's context.
         response_length: mean generated tokens per sample.
         truncated: fraction of samples cut at ``max_new_tokens`` (or the model's context).
         undecided: samples scored 0 because their answer check did not finish (past its time
@@ -193,7 +195,7 @@ def evaluate(model, benchmarks: dict[str, PromptSet], settings: EvalSettings) ->
     tokenizer = next(iter(benchmarks.values())).tokenizer
     stops = end_token_ids(tokenizer, model)
     engine = NativeEngine(model)
-    with RewardPool() as rewards:
+    with RewardPool(num_workers=settings.reward_workers, timeout_s=settings.reward_timeout_s) as rewards:
         return [
             evaluate_set(engine, s, settings, rewards, stops, f, benchmark=i)
             for i, (f, s) in enumerate(benchmarks.items())
@@ -245,6 +247,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=8192)
     p.add_argument("--max-prompt-length", type=int, default=1024, help="longer prompts are left out (counted)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per generation call")
+    p.add_argument("--reward-workers", type=int, default=2, help="processes running the math-verify checks")
+    p.add_argument("--reward-timeout-s", type=float, default=5.0,
+                   help="time limit of one answer check; past it the sample scores 0 (counted as undecided)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt-template", help="as data.prompt_template, e.g. 'Question:\\n{prompt}\\nAnswer:'")
     p.add_argument("--prompt-suffix", default="", help="as data.prompt_suffix")
@@ -258,11 +263,14 @@ def _parser() -> argparse.ArgumentParser:
 def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """parser.error (exit 2) naming the first bad option."""
     for opt, value in (("--n", a.n), ("--max-new-tokens", a.max_new_tokens),
-                       ("--max-prompt-length", a.max_prompt_length), ("--batch-size", a.batch_size)):
+                       ("--max-prompt-length", a.max_prompt_length), ("--batch-size", a.batch_size),
+                       ("--reward-workers", a.reward_workers)):
         if value < 1:
             p.error(f"{opt} must be >= 1, got {value}")
     if not (math.isfinite(a.temperature) and a.temperature >= 0):
         p.error(f"--temperature must be a finite number >= 0, got {a.temperature}")
+    if not 0 < a.reward_timeout_s < math.inf:
+        p.error(f"--reward-timeout-s must be a finite number > 0, got {a.reward_timeout_s}")
     if not 0 < a.top_p <= 1:
         p.error(f"--top-p must be in (0, 1], got {a.top_p}")
     if a.seed < 0:
@@ -304,6 +312,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
         max_prompt_length=args.max_prompt_length, batch_size=args.batch_size, seed=args.seed,
         prompt_template=args.prompt_template, prompt_suffix=args.prompt_suffix,
+        reward_workers=args.reward_workers, reward_timeout_s=args.reward_timeout_s,
     )
     trust = args.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, trust_remote_code=trust)

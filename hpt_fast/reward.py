@@ -54,7 +54,7 @@ _TEXT_WRAP = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox)\{([^{}]*)\
 # sizing macros, matched as whole names: \leftarrow and \rightarrow keep their value
 _SIZING = re.compile(r"\\(?:left|right|displaystyle)(?![a-zA-Z])")
 # spacing and units that never change an answer's value, dropped once whitespace is gone
-_DROPPED = ("\\!", "\\,", "\\;", "\\:", "^{\\circ}", "^\\circ", "\\%", "%", "$")
+_DROPPED = ("\\!", "\\,", "\\;", "\\:", "^{\\circ}", "^\\circ", "\u00b0", "\\%", "%", "$")
 _INTEGER = re.compile(r"[+-]?\d+")
 
 # outcomes of a check; the first three score 1
@@ -105,7 +105,7 @@ def extract_boxed(text: str) -> Optional[str]:
 
 def normalize_answer(answer: str) -> str:
     """The answer without what never changes its value: ``$``, whitespace, ``\\left`` / ``\\right``,
-    LaTeX spacing (``\\!``, ``\\,``, ``\\;``, ``\\:``), ``\\displaystyle``, degree marks, percent
+    LaTeX spacing (``\\!``, ``\\,``, ``\\;``, ``\\:``), ``\\displaystyle``, degree marks (``^\\circ``, ``°``), percent
     signs, formatting wrappers (``\\text{}``, ``\\mathrm{}``, ...) and a trailing period, with
     ``\\dfrac`` / ``\\tfrac`` written as ``\\frac``. Case is kept (variables are case-sensitive).
     """

@@ -247,7 +247,7 @@ class Trainer:
         self.stop_token_ids = end_token_ids(self.tokenizer, self.model)
         # under ZeRO-3 each forward gathers weights from every rank: generate in lockstep
         self.rollout: RolloutEngine = vllm if vllm is not None else NativeEngine(self.model, lockstep=self.zero_stage == 3)
-        self.rewards = RewardPool()
+        self.rewards = RewardPool(num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s)
         self.step = 0
         self.skipped = 0
         if resume:

@@ -174,6 +174,9 @@ def test_eval_cli_rejects_bad_arguments(tmp_path, capsys):
     assert "no such directory" in _exit_message(capsys, ["--model", str(tmp_path / "nope"), "--data", str(data), "--n", "2"])
     assert "given twice" in _exit_message(capsys, base + [str(data), "--n", "2"])
     assert "--top-p" in _exit_message(capsys, base + ["--n", "2", "--top-p", "0"])
+    assert "--reward-timeout-s must be a finite number > 0, got inf" in _exit_message(
+        capsys, base + ["--n", "2", "--reward-timeout-s", "inf"])
+    assert "--reward-workers must be >= 1, got 0" in _exit_message(capsys, base + ["--n", "2", "--reward-workers", "0"])
     assert "--n" in _exit_message(capsys, ["--model", str(tmp_path), "--data", str(data)])
     # where the results go is checked before hours of generation, not after
     assert f"--out: {tmp_path} is a directory" in _exit_message(capsys, base + ["--n", "2", "--out", str(tmp_path)])

@@ -83,6 +83,7 @@ def test_normalize_answer():
     (r"\boxed{100\%}", "1", None),
     (r"\boxed{100\%}", "100", "match"),
     (r"\boxed{3\%}", "4", None),
+    ("\\boxed{90\u00b0}", r"90^\circ", "match"),  # the degree sign, which math-verify does not read, as ^\circ
 ])
 def test_quick_check(response, truth, outcome):
     assert quick_check(response, truth)[0] == outcome

@@ -362,3 +362,8 @@ def test_rewards_whose_check_did_not_finish_are_counted(make_trainer):
 
     trainer.rewards.score = score
     assert trainer.train_step()["reward_undecided"] == 8  # 4 prompts x 2 rollouts
+
+
+def test_reward_settings_reach_the_pool(make_trainer):
+    trainer = make_trainer("reward.num_workers=3", "reward.timeout_s=1.5")
+    assert (trainer.rewards.num_workers, trainer.rewards.timeout_s) == (3, 1.5)
