@@ -52,6 +52,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hpt_fast.reward import extract_boxed
+
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
@@ -100,6 +102,8 @@ def _is_list(t: pa.DataType) -> bool:
 
 
 def _is_string(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):  # dictionary-encoded, as pandas writes a categorical column
+        t = t.value_type
     return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
@@ -146,6 +150,15 @@ def _demonstration(where: str, value: Union[str, list]) -> str:
     return value
 
 
+def _check_ground_truth(where: str, truth: str) -> None:
+    """DataError for a ground truth no response can match: blank, or a ``\\boxed`` with nothing in
+    it (empty, or never closed), which the reward reads as no answer."""
+    if not truth.strip():
+        raise DataError(f"{where}: blank {truth!r}")
+    if "\\boxed" in truth and extract_boxed(truth) is None:
+        raise DataError(f"{where}: {truth!r:.80} has an empty or unclosed \\boxed: no answer could match it")
+
+
 def read_train_parquet(path: PathLike, require_target: bool = True) -> list[Problem]:
     """The problems of an openr1-schema parquet file (schema in the module docstring).
 
@@ -177,8 +190,7 @@ def read_train_parquet(path: PathLike, require_target: bool = True) -> list[Prob
     for i, (prompt, truth) in enumerate(zip(prompts, truths)):
         if truth is None:
             raise DataError(f"{path}: column 'reward_model', row {i}: null (or null ground_truth)")
-        if not truth.strip():
-            raise DataError(f"{path}: column 'reward_model', row {i}: blank ground_truth {truth!r}")
+        _check_ground_truth(f"{path}: column 'reward_model', row {i}: ground_truth", truth)
         target = None if targets is None else targets[i]
         if target is not None:
             target = _demonstration(f"{path}: column 'target', row {i}", target)
@@ -236,8 +248,7 @@ def _json_item(path: Path, i: int, item: Any) -> Problem:
         # decimal that reads back as the same float
         answer = format(Decimal(repr(answer)).normalize(), "f")
     answer = str(answer)
-    if not answer.strip():
-        raise DataError(f"{where}: blank 'answer' {answer!r}")
+    _check_ground_truth(f"{where}: 'answer'", answer)
     return Problem(prompt=messages, ground_truth=answer, data_source=validation_name(path), index=i)
 
 

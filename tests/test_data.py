@@ -72,7 +72,9 @@ def test_parquet_target_as_string_and_extra_columns(tmp_path):
     (dict(reward_model=pa.array([None], type=pa.struct([("ground_truth", pa.string())]))),
      r"column 'reward_model', row 0: null"),
     (dict(data_source=pa.array([1])), r"column 'data_source' must be a string, got int64"),
-    (dict(reward_model=pa.array([{"ground_truth": " "}])), r"column 'reward_model', row 0: blank ground_truth ' '"),
+    (dict(reward_model=pa.array([{"ground_truth": " "}])), r"column 'reward_model', row 0: ground_truth: blank ' '"),
+    (dict(reward_model=pa.array([{"ground_truth": "\\boxed{}"}])),
+     r"column 'reward_model', row 0: ground_truth: '\\\\boxed\{\}' has an empty or unclosed \\boxed: no answer"),
     (dict(target=pa.array([""])), r"column 'target', row 0: blank demonstration ''"),
     (dict(target=pa.array([[{"role": "assistant", "content": "\n"}]])), r"column 'target', row 0: blank demonstration"),
     # a whole conversation is not a demonstration: its first turn would be the question
@@ -92,6 +94,12 @@ def test_bad_parquet_names_file_and_column(tmp_path, columns, message):
 def test_target_column_is_optional_when_not_required(tmp_path):
     pq.write_table(_table(target=None), tmp_path / "rl.parquet")
     assert read_train_parquet(tmp_path / "rl.parquet", require_target=False)[0].target is None
+
+
+def test_a_categorical_data_source_is_read_as_strings(tmp_path):
+    """pandas writes a categorical column dictionary-encoded."""
+    pq.write_table(_table(data_source=pa.array(["math"]).dictionary_encode()), tmp_path / "cat.parquet")
+    assert read_train_parquet(tmp_path / "cat.parquet")[0].data_source == "math"
 
 
 def test_all_null_optional_columns_read_as_absent_values(tmp_path):
@@ -145,7 +153,8 @@ def test_validation_json_accepted_keys(tmp_path):
     ('[{"prompt": "q", "answer": null}]', r"item 0: 'answer' must be a string or a number"),
     ('[{"prompt": "q", "answer": NaN}]', r"item 0: 'answer' must be finite, got nan"),
     ('[{"prompt": "q", "answer": -Infinity}]', r"item 0: 'answer' must be finite, got -inf"),
-    ('[{"prompt": "q", "answer": " "}]', r"item 0: blank 'answer' ' '"),
+    ('[{"prompt": "q", "answer": " "}]', r"item 0: 'answer': blank ' '"),
+    ('[{"prompt": "q", "answer": "\\\\boxed{1"}]', r"item 0: 'answer': .* has an empty or unclosed \\boxed"),
     ('[{"prompt": "", "answer": "1"}]', r"item 0: 'prompt' must be a non-blank string"),
     ('[{"problem": ["q"], "answer": "1"}]', r"item 0: 'problem' must be a non-blank string"),
     ('[{"prompt": [{"role": "user"}], "answer": "1"}]', r"item 0, key 'prompt': each message needs string"),
