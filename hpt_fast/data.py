@@ -43,6 +43,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -150,12 +151,16 @@ def _demonstration(where: str, value: Union[str, list]) -> str:
     return value
 
 
+# a \boxed that is not the start of a longer macro name (\boxedfoo is no box)
+_BOX = re.compile(r"\\boxed(?![A-Za-z])")
+
+
 def _check_ground_truth(where: str, truth: str) -> None:
     """DataError for a ground truth no response can match: blank, or a ``\\boxed`` with nothing in
     it (empty, or never closed), which the reward reads as no answer."""
     if not truth.strip():
         raise DataError(f"{where}: blank {truth!r}")
-    if "\\boxed" in truth and extract_boxed(truth) is None:
+    if _BOX.search(truth) and extract_boxed(truth) is None:
         raise DataError(f"{where}: {truth!r:.80} has an empty or unclosed \\boxed: no answer could match it")
 
 

@@ -128,14 +128,14 @@ def test_validation_json_accepted_keys(tmp_path):
         {"problem": "What is 2+2?", "answer": 4},
         {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], "answer": 0.5},
         {"prompt": "q", "answer": 0.00001}, {"prompt": "q", "answer": 1e21}, {"prompt": "q", "answer": 3.0},
-        {"prompt": "q", "answer": -2.50},
+        {"prompt": "q", "answer": -2.50}, {"prompt": "q", "answer": "\\boxedfoo 3"},  # a macro, not a box
     ]
     path = tmp_path / "AIME24" / "test.json"
     path.parent.mkdir()
     path.write_text(json.dumps(items))
     problems = read_validation_json(path)
     # numbers as the plain decimals a response would write, never str(float)'s "1e-05"
-    assert [p.ground_truth for p in problems] == ["2", "4", "0.5", "0.00001", "1" + "0" * 21, "3", "-2.5"]
+    assert [p.ground_truth for p in problems] == ["2", "4", "0.5", "0.00001", "1" + "0" * 21, "3", "-2.5", "\\boxedfoo 3"]
     assert problems[1].prompt == [{"role": "user", "content": "What is 2+2?"}] and len(problems[2].prompt) == 2
     assert {p.data_source for p in problems} == {"AIME24"} and validation_name(tmp_path / "math500.json") == "math500"
     write_validation_json(tmp_path / "out.json", problems)
@@ -155,6 +155,7 @@ def test_validation_json_accepted_keys(tmp_path):
     ('[{"prompt": "q", "answer": -Infinity}]', r"item 0: 'answer' must be finite, got -inf"),
     ('[{"prompt": "q", "answer": " "}]', r"item 0: 'answer': blank ' '"),
     ('[{"prompt": "q", "answer": "\\\\boxed{1"}]', r"item 0: 'answer': .* has an empty or unclosed \\boxed"),
+    ('[{"prompt": "q", "answer": "3"}, {"prompt": "q", "answer": "\\\\boxed"}]', r"item 1: 'answer': .* has an empty or unclosed"),
     ('[{"prompt": "", "answer": "1"}]', r"item 0: 'prompt' must be a non-blank string"),
     ('[{"problem": ["q"], "answer": "1"}]', r"item 0: 'problem' must be a non-blank string"),
     ('[{"prompt": [{"role": "user"}], "answer": "1"}]', r"item 0, key 'prompt': each message needs string"),
