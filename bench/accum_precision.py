@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from bench.cli import cli_description
 from bench.fused_op_table import machine_description
 from bench.implementations import Problem, forward_inputs, grpo_token_loss, make_problem, synchronize
 from hpt_fast import fused_linear_loss
@@ -94,7 +95,7 @@ def run_variant(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=cli_description(__doc__))
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=151936)

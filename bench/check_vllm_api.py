@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.cli import cli_description  # noqa: E402
 from hpt_fast.rollout.vllm import LOGPROBS_MODE, VLLM_API_USED, VLLM_FIELDS_USED, VLLM_MODEL_PATH  # noqa: E402
 
 # where each class is defined in vLLM (the internals may move between releases: then this fails)
@@ -231,9 +232,12 @@ def check_logprobs_mode(source: Source, report: Report) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=cli_description(__doc__))
     parser.add_argument("--wheel", type=Path, help="check this vLLM wheel instead of the installed package")
-    source = Source(parser.parse_args().wheel)
+    wheel = parser.parse_args().wheel
+    if wheel is not None and not wheel.is_file():
+        parser.error(f"--wheel: no such file: {wheel}")
+    source = Source(wheel)
     print(f"vLLM source: {source.origin}")
     report = Report()
     for check in (check_exports, check_calls, check_fields, check_model_path, check_logprobs_mode):

@@ -30,7 +30,8 @@ from typing import Optional
 
 import torch
 
-from bench.implementations import GEMM_NAMES, Impl, Problem, implementations, make_problem, synchronize
+from bench.cli import check_device, cli_description, implementations_named
+from bench.implementations import GEMM_NAMES, SEQ_LEN, Impl, Problem, implementations, make_problem, synchronize
 from hpt_fast import ops
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +55,10 @@ class Shape:
         parts = text.lower().split("x")
         if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
             raise argparse.ArgumentTypeError(f"shape must be TOKENSxHIDDENxVOCAB, got {text!r}")
+        tokens = int(parts[0])
+        if tokens > SEQ_LEN and tokens % SEQ_LEN:
+            # the problems are sequences of SEQ_LEN tokens (Liger's rows take a [B, S] layout)
+            raise argparse.ArgumentTypeError(f"{text}: tokens above {SEQ_LEN} must be a multiple of {SEQ_LEN}")
         return cls(*map(int, parts))
 
     def __str__(self) -> str:
@@ -234,15 +239,11 @@ def measure_memory(name: str, shape: Shape, dtype: str, device: str, result: Dty
 # ---- one (shape, dtype) case and the table ----
 
 def selected_implementations(device: str, names: Optional[list[str]]) -> list[Impl]:
-    """The bare GEMMs and the implementations named in ``names`` (for None, all but the
-    mixed-precision rows, which only low-precision tables take)."""
+    """The bare GEMMs and the implementations named in ``names`` (checked by ``parse_args``; for
+    None, all but the mixed-precision rows, which only low-precision tables take)."""
     impls = implementations(device)
     if names is None:
         return [impl for impl in impls if not impl.mixed]
-    known = {impl.name for impl in impls}
-    unknown = sorted(set(names) - known)
-    if unknown:
-        raise SystemExit(f"unknown implementation(s) {unknown}; choose from {sorted(known - set(GEMM_NAMES))}")
     return [impl for impl in impls if impl.name in GEMM_NAMES or impl.name in names]
 
 
@@ -404,7 +405,7 @@ def default_repeats(shape: Shape, device: str) -> int:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=cli_description(__doc__))
     parser.add_argument("--shapes", default=DEFAULT_SHAPES,
                         type=lambda s: [Shape.parse(x) for x in s.split(",")],
                         help="comma-separated TOKENSxHIDDENxVOCAB (default %(default)s)")
@@ -421,6 +422,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     bad = [d for d in args.dtypes if d not in DTYPES]
     if bad:
         parser.error(f"unknown dtype(s) {bad}; choose from {list(DTYPES)}")
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    check_device(parser, args.device)
+    if args.impls is not None:
+        implementations_named(parser, args.impls, args.device)
     return args
 
 
@@ -433,7 +439,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(machine_description(args.device) + "\n")
     started = time.perf_counter()
     for shape in args.shapes:
-        repeats = args.repeats or default_repeats(shape, args.device)
+        repeats = args.repeats if args.repeats is not None else default_repeats(shape, args.device)
         load_before = _load_average()
         impls = selected_implementations(args.device, args.impls)
         results = {dtype: run_case(shape, dtype, args.device, repeats, impls) for dtype in args.dtypes}

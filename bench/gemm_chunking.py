@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from bench.cli import cli_description
 from bench.fused_op_table import machine_description
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -72,15 +73,18 @@ def vocab_order_logits(h: torch.Tensor, w: torch.Tensor, slab: int, repeats: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=cli_description(__doc__))
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--chunks", default="220,512,2048", help="token chunk sizes (220: the default budget's at fp32)")
     parser.add_argument("--slabs", default="16384", help="vocabulary slab widths for the logits GEMM")
-    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated, of: " + ", ".join(DTYPES))
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    bad = [d for d in args.dtypes.split(",") if d not in DTYPES]
+    if bad:
+        parser.error(f"unknown dtype(s) {bad}; choose from {list(DTYPES)}")
     gen = torch.Generator().manual_seed(0)
     print(f"## GEMMs of the fused op by block shape: tokens {args.tokens}, H {args.hidden}, V {args.vocab}\n")
     print(machine_description("cpu"))

@@ -422,3 +422,4 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued kernels, so a wall-clock interval covers the work it launched."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+

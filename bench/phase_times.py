@@ -25,6 +25,7 @@ from unittest import mock
 import torch
 
 from bench.fused_op_table import DTYPES, Shape, machine_description
+from bench.cli import check_device, cli_description, implementations_named
 from bench.implementations import synchronize
 from bench.profile_op import warm_step
 from hpt_fast import ops
@@ -132,13 +133,15 @@ def time_phases(name: str, shape: Shape, dtype: str, device: str, steps: int) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=cli_description(__doc__))
     parser.add_argument("--impls", required=True, type=lambda s: s.split(","))
     parser.add_argument("--shape", default="8192x3584x151936", type=Shape.parse)
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args(argv)
+    check_device(parser, args.device)
+    implementations_named(parser, args.impls, args.device)
     print(machine_description(args.device) + "\n")
     for name in args.impls:
         print(time_phases(name, args.shape, args.dtype, args.device, args.steps) + "\n", flush=True)

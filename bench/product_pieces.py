@@ -15,13 +15,14 @@ import argparse
 
 import torch
 
+from bench.cli import cli_description
 from bench.fused_op_table import machine_description
 from bench.gemm_chunking import best_of
 from hpt_fast import backends, ops
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=cli_description(__doc__))
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--chunk", type=int, default=441)
     parser.add_argument("--hidden", type=int, default=1024)

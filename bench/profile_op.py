@@ -22,6 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from bench.fused_op_table import DTYPES, Shape, _timed, machine_description
+from bench.cli import check_device, cli_description, implementations_named
 from bench.implementations import Impl, Problem, implementations, make_problem, synchronize
 
 
@@ -110,7 +111,7 @@ def idle_gaps(events: list[dict], top: int, min_gap_us: float = 20.0) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=cli_description(__doc__))
     parser.add_argument("--impls", required=True, type=lambda s: s.split(","))
     parser.add_argument("--shape", default="8192x3584x151936", type=Shape.parse)
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
@@ -118,6 +119,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=20)
     parser.add_argument("--gaps", type=int, default=12, help="longest device idle gaps to list (CUDA)")
     args = parser.parse_args()
+    check_device(parser, args.device)
+    implementations_named(parser, args.impls, args.device)
     print(machine_description(args.device) + "\n")
     for name in args.impls:
         print(profile_step(name, args.shape, args.dtype, args.device, args.rows, args.gaps), flush=True)

@@ -28,6 +28,7 @@ import torch
 import transformers
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from bench.cli import cli_description
 from bench.fused_op_table import _proc_status_bytes, _reset_peak_rss, machine_description
 from hpt_fast.rollout import NativeEngine
 
@@ -183,12 +184,20 @@ def format_table(problem: Problem, timed: dict, memory: dict, threads: int) -> s
     return "\n".join(lines)
 
 
+def _length_range(text: str) -> tuple[int, int]:
+    """'16-48' -> (16, 48): 1 <= min <= max."""
+    parts = text.split("-")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts) or not 1 <= int(parts[0]) <= int(parts[1]):
+        raise argparse.ArgumentTypeError(f"expected MIN-MAX with 1 <= MIN <= MAX, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=cli_description(__doc__))
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--prompt-lengths", default="16-48", help="min-max prompt length (uniform)")
+    parser.add_argument("--prompt-lengths", default="16-48", type=_length_range, help="min-max prompt length (uniform)")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=42)
@@ -207,7 +216,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
-    low, high = (int(x) for x in args.prompt_lengths.split("-"))
+    low, high = args.prompt_lengths
     problem = Problem(args.prompts, args.n, args.max_new_tokens, low, high, args.hidden, args.layers, args.vocab,
                       args.device)
     if args.memory_child:

@@ -14,6 +14,7 @@ the script, not the numbers.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from typing import Callable
@@ -21,6 +22,7 @@ from typing import Callable
 import torch
 
 from bench.fused_op_table import machine_description
+from bench.cli import check_device, cli_description
 from bench.implementations import synchronize
 from hpt_fast.backends import triton_backend as tb
 
@@ -103,13 +105,16 @@ def sweep(rows: int, cols: int, dtype: torch.dtype, device: torch.device, repeat
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda")
+    parser = argparse.ArgumentParser(description=cli_description(__doc__))
+    parser.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
     parser.add_argument("--rows", type=int, default=8192)
     parser.add_argument("--cols", default="21760", help="comma-separated block widths")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
+    check_device(parser, args.device)
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("--device cpu runs the kernels under Triton's interpreter: set TRITON_INTERPRET=1")
     print(machine_description(args.device) + "\n")
     device = torch.device(args.device)
     for cols in (int(c) for c in args.cols.split(",")):

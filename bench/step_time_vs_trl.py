@@ -61,6 +61,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from bench.cli import cli_description
 from bench.fused_op_table import machine_description
 from hpt_fast.config import Config
 from hpt_fast.data import PromptSampler
@@ -395,7 +396,7 @@ def report(summary: dict, records: dict[str, list[StepRecord]], args: argparse.N
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=cli_description(__doc__))
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per side")
     parser.add_argument("--threads", type=int, default=1,

@@ -79,8 +79,8 @@ def test_unknown_implementation_is_refused():
         [sys.executable, "-m", "bench.fused_op_table", "--impls", "hpt_b_cpu,nope"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
-    assert out.returncode != 0
-    assert "unknown implementation(s) ['nope']" in out.stderr
+    assert out.returncode == 2
+    assert "--impls: ['nope'] unknown or unavailable on cpu" in out.stderr
 
 
 def test_accum_precision_table():
@@ -157,3 +157,20 @@ def test_phase_times_cover_the_step():
         assert host["whole step"] > host["statistics pass"] > 0
         assert (host["gradient pass (recomputed blocks)"] > 0) == grad_pass_runs
         assert 0 <= host[OUTSIDE] < host["whole step"]
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("bench.fused_op_table", ["--repeats", "0"], "--repeats must be >= 1, got 0"),
+    ("bench.fused_op_table", ["--shapes", "2048x64x1000,600x64x1000"], "600x64x1000: tokens above 512 must be a multiple of 512"),
+    ("bench.phase_times", ["--impls", "hpt_b_triton", "--device", "cpu"], "--impls: ['hpt_b_triton'] unknown or unavailable on cpu"),
+    ("bench.rollout_throughput", ["--prompt-lengths", "16"], "expected MIN-MAX with 1 <= MIN <= MAX, got '16'"),
+])
+def test_bad_bench_arguments_are_usage_errors(module, argv, message, capsys):
+    """Found before any work, not as a traceback after the header or the first shape's runs."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    entry = mod.parse_args if hasattr(mod, "parse_args") else mod.main
+    with pytest.raises(SystemExit) as exc:
+        entry(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
