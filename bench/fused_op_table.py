@@ -323,8 +323,12 @@ FOOTNOTES = """\
 - Each row is forward + backward w.r.t. hidden and weight. ms: median of the timed rounds, (spread) =
   slowest / fastest - 1. x floor: the median over rounds of time / the summed times of that many
   bare GEMMs on the same shape and dtype in the same round (4 for hpt_fast mode A, whose backward
-  recomputes the logits, 3 for every other row); the floor rows show the summed medians. x naive:
-  median time / naive PyTorch's median time in the same dtype.
+  recomputes the logits, 3 for every other row); the floor rows show the summed medians. The bare
+  GEMMs are those the op's default backend runs: on CPU in float32 oneDNN's, through ATen's
+  ``mkldnn_matmul`` (``cpu_backend.gemm_into``), as the op's own; torch.mm sends float32 to MKL,
+  which ran them 2.1-2.8x slower on the AMD EPYC development machine; low precision goes to oneDNN
+  either way. x naive: median time / naive PyTorch's median time in the same dtype (its GEMMs
+  torch's own).
 - mem: peak memory beyond the inputs and the gradients left behind, measured once (on CPU VmHWM
   in a fresh process, on CUDA torch.cuda.max_memory_allocated after the timed rounds), as a
   multiple of the naive float32 logits (tokens x V x 4 bytes). The bare GEMM rows use

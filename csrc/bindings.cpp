@@ -7,11 +7,31 @@
 
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <tuple>
 
 #include "row_kernels.h"
+
+// ATen's oneDNN matmul (aten/src/ATen/native/mkldnn/Matmul.cpp): result = beta * result + alpha *
+// mat1 @ mat2. Not in torch's installed headers, so declared here, weak: a torch that lacks it
+// with this exact signature leaves the address null (the op then multiplies with torch.mm), and
+// the module still loads.
+#if defined(__GNUC__) && defined(__linux__)
+namespace at {
+namespace native {
+// default visibility: the module builds with hidden symbols, which could not bind to libtorch's
+__attribute__((weak, visibility("default"))) void mkldnn_matmul(
+    const at::Tensor& mat1,
+    const at::Tensor& mat2,
+    const at::Tensor& result,
+    float beta,
+    float alpha);
+}  // namespace native
+}  // namespace at
+#define HPT_HAVE_MKLDNN_MATMUL_DECL 1
+#endif
 
 namespace hpt {
 namespace {
@@ -239,6 +259,35 @@ at::Tensor accumulate_(at::Tensor acc, const at::Tensor& x) {
   return acc;
 }
 
+bool has_onednn_matmul() {
+#ifdef HPT_HAVE_MKLDNN_MATMUL_DECL
+  return &at::native::mkldnn_matmul != nullptr;
+#else
+  return false;
+#endif
+}
+
+// out = a @ b, or out += a @ b with add: float32 [M, K] x [K, N] -> contiguous [M, N], through
+// oneDNN. Callers check has_onednn_matmul() and trust it only after a trial (ops.py).
+at::Tensor onednn_matmul(const at::Tensor& a, const at::Tensor& b, at::Tensor out, bool add) {
+  TORCH_CHECK(has_onednn_matmul(), "this torch build has no at::native::mkldnn_matmul");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&a, &b, &out}) {
+    TORCH_CHECK(t->device().is_cpu(), "onednn_matmul takes CPU tensors");
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "onednn_matmul takes float32, got ", t->scalar_type());
+    TORCH_CHECK(t->dim() == 2, "onednn_matmul takes 2-D tensors, got shape ", t->sizes());
+  }
+  TORCH_CHECK(
+      a.size(1) == b.size(0) && out.size(0) == a.size(0) && out.size(1) == b.size(1),
+      "onednn_matmul shapes do not chain: ", a.sizes(), " @ ", b.sizes(), " -> ", out.sizes());
+  TORCH_CHECK(out.is_contiguous(), "onednn_matmul writes a contiguous out");
+  check_alias(out, a, "out", "a");
+  check_alias(out, b, "out", "b");
+#ifdef HPT_HAVE_MKLDNN_MATMUL_DECL
+  at::native::mkldnn_matmul(a, b, out, add ? 1.0f : 0.0f, 1.0f);
+#endif
+  return out;
+}
+
 }  // namespace
 }  // namespace hpt
 
@@ -272,6 +321,15 @@ PYBIND11_MODULE(_C, m) {
       py::arg("col_offset") = 0,
       nogil);
   m.def("accumulate_", &hpt::accumulate_, py::arg("acc"), py::arg("x"), nogil);
+  m.def("has_onednn_matmul", &hpt::has_onednn_matmul);
+  m.def(
+      "onednn_matmul",
+      &hpt::onednn_matmul,
+      py::arg("a"),
+      py::arg("b"),
+      py::arg("out"),
+      py::arg("add"),
+      nogil);
   m.def(
       "kernel_set",
       [] { return std::string(hpt::kernels().name); },

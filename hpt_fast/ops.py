@@ -411,11 +411,20 @@ def _slab_width(vocab: int, widest: int) -> int:
     return -(-vocab // -(-vocab // widest) // _ROW_ALIGN) * _ROW_ALIGN
 
 
-def _logits_block(h: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor) -> Tensor:
+def _logits_block(h: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor, backend: ModuleType) -> Tensor:
     """out[C, Vs] = h @ weight.T (+ bias), in the inputs' dtype with float32 accumulation."""
-    if bias is None:
-        return torch.mm(h, weight.t(), out=out)
-    return torch.addmm(bias, h, weight.t(), out=out)
+    if bias is not None:
+        return torch.addmm(bias, h, weight.t(), out=out)
+    if not _backend_gemm(backend, out, h, weight.t(), False):
+        torch.mm(h, weight.t(), out=out)
+    return out
+
+
+def _backend_gemm(backend: ModuleType, out: Tensor, a: Tensor, b: Tensor, add: bool) -> bool:
+    """The backend's own GEMM for ``out (+)= a @ b`` where it has one that takes these tensors
+    (the cpu backend's oneDNN float32 products, ``cpu_backend.gemm_into``); False: use torch's."""
+    gemm = getattr(backend, "gemm_into", None)
+    return gemm is not None and gemm(out, a, b, add)
 
 
 def _stat_dtype(hidden: Tensor) -> torch.dtype:
@@ -494,7 +503,7 @@ def _blocks(
         stride = _row_stride(vocab, plan.row_align)
         for s, e in _chunks(n, plan.chunk):
             out = _block_view(buffer, e - s, vocab, stride)
-            yield _logits_block(hidden[s:e], weight, bias, out), slice(s, e), slice(0, vocab)
+            yield _logits_block(hidden[s:e], weight, bias, out, plan.backend), slice(s, e), slice(0, vocab)
     else:
         slabs = list(_chunks(vocab, plan.slab))
         if not after_stats:
@@ -503,7 +512,7 @@ def _blocks(
             out = _block_view(buffer, n, v1 - v0, _row_stride(v1 - v0, plan.row_align))
             if not (after_stats and k == 0):
                 b = None if bias is None else bias[v0:v1]
-                _logits_block(hidden, weight[v0:v1], b, out)
+                _logits_block(hidden, weight[v0:v1], b, out, plan.backend)
             yield out, slice(0, n), slice(v0, v1)
 
 
@@ -545,7 +554,8 @@ def _matmul_into(
     out [M, N] contiguous, in the same dtype or float32 / float64 (a float32 gradient under
     autocast, a float32 sum), float32 accumulation inside the GEMM either way.
 
-    A wider float32 out on CUDA takes the product straight from cuBLAS (bf16 / fp16 inputs,
+    All float32 (on CPU with the cpu backend): the backend's oneDNN GEMM
+    (``cpu_backend.gemm_into``). A wider float32 out on CUDA takes the product straight from cuBLAS (bf16 / fp16 inputs,
     float32 output; ``_float32_products``). Elsewhere (PyTorch's CPU GEMMs have no such output,
     nor has torch before 2.8) the product leaves the GEMM in a's dtype, ``_piece_rows`` rows of a
     at a time, into ``scratch`` (at least that many rows of N; allocated when not given), and is
@@ -554,6 +564,8 @@ def _matmul_into(
     2-core CPU, against 198 ms as one whole [V, H] product, which also needed a [V, H] scratch
     (bench/product_pieces.py, bench/results_cpu_product_pieces.md).
     """
+    if _backend_gemm(backend, out, a, b, add):
+        return
     if out.dtype == a.dtype:
         if add:
             out.addmm_(a, b)

@@ -419,9 +419,9 @@ def test_gradient_pass_runs_in_the_planned_order(monkeypatch, requested):
     gemms = []
     real_gemm = ops._logits_block
 
-    def count_gemms(h, w, b, out):
+    def count_gemms(h, w, b, out, backend):
         gemms.append(tuple(out.shape))
-        return real_gemm(h, w, b, out)
+        return real_gemm(h, w, b, out, backend)
 
     monkeypatch.setattr(torch_backend, "grad_logits", spy)
     monkeypatch.setattr(ops, "_logits_block", count_gemms)

@@ -344,3 +344,57 @@ def test_inside_non_reentrant_checkpoint_the_region_runs_once_per_pass():
     assert len(runs) == 2  # the backward's one recomputation
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+
+
+def _cpu_backend():
+    if "cpu" not in backends.available():
+        pytest.skip("the cpu backend is not built")
+    return backends.load("cpu")
+
+
+@pytest.mark.parametrize("m, k, n", [(1, 1, 1), (13, 7, 33), (220, 64, 1000)])
+def test_the_cpu_backends_float32_gemm_is_onednns_where_it_works(m, k, n):
+    """float32 products on CPU come from oneDNN (ATen's mkldnn_matmul, found when the module
+    loads and tried on small products first): contiguous or transposed operands, into a fresh or
+    an accumulating out, against float64; anything it does not take is left to torch.mm."""
+    cpu = _cpu_backend()
+    from hpt_fast import _C
+
+    assert cpu.onednn_float32() == _C.has_onednn_matmul()  # the trial passes wherever it exists
+    if not cpu.onednn_float32():
+        pytest.skip("this torch build has no oneDNN matmul")
+    gen = torch.Generator().manual_seed(m + n)
+    a, b = torch.randn(k, m, generator=gen).t(), torch.randn(n, k, generator=gen).t()  # both transposed
+    start = torch.randn(m, n, generator=gen)
+    for add in (False, True):
+        out = start.clone()
+        assert cpu.gemm_into(out, a, b, add)
+        want = (start.double() if add else 0) + a.double() @ b.double()
+        assert torch.allclose(out.double(), want, rtol=1e-5, atol=1e-5), add
+    assert not cpu.gemm_into(start.bfloat16(), a.bfloat16(), b.bfloat16(), False)  # oneDNN's via torch.mm anyway
+    assert not cpu.gemm_into(torch.ones(m, n), a[:, :0], b[:0], False)  # K = 0: torch.mm's zeros
+    x = torch.ones(2, 2)
+    assert not cpu.gemm_into(torch.empty(4, 2).t()[:, :2], x, x, False)  # a strided out
+
+
+@pytest.mark.parametrize("fault", ["raise", "wrong"])
+def test_a_onednn_gemm_that_fails_its_trial_is_not_used(fault, monkeypatch):
+    """A torch whose mkldnn_matmul raises on float32 or sums wrongly: the op multiplies with
+    torch.mm, and its values stay right."""
+    cpu = _cpu_backend()
+
+    def broken(a, b, out, add):
+        if fault == "raise":
+            raise RuntimeError("mkldnn_matmul: only enabled for bf16 and fp16 path")
+        torch.mm(a, b, out=out).mul_(1.5)
+
+    monkeypatch.setattr(cpu._C, "onednn_matmul", broken)
+    cpu.onednn_float32.cache_clear()
+    try:
+        assert not cpu.onednn_float32()
+        hidden, weight, bias, targets = _leaves(torch.float32)
+        logp, _ = fused_token_logprobs(hidden, weight, targets, backend="cpu", chunk_size=4)
+        want, _ = reference_logprobs(hidden, weight, targets)
+        assert rel_err(logp, want) < 1e-5
+    finally:
+        cpu.onednn_float32.cache_clear()
