@@ -3,7 +3,9 @@
 The fused op's three products, hidden [N, H] x weight [V, H], timed as the op runs them in token
 order (chunks of C tokens: logits h_c @ W.T, grad_hidden d_c @ W, grad_weight += d_c.T @ h_c)
 and, for the logits GEMM, in vocabulary order (slabs of Vs columns over all N tokens: h @ W_s.T).
-The outputs are preallocated and warm, so only the GEMMs' own shapes differ between rows.
+The outputs are preallocated and warm, so only the GEMMs' own shapes differ between rows. The
+products are the op's own (``bench.implementations.bare_mm``: on CPU in float32 oneDNN's, where
+torch.mm would take MKL's).
 
     python -m bench.gemm_chunking                    # N 2048, H 1024, V 151936, fp32 and bf16
     python -m bench.gemm_chunking --chunks 220,512,2048 --slabs 16384
@@ -18,6 +20,7 @@ import torch
 
 from bench.cli import cli_description
 from bench.fused_op_table import machine_description
+from bench.implementations import bare_mm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -47,27 +50,29 @@ def token_order(h: torch.Tensor, w: torch.Tensor, chunk: int, repeats: int) -> t
 
     def logits() -> None:
         for s, e in ranges:
-            torch.mm(h[s:e], w.t(), out=block[: e - s])
+            bare_mm(h[s:e], w.t(), block[: e - s])
 
     def d_hidden() -> None:
         for s, e in ranges:
-            torch.mm(block[: e - s], w, out=grad_h[s:e])
+            bare_mm(block[: e - s], w, grad_h[s:e])
 
     def d_weight() -> None:
         for s, e in ranges:
-            grad_w.addmm_(block[: e - s].t(), h[s:e])
+            bare_mm(block[: e - s].t(), h[s:e], grad_w, add=True)
 
     return best_of(logits, repeats), best_of(d_hidden, repeats), best_of(d_weight, repeats)
 
 
 def vocab_order_logits(h: torch.Tensor, w: torch.Tensor, slab: int, repeats: int) -> float:
     """Seconds for the logits GEMM over all vocabulary slabs of ``slab`` columns."""
-    block = torch.empty(h.shape[0], slab, dtype=h.dtype)
+    n = h.shape[0]
+    storage = torch.empty(n * slab, dtype=h.dtype)
     ranges = _ranges(w.shape[0], slab)
 
     def logits() -> None:
         for v0, v1 in ranges:
-            torch.mm(h, w[v0:v1].t(), out=block[:, : v1 - v0])
+            # a contiguous [n, v1 - v0] block even for the last, narrower slab, as the op's
+            bare_mm(h, w[v0:v1].t(), storage[: n * (v1 - v0)].view(n, v1 - v0))
 
     return best_of(logits, repeats)
 

@@ -323,9 +323,10 @@ def _auto_order(
     Mode A (``mode="A"``): its statistics pass and its backward's gradient pass are separate
     either way, so it takes the order with the smaller sum and the larger M: vocabulary order
     when N < V. Measured on the 2-core CPU (tokens 2048, H 1024, V 151936;
-    bench/results_cpu_v151936.md): 1.01x instead of 1.16x of the four-GEMM floor in float32
-    (the float32 logits GEMM alone: 4.1 s at M = 220, 3.2 s at M = 2048,
-    bench/results_gemm_chunking_cpu.md), 0.99x instead of 1.31x in bf16; level at V = 32768.
+    bench/results_cpu_cb865ec.md): 1.01x instead of 1.12x of the four-GEMM floor in float32
+    (the float32 grad_weight products alone: 2.0 s as one product over 2048 tokens, 2.4 s summed
+    over 220-token chunks, bench/results_gemm_chunking_cpu.md), 1.09x instead of 1.35x in bf16;
+    level at V = 32768.
     Mode B (``mode="B"``): token order runs the statistics, the loss and the gradient on one
     logits block (three GEMMs in all); vocabulary order needs the statistics of every token before
     its first gradient slab, so a statistics pass over the slabs first (four GEMMs, less one

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hpt_fast import backends
 
@@ -119,6 +120,45 @@ def test_product_pieces_table():
         ("whole, then one pass", "3001", "0"), ("pieces", "163", "0.01"), ("pieces (default)", "3001", "8"),
     ]
     assert all(re.fullmatch(r"\d+\.\d", c[3]) for c in cells), cells
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("add", [False, True])
+def test_bare_gemm_is_the_ops_product(dtype, add):
+    """The floor's bare GEMM writes (or, with ``add``, adds) a @ b for transposed operands and a
+    narrower contiguous view of a larger buffer, as the chunking bench hands it."""
+    from bench.implementations import bare_mm
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(37, 19, generator=gen).to(dtype)
+    b = torch.randn(23, 19, generator=gen).to(dtype).t()  # [19, 23], a transposed view
+    storage = torch.randn(37 * 40, generator=gen).to(dtype)
+    out = storage[: 37 * 23].view(37, 23)
+    start = out.double().clone()
+    bare_mm(a, b, out, add=add)
+    want = a.double() @ b.double() + (start if add else 0)
+    tol = 1e-5 if dtype == torch.float32 else 0.1
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
+
+
+def test_gemm_chunking_table():
+    """The chunking bench prints one row per chunk size and slab width and dtype, sums in the last
+    column."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.gemm_chunking", "--tokens", "50", "--hidden", "16", "--vocab", "301",
+         "--chunks", "7,50", "--slabs", "64", "--repeats", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("| ")][2:]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    assert [(c[0], c[1]) for c in cells] == [
+        (d, b) for d in ("float32", "bfloat16")
+        for b in ("token chunks of 7", "token chunks of 50", "vocabulary slabs of 64 (logits only)")
+    ]
+    for c in cells:
+        if c[3] != "—":
+            assert abs(float(c[5]) - sum(float(x) for x in c[2:5])) < 2e-3, c
 
 
 def test_idle_gaps_of_a_trace():
