@@ -4,7 +4,7 @@ Training files (parquet, hpt.md section 3; the published ``openr1.parquet`` has 
 
 | column | type | read as |
 |---|---|---|
-| ``prompt`` | list<struct<role: string, content: string>> | the chat messages (required, non-empty) |
+| ``prompt`` | list<struct<role: string, content: string>> | the chat messages (required; roles system, user, assistant, tool; the last a non-blank user message) |
 | ``target`` | list<struct<role, content>> or string | the demonstration: the content of the one assistant message, or the string; null: none |
 | ``reward_model`` | struct<ground_truth: string, ...> | the answer the reward checks (required) |
 | ``data_source`` | string | for per-source metrics (optional, default "") |
@@ -138,6 +138,26 @@ def _messages(where: str, value) -> list[dict[str, str]]:
     return out
 
 
+# the roles chat templates know; any other (a typo such as "usr") most templates render silently
+PROMPT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def _prompt_messages(where: str, value) -> list[dict[str, str]]:
+    """``_messages`` for a prompt: every role one of ``PROMPT_ROLES``, and the last message a
+    non-blank user turn, which the generation prompt answers (and which a ``prompt_template``
+    takes)."""
+    messages = _messages(where, value)
+    unknown = sorted({m["role"] for m in messages} - set(PROMPT_ROLES))
+    if unknown:
+        raise DataError(f"{where}: unknown message role(s) {unknown}; a prompt's roles are {list(PROMPT_ROLES)}")
+    last = messages[-1]
+    if last["role"] != "user":
+        raise DataError(f"{where}: a prompt must end with a user message (the model answers it), ends with {last['role']!r}")
+    if not last["content"].strip():
+        raise DataError(f"{where}: the last user message is blank")
+    return messages
+
+
 def _demonstration(where: str, value: Union[str, list]) -> str:
     """A target's text: the string, or the content of the one assistant message of a list."""
     if isinstance(value, list):
@@ -200,7 +220,7 @@ def read_train_parquet(path: PathLike, require_target: bool = True) -> list[Prob
         if target is not None:
             target = _demonstration(f"{path}: column 'target', row {i}", target)
         out.append(Problem(
-            prompt=_messages(f"{path}: column 'prompt', row {i}", prompt),
+            prompt=_prompt_messages(f"{path}: column 'prompt', row {i}", prompt),
             ground_truth=truth,
             target=target,
             data_source="" if sources is None else (sources[i] or ""),
@@ -238,7 +258,7 @@ def _json_item(path: Path, i: int, item: Any) -> Problem:
     if isinstance(question, str) and question.strip():
         messages = [{"role": "user", "content": question}]
     elif keys[0] == "prompt" and isinstance(question, list):
-        messages = _messages(f"{where}, key 'prompt'", question)
+        messages = _prompt_messages(f"{where}, key 'prompt'", question)
     else:
         raise DataError(f"{where}: {keys[0]!r} must be a non-blank string{' or a list of messages' if keys[0] == 'prompt' else ''}")
     if "answer" not in item:

@@ -83,6 +83,12 @@ def test_parquet_target_as_string_and_extra_columns(tmp_path):
      r"got roles \['user', 'assistant'\]"),
     (dict(target=pa.array([[{"role": "user", "content": "a"}]])), r"column 'target', row 0: .* one assistant message, got roles \['user'\]"),
     (dict(prompt=pa.array([None], type=pa.null())), r"column 'prompt', row 0: expected a non-empty list"),
+    (dict(prompt=pa.array([[{"role": "usr", "content": "q"}]])),
+     r"column 'prompt', row 0: unknown message role\(s\) \['usr'\]; a prompt's roles are \['system', 'user', 'assistant', 'tool'\]"),
+    (dict(prompt=pa.array([[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]])),
+     r"column 'prompt', row 0: a prompt must end with a user message \(the model answers it\), ends with 'assistant'"),
+    (dict(prompt=pa.array([[{"role": "system", "content": "s"}, {"role": "user", "content": " "}]])),
+     r"column 'prompt', row 0: the last user message is blank"),
 ])
 def test_bad_parquet_names_file_and_column(tmp_path, columns, message):
     path = tmp_path / "bad.parquet"
@@ -160,6 +166,9 @@ def test_validation_json_accepted_keys(tmp_path):
     ('[{"problem": ["q"], "answer": "1"}]', r"item 0: 'problem' must be a non-blank string"),
     ('[{"prompt": [{"role": "user"}], "answer": "1"}]', r"item 0, key 'prompt': each message needs string"),
     ('[{"problem": " \\n", "answer": "1"}]', r"item 0: 'problem' must be a non-blank string"),
+    ('[{"prompt": [{"role": "system", "content": "s"}], "answer": "1"}]',
+     r"item 0, key 'prompt': a prompt must end with a user message .*, ends with 'system'"),
+    ('[{"prompt": [{"role": "User", "content": "q"}], "answer": "1"}]', r"item 0, key 'prompt': unknown message role\(s\) \['User'\]"),
     ('{"prompt": "q", "answer": "1"}\n{"prompt": "r", "answer": "2"}',
      r"not valid JSON: Extra data.* \(one object per line is JSON Lines: write one JSON list\)"),
     ('[{"prompt": "q", "answer": 1' + "0" * 5000 + '}]', r"Exceeds the limit \(4300 digits\)"),
