@@ -26,11 +26,15 @@ P = (number correct) / n, a rollout being correct when its reward is > 0,
 
 gamma is a fraction in [0, 1]. Published settings: Qwen2.5-Math gamma = 0 (SFT only when all 8
 rollouts fail); LLaMA-3.1-8B "SFT when at most 2 of 8 are correct", i.e. gamma = 2 / 8 = 0.25.
-The comparison is made on counts, ``correct > gamma * n``, with a tolerance far below one sample,
-so a P that equals gamma on paper (0.3 with 3 of 10) is not pushed above it by float rounding.
+The comparison is made on counts, ``correct > gamma * n``, where a ``gamma * n`` within float
+rounding of an integer k (a few ulps) counts as k: a P that equals gamma on paper (0.3 with 3 of
+10, 2/3 with 2 of 3) is not pushed above it by the rounding, and a gamma just below k / n
+(0.2999999, or 0.29999995) still sends P = k / n to RL.
 """
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -40,7 +44,6 @@ from torch import Tensor
 from hpt_fast.advantages import compute_advantages, is_correct
 
 # counts are integers, so any tolerance well below 1 separates "equal" from "one more correct"
-_COUNT_TOL = 1e-6
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,13 @@ def hpt_gate(rewards: Tensor, gamma: float, has_demo: Optional[Tensor] = None) -
         )
     has_demo = _demo_flags(has_demo, rewards.shape[0], rewards.device)
     correct = is_correct(rewards).sum(dim=1)
-    return (correct.double() > gamma * rewards.shape[1] + _COUNT_TOL) | ~has_demo
+    n = rewards.shape[1]
+    # P > gamma on integers: correct > floor(gamma * n), where gamma * n a few ulps off k is k
+    # (float(k / n) * n lands on either side of k)
+    scaled = gamma * n
+    nearest = round(scaled)
+    most_for_sft = nearest if abs(scaled - nearest) <= 4 * n * sys.float_info.epsilon else math.floor(scaled)
+    return (correct > most_for_sft) | ~has_demo
 
 
 def assemble_hpt_rows(

@@ -41,6 +41,12 @@ def test_p_equal_to_gamma_is_sft_despite_float_rounding(k, n, gamma):
     assert hpt_gate(_rewards(k, k + 1, n=n), gamma=gamma).tolist() == [False, True]
 
 
+@pytest.mark.parametrize("k, n, gamma", [(3, 10, 0.2999999), (3, 10, 0.29999995), (2, 3, 0.666666), (1, 8, 0.1249999)])
+def test_p_just_above_gamma_is_rl(k, n, gamma):
+    # a fixed tolerance on gamma * n sent these to SFT
+    assert hpt_gate(_rewards(k - 1, k, n=n), gamma=gamma).tolist() == [False, True]
+
+
 def test_gamma_one_is_always_sft():
     assert hpt_gate(_rewards(8, 0), gamma=1.0).tolist() == [False, False]
 
