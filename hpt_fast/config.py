@@ -52,6 +52,13 @@ _METHOD_RULES = {
 _METHOD_PRESET = {"hpt": "hpt", "grpo": "grpo", "sft": "sft", "sft_then_rl": "grpo", "luffy": "luffy", "srft": "srft"}
 
 
+def rl_advantage_kind(preset: str) -> str:
+    """The ``compute_advantages`` kind of the "rl" rule's rollout rows under ``preset``: the
+    preset's own, except ppo's per-token GAE (there is no value model), which takes grpo's."""
+    kind = PRESETS[preset].advantage
+    return "grpo" if kind == "gae" else kind
+
+
 # the temperatures vLLM samples at as asked (hpt_fast.rollout.vllm): its SamplingParams refuses
 # more than 2 and raises (0, 0.01) to 0.01, where its log-probs would belong to another temperature
 VLLM_TEMPERATURE_RANGE = (0.01, 2.0)
@@ -590,6 +597,11 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def _preset_name(alg: AlgorithmConfig) -> str:
+    """The preset of the method's RL or mixed rule: ``algorithm.estimator``, else the method's own."""
+    return alg.estimator or _METHOD_PRESET[alg.method]
+
+
 def build_estimators(cfg: Config) -> dict[BatchRule, Estimator]:
     """The estimator of each batch rule ``cfg`` uses: {rule: Estimator}.
 
@@ -598,7 +610,7 @@ def build_estimators(cfg: Config) -> dict[BatchRule, Estimator]:
     data.max_response_length; sft_then_rl's SFT phase gets the plain "sft" preset.
     """
     alg = cfg.algorithm
-    name = alg.estimator or _METHOD_PRESET[alg.method]
+    name = _preset_name(alg)
     if name not in PRESETS:
         raise ConfigError(f"algorithm.estimator: unknown preset {name!r}{_suggest(name, PRESETS)}; known: {', '.join(PRESETS)}")
     for own in ("max_response_length", "entropy_coef"):
@@ -717,6 +729,14 @@ def validate(cfg: Config) -> None:
     _require(0 <= a.gamma <= 1, "algorithm.gamma", f"must be a fraction in [0, 1] (SFT when at most k of n correct: k / n), got {a.gamma}")
     if a.method == "sft_then_rl":
         _require(a.sft_steps >= 1, "algorithm.sft_steps", "sft_then_rl needs at least one SFT step")
+    # a centred advantage of a group of one rollout is 0: RL would learn nothing
+    preset = _preset_name(a)
+    centred = [rule for rule in _METHOD_RULES[a.method]
+               if rule == "hpt" or (rule == "rl" and preset in PRESETS and rl_advantage_kind(preset) != "reinforce")]
+    if centred:
+        _require(r.n >= 2, "rollout.n", f"{a.method}'s rollout advantages are centred on each prompt's group of n "
+                 f"rollouts, so with n = 1 every advantage is 0 and RL learns nothing: needs n >= 2"
+                 f"{'' if 'hpt' in centred else ' (or algorithm.estimator=reinforce)'}, got {r.n}")
     if a.method in ("luffy", "srft"):
         _require(r.n >= 2, "rollout.n", f"{a.method} groups 1 demonstration with n - 1 rollouts: needs n >= 2, got {r.n}")
     _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")

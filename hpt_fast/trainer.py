@@ -38,7 +38,7 @@ from hpt_fast.batching import MicroBatch, Row, collate, pack
 from hpt_fast.checkpoint import (
     latest_checkpoint, load_rank_state, load_settings, load_state, save_checkpoint, verify_checkpoint,
 )
-from hpt_fast.config import Config, ConfigError, build_estimators, dump_config
+from hpt_fast.config import Config, ConfigError, build_estimators, dump_config, rl_advantage_kind
 from hpt_fast.data import DataError, PromptSampler, check_set_names, load_prompt_set, shard
 from hpt_fast.estimator import Normalizers
 from hpt_fast.hpt import BatchRows, assemble_hpt_rows, assemble_luffy_rows, assemble_rl_rows, assemble_sft_rows
@@ -50,10 +50,6 @@ from hpt_fast.rollout import NativeEngine, RolloutEngine, context_length, end_to
 from hpt_fast.step_stats import StepStats
 
 logger = logging.getLogger(__name__)
-
-# which group advantage each preset's rollout rows use (hpt.md: GRPO normalises by the std,
-# Dr.GRPO and the mixed presets only centre)
-_ADVANTAGE_KIND = {"grpo": "grpo", "dapo": "grpo", "ppo": "grpo", "reinforce": "reinforce"}
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -347,8 +343,7 @@ class Trainer:
         elif rule == "luffy":
             chosen = assemble_luffy_rows(rewards, demo_rewards, has_demo)
         elif rule == "rl":
-            name = self.losses["rl"].estimator.name
-            chosen = assemble_rl_rows(rewards, kind=_ADVANTAGE_KIND.get(name, "dr_grpo"))
+            chosen = assemble_rl_rows(rewards, kind=rl_advantage_kind(self.losses["rl"].estimator.name))
         else:
             chosen = assemble_sft_rows(len(batch.prompt_ids), has_demo)
         rows = []

@@ -115,6 +115,9 @@ def test_yaml_reads_exponent_floats_and_base_merges_sections(tmp_path):
     (["train.mini_batch_prompts=0"], r"train\.mini_batch_prompts: must be >= 1 or null"),
     (["deepspeed.bf16=true", "train.mini_batch_prompts=16"], r"rollout\.old_logprobs"),
     (["algorithm.method=luffy", "rollout.n=1"], r"rollout\.n: luffy groups 1 demonstration"),
+    (["rollout.n=1"], r"rollout\.n: hpt's rollout advantages are centred .* with n = 1 every advantage is 0 .*: needs n >= 2, got 1"),
+    (["algorithm.method=grpo", "rollout.n=1"], r"rollout\.n: grpo's .* needs n >= 2 \(or algorithm\.estimator=reinforce\), got 1"),
+    (["algorithm.method=sft_then_rl", "algorithm.sft_steps=1", "algorithm.estimator=dr_grpo", "rollout.n=1"], r"rollout\.n: sft_then_rl's .* needs n >= 2"),
     (["algorithm.method=sft_then_rl"], r"algorithm\.sft_steps: sft_then_rl needs at least one SFT step"),
     (["algorithm.estimator=grpo"], r"algorithm\.estimator: preset 'grpo' cannot train the 'hpt' batch rule.*hpt"),
     (["algorithm.estimator=ppo2"], r"algorithm\.estimator: unknown preset 'ppo2' \(did you mean 'ppo'"),
@@ -135,6 +138,12 @@ def test_yaml_reads_exponent_floats_and_base_merges_sections(tmp_path):
 def test_bad_settings_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_one_rollout_per_prompt_is_allowed_where_nothing_is_centred():
+    """REINFORCE's advantage is the reward itself, and SFT has no rollouts."""
+    for overrides in (["algorithm.method=grpo", "algorithm.estimator=reinforce"], ["algorithm.method=sft"]):
+        assert load_config(None, overrides + ["rollout.n=1"]).rollout.n == 1
 
 
 def test_a_directory_that_is_not_a_saved_model_is_named(tmp_path):
