@@ -958,20 +958,31 @@ class _LinearLoss(torch.autograd.Function):
         # make one a parameter's .grad through a view without copying it: adding into that .grad
         # in place (a later backward, zero_grad without set_to_none) changes the saved tensor,
         # which autograd's version check then reports here.
-        try:
-            grads = ctx.saved_tensors
-        except RuntimeError as err:
-            raise RuntimeError(
-                "fused_linear_loss: backward through a retained graph after the gradient it handed "
-                "out was changed in place (accumulated into or zeroed as .grad, or edited by the "
-                f"caller); call the op again for another backward ({err})"
-            ) from None
+        if hasattr(ctx, "private"):
+            grads = ctx.private
+        else:
+            try:
+                grads = ctx.saved_tensors
+            except RuntimeError as err:
+                raise RuntimeError(
+                    "fused_linear_loss: backward through a retained graph after the gradient it handed "
+                    "out was changed in place (accumulated into or zeroed as .grad, or edited by the "
+                    f"caller); call the op again for another backward ({err})"
+                ) from None
+            if getattr(ctx, "handed_out", False):
+                # a backward through a retained graph after the saved tensors were handed out:
+                # they are .grad now and will be added into, so the gradients come from a private
+                # copy from here on, taken while the check above vouches for them (one gradient's
+                # memory, for repeated backwards only)
+                ctx.private = tuple(None if g is None else g.clone() for g in grads)
+                grads = ctx.private
         scale = float(grad_loss) != 1.0
-        if scale or getattr(ctx, "handed_out", False):
-            # a later backward (retained graph) gets new tensors, not the ones handed out before
-            # (a 0-d float32 factor: bf16 / fp16 gradients are scaled in float32, then rounded)
+        if scale or hasattr(ctx, "private"):
+            # new tensors, never the saved or private ones (a 0-d float32 factor: bf16 / fp16
+            # gradients are scaled in float32, then rounded)
             grads = tuple(None if g is None else (g * grad_loss if scale else g.clone()) for g in grads)
-        ctx.handed_out = True
+        else:
+            ctx.handed_out = True
         return (*grads, None, None, None, None, None)
 
 

@@ -81,16 +81,20 @@ class FusedHeadPolicy(nn.Module):
 
 
 # config fields with which transformers models change the logits after lm_head, and the value
-# that leaves them unchanged (Gemma 2 / 3: tanh soft-capping; Granite: a divisor; Cohere: a factor)
-_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logits_scaling": 1.0, "logit_scale": 1.0}
+# that leaves them unchanged (Gemma 2 / 3 / 4, Inkling 2: tanh soft-capping; Granite: a divisor;
+# Cohere: a factor; Falcon-H1: a factor); read from the config and from its text config, where
+# multimodal models keep them
+_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logits_scaling": 1.0, "logit_scale": 1.0,
+                     "lm_head_multiplier": 1.0}
 
 
 def _check_plain_head(lm: nn.Module) -> None:
     """ValueError for a model whose logits are not ``lm_head(hidden)``: the fused head would train
     it on the log-probs of other logits than the ones it samples from, without a word."""
     config = getattr(lm, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for field, neutral in _LOGIT_TRANSFORMS.items():
-        value = getattr(config, field, neutral)
+        value = next((v for v in (getattr(c, field, neutral) for c in (config, text_config)) if v != neutral), neutral)
         if value != neutral:
             raise ValueError(
                 f"{type(lm).__name__} sets {field}={value}: its logits are transformed after lm_head, "

@@ -650,16 +650,27 @@ def test_mode_b_backward_through_a_retained_graph_hands_out_new_tensors():
     g2.mul_(0.5)
     g3 = torch.autograd.grad(loss, [weight], retain_graph=True)[0]
     assert torch.equal(g3, want)
-    g1.mul_(0.5)  # the saved gradient itself
+    g1.mul_(0.5)  # the saved gradient itself: later backwards take a private copy
+    assert torch.equal(torch.autograd.grad(loss, [weight], retain_graph=True)[0], want)
+    # edited before any second backward: a clear error, never a wrong gradient
+    loss, _, _ = fused_linear_loss(hidden, weight, targets, lambda lp, e, r: -lp, backend="torch")
+    g1 = torch.autograd.grad(loss, [weight], retain_graph=True)[0]
+    g1.mul_(0.5)
     with pytest.raises(RuntimeError, match="or edited by the caller"):
         torch.autograd.grad(loss, [weight])
+    # a scaled first backward hands out new tensors: the saved ones stay intact for the next
+    loss, _, _ = fused_linear_loss(hidden, weight, targets, lambda lp, e, r: -lp, backend="torch")
+    (2 * loss).backward(retain_graph=True)
+    weight.grad.mul_(0)
+    assert torch.equal(torch.autograd.grad(loss, [weight])[0], want)
 
 
 @pytest.mark.parametrize("ignored", [False, True], ids=["all-valid", "some-ignored"])
 def test_mode_b_backward_with_retained_graph(ignored):
-    """Backward twice through a retained graph accumulates; once the handed-out gradient has been
-    changed in place (it may be a parameter's .grad through a view, here with no position ignored),
-    a further backward is a clear error, never a corrupted gradient."""
+    """Backward through a retained graph accumulates, any number of times (plain PyTorch's
+    behaviour); the handed-out gradient may be a parameter's .grad through a view (here with no
+    position ignored), which later backwards add into; edited before a second backward, that
+    backward is a clear error, never a corrupted gradient."""
     gen = torch.Generator().manual_seed(3)
     hidden = torch.randn(2, 3, 4, generator=gen, requires_grad=True)
     tied = torch.randn(4, 6, generator=gen, requires_grad=True)  # an lm_head tied to an embedding
@@ -671,11 +682,15 @@ def test_mode_b_backward_with_retained_graph(ignored):
     ref_logp, _ = reference_logprobs(ref_h, ref_e.t(), targets)
     want = torch.autograd.grad(-ref_logp.sum(), [ref_h, ref_e])
     loss, _, _ = fused_linear_loss(hidden, tied.t(), targets, lambda lp, e, r: -lp, backend="torch")
+    for times in (1, 2, 3, 4):
+        loss.backward(retain_graph=True)
+        for got, ref in zip((hidden.grad, tied.grad), want):
+            assert rel_err(got, times * ref) <= 1e-5
+    loss, _, _ = fused_linear_loss(hidden, tied.t(), targets, lambda lp, e, r: -lp, backend="torch")
+    hidden.grad = tied.grad = None
     loss.backward(retain_graph=True)
-    loss.backward(retain_graph=True)
-    for got, ref in zip((hidden.grad, tied.grad), want):
-        assert rel_err(got, 2 * ref) <= 1e-5
-    if not ignored:  # hidden.grad aliases the saved gradient, which the second backward added into
+    if not ignored:  # hidden.grad is the saved gradient itself (with ignored rows, a scatter of it)
+        hidden.grad.zero_()  # as zero_grad(set_to_none=False) does
         with pytest.raises(RuntimeError, match="call the op again"):
             loss.backward()
 

@@ -243,6 +243,7 @@ def test_end_token_ids():
     ("Gemma2", {"final_logit_softcapping": 30.0}),
     ("Granite", {"logits_scaling": 8.0}),
     ("Cohere", {"logit_scale": 0.0625}),
+    ("FalconH1", {"lm_head_multiplier": 0.5}),
 ])
 def test_a_model_that_transforms_its_logits_after_the_head_is_refused(family, settings):
     """The fused head computes the log-probs of lm_head(hidden): for these models that is not what
@@ -258,9 +259,15 @@ def test_a_model_that_transforms_its_logits_after_the_head_is_refused(family, se
     field, value = next(iter(settings.items()))
     with pytest.raises(ValueError, match=f"sets {field}={value}: its logits are transformed after lm_head"):
         FusedHeadPolicy(model)
-    neutral = {"final_logit_softcapping": None, "logits_scaling": 1.0, "logit_scale": 1.0}[field]
-    FusedHeadPolicy(getattr(transformers, f"{family}ForCausalLM")(
-        getattr(transformers, f"{family}Config")(**tiny, **{field: neutral})))
+    neutral = {"final_logit_softcapping": None, "logits_scaling": 1.0, "logit_scale": 1.0, "lm_head_multiplier": 1.0}[field]
+    plain = getattr(transformers, f"{family}ForCausalLM")(getattr(transformers, f"{family}Config")(**tiny, **{field: neutral}))
+    FusedHeadPolicy(plain)
+    # the model's own logits: not lm_head(hidden) with the setting, exactly that without it
+    ids = torch.tensor([[1, 2, 3, 4]])
+    for lm, same in ((model, False), (plain, True)):
+        with torch.no_grad():
+            head = lm.get_output_embeddings()(lm.get_decoder()(input_ids=ids).last_hidden_state)
+            assert torch.allclose(lm(ids).logits, head, atol=1e-6) == same, (family, same)
 
 
 def test_the_logged_lr_is_the_one_the_step_trained_with(make_trainer):
