@@ -76,6 +76,7 @@ IDS = torch.zeros(4, dtype=torch.long)
         ((torch.ones(4), IDS.float(), "grpo"), TypeError, "group_ids must be an integer"),
         ((torch.ones(4), IDS.bool(), "grpo"), TypeError, "group_ids must be an integer"),
         ((torch.tensor([1.0, float("nan"), 0.0, 0.0]), IDS, "grpo"), ValueError, "NaN"),
+        ((torch.tensor([1.0, float("inf"), 0.0, 0.0]), IDS, "dr_grpo"), ValueError, "NaN or inf"),
         ((torch.ones(4, dtype=torch.long), IDS, "grpo"), TypeError, "floating-point"),
         ((torch.ones(0), IDS[:0], "grpo"), ValueError, "empty"),
     ],

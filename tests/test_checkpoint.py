@@ -62,6 +62,19 @@ def test_half_written_checkpoints_are_ignored_and_cleared(tmp_path, model_and_to
     assert sorted(os.listdir(root)) == ["step_00000003", "step_00000004"]
 
 
+def test_a_step_saved_again_replaces_its_directory(tmp_path, model_and_tokenizer):
+    """A run resumed from an older checkpoint saves over a step directory left behind (one renamed
+    by hand without its state file, or the rest of a moved-aside damaged one)."""
+    model, tokenizer = model_and_tokenizer
+    root = tmp_path / "checkpoints"
+    (root / "step_00000003").mkdir(parents=True)
+    (root / "step_00000003" / "stray.bin").write_bytes(b"x")
+    path = save_checkpoint(tmp_path, 3, model, tokenizer, {"step": 3, "run": "resumed"})
+    assert load_state(path)["run"] == "resumed" and not (path / "stray.bin").exists()
+    path = save_checkpoint(tmp_path, 3, model, tokenizer, {"step": 3, "run": "again"})
+    assert load_state(path)["run"] == "again" and latest_checkpoint(tmp_path) == path
+
+
 def _truncate(file):
     file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
 
@@ -91,14 +104,15 @@ def test_a_damaged_checkpoint_is_named_with_the_one_to_fall_back_to(
     tmp_path, model_and_tokenizer, name, damage, found_by, reason
 ):
     model, tokenizer = model_and_tokenizer
-    for step in (1, 2):
+    for step in (1, 2, 3):
         save_checkpoint(tmp_path, step, model, tokenizer, {"step": step, "w": torch.ones(64)},
                         rank_state={"x": torch.ones(2)}, settings={"optim.lr": 0.1})
     latest = latest_checkpoint(tmp_path)
     verify_checkpoint(latest)  # whole: nothing to say
     damage(latest / name)
     read = {"verify": verify_checkpoint, "settings": load_settings, "load": load_state}[found_by]
-    message = rf"checkpoint {latest} is damaged: {name}: .*({reason}).*Move it out of .* to resume from step_00000001"
+    # the newest one before it, not any older one
+    message = rf"checkpoint {latest} is damaged: {name}: .*({reason}).*Move it out of .* to resume from step_00000002"
     with pytest.raises(CheckpointError, match=message):
         read(latest)
     if found_by == "load":

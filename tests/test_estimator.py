@@ -216,7 +216,9 @@ def test_padding_values_are_never_read():
     nan_pad = lambda x: x.detach().masked_fill(~mask, float("nan"))  # noqa: E731
     lp = nan_pad(logp).requires_grad_(True)
     adv_tok = nan_pad(adv[:, None].expand(B, T))
-    loss, stats = est(lp, mask, adv_tok, old_logp=nan_pad(old), off_policy=MIXED_OFF, entropy=nan_pad(entropy))
+    # demonstrations have no sampling policy: their old_logp is never read either
+    old_nan = nan_pad(old).masked_fill(MIXED_OFF[:, None], float("nan"))
+    loss, stats = est(lp, mask, adv_tok, old_logp=old_nan, off_policy=MIXED_OFF, entropy=nan_pad(entropy))
     loss_ref, _ = est(logp, mask, adv, old_logp=old, off_policy=MIXED_OFF, entropy=entropy)
     _close(loss, loss_ref)
     assert bool(torch.isfinite(_grad(loss, lp)[0]).all())
@@ -299,6 +301,9 @@ def test_preset_table_is_in_the_readme():
         ("luffy", {"max_response_length": 8, "shaping_gamma": 0.0}, ValueError,
          "shaping_gamma must be a finite number > 0"),
         ("grpo", {"rl_coef": -1.0}, ValueError, "rl_coef must be"),
+        ("hpt", {"max_response_length": 8, "sft_coef": -0.5}, ValueError, "sft_coef must be"),
+        ("srft", {"max_response_length": 8, "srft_demo_coef": float("inf")}, ValueError, "srft_demo_coef must be"),
+        ("srft", {"max_response_length": 8, "srft_pos_coef": -1.0}, ValueError, "srft_pos_coef must be"),
         ("grpo", {"entropy_coef": float("nan")}, ValueError, "entropy_coef must be a finite number"),
     ],
 )

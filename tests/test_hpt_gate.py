@@ -149,6 +149,8 @@ def test_bad_gate_settings(kwargs, match):
     [
         (lambda: hpt_gate(torch.ones(8), gamma=0.0), ValueError, r"rewards must be a non-empty \[num_prompts, n\]"),
         (lambda: hpt_gate(torch.tensor([[float("nan"), 1.0]]), gamma=0.0), ValueError, "NaN"),
+        (lambda: hpt_gate(torch.tensor([[float("inf"), 1.0]]), gamma=0.0), ValueError, "NaN or inf"),
+        (lambda: assemble_luffy_rows(torch.ones(2, 3), torch.tensor([1.0, -float("inf")])), ValueError, "NaN or inf"),
         (lambda: hpt_gate(torch.ones(2, 2, dtype=torch.long), gamma=0.0), TypeError, "floating point"),
         (lambda: assemble_luffy_rows(torch.ones(2, 3), torch.ones(3)), ValueError,
          "demo_rewards has 3 prompts but rewards has 2"),

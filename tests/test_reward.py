@@ -90,15 +90,17 @@ def test_quick_check(response, truth, outcome):
 
 
 def test_pool_scores_a_batch(pool):
-    responses = [r"\boxed{12}", r"\boxed{0.5}", r"\boxed{x^2+2x+1}", r"\boxed{x^2+1}", "none", r"\boxed{8}"]
-    truths = ["12", r"\frac{1}{2}", "(x+1)^2", "(x+1)^2", "3", "7"]
+    responses = [r"\boxed{12}", r"\boxed{0.5}", r"\boxed{x^2+2x+1}", r"\boxed{x^2+1}", "none", r"\boxed{8}",
+                 r"\boxed{007}"]
+    truths = ["12", r"\frac{1}{2}", "(x+1)^2", "(x+1)^2", "3", "7", "7"]
     scores = pool.score(responses, truths)
-    assert scores.outcomes == ("match", "verified", "verified", "wrong", "no_answer", "wrong")
+    assert scores.outcomes == ("match", "verified", "verified", "wrong", "no_answer", "wrong", "integer")
     assert pool.score([r"\boxed{1}", r"\boxed{2}"], [r"100\%", r"100\%"]).outcomes == ("verified", "wrong")
     assert scores.rewards.dtype == np.float32
-    np.testing.assert_array_equal(scores.rewards, [1, 1, 1, 0, 0, 0])
+    # every outcome scores as its name says: the integer shortcut is a correct answer
+    np.testing.assert_array_equal(scores.rewards, [1, 1, 1, 0, 0, 0, 1])
     counts = scores.counts()
-    assert set(counts) == set(OUTCOMES) and counts["verified"] == 2 and counts["timeout"] == 0
+    assert set(counts) == set(OUTCOMES) and counts["verified"] == 2 and counts["integer"] == 1 and counts["timeout"] == 0
 
 
 def test_empty_batch(pool):

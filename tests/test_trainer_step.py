@@ -99,6 +99,21 @@ def test_recomputed_old_logprobs_are_those_of_the_policy_that_sampled(make_train
     assert metrics["ratio_max"] > 1.0 + 1e-4 and metrics["approx_kl"] != 0.0
 
 
+def test_the_gates_rows_reach_the_micro_batches_with_their_advantages(make_trainer):
+    """HPT at gamma 0: prompt 0 (no rollout right) trains on its demonstration (advantage 1), the
+    others on their rollouts with r - mean of their group; each row keeps its own reward."""
+    trainer = make_trainer("algorithm.method=hpt")
+    _rewards(trainer, [[0, 0], [1, 1], [1, 0], [0, 1]])
+    seen = _spy_updates(trainer)
+    metrics = trainer.train_step()
+    # the loss parts add up to the step's loss
+    assert metrics["loss"] == pytest.approx(metrics["rl_loss"] + metrics["sft_loss"] + metrics["entropy_loss"], rel=1e-5)
+    got = sorted((bool(off), float(adv), float(r)) for mbs, _ in seen for mb in mbs
+                 for off, adv, r in zip(mb.off_policy, mb.advantages, mb.rewards))
+    want = sorted([(True, 1.0, 1.0), (False, 0.0, 1.0), (False, 0.0, 1.0)] + [(False, 0.5, 1.0), (False, -0.5, 0.0)] * 2)
+    assert got == want
+
+
 def test_updates_with_and_without_rollouts_merge_their_statistics(make_trainer):
     """HPT, two updates: the first one's prompts all go to SFT, so only the second has ratio statistics
     (this raised KeyError); the step's are the second update's."""
