@@ -398,3 +398,13 @@ def test_a_onednn_gemm_that_fails_its_trial_is_not_used(fault, monkeypatch):
         assert rel_err(logp, want) < 1e-5
     finally:
         cpu.onednn_float32.cache_clear()
+
+
+def test_torch_func_transforms_are_refused_by_torch_with_a_clear_error():
+    """The README says torch.func cannot take the op: torch raises, never a wrong gradient."""
+    hidden, weight, _, targets = _leaves(torch.float32, seed=9)
+    h = hidden.detach()
+    for call in (lambda x: fused_token_logprobs(x, weight.detach(), targets, backend="torch")[0].sum(),
+                 lambda x: fused_linear_loss(x, weight.detach(), targets, lambda lp, e, r: -lp, backend="torch")[0]):
+        with pytest.raises(RuntimeError, match="setup_context"):
+            torch.func.grad(call)(h)
