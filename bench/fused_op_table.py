@@ -326,8 +326,8 @@ FOOTNOTES = """\
   recomputes the logits, 3 for every other row); the floor rows show the summed medians. The bare
   GEMMs are those the op's default backend runs: on CPU in float32 oneDNN's, through ATen's
   ``mkldnn_matmul`` (``cpu_backend.gemm_into``), as the op's own; torch.mm sends float32 to MKL,
-  which ran them 2.1-2.8x slower on the AMD EPYC development machine; low precision goes to oneDNN
-  either way. x naive: median time / naive PyTorch's median time in the same dtype (its GEMMs
+  which took 1.6-2.6x their time on the AMD EPYC development machine
+  (bench/results_gemm_chunking_cpu.md); low precision goes to oneDNN either way. x naive: median time / naive PyTorch's median time in the same dtype (its GEMMs
   torch's own).
 - mem: peak memory beyond the inputs and the gradients left behind, measured once (on CPU VmHWM
   in a fresh process, on CUDA torch.cuda.max_memory_allocated after the timed rounds), as a

@@ -4,8 +4,9 @@ The fused op's three products, hidden [N, H] x weight [V, H], timed as the op ru
 order (chunks of C tokens: logits h_c @ W.T, grad_hidden d_c @ W, grad_weight += d_c.T @ h_c)
 and, for the logits GEMM, in vocabulary order (slabs of Vs columns over all N tokens: h @ W_s.T).
 The outputs are preallocated and warm, so only the GEMMs' own shapes differ between rows. The
-products are the op's own (``bench.implementations.bare_mm``: on CPU in float32 oneDNN's, where
-torch.mm would take MKL's).
+products are the op's own (``bench.implementations.bare_mm``: on CPU in float32 oneDNN's); in
+float32 each row is timed again with torch's own GEMMs (``torch.mm`` / ``addmm_``, MKL's), which
+is what the op ran before it took oneDNN's, side by side in the same run.
 
     python -m bench.gemm_chunking                    # N 2048, H 1024, V 151936, fp32 and bf16
     python -m bench.gemm_chunking --chunks 220,512,2048 --slabs 16384
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -40,8 +41,21 @@ def _ranges(n: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(n, s + size)) for s in range(0, n, size)]
 
 
-def token_order(h: torch.Tensor, w: torch.Tensor, chunk: int, repeats: int) -> tuple[float, float, float]:
-    """Seconds for all chunks of: logits, grad_hidden, grad_weight (summed in place)."""
+def torch_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, add: bool = False) -> None:
+    """out = a @ b (out += a @ b with ``add``) by torch's own GEMM (MKL's in float32 on CPU)."""
+    if add:
+        out.addmm_(a, b)
+    else:
+        torch.mm(a, b, out=out)
+
+
+# the products a row is timed with: the op's own, and torch's
+PRODUCTS = {"op's": bare_mm, "torch's": torch_mm}
+
+
+def token_order(h: torch.Tensor, w: torch.Tensor, chunk: int, repeats: int, mm: Callable = bare_mm) -> tuple[float, float, float]:
+    """Seconds for all chunks of: logits, grad_hidden, grad_weight (summed in place), each
+    product by ``mm`` (one of ``PRODUCTS``)."""
     n, vocab = h.shape[0], w.shape[0]
     block = torch.randn(chunk, vocab, dtype=h.dtype) * 0.01
     grad_h = torch.empty_like(h)
@@ -50,21 +64,21 @@ def token_order(h: torch.Tensor, w: torch.Tensor, chunk: int, repeats: int) -> t
 
     def logits() -> None:
         for s, e in ranges:
-            bare_mm(h[s:e], w.t(), block[: e - s])
+            mm(h[s:e], w.t(), block[: e - s])
 
     def d_hidden() -> None:
         for s, e in ranges:
-            bare_mm(block[: e - s], w, grad_h[s:e])
+            mm(block[: e - s], w, grad_h[s:e])
 
     def d_weight() -> None:
         for s, e in ranges:
-            bare_mm(block[: e - s].t(), h[s:e], grad_w, add=True)
+            mm(block[: e - s].t(), h[s:e], grad_w, add=True)
 
     return best_of(logits, repeats), best_of(d_hidden, repeats), best_of(d_weight, repeats)
 
 
-def vocab_order_logits(h: torch.Tensor, w: torch.Tensor, slab: int, repeats: int) -> float:
-    """Seconds for the logits GEMM over all vocabulary slabs of ``slab`` columns."""
+def vocab_order_logits(h: torch.Tensor, w: torch.Tensor, slab: int, repeats: int, mm: Callable = bare_mm) -> float:
+    """Seconds for the logits GEMM over all vocabulary slabs of ``slab`` columns, by ``mm``."""
     n = h.shape[0]
     storage = torch.empty(n * slab, dtype=h.dtype)
     ranges = _ranges(w.shape[0], slab)
@@ -72,7 +86,7 @@ def vocab_order_logits(h: torch.Tensor, w: torch.Tensor, slab: int, repeats: int
     def logits() -> None:
         for v0, v1 in ranges:
             # a contiguous [n, v1 - v0] block even for the last, narrower slab, as the op's
-            bare_mm(h, w[v0:v1].t(), storage[: n * (v1 - v0)].view(n, v1 - v0))
+            mm(h, w[v0:v1].t(), storage[: n * (v1 - v0)].view(n, v1 - v0))
 
     return best_of(logits, repeats)
 
@@ -85,7 +99,7 @@ def main() -> None:
     parser.add_argument("--chunks", default="220,512,2048", help="token chunk sizes (220: the default budget's at fp32)")
     parser.add_argument("--slabs", default="16384", help="vocabulary slab widths for the logits GEMM")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated, of: " + ", ".join(DTYPES))
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per row, the fastest kept (default 5: best of 2 moved rows by up to 1.6x)")
     args = parser.parse_args()
     bad = [d for d in args.dtypes.split(",") if d not in DTYPES]
     if bad:
@@ -94,18 +108,21 @@ def main() -> None:
     print(f"## GEMMs of the fused op by block shape: tokens {args.tokens}, H {args.hidden}, V {args.vocab}\n")
     print(machine_description("cpu"))
     print(f"- best of {args.repeats} timed calls after one warm-up call\n")
-    print("| dtype | blocks | logits s | grad_hidden s | grad_weight s | sum s |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| dtype | products | blocks | logits s | grad_hidden s | grad_weight s | sum s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name in args.dtypes.split(","):
         dtype = DTYPES[name]
         h = torch.randn(args.tokens, args.hidden, generator=gen).to(dtype)
         w = (torch.randn(args.vocab, args.hidden, generator=gen) * 0.02).to(dtype)
-        for chunk in (int(c) for c in args.chunks.split(",")):
-            a, b, c = token_order(h, w, chunk, args.repeats)
-            print(f"| {name} | token chunks of {chunk} | {a:.3f} | {b:.3f} | {c:.3f} | {a + b + c:.3f} |", flush=True)
-        for slab in (int(s) for s in args.slabs.split(",")):
-            a = vocab_order_logits(h, w, slab, args.repeats)
-            print(f"| {name} | vocabulary slabs of {slab} (logits only) | {a:.3f} | — | — | — |", flush=True)
+        # torch sends low precision to oneDNN itself: the two would be the same products
+        for label, mm in PRODUCTS.items() if dtype == torch.float32 else [("op's", bare_mm)]:
+            for chunk in (int(c) for c in args.chunks.split(",")):
+                a, b, c = token_order(h, w, chunk, args.repeats, mm)
+                print(f"| {name} | {label} | token chunks of {chunk} | {a:.3f} | {b:.3f} | {c:.3f} | {a + b + c:.3f} |",
+                      flush=True)
+            for slab in (int(s) for s in args.slabs.split(",")):
+                a = vocab_order_logits(h, w, slab, args.repeats, mm)
+                print(f"| {name} | {label} | vocabulary slabs of {slab} (logits only) | {a:.3f} | — | — | — |", flush=True)
 
 
 if __name__ == "__main__":

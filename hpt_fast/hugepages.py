@@ -3,7 +3,8 @@
 The fused op allocates its logits block and its input gradients (hundreds of MiB at LLM
 vocabularies) on every call. A fresh allocation of that size is a new ``mmap``: its first touch
 takes one page fault per 4 KiB page, which on the 2-core development CPU cost 5-10% of a whole
-forward + backward (``bench/results_cpu*.md``). Asking the kernel for 2 MiB pages before the first
+forward + backward (a profile whose output was not kept; the README's CPU Benchmarks give the
+tables before and after). Asking the kernel for 2 MiB pages before the first
 touch (``madvise(MADV_HUGEPAGE)``) cuts the faults 512-fold. PyTorch's own switch,
 ``THP_MEM_ALLOC_ENABLE``, is read once at its first allocation, so a library cannot turn it on.
 

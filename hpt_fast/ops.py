@@ -324,7 +324,7 @@ def _auto_order(
     either way, so it takes the order with the smaller sum and the larger M: vocabulary order
     when N < V. Measured on the 2-core CPU (tokens 2048, H 1024, V 151936;
     bench/results_cpu_cb865ec.md): 1.01x instead of 1.12x of the four-GEMM floor in float32
-    (the float32 grad_weight products alone: 2.0 s as one product over 2048 tokens, 2.4 s summed
+    (the float32 grad_weight products alone: 1.5 s as one product over 2048 tokens, 1.8 s summed
     over 220-token chunks, bench/results_gemm_chunking_cpu.md), 1.09x instead of 1.35x in bf16;
     level at V = 32768.
     Mode B (``mode="B"``): token order runs the statistics, the loss and the gradient on one

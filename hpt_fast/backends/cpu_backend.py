@@ -74,9 +74,10 @@ def gemm_into(out: Tensor, a: Tensor, b: Tensor, add: bool) -> bool:
     torch.mm).
 
     PyTorch sends float32 CPU GEMMs to MKL and only low-precision ones to oneDNN. On the AMD EPYC
-    development machine MKL's float32 GEMMs ran at 0.4x of oneDNN's on the op's shapes (a [220,
-    1024] x [1024, 151936] block: 0.31 s against 0.87 s), so the op takes its float32 products
-    from oneDNN, through ATen's own wrapper (``_C.onednn_matmul``).
+    development machine MKL's float32 products took 1.6-2.6x oneDNN's time on the op's shapes
+    (bench/results_gemm_chunking_cpu.md: 9.8 s against 4.7 s for the three products at tokens
+    2048, H 1024, V 151936 in 220-token chunks), so the op takes its float32 products from oneDNN,
+    through ATen's own wrapper (``_C.onednn_matmul``).
     """
     # an empty operand goes to torch.mm too: with K = 0 oneDNN leaves out as it was, not zeros
     if not (a.dtype == b.dtype == out.dtype == torch.float32 and out.is_contiguous() and a.numel() and b.numel()
