@@ -90,6 +90,7 @@ def test_yaml_reads_exponent_floats_and_base_merges_sections(tmp_path):
     (["data.shuffle=maybe"], r"data\.shuffle: expected bool"),
     (["algorithm.method=hpx"], r"algorithm\.method: 'hpx' is not one of .*did you mean 'hpt'"),
     (["deepspeed.zero_stage=4"], r"deepspeed\.zero_stage: 4 is not one of 0, 1, 2, 3"),
+    (["deepspeed.zero_stage=true"], r"deepspeed\.zero_stage: True is not one of 0, 1, 2, 3"),
     (["optim.lr=nan"], r"optim\.lr: must be a finite number"),
     (["optim.lr=0"], r"optim\.lr: must be > 0"),
     (["rollout=3"], r"rollout: is a section"),

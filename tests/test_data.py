@@ -261,6 +261,10 @@ def test_plain_template_suffix_and_think_prefix(tok):
     ps = PromptSet([_problem(0, target="<think>\nok")], tok, 64, 16, template=template)
     # the prompt already opens the <think> block, so the demonstration does not repeat it
     assert ps.batch([0]).demo_ids[0] == tok("ok", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    # with the chat template the suffix goes on the user turns only
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"}]
+    text = render_prompt(tok, messages, suffix=" Box it.")
+    assert "1+1? Box it." in text and "Be brief." in text and "Be brief. Box it." not in text
 
 
 def test_tokenizer_without_chat_template(tok):
@@ -305,6 +309,15 @@ def test_sampler_is_deterministic_by_seed_and_epoch():
     assert c.order(0).tolist() != a.order(0).tolist()
     assert sorted(a.order(1).tolist()) == list(range(10)) and a.order(1).tolist() != a.order(0).tolist()
     assert PromptSampler(5, seed=0, shuffle=False).next_batch(5) == [0, 1, 2, 3, 4]
+
+
+def test_a_batch_size_dividing_the_prompts_covers_every_epoch():
+    """8 prompts in batches of 4: each epoch is two batches, every prompt once (the epoch's last
+    batch is not skipped)."""
+    s = PromptSampler(8, seed=1)
+    for epoch in range(3):
+        assert sorted(s.next_batch(4) + s.next_batch(4)) == list(range(8)), epoch
+    assert s.state_dict() == {"epoch": 2, "index": 8}
 
 
 def test_sampler_batches_stay_within_an_epoch():

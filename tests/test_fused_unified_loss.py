@@ -218,6 +218,8 @@ def test_string_estimator_and_repr():
     [
         (lambda x: x.update(targets=x["targets"].masked_fill(~x["mask"], 0)), ValueError,
          r"targets must be -100 exactly where mask is 0; at row 1, position 4 the target is 0 and the mask is False"),
+        (lambda x: x.update(mask=torch.ones_like(x["mask"])), ValueError,
+         r"targets must be -100 exactly where mask is 0; at row 1, position 4 the target is -100 and the mask is True"),
         (lambda x: x.update(hidden=x["hidden"][0]), ValueError, r"hidden must be \[B, T, H\], got shape \(6, 8\)"),
         (lambda x: x.update(mask=x["mask"][:, :4]), ValueError,
          r"mask has shape \(5, 4\) but targets has shape \(5, 6\)"),

@@ -38,6 +38,7 @@ def test_extract_boxed(text, answer):
 
 @pytest.mark.parametrize("text", [
     "no box here", "", r"\boxed{}", r"\boxed", r"\boxed{1} then a truncated \boxed{2", r"\boxed{\frac{1}{2}",
+    r"\boxed42", r"\boxed(3)",  # no brace and no space: not LaTeX's one-token argument
 ])
 def test_extract_boxed_none(text):
     assert extract_boxed(text) is None
