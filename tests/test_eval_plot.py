@@ -60,11 +60,13 @@ def test_curve_starts_at_the_mean_accuracy():
 
 
 class ScriptedEngine:
-    """Returns, for the prompt of problem i, ``right[i]`` samples boxing the answer, then wrong ones."""
+    """Returns, for the prompt of problem i, n samples of which ``right[i]`` box the answer: those
+    from sample i on, cyclically, so each problem's right ones sit elsewhere and a mix-up of samples
+    across problems changes the counts."""
 
     def __init__(self, tokenizer, prompts: PromptSet, right: list[int]):
         self.tokenizer = tokenizer
-        self.plan = {tuple(prompts.prompts[i].tolist()): (p.ground_truth, right[i])
+        self.plan = {tuple(prompts.prompts[i].tolist()): (p.ground_truth, right[i], i)
                      for i, p in enumerate(prompts.problems)}
         self.seeds = []
         self.logprobs_needed = []
@@ -74,8 +76,8 @@ class ScriptedEngine:
         self.logprobs_needed.append(logprobs_needed)
         out = []
         for ids in prompt_ids:
-            answer, right = self.plan[tuple(ids)]
-            texts = [f"so \\boxed{{{answer if j < right else 'x'}}}" for j in range(n)]
+            answer, right, i = self.plan[tuple(ids)]
+            texts = [f"so \\boxed{{{answer if (j - i) % n < right else 'x'}}}" for j in range(n)]
             out.append([
                 Sample(self.tokenizer.encode(t) + [self.tokenizer.eos_token_id], None, "stop" if j else "length")
                 for j, t in enumerate(texts)
