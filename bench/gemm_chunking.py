@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
 from bench.cli import cli_description
 from bench.fused_op_table import machine_description
-from bench.implementations import bare_mm
+from bench.implementations import bare_mm, torch_mm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -39,14 +39,6 @@ def best_of(fn: Callable[[], None], repeats: int) -> float:
 
 def _ranges(n: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(n, s + size)) for s in range(0, n, size)]
-
-
-def torch_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, add: bool = False) -> None:
-    """out = a @ b (out += a @ b with ``add``) by torch's own GEMM (MKL's in float32 on CPU)."""
-    if add:
-        out.addmm_(a, b)
-    else:
-        torch.mm(a, b, out=out)
 
 
 # the products a row is timed with: the op's own, and torch's

@@ -316,17 +316,21 @@ class GemmBuffers:
         self.dw = torch.empty_like(self.w)
 
 
+def torch_mm(a: Tensor, b: Tensor, out: Tensor, add: bool = False) -> None:
+    """out = a @ b (out += a @ b with ``add``) by torch's own GEMM (MKL's in float32 on CPU)."""
+    if add:
+        out.addmm_(a, b)
+    else:
+        torch.mm(a, b, out=out)
+
+
 def bare_mm(a: Tensor, b: Tensor, out: Tensor, add: bool = False) -> None:
     """out = a @ b (out += a @ b with ``add``) by the GEMM the op's default backend runs on these
     tensors: on CPU in float32 the cpu backend's oneDNN one where it works here
     (``cpu_backend.gemm_into``), else torch's. The floor is the same GEMMs as the op's, so x floor
     measures the op, not the GEMM library."""
-    if a.device.type == "cpu" and "cpu" in backends.available() and backends.load("cpu").gemm_into(out, a, b, add):
-        return
-    if add:
-        out.addmm_(a, b)
-    else:
-        torch.mm(a, b, out=out)
+    if not (a.device.type == "cpu" and "cpu" in backends.available() and backends.load("cpu").gemm_into(out, a, b, add)):
+        torch_mm(a, b, out, add)
 
 
 def _gemm_logits(p: Problem) -> Step:

@@ -43,8 +43,6 @@ from torch import Tensor
 
 from hpt_fast.advantages import compute_advantages, is_correct
 
-# counts are integers, so any tolerance well below 1 separates "equal" from "one more correct"
-
 
 @dataclass(frozen=True)
 class BatchRows:
