@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, as one run, most wanted first: the Triton backend's tests on the GPU
 # (no interpreter), the fused-op table against cuBLAS, Liger and cut-cross-entropy at a training
-# shape, the op's phases timed unprofiled, torch AMP's mixed precision (float32 leaves), gradient
+# shape, the op's steps back to back against the GEMMs' sustained rate, the op's phases timed
+# unprofiled, torch AMP's mixed precision (float32 leaves), gradient
 # precision, a profile of mode B's step, the random-configuration tests, the block budget's effect
 # on mode A and mode B, then a second table shape with float32.
 #
@@ -12,7 +13,9 @@
 # and has its own time limit, cut to what is left of DEADLINE_S (default 540 s, within the device
 # tool's 600 s per command); a step with under 15 s left is skipped and named in skipped.txt, so an
 # overrun loses the last steps, not the whole run. After every step $WORK is packed into
-# $OUT/gpu_run.tgz: the device tool brings back only a few files per command.
+# $OUT/gpu_run.tgz: the device tool brings back only a few files per command. STEPS (names
+# separated by spaces, e.g. "tests_triton phase_times") runs only those steps; TABLE_IMPLS (names
+# separated by commas) limits table_7b to those implementations and the bare GEMMs.
 set -uo pipefail
 OUT=${OUT:-bench/gpu_out}
 WORK=${WORK:-$(mktemp -d /tmp/gpu_run.XXXXXX)}  # fresh, so an archive holds one run only
@@ -25,6 +28,9 @@ DEADLINE_S=${DEADLINE_S:-540}
 step() {
     local name=$1 limit=$2
     shift 2
+    if [[ -n ${STEPS:-} && " $STEPS " != *" $name "* ]]; then
+        return
+    fi
     local left=$((DEADLINE_S - ($(date +%s) - START)))
     ((left < limit)) && limit=$left
     if ((limit < 15)); then
@@ -61,7 +67,14 @@ TRAINING_SHAPE=8192x3584x151936  # Qwen2.5-7B's hidden size and vocabulary, 8192
 step tests_triton "${TEST_LIMIT_S:-70}" python3 -m pytest -p no:cacheprovider -q -rfE \
     tests/test_fused_op.py tests/test_row_stats.py tests/test_op_interop.py -k "triton or cuda"
 step table_7b "${TABLE_LIMIT_S:-110}" python3 -m bench.fused_op_table --device cuda \
-    --shapes $TRAINING_SHAPE --dtypes bfloat16
+    --shapes $TRAINING_SHAPE --dtypes bfloat16 ${TABLE_IMPLS:+--impls $TABLE_IMPLS}
+# the op's steps back to back against bare GEMMs alone and in long bursts, with the SM clock,
+# power and clock-limit reasons sampled (does the card hold the floor's GEMM rate through a step?);
+# nvidia-smi's performance counters before and after
+step smi_before 15 nvidia-smi -q -d PERFORMANCE,POWER,CLOCK
+step sustained "${SUSTAINED_LIMIT_S:-90}" python3 -m bench.sustained_rate --device cuda \
+    --impls hpt_b_triton,hpt_b_triton_lowp_sum,hpt_b_triton_one_chunk,hpt_a_triton,naive,liger_flce,cce
+step smi_after 15 nvidia-smi -q -d PERFORMANCE,POWER,CLOCK
 # each phase of the op on the device's timeline, unprofiled: is the idle time before the first
 # kernel that the profiler shows there without it?
 step phase_times "${PHASES_LIMIT_S:-40}" python3 -m bench.phase_times --device cuda \

@@ -201,10 +201,53 @@ def test_phase_times_cover_the_step():
         assert 0 <= host[OUTSIDE] < host["whole step"]
 
 
+def test_sustained_rate_rows():
+    """Every row is timed with its number of units, and each step's ratios are its mean over the
+    means of the lone GEMMs, the burst's GEMMs and the 3-GEMM units."""
+    from bench.sustained_rate import ALONE, measure, parse_args, report
+
+    args = parse_args(["--device", "cpu", "--impls", "hpt_b_torch,naive", "--shape", "64x16x301",
+                       "--dtype", "float32", "--steps", "2", "--burst", "5", "--pause", "0"])
+    results = measure(args)
+    assert [(r.label, r.unit, len(r.times)) for r in results] == [
+        (ALONE, "GEMM", 9), ("bare GEMMs, 3 back to back", "GEMM", 3), ("bare GEMMs, 5 back to back", "GEMM", 5),
+        ("3 bare GEMMs as one unit, 2 back to back", "3 GEMMs", 2),
+        ("hpt_fast mode B, backend torch, 2 steps back to back", "step", 2),
+        ("naive PyTorch (materialised logits), 2 steps back to back", "step", 2),
+    ]
+    assert all(t > 0 for r in results for t in r.times) and {r.clocks for r in results} == {"—"}
+    # fixed times, so the ratios can be checked
+    for r, ms in zip(results, (1.0, 1.0, 2.0, 5.0, 12.0, 24.0)):
+        r.times = [ms] * len(r.times)
+    text = report(args, results)
+    assert "A GEMM in the 5-GEMM burst takes 2.000x one alone; in the 3-GEMM units 1.667x." in text
+    assert "- hpt_fast mode B, backend torch, 2 steps back to back: 4.00x, 2.00x; 50.0% / 41.7%" in text
+    assert "- naive PyTorch (materialised logits), 2 steps back to back: 8.00x, 4.00x; 25.0% / 20.8%" in text
+
+
+def test_clock_summary_of_samples():
+    """nvidia-smi's lines inside the window only; malformed lines are skipped."""
+    from datetime import datetime
+
+    from bench.sustained_rate import clock_summary
+
+    lines = ["2026/11/27 08:00:00.000, 1980, 150.5, 0x0000000000000000",
+             "2026/11/27 08:00:00.500, 1470, 690.0, 0x0000000000000004",
+             "2026/11/27 08:00:00.700, 1410, 701.2, 0x0000000000000004",
+             "2026/11/27 08:00:01.000, [N/A], 700.0, 0x0000000000000004",
+             "garbage",
+             "2026/11/27 08:00:02.000, 1980, 100.0, 0x0000000000000001"]
+    t0 = datetime(2026, 11, 27, 8, 0, 0).timestamp()
+    assert clock_summary(lines, t0 + 0.4, t0 + 1.5) == "1410-1440 MHz, 701 W, reasons 0x0000000000000004"
+    assert clock_summary(lines, t0, t0 + 0.6) == "1470-1725 MHz, 690 W, reasons 0x0000000000000000/0x0000000000000004"
+    assert clock_summary(lines, t0 + 5, t0 + 6) == "no samples"
+
+
 @pytest.mark.parametrize("module, argv, message", [
     ("bench.fused_op_table", ["--repeats", "0"], "--repeats must be >= 1, got 0"),
     ("bench.fused_op_table", ["--shapes", "2048x64x1000,600x64x1000"], "600x64x1000: tokens above 512 must be a multiple of 512"),
     ("bench.phase_times", ["--impls", "hpt_b_triton", "--device", "cpu"], "--impls: ['hpt_b_triton'] unknown or unavailable on cpu"),
+    ("bench.sustained_rate", ["--impls", "naive", "--device", "cpu", "--burst", "2"], "need --steps >= 1, --burst >= 3"),
     ("bench.rollout_throughput", ["--prompt-lengths", "16"], "expected MIN-MAX with 1 <= MIN <= MAX, got '16'"),
 ])
 def test_bad_bench_arguments_are_usage_errors(module, argv, message, capsys):
