@@ -1,6 +1,7 @@
 """NativeEngine on tiny random Qwen2 / Llama models: against transformers' greedy generate, against
 teacher-forced log-probs, against the model's softmax (statistically), and its contract."""
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from hpt_fast.rollout import NativeEngine, RolloutEngine
 from hpt_fast.rollout import native
+from hpt_fast.rollout.base import GenerationRequest
 from hpt_fast.rollout.native import DROP_FINISHED_FRACTION
 
 VOCAB = 64
@@ -146,6 +148,55 @@ def test_top_k_top_p_sample_the_truncated_renormalised_softmax():
     counts = torch.bincount(torch.tensor([s.token_ids[0] for s in out[0]]), minlength=VOCAB)
     assert int(counts[truncated == 0].sum()) == 0
     _assert_frequencies_match(counts, truncated)
+
+
+def _nucleus_size(probs: list[float], top_p: float) -> int:
+    """How many tokens top-p keeps by transformers' TopPLogitsWarper / vLLM's apply_top_k_top_p rule,
+    in exact arithmetic: ascending order, a token goes while the mass up to and including it is at
+    most 1 - top_p, and the most likely token always stays."""
+    ascending = sorted(Fraction(p) for p in probs)
+    removed, mass = 0, Fraction(0)
+    for p in ascending[:-1]:
+        mass += p
+        if mass > 1 - Fraction(top_p):
+            break
+        removed += 1
+    return len(probs) - removed
+
+
+# dyadic probabilities (exact in float32, summing to exactly 1) with ties at the cut-off
+TIED_THREE = [1 / 8, 1 / 4, 1 / 8, 1 / 4, 1 / 4]
+
+
+@pytest.mark.parametrize("probs,top_p,exact_cut", [
+    (TIED_THREE, 0.4, False),  # the cut falls inside the tie: two of the three stay
+    (TIED_THREE, 0.5, True),  # two of the tie already reach top_p: the third goes
+    (TIED_THREE, 0.625, False),  # the whole tie stays, the next token goes
+    ([1 / 8] * 8, 0.3, False),  # every token tied
+    ([1 / 8] * 8, 0.05, False),  # every token tied, top_p below one token: the most likely stays
+])
+def test_top_p_keeps_the_positional_count_of_tokens_tied_at_the_cut(probs: list[float], top_p: float,
+                                                                    exact_cut: bool) -> None:
+    """Top-p keeps as many tokens of a tie at its cut as the positional rule of transformers and vLLM."""
+    # not the whole tie, not none of it; each kept token keeps its own probability
+    expected = _nucleus_size(probs, top_p)
+    cut = sorted(probs, reverse=True)[expected - 1]
+    p = torch.tensor(probs)
+    truncated = native._truncate(p[None], 0, top_p)[0]
+    kept = set(truncated.nonzero().squeeze(-1).tolist())
+    assert len(kept) == expected
+    # everything more likely than the cut stays, nothing less likely; which tied tokens fill the
+    # last places is the sort's choice, not part of the contract
+    assert {i for i, q in enumerate(probs) if q > cut} <= kept <= {i for i, q in enumerate(probs) if q >= cut}
+    assert torch.equal(truncated[sorted(kept)], p[sorted(kept)])
+    if exact_cut:
+        return  # a softmax's rounding decides a cut that falls exactly on the mass: only _truncate pins it
+    request = GenerationRequest(prompts=[[0]], n=1, max_new_tokens=1, temperature=1.0, top_p=top_p, top_k=0,
+                                stop_token_ids=(), seed=0)
+    tokens, _ = native.sample_tokens(p.log().expand(4000, -1).clone(), request, torch.Generator().manual_seed(0))
+    drawn = set(tokens.tolist())
+    # each kept token has at least a third of the kept mass: all of them are drawn in 4000 tries
+    assert len(drawn) == expected and drawn <= {i for i, q in enumerate(probs) if q >= cut}
 
 
 def test_weights_changed_in_place_are_used_with_no_copy(qwen):

@@ -7,7 +7,8 @@ import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import is_typeddict
+from types import ModuleType
+from typing import Any, Optional, is_typeddict
 
 import pytest
 import torch
@@ -190,6 +191,66 @@ def test_completions_end_where_the_context_is_full(vllm, model):
         engine.generate([[1] * 10], max_new_tokens=2)
     # the model config's length when max_model_len is not given, as vLLM takes it
     assert _engine(model).max_context == 64
+
+
+def test_uneven_prompt_counts_over_a_tensor_parallel_group_give_each_rank_its_own_samples(
+    vllm: ModuleType, model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Over a tensor-parallel group, uneven prompt counts give each prompt's samples once, in order."""
+    # three ranks of one engine with 3, 1 and 1 prompts (5, not a multiple of 3): each rank's engine
+    # generates the group's 5 prompts with the first rank's seed and keeps its own prompts' samples
+    import torch.distributed as dist
+
+    per_rank = [[[3], [7, 11], [20]], [[30]], [[2, 40]]]
+    seeds = [21, 40, 77]  # the ranks' own seeds differ: the first rank's is the group's
+    reference = _engine(model)
+    reference.update_weights()
+    whole = reference.generate([p for prompts in per_rank for p in prompts], n=2, max_new_tokens=3, seed=seeds[0])
+    group = object()  # stands for the group: the collectives below answer as its ranks would
+    monkeypatch.setattr(dist, "get_world_size", lambda g=None: len(per_rank) if g is group else 1)
+    rank = 0
+    monkeypatch.setattr(dist, "get_rank", lambda g=None: rank if g is group else 0)
+
+    def all_gather_object(out: list, obj: tuple, group: object = None) -> None:
+        assert obj == (per_rank[rank], seeds[rank])
+        out[:] = list(zip(per_rank, seeds))
+
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    kept = []
+    for rank, prompts in enumerate(per_rank):
+        engine = _engine(model)
+        engine._tp_group = group
+        engine.update_weights()
+        out = engine.generate(prompts, n=2, max_new_tokens=3, seed=seeds[rank])
+        assert [e[1] for e in engine._llm.events if e[0] == "generate"] == [5]
+        assert len(out) == len(prompts)
+        kept += out
+    def flat(groups: list) -> list:
+        return [[(s.token_ids, s.logprobs.tolist(), s.finish_reason) for s in g] for g in groups]
+
+    assert flat(kept) == flat(whole)
+    # the fake's samples depend on each prompt's place in the batch: a shifted slice would differ
+    assert len({tuple(map(tuple, (s[0] for s in g))) for g in flat(whole)}) == 5
+
+
+@pytest.mark.parametrize("reason", ["abort", None])
+def test_a_completion_vllm_did_not_finish_normally_is_an_error(
+    vllm: ModuleType, model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch, reason: Optional[str],
+) -> None:
+    """A completion vLLM aborted ("abort") or left unfinished (None) makes generate raise, naming the reason."""
+    # an aborted request (a sleep while it ran, say) holds tokens that are no rollout to train on
+    generate = vllm.LLM.generate
+
+    def one_unfinished(self: fake_vllm.LLM, *args: Any, **kwargs: Any) -> list:
+        outputs = generate(self, *args, **kwargs)
+        outputs[1].outputs[0].finish_reason = reason
+        return outputs
+
+    monkeypatch.setattr(vllm.LLM, "generate", one_unfinished)
+    engine = _engine(model)
+    engine.update_weights()
+    with pytest.raises(RuntimeError, match=f"vLLM finished a completion with reason {reason!r}"):
+        engine.generate([[3], [4]], n=2, max_new_tokens=3, seed=0)
 
 
 @pytest.mark.parametrize("seed", [0, -1, 2**63 - 3])

@@ -90,6 +90,55 @@ def test_extreme_logits_in_slabs(backend):
     assert torch.allclose(entropy.double(), want_ent, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_dominant_logit_gives_an_entropy_of_zero_not_below(backend: str, dtype: torch.dtype) -> None:
+    """A dominant logit's entropy is never below 0, and exactly 0 where every other term underflows."""
+    # also on a one-column row, whole or cut in slabs, with logp <= 0 throughout
+    module = _load(backend)
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(11)
+    # scaled by inv_temp, the others trail by 29 and 57 (terms tiny but finite in float32), 286
+    # and 14286 (terms underflow to 0)
+    gaps, inv_temp = torch.tensor([20.0, 40.0, 200.0, 1e4]), 1 / 0.7
+    # the dominant column in the slab merged last: the state's sums are rescaled onto it
+    for vocab, cut in ((1, [(0, 1)]), (301, [(0, 100), (200, 301), (100, 200)])):
+        logits = torch.randn(len(gaps), vocab, generator=gen) * 0.01
+        logits[:, vocab // 2] += gaps
+        logits = logits.to(device, dtype)
+        targets = torch.tensor([vocab // 2, vocab - 1, vocab // 2, 0], device=device)
+        _, _, want = _reference(logits, targets, inv_temp)
+        underflow = want.float() == 0
+        assert bool(underflow.any()) and (vocab > 1) == bool((~underflow).any())
+        for slabs in ([(0, vocab)], cut):
+            logp, _, entropy = _merge(module, logits, targets, inv_temp, True, slabs)
+            assert (entropy >= 0).all() and (logp <= 0).all(), (entropy, logp)
+            assert (entropy[underflow] == 0).all() and not torch.signbit(entropy).any()
+            # float32 sums round s = 1 + 1e-10 to 1, dropping log(s), 1/29 of these entropies
+            rel = (entropy.double() - want).abs() / want
+            assert (rel[~underflow] < 0.1).all(), (entropy, want)
+
+
+def test_an_entropy_rounded_below_zero_is_zero() -> None:
+    """row_state.finish gives an entropy of +0, not a negative number, from sums that round below 0."""
+    # A one-token row whose shift at the maximum is a rounding error off 0 (z - m of a multiply-add
+    # contracted into an FMA: the one-column entropy of 7e-9 that triton_backend's launches avoid)
+    # has s = exp(d), s1 = exp(d) * d, and log s - s1 / s just below 0. The kernels as they are never
+    # produce such a state (exp(0) is exactly 1 and every term of s1 is <= 0 in each of them), so
+    # only a state built by hand reaches the clamp.
+    d = torch.tensor(1.37 * 2.0**-25)  # under half an ulp of 1: exp(d) rounds to 1 in float32
+    e = d.exp()
+    state = row_state.empty(1, torch.device("cpu"))
+    state[0, row_state.M] = state[0, row_state.Z_T] = 0.5
+    state[0, row_state.S], state[0, row_state.S1] = float(e), float(e * d)
+    unclamped = state[0, row_state.S].log() - state[0, row_state.S1] / state[0, row_state.S]
+    assert float(unclamped) < 0
+    for dtype in (torch.float32, torch.float64):
+        logp, _, entropy = row_state.finish(state, True, dtype)
+        assert entropy.dtype == dtype and float(entropy) == 0.0 and not torch.signbit(entropy).any()
+        assert float(logp) == 0.0
+
+
 def test_triton_rows_split_over_programs():
     """The Triton kernel's split path (partial sums merged by a second kernel) merges into the
     state like its one-program path."""

@@ -1,14 +1,16 @@
 """The embedded toy task: consistent problems, a round-tripping tokenizer, a fast cached build and a
 warmed-up model that measurably solves held-out easy problems."""
+import itertools
 import re
 import time
+from collections import Counter
 
 import pytest
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, Qwen2Config
 
 from hpt_fast.config import TOY, Config, ConfigError, load_config
-from hpt_fast.data import read_train_parquet, read_validation_json
+from hpt_fast.data import Problem, read_train_parquet, read_validation_json
 from hpt_fast.reward import extract_boxed
 from hpt_fast.toy import (
     LEVELS, ToySpec, build_tokenizer, build_toy, content_hash, greedy_accuracy, level_problems, load_toy,
@@ -39,6 +41,49 @@ def test_demonstrations_are_correct_worked_solutions(level):
             assert sum(int(t) for t in lhs.split("+")) == int(rhs), line
         expression = re.sub(r"[^0-9+]", "", p.prompt[0]["content"])
         assert sum(int(t) for t in expression.split("+")) == int(p.ground_truth)
+
+
+def _operands(p: Problem) -> list[int]:
+    """The numbers a problem adds, read back from its statement."""
+    return [int(t) for t in re.sub(r"[^0-9+]", "", p.prompt[0]["content"]).split("+")]
+
+
+@pytest.mark.parametrize("level, terms", [(2, 3), (3, 4)])
+def test_chained_levels_never_carry_before_the_last_term(level: int, terms: int) -> None:
+    """Levels 2 and 3 hold every digit tuple whose running sums carry at the last term at the earliest."""
+    # so each worked line but the last is a level-1 fact; the last one may carry
+    problems = level_problems(level, seed=0)
+    tuples = {tuple(_operands(p)) for p in problems}
+    no_early_carry = {t for t in itertools.product(range(10), repeat=terms)
+                      if all(sum(t[:k]) < 10 for k in range(2, terms))}
+    assert tuples == no_early_carry
+    assert any(sum(t) >= 10 for t in tuples)  # the last addition does carry in some problems
+    for p in problems[:500]:
+        lines = p.target.partition("</think>")[0].split("\n")[1:-1]
+        assert len(lines) == terms - 1
+        for line in lines[:-1]:
+            assert all(len(n) == 1 for n in re.split("[+=]", line)), line
+        assert int(lines[-1].split("=")[1]) == sum(_operands(p)) == int(p.ground_truth)
+
+
+def test_two_digit_demonstrations_carry_exactly_when_the_units_overflow() -> None:
+    """Level 4's worked lines carry 1 exactly when the units sum past 9, and their digits make the answer."""
+    # units, tens, tens + carry, then the whole sum, over every pair of two-digit numbers
+    problems = level_problems(4, seed=0)
+    assert {tuple(_operands(p)) for p in problems} == set(itertools.product(range(10, 100), repeat=2))
+    carries = Counter()
+    for p in {p.target: p for p in problems}.values():  # one demonstration per operand pair
+        x, y = _operands(p)
+        units, tens, carried, whole = p.target.partition("</think>")[0].split("\n")[1:-1]
+        assert units == f"{x % 10}+{y % 10}={x % 10 + y % 10}" and tens == f"{x // 10}+{y // 10}={x // 10 + y // 10}"
+        carry = int(x % 10 + y % 10 >= 10)
+        assert carried == f"{x // 10 + y // 10}+{carry}={x // 10 + y // 10 + carry}"
+        carries[carry] += 1
+        # the tens line with the carry gives the leading digits, the units sum's last digit the rest
+        answer = int(p.ground_truth)
+        assert answer == x + y and whole == f"{x}+{y}={answer}"
+        assert str(answer) == carried.split("=")[1] + units.split("=")[1][-1]
+    assert carries == {1: 45 * 81, 0: 55 * 81}  # 45 of the 100 units pairs carry, for 9 * 9 tens pairs
 
 
 def test_held_out_statements_are_unseen():

@@ -287,6 +287,80 @@ def test_a_model_that_transforms_its_logits_after_the_head_is_refused(family, se
             assert torch.allclose(lm(ids).logits, head, atol=1e-6) == same, (family, same)
 
 
+@pytest.mark.parametrize("field, value", [
+    ("final_logit_softcapping", 30.0), ("logits_scaling", 8.0), ("logit_scale", 0.0625), ("lm_head_multiplier", 0.5),
+])
+def test_a_logit_transform_in_the_text_config_is_refused(field: str, value: float) -> None:
+    """A logit transform set in the text sub-config (``get_text_config()``) is refused like a top-level one."""
+    # multimodal models keep their language model's settings there, as Gemma 4 its softcapping
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    from hpt_fast.policy import FusedHeadPolicy
+
+    text = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=8, layer_types=["full_attention"], hidden_size_per_layer_input=0,
+                final_logit_softcapping=None)
+    torch.manual_seed(0)
+    model = Gemma4ForConditionalGeneration(Gemma4Config(text_config=text, vision_config=None, audio_config=None))
+    FusedHeadPolicy(model)
+    setattr(model.config.get_text_config(), field, value)
+    assert not hasattr(model.config, field)  # the sub-config alone holds it
+    with pytest.raises(ValueError, match=f"sets {field}={value}: its logits are transformed after lm_head"):
+        FusedHeadPolicy(model)
+    if field == "final_logit_softcapping":
+        # and the model does cap its logits by the sub-config's value (one below their size here,
+        # so that the cap shows): they are not lm_head(hidden)
+        model.config.get_text_config().final_logit_softcapping = cap = 0.1
+        ids = torch.tensor([[1, 2, 3, 4]])
+        with torch.no_grad():
+            head = model.get_output_embeddings()(model.get_decoder()(input_ids=ids).last_hidden_state)
+            logits = model(ids).logits
+        torch.testing.assert_close(logits, cap * torch.tanh(head / cap))
+        assert float((logits - head).abs().max()) > 0.01
+
+
+def test_a_biased_output_layer_is_trained_with_its_bias() -> None:
+    """With a biased lm_head (Phi) the policy's log-probs, loss and gradients are those of the model's logits."""
+    # log_softmax(logits / T) of the model's own forward; the bias is a head parameter, which
+    # ZeRO-3 gathers around the policy's forward
+    from transformers import PhiConfig, PhiForCausalLM
+
+    from hpt_fast.batching import Row, collate
+    from hpt_fast.estimator import get_estimator
+    from hpt_fast.loss import FusedUnifiedLoss
+    from hpt_fast.policy import FusedHeadPolicy
+
+    config = PhiConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    lm = PhiForCausalLM(config)
+    with torch.no_grad():
+        lm.lm_head.bias.normal_(0.0, 2.0)  # initialised to 0, where leaving it out would change nothing
+    policy = FusedHeadPolicy(lm)
+    head = lm.get_output_embeddings()
+    assert [id(p) for p in policy.head_parameters()] == [id(head.weight), id(head.bias)]
+    rows = [Row(0, [1, 2, 3], [4, 5, 6, 7], 1.0, False, 1.0), Row(1, [9, 8], [7], -0.5, False, 0.0)]
+    mb = collate(rows, [0, 1], pad_id=0)
+    temperature = 0.7
+    logits = lm(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1] / temperature
+    logprobs = logits.log_softmax(-1)
+    want = logprobs.gather(-1, mb.targets.clamp(min=0)[..., None]).squeeze(-1).masked_fill(~mb.mask, 0.0)
+    with torch.no_grad():
+        got = policy(mb, temperature=temperature)
+    torch.testing.assert_close(got, want.detach(), rtol=0, atol=1e-5)
+
+    est = get_estimator("grpo")
+    entropy = -(logprobs.exp() * logprobs).sum(-1) if est.needs_entropy else None
+    want_loss, _ = est(want, mb.mask, mb.advantages, off_policy=mb.off_policy, rewards=mb.rewards, entropy=entropy)
+    loss, _ = policy(mb, FusedUnifiedLoss(est, temperature=temperature))
+    params = [head.weight, head.bias]
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    grads, want_grads = torch.autograd.grad(loss, params), torch.autograd.grad(want_loss, params)
+    assert bool(want_grads[1].abs().max() > 1e-3)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
 def test_the_logged_lr_is_the_one_the_step_trained_with(make_trainer):
     """Warm-up over 4 updates, 2 updates a step: step 1 trains at 1/4 and 2/4 of lr (logged was the
     lr after the step, one update ahead)."""
