@@ -95,7 +95,8 @@ class DataConfig:
         train_files: parquet files, concatenated.
         max_prompt_length: prompts longer than this (in tokens, chat template included) are dropped.
         max_response_length: the rollout length limit; demonstrations are truncated to it (EOS
-            included), and it is the L of the ``token-sum-norm`` aggregation.
+            included; shorter where the prompt leaves less of the model's context), and it is the
+            L of the ``token-sum-norm`` aggregation.
         prompt_template: None: the tokenizer's chat template (with the generation prompt); else a
             plain-text template with ``{prompt}``, filled with the last message's content (the
             LLaMA base-model runs).

@@ -32,7 +32,9 @@ adding special tokens (the template writes them), or, with a ``prompt_template``
 content, encoded with the tokenizer's special tokens (a base model's BOS). ``prompt_suffix`` is
 appended to every user message first. Prompts longer than ``max_prompt_length`` tokens, or
 than the model's context less one, are dropped, and the count is logged. Demonstrations are encoded when a batch asks for them, truncated to
-``max_response_length - 1`` tokens and ended with EOS (truncations counted); a leading
+``max_response_length - 1`` tokens, or to what the model's context leaves after the prompt less
+one, and ended with EOS (truncations counted), so a demonstration row is never longer than a
+rollout could be; a leading
 ``<think>\\n`` is dropped when the prompt already ends with one (R1-style templates).
 
 Order (``PromptSampler``): each epoch is a permutation of the prompts drawn from (seed, epoch)
@@ -423,7 +425,8 @@ class PromptSet:
         template, suffix: ``data.prompt_template`` and ``data.prompt_suffix``.
         name: for log messages (a file name or a benchmark name).
         max_context: the model's context length, or None: prompts that leave no room in it for a
-            token are dropped too (the engines refuse them).
+            token are dropped too (the engines refuse them), and a demonstration is cut to the
+            room its prompt leaves (EOS included), as a rollout stops there.
 
     Attributes:
         prompts: Ragged int32, the kept prompts' token ids.
@@ -448,6 +451,7 @@ class PromptSet:
             raise DataError("the tokenizer has no EOS token: demonstrations must end with one")
         self.tokenizer = tokenizer
         self.max_response_length = max_response_length
+        self.max_context = max_context
         self.name = name
         if not problems:
             raise DataError(f"{name}: no problems")
@@ -484,8 +488,13 @@ class PromptSet:
                     target = target[len(_THINK):]
                 texts.append(target)
             encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-            limit = self.max_response_length - 1
             for k, ids in zip(with_demo, encoded):
+                # past the model's context a RoPE model would train on positions it never saw (and
+                # one with learned positions fail); the kept prompts leave room for EOS at least
+                room = self.max_response_length
+                if self.max_context is not None:
+                    room = min(room, self.max_context - len(self.prompts[indices[k]]))
+                limit = room - 1
                 if len(ids) > limit:
                     self.demos_truncated += 1
                 demo_ids[k] = list(ids[:limit]) + [self.tokenizer.eos_token_id]

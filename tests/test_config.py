@@ -141,6 +141,32 @@ def test_bad_settings_name_the_key(overrides, message):
         load_config(None, overrides)
 
 
+def test_method_sft_takes_the_settings_of_the_sft_preset_and_refuses_the_others() -> None:
+    """method=sft does not ignore the estimator settings: those the sft preset has (entropy_coef,
+    sft_coef, loss_agg) reach its estimator, any other is a ConfigError; sft_then_rl's are its RL
+    phase's, and its SFT phase is the plain sft preset."""
+    cfg = load_config(None, ["algorithm.method=sft", "algorithm.entropy_coef=0.01",
+                             "algorithm.estimator_hparams={sft_coef: 2.0, loss_agg: token-sum-norm}"])
+    hp = build_estimators(cfg)["sft"].hparams
+    assert (hp.entropy_coef, hp.sft_coef, hp.loss_agg, hp.max_response_length) == (0.01, 2.0, "token-sum-norm", 64)
+    with pytest.raises(ConfigError, match=r"^algorithm\.estimator_hparams: sft does not take clip_high; it takes: "
+                       r"loss_agg, max_response_length, entropy_coef, sft_coef$"):
+        load_config(None, ["algorithm.method=sft", "algorithm.estimator_hparams.clip_high=0.28"])
+    est = build_estimators(load_config(None, ["algorithm.method=sft_then_rl", "algorithm.sft_steps=1",
+                                              "algorithm.entropy_coef=0.01"]))
+    assert (est["rl"].hparams.entropy_coef, est["sft"].hparams.entropy_coef) == (0.01, 0.0)
+
+
+def test_a_micro_batch_of_exactly_one_whole_sequence_is_enough() -> None:
+    """deepspeed.micro_batch_tokens must hold a prompt of max_prompt_length and a response of
+    max_response_length: exactly their sum is accepted, one token less refused."""
+    lengths = ["data.max_prompt_length=40", "data.max_response_length=24"]
+    assert load_config(None, [*lengths, "deepspeed.micro_batch_tokens=64"]).deepspeed.micro_batch_tokens == 64
+    with pytest.raises(ConfigError, match=r"deepspeed\.micro_batch_tokens: must hold one whole sequence, "
+                       r"max_prompt_length \+ max_response_length = 64, got 63"):
+        load_config(None, [*lengths, "deepspeed.micro_batch_tokens=63"])
+
+
 def test_one_rollout_per_prompt_is_allowed_where_nothing_is_centred():
     """REINFORCE's advantage is the reward itself, and SFT has no rollouts."""
     for overrides in (["algorithm.method=grpo", "algorithm.estimator=reinforce"], ["algorithm.method=sft"]):

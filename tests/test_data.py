@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from transformers import PreTrainedTokenizerFast
 
 from hpt_fast.data import (
     DataError, Problem, PromptSampler, PromptSet, Ragged, load_prompt_set, read_problems, read_train_parquet,
@@ -240,6 +241,26 @@ def test_overlong_prompts_are_dropped_and_logged(tok, caplog):
         PromptSet([], tok, max_prompt_length=5, max_response_length=32)
 
 
+def test_prompt_length_limits_keep_a_prompt_exactly_at_the_limit(tok: PreTrainedTokenizerFast) -> None:
+    """A prompt of exactly max_prompt_length tokens is kept, one token longer is dropped; against
+    the model's context the limit is context - 1 (one token left to generate): a prompt of
+    context - 1 tokens is kept, one that fills the context is dropped."""
+    problems = [Problem([{"role": "user", "content": "x" * k}], str(k), index=k) for k in (3, 4, 5)]
+    n = len(PromptSet(problems[:1], tok, 1000, 32).prompts[0])  # the 3-x prompt's length
+    assert [len(PromptSet([p], tok, 1000, 32).prompts[0]) for p in problems] == [n, n + 1, n + 2]
+
+    def kept(**limits: int) -> list[str]:
+        return [p.ground_truth for p in PromptSet(problems, tok, max_response_length=32, **limits).problems]
+
+    assert kept(max_prompt_length=n + 1) == ["3", "4"]
+    assert kept(max_prompt_length=n) == ["3"]
+    assert kept(max_prompt_length=1000, max_context=n + 2) == ["3", "4"]
+    assert kept(max_prompt_length=1000, max_context=n + 1) == ["3"]
+    # the smaller of the two limits applies, whichever it is
+    assert kept(max_prompt_length=n, max_context=n + 2) == ["3"]
+    assert kept(max_prompt_length=n + 1, max_context=n + 1) == ["3"]
+
+
 def test_demonstrations_are_truncated_and_end_with_eos(tok):
     short, long = "<think>\n1+1=2\n</think>\n\\boxed{2}", "<think>\n" + "9" * 100
     problems = [_problem(0, target=short), _problem(1, target=None), _problem(2, target=long)]
@@ -254,6 +275,26 @@ def test_demonstrations_are_truncated_and_end_with_eos(tok):
     assert batch.prompt_ids[0] == ps.prompts[2].tolist()
 
 
+def test_a_demonstration_is_cut_to_the_room_its_prompt_leaves_in_the_context(tok):
+    """With the model's context given, a demonstration ends where a rollout of its prompt would
+    have to (prompt + demonstration, EOS included, fill the context at most), and the cut counts."""
+    long = "<think>\n" + "9" * 100
+    problems = [_problem(0, target=long), _problem(1, target="ok")]
+    n = len(PromptSet(problems[:1], tok, 1000, 32).prompts[0])
+    ps = PromptSet(problems, tok, max_prompt_length=1000, max_response_length=40, max_context=n + 10)
+    batch = ps.batch([0, 1])
+    assert len(batch.prompt_ids[0]) + len(batch.demo_ids[0]) == n + 10 and batch.demo_ids[0][-1] == tok.eos_token_id
+    assert batch.demo_ids[0][:-1] == tok(long, add_special_tokens=False)["input_ids"][:9]
+    assert batch.demo_ids[1] == tok("ok", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert ps.demos_truncated == 1
+    # a prompt one token short of the context leaves room for EOS alone
+    ps = PromptSet(problems[:1], tok, max_prompt_length=1000, max_response_length=40, max_context=n + 1)
+    assert ps.batch([0]).demo_ids[0] == [tok.eos_token_id] and ps.demos_truncated == 1
+    # a context larger than prompt + max_response_length changes nothing
+    wide = PromptSet(problems[:1], tok, max_prompt_length=1000, max_response_length=40, max_context=n + 41)
+    assert wide.batch([0]).demo_ids[0] == tok(long, add_special_tokens=False)["input_ids"][:39] + [tok.eos_token_id]
+
+
 def test_plain_template_suffix_and_think_prefix(tok):
     template = "Q: {prompt}\nA (in \\boxed{}): <think>\n"
     text = render_prompt(tok, _problem(0).prompt, template, suffix=" Box it.")
@@ -265,6 +306,29 @@ def test_plain_template_suffix_and_think_prefix(tok):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"}]
     text = render_prompt(tok, messages, suffix=" Box it.")
     assert "1+1? Box it." in text and "Be brief." in text and "Be brief. Box it." not in text
+
+
+def test_a_tokenizer_that_adds_bos_gives_each_prompt_one_bos() -> None:
+    """A base model's tokenizer adds BOS (LLaMA's): a ``prompt_template`` prompt gets it from the
+    tokenizer, a chat-template prompt from the template, each exactly once at the start; a
+    demonstration, which continues the prompt, gets none."""
+    bos_tok = build_tokenizer()
+    bos_tok.add_bos_token = True
+    bos = bos_tok.bos_token_id
+    assert bos_tok("Q")["input_ids"] == [bos, bos_tok.convert_tokens_to_ids("Q")]  # it does add one
+    template = "Question:\n{prompt}\nAnswer:"
+    demo = "<think>\n1+1=2\n</think>\n\\boxed{2}"
+    for kind in ("template", "chat"):
+        ps = PromptSet([_problem(1, target=demo)], bos_tok, 64, 40, template=template if kind == "template" else None)
+        ids = ps.prompts[0].tolist()
+        text = ps.prompt_texts[0]
+        # the chat template writes BOS into the text; the plain template does not
+        assert text.startswith(bos_tok.bos_token) == (kind == "chat"), kind
+        body = text[len(bos_tok.bos_token):] if kind == "chat" else text
+        assert ids == [bos] + bos_tok(body, add_special_tokens=False)["input_ids"], kind
+        assert ids.count(bos) == 1, kind
+        demo_ids = bos_tok(demo, add_special_tokens=False)["input_ids"] + [bos_tok.eos_token_id]
+        assert ps.batch([0]).demo_ids[0] == demo_ids, kind
 
 
 def test_tokenizer_without_chat_template(tok):

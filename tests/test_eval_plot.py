@@ -102,6 +102,12 @@ def test_evaluate_set_counts_correct_samples_per_problem():
     assert result.indices == [0, 1, 2, 3, 4]
     assert result.avg == pytest.approx(9 / 15)
     assert result.pass_curve[-1] == pytest.approx(4 / 5)
+    # what is reported: pass@2 by hand, 1 - C(3 - c, 2) / C(3, 2) per problem = 0, 2/3, 1, 1, 1
+    report = result.to_json()
+    assert (report["avg@3"], report["pass@3"]) == pytest.approx((9 / 15, 4 / 5))
+    assert report["pass_at"] == pytest.approx({"1": 9 / 15, "2": (2 / 3 + 3) / 5, "3": 4 / 5})
+    assert report["correct"] == {"0": 0, "1": 1, "2": 2, "3": 3, "4": 3}
+    assert "| scripted | 5 | 0.6000 | 0.8000 |" in ev.format_tables([result])
     assert result.truncated == pytest.approx(1 / 3)  # the first sample of each problem
     assert len(engine.seeds) == 3 and len(set(engine.seeds)) == 3  # 5 prompts in batches of 2
     assert engine.logprobs_needed == [False] * 3  # evaluation may sample with top-p on any engine

@@ -79,10 +79,16 @@ def test_two_ranks_match_one_rank(tmp_path):
     _run(one, *common)
     _run(two, *common, nproc=2)
     m1, m2 = read_metrics(one), read_metrics(two)
+    assert len(m1) == len(m2) == 2
     for a, b in zip(m1, m2):
-        # the loss's statistics are merged over the ranks too, not rank 0's own
-        for key in ("loss", "sft_loss", "batch_sft_fraction"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4), key
+        assert sorted(a) == sorted(b)
+        # every metric but the timings: the loss's statistics are merged over the ranks too, not
+        # rank 0's own, and grad_norm is the norm of the gradient summed over the ranks (Adam
+        # barely sees a gradient off by a constant factor, so the weights below would not show it)
+        for key in sorted(set(a) - {"tokens_per_s"}):
+            if not key.startswith("time_"):
+                assert a[key] == pytest.approx(b[key], rel=1e-4), key
+        assert a["grad_norm"] > 0 and a["train_tokens"] > 0
     w1, w2 = _weights(one), _weights(two)
     for name in w1:
         assert torch.allclose(w1[name], w2[name], atol=1e-5), name

@@ -4,10 +4,14 @@ model's mode, validation over ranks, and data the run cannot train on."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import statistics
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -17,17 +21,20 @@ import torch
 import torch.distributed as dist
 
 from hpt_fast import train
+from hpt_fast.batching import MicroBatch
 from hpt_fast.checkpoint import latest_checkpoint
 from hpt_fast.config import ConfigError, load_config
-from hpt_fast.data import DataError
+from hpt_fast.data import DataError, render_prompt
 from hpt_fast.reward import Scores
 from hpt_fast.rollout import end_token_ids
+from hpt_fast.step_stats import StepStats
 from hpt_fast.toy import build_toy, default_toy_dir, use_toy
 from hpt_fast.trainer import Trainer, _grad_norm, _load_tokenizer
 
 # 4 prompts x 2 rollouts of at most 24 tokens, as tests/test_trainer.py
 SMALL = ["train.prompts_per_step=4", "rollout.n=2", "data.max_response_length=24", "validation.every=0",
          "train.total_steps=1", "optim.warmup_steps=0"]
+MakeTrainer = Callable[..., Trainer]  # the make_trainer fixture: overrides -> a Trainer
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -465,3 +472,124 @@ def test_rewards_whose_check_did_not_finish_are_counted(make_trainer):
 def test_reward_settings_reach_the_pool(make_trainer):
     trainer = make_trainer("reward.num_workers=3", "reward.timeout_s=1.5")
     assert (trainer.rewards.num_workers, trainer.rewards.timeout_s) == (3, 1.5)
+
+
+def test_reward_mean_and_validation_avg_and_pass_with_mixed_rewards(make_trainer: MakeTrainer, tmp_path: Path) -> None:
+    """rollout.n = 3 with some samples of a prompt right and some wrong: reward_mean is the mean over
+    all samples; validation with n = 3 gives avg@3 = right samples / all samples and pass@3 = problems
+    with a right sample / problems."""
+    problems = [{"prompt": f"What is {a}+1?", "answer": str(a + 1)} for a in range(1, 5)]
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(problems))
+    trainer = make_trainer("rollout.n=3", "validation.every=1", f"validation.files=[{path}]", "validation.n=3")
+    _rewards(trainer, [[1, 0, 0], [1, 1, 0], [0, 0, 0], [0, 0, 1]])
+    assert trainer.train_step()["reward_mean"] == pytest.approx(4 / 12)
+
+    # validation rewards by answer and sample: problem "2" right twice, "3" once, "4" and "5" never;
+    # samples grouped by sample index instead of by problem would give pass@3 = 3/4
+    plan = {"2": [1, 1, 0], "3": [1, 0, 0], "4": [0, 0, 0], "5": [0, 0, 0]}
+
+    def score(texts: list[str], truths: list[str]) -> Scores:
+        seen: Counter = Counter()
+        rewards = []
+        for truth in truths:
+            rewards.append(plan[truth][seen[truth]])
+            seen[truth] += 1
+        assert seen == Counter({truth: 3 for truth in plan})  # every problem once, n samples each
+        rewards = np.asarray(rewards, dtype=np.float32)
+        return Scores(rewards=rewards, outcomes=tuple("match" if r else "wrong" for r in rewards))
+
+    trainer.rewards.score = score
+    assert trainer.validate() == pytest.approx({"val/mixed/avg@3": 3 / 12, "val/mixed/pass@3": 2 / 4})
+
+
+def _group_advantages(group: list[float], kind: str) -> list[float]:
+    """The advantages of one prompt's group, from the definitions (hpt_fast.advantages' table)."""
+    mean = statistics.fmean(group)
+    if kind == "grpo":
+        return [(r - mean) / (statistics.stdev(group) + 1e-6) for r in group]
+    assert kind == "dr_grpo"
+    return [r - mean for r in group]
+
+
+@pytest.mark.parametrize("preset, kind", [("ppo", "grpo"), ("dr_grpo", "dr_grpo")])
+def test_the_rl_rules_rollout_advantages_follow_the_preset(make_trainer: MakeTrainer, preset: str, kind: str) -> None:
+    """grpo with algorithm.estimator=ppo: ppo's own advantage is per-token GAE from a critic, which
+    there is none of, so its rollout rows get grpo's (r - mean) / std per group (and a preset with
+    an advantage of its own keeps it)."""
+    trainer = make_trainer("algorithm.method=grpo", f"algorithm.estimator={preset}", "rollout.n=3")
+    assert trainer.losses["rl"].estimator.name == preset
+    groups = [[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, 1.0]]
+    _rewards(trainer, groups)
+    seen = _spy_updates(trainer)
+    metrics = trainer.train_step()
+    assert math.isfinite(metrics["loss"]) and metrics["sft_fraction"] == 0.0
+    got = sorted((float(r), float(adv)) for mbs, _ in seen for mb in mbs
+                 for r, adv, off in zip(mb.rewards, mb.advantages, mb.off_policy) if not off)
+    want = sorted((r, a) for g in groups for r, a in zip(g, _group_advantages(g, kind)))
+    assert len(got) == 12 and [r for r, _ in got] == [r for r, _ in want]
+    assert [a for _, a in got] == pytest.approx([a for _, a in want], abs=1e-5)
+
+
+def test_method_sft_trains_with_its_entropy_coef_and_sft_coef(make_trainer: MakeTrainer) -> None:
+    """algorithm.method=sft is not deaf to the estimator settings: entropy_coef adds the entropy
+    bonus and estimator_hparams.sft_coef scales the SFT loss (settings sft does not take, such as
+    clip_high, are refused: tests/test_config.py)."""
+    trainer = make_trainer("algorithm.method=sft", "algorithm.entropy_coef=0.5",
+                           "algorithm.estimator_hparams.sft_coef=2.0")
+    nll: list[float] = []  # token-mean negative log-likelihood of the step's demonstrations
+    update = trainer._update
+
+    def spy(rule: str, mbs: list[MicroBatch], old: list, stats: StepStats) -> Optional[dict[str, float]]:
+        # the plain model's log-probs, before the update changes the weights
+        total, tokens = 0.0, 0
+        with torch.no_grad():
+            for mb in mbs:
+                logits = trainer.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]
+                logp = torch.log_softmax(logits.double(), -1).gather(-1, mb.targets.clamp_min(0)[..., None])[..., 0]
+                total -= float(logp[mb.mask].sum())
+                tokens += int(mb.mask.sum())
+        nll.append(total / tokens)
+        return update(rule, mbs, old, stats)
+
+    trainer._update = spy
+    metrics = trainer.train_step()
+    assert len(nll) == 1
+    assert metrics["sft_loss"] == pytest.approx(2.0 * nll[0], rel=1e-4)
+    assert metrics["entropy_mean"] > 0
+    assert metrics["entropy_loss"] == pytest.approx(-0.5 * metrics["entropy_mean"], rel=1e-4)
+    assert metrics["loss"] == pytest.approx(metrics["sft_loss"] + metrics["entropy_loss"], rel=1e-5)
+
+
+def test_a_prompt_one_token_short_of_the_context_trains_with_a_one_token_rollout(
+    make_trainer: MakeTrainer, tmp_path: Path
+) -> None:
+    """A model whose context is L + 1 tokens: prompts of L tokens are kept (one token left to
+    generate) and train on one-token rollouts filling the context exactly; prompts of L + 1 tokens,
+    which fill it, are dropped."""
+    toy = build_toy(default_toy_dir())
+    tokenizer = _load_tokenizer(str(toy.model), False)
+    table = pq.read_table(toy.train).slice(0, 400)
+    lengths = [len(tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"])
+               for p in table.column("prompt").to_pylist()]
+    by_length = Counter(lengths)
+    L = next(k for k in sorted(by_length) if by_length[k] >= 4 and by_length[k + 1] >= 4)
+    rows = [i for k in (L, L + 1) for i in [j for j, n in enumerate(lengths) if n == k][:4]]
+    path = tmp_path / "train.parquet"
+    pq.write_table(table.take(rows), path)
+    model_dir = tmp_path / "model"
+    shutil.copytree(toy.model, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "max_position_embeddings": L + 1}))
+
+    trainer = make_trainer(f"model.path={model_dir}", f"data.train_files=[{path}]", "algorithm.method=grpo")
+    assert len(trainer.train_set) == 4 and trainer.train_set.dropped == 4
+    assert trainer.train_set.prompts.lengths().tolist() == [L] * 4
+    _rewards(trainer, [[1, 0], [0, 1], [1, 0], [0, 1]])
+    samples, generate = [], trainer.rollout.generate
+    trainer.rollout.generate = lambda prompts, **kw: samples.extend(out := generate(prompts, **kw)) or out
+    seen = _spy_updates(trainer)
+    metrics = trainer.train_step()
+    assert [(len(s.token_ids), s.finish_reason) for g in samples for s in g] == [(1, "length")] * 8
+    assert metrics["response_length"] == 1.0 and metrics["train_tokens"] == 8 and math.isfinite(metrics["loss"])
+    assert {mb.input_ids.shape[1] for mbs, _ in seen for mb in mbs} == {L + 1}  # prompt + response == context

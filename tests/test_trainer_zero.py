@@ -35,10 +35,12 @@ def test_two_ranks_under_zero_match_one_rank_at_stage_0(tmp_path, stage0_run, st
     out = tmp_path / "run"
     _run(out, *SFT, f"deepspeed.zero_stage={stage}", nproc=2)
     ref, got = read_metrics(stage0_run), read_metrics(out)
+    assert len(ref) == len(got) == 3
     for a, b in zip(ref, got):
-        assert b["skipped_steps"] == a["skipped_steps"]
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert sorted(a) == sorted(b) and b["skipped_steps"] == a["skipped_steps"]
+        # every metric but the timings: loss, grad_norm, lr, token counts, the loss's statistics
+        for key in sorted(k for k in a if not k.startswith("time_") and k != "tokens_per_s"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
     w_ref, w = _weights(stage0_run), _weights(out)
     assert set(w) == set(w_ref)  # ZeRO-3 checkpoints hold the gathered, full weights
     for name in w_ref:
@@ -117,7 +119,13 @@ def test_native_generation_under_zero3_on_two_ranks_matches_stage_0(tmp_path):
     assert val0 and val0 == {k: v for k, v in m3[0].items() if k.startswith("val/")}  # step 0: same weights
     for key in ("reward_mean", "sft_fraction", "response_length", "train_tokens"):
         assert m0[1][key] == m3[1][key], key  # step 1's rollouts come from the same weights too
-    assert m3[1]["loss"] == pytest.approx(m0[1]["loss"], rel=1e-4)
+    # the rest of step 1's metrics (loss parts, ratio and entropy statistics, and grad_norm, which
+    # ZeRO-3 reports from its own step rather than the trainer's sum over .grad), but not the
+    # timings; and validation after the step, which samples from weights equal only to atol 1e-5
+    left_out = {"tokens_per_s"} | {k for k in m0[1] if k.startswith(("time_", "val/"))}
+    for key in sorted(set(m0[1]) - left_out):
+        assert m3[1][key] == pytest.approx(m0[1][key], rel=1e-4), key
+    assert m3[1]["grad_norm"] > 0
     w0, w3 = _weights(runs[0]), _weights(runs[3])
     for name in w0:
         assert torch.allclose(w0[name], w3[name], atol=1e-5), name
