@@ -5,7 +5,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, TopKLogitsWarper
 
 from hpt_fast.rollout import NativeEngine, RolloutEngine
 from hpt_fast.rollout import native
@@ -197,6 +197,26 @@ def test_top_p_keeps_the_positional_count_of_tokens_tied_at_the_cut(probs: list[
     drawn = set(tokens.tolist())
     # each kept token has at least a third of the kept mass: all of them are drawn in 4000 tries
     assert len(drawn) == expected and drawn <= {i for i, q in enumerate(probs) if q >= cut}
+
+
+@pytest.mark.parametrize("probs,top_k", [
+    (TIED_THREE, 2),  # the k-th place falls inside a tie of three: all three stay
+    (TIED_THREE, 3),  # the tie fills the k places exactly: the tokens below go
+    ([1 / 8] * 8, 1),  # every token tied with the most likely: all stay
+    ([1 / 2, 1 / 4, 1 / 8, 1 / 8], 3),  # the tie at the k-th place runs one past it
+    ([1 / 2, 1 / 4, 1 / 8, 1 / 8], 9),  # k above V: nothing goes
+])
+def test_top_k_keeps_every_token_tied_with_the_kth(probs: list[float], top_k: int) -> None:
+    """Top-k keeps what transformers' TopKLogitsWarper and vLLM keep: every token at least as
+    likely as the k-th most likely, so a tie at the k-th place stays whole."""
+    p = torch.tensor(probs)
+    kth = sorted(probs, reverse=True)[min(top_k, len(probs)) - 1]
+    truncated = native._truncate(p[None], top_k, 1.0)[0]
+    expected = [q if q >= kth else 0.0 for q in probs]
+    assert truncated.tolist() == expected
+    warper = TopKLogitsWarper(top_k=top_k)
+    kept_by_transformers = warper(torch.zeros(1, 1, dtype=torch.long), p.log()[None])[0].isfinite()
+    assert (truncated > 0).tolist() == kept_by_transformers.tolist()
 
 
 def test_weights_changed_in_place_are_used_with_no_copy(qwen):

@@ -119,12 +119,15 @@ def _with_capacity(buffer: Tensor, capacity: int, length: int) -> Tensor:
 def _truncate(probs: Tensor, top_k: int, top_p: float) -> Tensor:
     """Top-k (0 = off), then top-p of the renormalised rest; probs float32 [b, V] -> [b, V], unnormalised.
 
-    Top-p keeps the most likely tokens until the kept mass reaches ``top_p``: a token stays if the
-    mass strictly before it (in descending order) is below ``top_p``, so the most likely always stays.
+    Top-k keeps the k most likely tokens and every token tied with the k-th, as transformers'
+    ``TopKLogitsWarper`` and vLLM do (ties are common in bf16 logits), so the native and vLLM
+    engines sample the same distribution. Top-p keeps the most likely tokens until the kept mass
+    reaches ``top_p``: a token stays if the mass strictly before it (in descending order) is below
+    ``top_p``, so the most likely always stays.
     """
     sorted_probs, order = probs.sort(dim=-1, descending=True)
-    if top_k > 0:
-        sorted_probs[:, top_k:] = 0.0
+    if 0 < top_k < probs.shape[-1]:
+        sorted_probs.masked_fill_(sorted_probs < sorted_probs[:, top_k - 1:top_k], 0.0)
     if top_p < 1.0:
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         sorted_probs.masked_fill_(mass_before >= top_p * sorted_probs.sum(dim=-1, keepdim=True), 0.0)
