@@ -15,7 +15,7 @@ from hpt_fast.checkpoint import CheckpointError
 from hpt_fast.config import ConfigError, load_config
 from hpt_fast.data import DataError
 from hpt_fast.toy import use_toy
-from hpt_fast.trainer import Trainer
+from hpt_fast.trainer import Trainer, leave_process_group
 
 _KIND = {ConfigError: "config", DataError: "data", CheckpointError: "checkpoint"}
 
@@ -58,4 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == 0:
+        leave_process_group()
+    sys.exit(code)

@@ -588,6 +588,18 @@ def _grad_norm(model: torch.nn.Module) -> float:
     return float(torch.linalg.vector_norm(norms))
 
 
+def leave_process_group() -> None:
+    """Destroy the default process group, for a program about to exit after its run ended
+    normally (``python -m hpt_fast.train``). Left to the interpreter's exit, gloo's worker threads
+    can outlive it and abort the process ("terminate called without an active exception",
+    pytorch#190489; once in a 2-rank CI run here), and NCCL warns. Not after an error, when another
+    rank may still be inside a collective the destruction would wait on; and not inside ``main``,
+    whose caller may run another trainer in the group (DeepSpeed keeps its sub-groups of it).
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _all_max(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -29,6 +29,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from hpt_fast.config import load_config  # noqa: E402
 from hpt_fast.train import main  # noqa: E402
+from hpt_fast.trainer import leave_process_group  # noqa: E402
 
 
 def _describe(event: tuple) -> list:
@@ -50,4 +51,6 @@ if __name__ == "__main__":
               "events": [_describe(e) for e in llm.events]}
     (out / f"fake_vllm_rank{rank}.json").write_text(json.dumps(record))
     save_file({k: v.contiguous() for k, v in llm.model.weights.items()}, str(out / f"fake_vllm_rank{rank}.safetensors"))
+    if code == 0:
+        leave_process_group()  # as hpt_fast.train's own entry point does
     sys.exit(code)
