@@ -4,11 +4,12 @@
 # shape, the op's steps back to back against the GEMMs' sustained rate, the op's phases timed
 # unprofiled, torch AMP's mixed precision (float32 leaves), gradient
 # precision, a profile of mode B's step, the random-configuration tests, the block budget's effect
-# on mode A and mode B, then a second table shape with float32.
+# on mode A and mode B, a second table shape with float32, then profiles of the trainer's steps.
 #
 # Usage, from the repository root of a checkout on a CUDA machine with torch and triton:
 #     OUT=some/dir bash bench/gpu_run.sh
-# Wheels found in .whl/ (liger-kernel, cut-cross-entropy) are installed into /tmp/site first; the
+# Wheels found in .whl/ (liger-kernel, cut-cross-entropy; deepspeed, math-verify and their
+# dependencies for the trainer's steps) are installed into /tmp/site first; the
 # tree itself runs uninstalled. Every step writes <step>.out (stdout) and <step>.err into $WORK
 # and has its own time limit, cut to what is left of DEADLINE_S (default 540 s, within the device
 # tool's 600 s per command); a step with under 15 s left is skipped and named in skipped.txt, so an
@@ -103,5 +104,11 @@ for mb in ${BUDGETS_MB:-256 1024}; do
 done
 step table_2k "${TABLE_LIMIT_S:-110}" python3 -m bench.fused_op_table --device cuda \
     --shapes 4096x2048x151936 --dtypes bfloat16,float32
+# the trainer's embedded default on the GPU (needs deepspeed and math-verify among the wheels):
+# where its steps' time goes, float32 and bf16, with Liger's model kernels
+step train_profile "${TRAIN_LIMIT_S:-90}" python3 -m bench.profile_train_step model.liger_kernels=true \
+    train.output_dir=/tmp/train_profile --warmup 3 --steps 3
+step train_profile_bf16 "${TRAIN_LIMIT_S:-90}" python3 -m bench.profile_train_step model.liger_kernels=true \
+    deepspeed.bf16=true train.output_dir=/tmp/train_profile_bf16 --warmup 3 --steps 3
 echo "done after $(( $(date +%s) - START )) s" | tee -a "$WORK/machine.txt"
 tar czf "$OUT/gpu_run.tgz" -C "$WORK" .

@@ -243,11 +243,34 @@ def test_clock_summary_of_samples():
     assert clock_summary(lines, t0 + 5, t0 + 6) == "no samples"
 
 
+def test_profile_of_training_steps(tmp_path):
+    """The trainer's steps profiled on the CPU: each profiled step's phases, the op table and the
+    per-step counts of host waits (reads of tensor values happen on the CPU too)."""
+    from bench.profile_train_step import WAITS
+
+    # in a process of its own: a trainer joins a process group and sets the launcher's variables
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.profile_train_step", f"train.output_dir={tmp_path / 'run'}",
+         "train.prompts_per_step=4", "rollout.n=2", "data.max_response_length=16", "validation.every=0",
+         "--warmup", "1", "--steps", "2", "--rows", "5"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    rows = _table_rows(text)
+    assert {"2", "3"} <= set(rows) and all(float(x) >= 0 for x in rows["2"] + rows["3"])
+    assert "### Top 5 by self_cpu_time_total" in text and "train_step" in text
+    waits = {label: float(rows[label][0]) for label in WAITS.values()}
+    assert waits["reads of a tensor value (a sync on a GPU tensor)"] > 0
+    assert all(n == 0 for label, n in waits.items() if not label.startswith("reads"))  # no CUDA here
+
+
 @pytest.mark.parametrize("module, argv, message", [
     ("bench.fused_op_table", ["--repeats", "0"], "--repeats must be >= 1, got 0"),
     ("bench.fused_op_table", ["--shapes", "2048x64x1000,600x64x1000"], "600x64x1000: tokens above 512 must be a multiple of 512"),
     ("bench.phase_times", ["--impls", "hpt_b_triton", "--device", "cpu"], "--impls: ['hpt_b_triton'] unknown or unavailable on cpu"),
     ("bench.sustained_rate", ["--impls", "naive", "--device", "cpu", "--burst", "2"], "need --steps >= 1, --burst >= 3"),
+    ("bench.profile_train_step", ["--steps", "0"], "need --warmup >= 0, --steps >= 1"),
     ("bench.rollout_throughput", ["--prompt-lengths", "16"], "expected MIN-MAX with 1 <= MIN <= MAX, got '16'"),
 ])
 def test_bad_bench_arguments_are_usage_errors(module, argv, message, capsys):
