@@ -1,7 +1,7 @@
 """Where a training step's time goes: torch.profiler over a few steps of the trainer.
 
-The embedded default ran on an H200 slower than on the 2-core CPU, with step phases varying
-tenfold between steps (``results_gpu_h200_train.md``). This script builds the trainer as
+The embedded default ran on an H200 slower than on the 2-core CPU, its step times varying 5-6x
+between steps (``results_gpu_h200_train.md``). This script builds the trainer as
 ``python -m hpt_fast.train`` does (an optional YAML config, then key=value overrides), runs
 ``--warmup`` steps, then profiles ``--steps`` steps and prints:
 
@@ -22,9 +22,9 @@ from typing import Optional
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from bench.cli import cli_description
 from bench.fused_op_table import machine_description
-from hpt_fast.config import load_config
-from hpt_fast.toy import use_toy
+from hpt_fast.train import run_config
 from hpt_fast.trainer import Trainer, leave_process_group
 
 # host calls that wait for the device or reach the driver's allocator: name -> what it means
@@ -43,7 +43,7 @@ PHASES = ("time_rollout", "time_reward", "time_train", "time_weight_update")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser = argparse.ArgumentParser(description=cli_description(__doc__))
     parser.add_argument("args", nargs="*", help="an optional YAML config, then key=value overrides")
     parser.add_argument("--warmup", type=int, default=3, help="steps before the profiled ones")
     parser.add_argument("--steps", type=int, default=2, help="profiled steps")
@@ -65,10 +65,7 @@ def wait_counts(events, steps: int) -> dict[str, float]:
 
 
 def profile_steps(args: argparse.Namespace) -> str:
-    path = args.args[0] if args.args and "=" not in args.args[0] else None
-    overrides = args.args[1:] if path else args.args
-    cfg = use_toy(load_config(path, overrides))
-    trainer = Trainer(cfg)
+    trainer = Trainer(run_config(args.args))
     try:
         for _ in range(args.warmup):
             trainer.train_step()

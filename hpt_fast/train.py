@@ -12,12 +12,20 @@ import logging
 import sys
 
 from hpt_fast.checkpoint import CheckpointError
-from hpt_fast.config import ConfigError, load_config
+from hpt_fast.config import Config, ConfigError, load_config
 from hpt_fast.data import DataError
 from hpt_fast.toy import use_toy
 from hpt_fast.trainer import Trainer, leave_process_group
 
 _KIND = {ConfigError: "config", DataError: "data", CheckpointError: "checkpoint"}
+
+
+def run_config(args: list[str]) -> Config:
+    """The run's config from the command line's arguments: an optional YAML config's path first,
+    then key=value overrides (the embedded default's toy model and data filled in where named).
+    Raises ConfigError."""
+    path = args[0] if args and "=" not in args[0] else None
+    return use_toy(load_config(path, args[1:] if path else args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,11 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     # the deepspeed launcher passes --local_rank; the rank comes from the LOCAL_RANK variable it also sets
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    path = args.args[0] if args.args and "=" not in args.args[0] else None
-    overrides = args.args[1:] if path else args.args
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = use_toy(load_config(path, overrides))
+        cfg = run_config(args.args)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

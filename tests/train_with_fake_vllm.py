@@ -27,8 +27,7 @@ fake_vllm.LLM.__init__ = _record_init
 
 from safetensors.torch import save_file  # noqa: E402
 
-from hpt_fast.config import load_config  # noqa: E402
-from hpt_fast.train import main  # noqa: E402
+from hpt_fast.train import main, run_config  # noqa: E402
 from hpt_fast.trainer import leave_process_group  # noqa: E402
 
 
@@ -42,9 +41,7 @@ def _describe(event: tuple) -> list:
 
 if __name__ == "__main__":
     code = main(sys.argv[1:])
-    argv = sys.argv[1:]
-    path = argv[0] if argv and "=" not in argv[0] else None
-    out = Path(load_config(path, argv[1:] if path else argv).train.output_dir)
+    out = Path(run_config(sys.argv[1:]).train.output_dir)
     rank = int(os.environ.get("RANK", 0))
     (llm,) = _engines
     record = {"init": {k: v for k, v in llm.init_kwargs.items() if isinstance(v, (str, int, float, bool, type(None)))},
