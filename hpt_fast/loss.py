@@ -91,7 +91,7 @@ class FusedUnifiedLoss(nn.Module):
             f"backend={self.backend!r}, grad_order={self.grad_order!r}, accum_dtype={self.accum_dtype}"
         )
 
-    # one opaque call under torch.compile, as the op: tracing into the batch checks and the
+    # one opaque call under torch.compile, as mode B: tracing into the batch checks and the
     # estimator's input checks broke a compiled step's graph 12-18 times per call
     @torch.compiler.disable
     def forward(

@@ -1,7 +1,8 @@
 """The fused linear + log-prob / entropy op, in two modes, never materialising [tokens x vocab].
 
 Mode A, ``fused_token_logprobs``: per-token log-probabilities (and entropies) with autograd; the
-backward recomputes the logits block by block (four GEMMs in all).
+backward recomputes the logits block by block (four GEMMs in all). Its forward and backward are
+torch.library custom ops, so torch.compile takes it into a graph whole.
 
 Mode B, ``fused_linear_loss``: a scalar sum of an arbitrary per-token loss of (logp, entropy); the
 gradients for hidden, weight and bias are computed during the forward pass, block by block, and
@@ -212,7 +213,7 @@ def _scalar_args(
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
     temperature = float(temperature)
-    if not math.isfinite(temperature) or temperature <= 0:
+    if not 0 < temperature < math.inf:  # NaN fails it too (comparisons, as torch.compile traces them)
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     if 1.0 / temperature > _FLOAT32_MAX:
         # the kernels scale by 1 / T in float32: inf would turn every logit into inf or NaN
@@ -752,38 +753,120 @@ def _refuse_double_backward() -> None:
                            "(double backward, e.g. a gradient penalty) is not supported")
 
 
-class _TokenLogprobs(torch.autograd.Function):
-    """Mode A on valid rows only: hidden [N, H], targets [N] -> logp [N], entropy [N]."""
+# Mode A is a pair of torch.library custom ops, its forward and its backward, joined by a
+# registered autograd formula: torch.compile puts each in its graph as one node (fullgraph=True
+# takes them), where an autograd.Function calling C++ / Triton could only break the graph. Each
+# takes the whole [..., H] batch and keeps its scored rows itself, so no shape in a graph depends
+# on how many targets are ignored.
+_MODE_A = "hpt_fast::token_logprobs"
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, plan: _Plan, with_entropy: bool):
-        ctx.dtypes = _dtypes(hidden, weight, bias)
-        # in the GEMMs' dtype (the inputs themselves without autocast), kept for the backward
-        hidden, weight, bias = _cast(plan.dtype, hidden, weight, bias)
-        rows = _RowData.empty(hidden, with_entropy)
-        _stats_pass(plan, hidden, weight, bias, targets, rows, _block_buffer(plan, hidden, weight.shape[0]))
-        ctx.plan = plan
-        # an output that no loss uses gets None, not zeros: an unused entropy adds no term
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(hidden, weight, bias, targets, rows.lse, rows.entropy)
-        # the saved entropy stays the op's: a caller may edit the returned one in place
-        return rows.logp, (rows.logp.new_zeros(0) if rows.entropy is None else rows.entropy.clone())
 
-    @staticmethod
-    @torch.compiler.disable  # as the forward: a compiled step's backward would trace into it
-    def backward(ctx, g_logp, g_ent):
-        _refuse_double_backward()
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-        plan: _Plan = ctx.plan
-        want_h, want_w, want_b = ctx.needs_input_grad[:3]
-        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.to(lse.dtype).contiguous()
-        g_ent = None if (entropy is None or g_ent is None) else g_ent.to(lse.dtype).contiguous()
-        rows = _RowData(None, lse, entropy, g_logp, g_ent)
-        dtypes = (*ctx.dtypes[:2], ctx.dtypes[2] if want_b else None)
-        grads = _GradientPass(plan, hidden, weight, targets, rows, dtypes, want_h, want_w)
-        with _autocast_off(hidden.device):  # a backward called inside the autocast region
-            grads.recompute(bias, _block_buffer(plan, hidden, weight.shape[0]))
-        return (*grads.result(), None, None, None)
+@torch.library.custom_op(_MODE_A, mutates_args=())
+def _token_logprobs(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, temperature: float,
+    ignore_index: int, with_entropy: bool, backend: str, chunk_size: Optional[int], grad_order: str,
+    accum_dtype: Optional[torch.dtype], dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Mode A's forward on checked arguments (``_checked_args``), ``dtype`` the GEMMs' dtype.
+
+    Returns logp [...] and entropy [...] (or [0] without ``with_entropy``) at targets' shape, 0
+    at ignored positions, float32 (float64 for float64 inputs); for the backward, the statistics
+    [1 or 2, n] of the n = targets.numel() positions (lse, then entropy: the returned entropy may
+    be edited by the caller) and the block cut: int64 [2] on the CPU, (tokens per chunk, 1 for
+    vocabulary order), so the backward recomputes the forward's blocks bit for bit.
+    """
+    h, t, index, plan = _prepare(
+        hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, "A", grad_order,
+        accum_dtype, dtype,
+    )
+    with _autocast_off(h.device):
+        h, w, b = _cast(plan.dtype, h, weight, bias)
+        rows = _RowData.empty(h, with_entropy)
+        _stats_pass(plan, h, w, b, t, rows, _block_buffer(plan, h, w.shape[0]))
+    shape, n = tuple(targets.shape), targets.numel()
+    kept = [rows.lse] if rows.entropy is None else [rows.lse, rows.entropy]
+    stats = torch.stack([_scatter_rows(x, index, n, (n,)) for x in kept])
+    # outputs of their own: autograd forbids editing a custom op's output that is a view in place
+    logp = _scatter_rows(rows.logp, index, n, shape).clone()
+    entropy = stats[1].reshape(shape).clone() if with_entropy else logp.new_zeros(0)
+    cut = torch.tensor([plan.chunk, plan.order == "vocab"], dtype=torch.int64)
+    return logp, entropy, stats, cut
+
+
+@_token_logprobs.register_fake
+def _token_logprobs_fake(hidden, weight, bias, targets, temperature, ignore_index, with_entropy, backend,
+                         chunk_size, grad_order, accum_dtype, dtype):
+    stat = _stat_dtype(hidden)
+    logp = targets.new_empty(targets.shape, dtype=stat)
+    entropy = targets.new_empty(targets.shape if with_entropy else (0,), dtype=stat)
+    stats = targets.new_empty((2 if with_entropy else 1, targets.numel()), dtype=stat)
+    return logp, entropy, stats, torch.empty(2, dtype=torch.int64, device="cpu")
+
+
+@torch.library.custom_op(f"{_MODE_A}_backward", mutates_args=())
+def _token_logprobs_backward(
+    g_logp: Tensor, g_ent: Optional[Tensor], hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+    targets: Tensor, stats: Tensor, cut: Tensor, temperature: float, ignore_index: int, backend: str,
+    accum_dtype: Optional[torch.dtype], dtype: torch.dtype, want: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Mode A's backward: the gradients of hidden, weight and bias (``want``: which), each in its
+    input's dtype, [0] where not wanted; g_logp [...] and g_ent [...] or None (no entropy term)
+    at targets' shape, stats and cut from the forward."""
+    chunk, vocab_order = cut.tolist()
+    h, t, index, plan = _prepare(
+        hidden, weight, targets, bias, temperature, ignore_index, backend, chunk, "A",
+        "vocab" if vocab_order else "tokens", accum_dtype, dtype,
+    )
+    lse = _gather_rows(stats[0], index)
+    entropy = _gather_rows(stats[1], index) if stats.shape[0] > 1 else None
+    g_logp = _gather_rows(g_logp.reshape(-1).to(lse.dtype), index)
+    g_ent = None if g_ent is None or entropy is None else _gather_rows(g_ent.reshape(-1).to(lse.dtype), index)
+    want_h, want_w, want_b = want
+    dtypes = _dtypes(hidden, weight, bias if want_b else None)
+    with _autocast_off(h.device):
+        h, w, b = _cast(plan.dtype, h, weight, bias)
+        grads = _GradientPass(plan, h, w, t, _RowData(None, lse, entropy, g_logp, g_ent), dtypes, want_h, want_w)
+        grads.recompute(b, _block_buffer(plan, h, w.shape[0]))
+    grad_h, grad_w, grad_b = grads.result()
+    if grad_h is not None:
+        grad_h = _scatter_rows(grad_h, index, targets.numel(), tuple(hidden.shape))
+    likes = _gradient_likes(hidden, weight, bias, stats)
+    return tuple(x.new_empty(0) if g is None else g for g, x in zip((grad_h, grad_w, grad_b), likes))
+
+
+def _gradient_likes(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], stats: Tensor) -> tuple[Tensor, ...]:
+    """The tensors whose shape, dtype and device mode A's three gradients take (an empty one of
+    that dtype where not wanted): hidden, weight and bias, or stats when there is no bias."""
+    return hidden, weight, stats if bias is None else bias
+
+
+@_token_logprobs_backward.register_fake
+def _token_logprobs_backward_fake(g_logp, g_ent, hidden, weight, bias, targets, stats, cut, temperature,
+                                  ignore_index, backend, accum_dtype, dtype, want):
+    likes = _gradient_likes(hidden, weight, bias, stats)
+    return tuple(x.new_empty(x.shape if w else (0,)) for x, w in zip(likes, want))
+
+
+def _token_logprobs_setup(ctx, inputs, output) -> None:
+    hidden, weight, bias, targets, temperature, ignore_index, _, backend, _, _, accum_dtype, dtype = inputs
+    ctx.save_for_backward(hidden, weight, bias, targets, output[2], output[3])
+    ctx.args = (temperature, ignore_index, backend, accum_dtype, dtype)
+    # an output that no loss uses gets None, not zeros: an unused entropy adds no term
+    ctx.set_materialize_grads(False)
+
+
+def _token_logprobs_grad(ctx, g_logp, g_ent, _g_stats, _g_cut):
+    _refuse_double_backward()
+    hidden, weight, bias, targets, stats, cut = ctx.saved_tensors
+    want = [bool(w) for w in ctx.needs_input_grad[:3]]
+    want[2] = want[2] and bias is not None
+    if g_logp is None:
+        g_logp = stats.new_zeros(targets.shape)
+    grads = _token_logprobs_backward(g_logp, g_ent, hidden, weight, bias, targets, stats, cut, *ctx.args, want)
+    return (*(g if w else None for g, w in zip(grads, want)), *([None] * 9))
+
+
+_token_logprobs.register_autograd(_token_logprobs_grad, setup_context=_token_logprobs_setup)
 
 
 _DETACHED_LOSS_WARNING = (
@@ -987,20 +1070,48 @@ class _LinearLoss(torch.autograd.Function):
 
 
 def _scatter_rows(values: Tensor, index: Optional[Tensor], n_total: int, shape: tuple) -> Tensor:
-    """Place per-valid-row values [Nv] back at their positions of the full [...] shape (0 elsewhere)."""
+    """Place per-valid-row values [Nv, ...] back at their rows of [n_total, ...], reshaped to
+    ``shape`` (0 elsewhere)."""
     if index is None:
         return values.reshape(shape)
-    full = values.new_zeros(n_total)
+    full = values.new_zeros((n_total, *values.shape[1:]))
     return full.index_copy(0, index, values).reshape(shape)
 
 
+def _gather_rows(values: Tensor, index: Optional[Tensor]) -> Tensor:
+    """The rows ``index`` of values [n, ...] (all of them, contiguous, when index is None)."""
+    return values.contiguous() if index is None else values.index_select(0, index)
+
+
 def _gather_valid(hidden: Tensor, targets: Tensor, index: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    flat_h = hidden.reshape(-1, hidden.shape[-1])
-    flat_t = targets.reshape(-1).long()
-    if index is None:
-        return flat_h.contiguous(), flat_t.contiguous()
-    # the gather is differentiable, so autograd scatters grad_hidden back for free
-    return flat_h.index_select(0, index), flat_t.index_select(0, index)
+    """hidden [..., H] -> [Nv, H] and targets [...] -> int64 [Nv] of the scored positions ``index``
+    (differentiable: autograd scatters mode B's grad_hidden back)."""
+    return _gather_rows(hidden.reshape(-1, hidden.shape[-1]), index), _gather_rows(targets.reshape(-1).long(), index)
+
+
+def _checked_args(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor],
+    temperature: float,
+    ignore_index: int,
+    backend: str,
+    chunk_size: Optional[int],
+    grad_order: str,
+    accum_dtype: Optional[torch.dtype],
+) -> tuple[float, int, Optional[int], torch.dtype]:
+    """Check every argument that can be checked without reading a tensor's values (which would
+    wait for its device; the target ids are checked by ``_prepare``), before any work starts.
+
+    Returns (temperature, ignore_index, chunk_size) as float, int and int or None, and the GEMMs'
+    dtype, the one autocast would give ``F.linear`` (see ``_compute_dtype``). Runs under
+    torch.compile's tracing too: everything here is decided by shapes, dtypes and devices.
+    """
+    temperature, ignore_index, chunk_size = _scalar_args(temperature, ignore_index, chunk_size)
+    _check_inputs(hidden, weight, targets, bias, grad_order, accum_dtype)
+    backends.check_name(backend)
+    return temperature, ignore_index, chunk_size, _compute_dtype(hidden, _autocast_dtype(hidden.device))
 
 
 def _prepare(
@@ -1015,29 +1126,23 @@ def _prepare(
     mode: str,
     grad_order: str,
     accum_dtype: Optional[torch.dtype],
-) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor], _Plan]:
-    """Check the arguments, keep the scored rows, plan the blocks for mode ``mode`` ("A" / "B"),
-    in the dtype autocast would give ``F.linear`` (``plan.dtype``).
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Optional[Tensor], _Plan]:
+    """Check the target ids, keep the scored rows and plan the blocks for mode ``mode`` ("A" /
+    "B"), the GEMMs in ``dtype``; the other arguments as ``_checked_args`` returned them.
 
-    Returns (hidden [N, H] and targets [N] of the N non-ignored positions, weight [V, H] and
-    bias [V] or None, the tensors in their own dtypes (the autograd functions cast them), the
-    positions' flat indices or None when none is ignored, the plan).
+    Returns (hidden [N, H] in its own dtype (the callers cast it) and targets [N] int64 of the N
+    non-ignored positions, their flat indices or None when none is ignored, the plan).
     """
-    temperature, ignore_index, chunk_size = _scalar_args(temperature, ignore_index, chunk_size)
-    _check_inputs(hidden, weight, targets, bias, grad_order, accum_dtype)
     index = _valid_rows(targets, ignore_index, weight.shape[0])
     h, t = _gather_valid(hidden, targets, index)
-    dtype = _compute_dtype(hidden, _autocast_dtype(hidden.device))
     plan = _plan(
         mode, backend, hidden, weight.shape[0], h.shape[0], chunk_size, temperature, grad_order, accum_dtype,
         dtype, weight.dtype,
     )
-    return h, t, weight, bias, index, plan
+    return h, t, index, plan
 
 
-# torch.compile runs the op as it is, without tracing into it: it is already fused, and its
-# C++ / Triton calls and data-dependent argument checks would only break Dynamo's graph piecemeal
-@torch.compiler.disable
 def fused_token_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -1097,17 +1202,19 @@ def fused_token_logprobs(
             own dtype.
     Returns:
         logp: float32 [...] (<= 0), entropy: float32 [...] or None. Both differentiable w.r.t.
-        hidden, weight and bias; the backward recomputes the logits block by block.
+        hidden, weight and bias; the backward recomputes the logits block by block. Under
+        torch.compile the forward and the backward are one graph node each (custom ops
+        ``hpt_fast::token_logprobs`` and ``hpt_fast::token_logprobs_backward``), so
+        ``fullgraph=True`` takes the op.
     """
-    h, t, w, b, index, plan = _prepare(
-        hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, "A", grad_order,
-        accum_dtype,
+    temperature, ignore_index, chunk_size, dtype = _checked_args(
+        hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, grad_order, accum_dtype
     )
-    shape, n_total = tuple(targets.shape), targets.numel()
-    with _autocast_off(h.device):
-        logp, entropy = _TokenLogprobs.apply(h, w, b, t, plan, return_entropy)
-    logp = _scatter_rows(logp, index, n_total, shape)
-    return logp, (_scatter_rows(entropy, index, n_total, shape) if return_entropy else None)
+    logp, entropy, _, _ = _token_logprobs(
+        hidden, weight, bias, targets, temperature, ignore_index, bool(return_entropy), backend, chunk_size,
+        grad_order, accum_dtype, dtype,
+    )
+    return logp, (entropy if return_entropy else None)
 
 
 @torch.compiler.disable
@@ -1158,10 +1265,14 @@ def fused_linear_loss(
     """
     if not callable(token_loss_fn):
         raise TypeError(f"token_loss_fn must be callable, got {type(token_loss_fn).__name__}")
-    h, t, w, b, index, plan = _prepare(
-        hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, "B", grad_order,
-        accum_dtype,
+    temperature, ignore_index, chunk_size, dtype = _checked_args(
+        hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, grad_order, accum_dtype
     )
+    h, t, index, plan = _prepare(
+        hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, "B", grad_order,
+        accum_dtype, dtype,
+    )
+    w, b = weight, bias
     if not torch.is_grad_enabled():
         # autograd records nothing (no_grad, inference_mode), yet needs_input_grad follows
         # requires_grad: detached, the forward skips the gradient pass (an evaluation loss)

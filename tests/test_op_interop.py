@@ -129,11 +129,15 @@ def test_autocast_float32_weight_keeps_mode_b_in_token_order(backend, monkeypatc
     low = _as(torch.bfloat16, hidden, weight, bias)
     fn = lambda lp, e, r: -lp * (r % 3 - 1) - 0.1 * e
     kw = dict(with_entropy=True, backend=backend)
-    args = ("B", "auto", torch.float32)  # mode, grad_order, accum_dtype
-    plan = ops._prepare(low[0], low[1], targets, low[2], 1.0, -100, backend, None, *args)[-1]
+
+    def plan_of(h, w, b):
+        dtype = ops._checked_args(h, w, targets, b, 1.0, -100, backend, None, "auto", torch.float32)[-1]
+        return ops._prepare(h, w, targets, b, 1.0, -100, backend, None, "B", "auto", torch.float32, dtype)[-1]
+
+    plan = plan_of(*low)
     assert plan.order == "vocab" and plan.float32_weight_sum
     with torch.autocast(device.type, dtype=torch.bfloat16):
-        plan = ops._prepare(hidden, weight, targets, bias, 1.0, -100, backend, None, *args)[-1]
+        plan = plan_of(hidden, weight, bias)
         assert (plan.order, plan.float32_weight_sum, plan.dtype) == ("tokens", False, torch.bfloat16)
         assert plan.chunk < 11  # several chunks of the 11 scored tokens: the sum runs over them
         loss, _, _ = fused_linear_loss(hidden, weight, targets, fn, bias=bias, **kw)
@@ -280,19 +284,91 @@ def test_float64_is_left_alone_under_autocast():
         assert g.dtype == torch.float64 and torch.equal(g, w)
 
 
-@pytest.mark.parametrize("mode", ["A", "B"])
-def test_inside_torch_compile(mode):
-    """A compiled step runs the op as one opaque call: one graph break around it, where tracing
-    into its argument checks and C++ / Triton calls broke the graph many times; the compiled step
-    gets the eager gradients."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mode_a_compiles_into_one_graph(backend):
+    """Mode A is a pair of custom ops with a registered autograd formula: a compiled step takes it
+    with fullgraph=True (no graph break) and gets the eager values and gradients, ignored rows
+    and autocast included."""
+    _skip_unavailable(backend)
+    device = backend_device(backend)
+    hidden, weight, bias, targets = _leaves(torch.float32, seed=3, device=device)
+
+    def step(h, w, b):
+        logp, ent = fused_token_logprobs(torch.tanh(h) * 2, w, targets, bias=b, return_entropy=True,
+                                         backend=backend, temperature=0.9, chunk_size=4)
+        return (logp + 0.1 * ent).sum() * 0.5, logp
+
+    for autocast in (False, True):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            want_loss, want_logp = step(hidden, weight, bias)
+            torch._dynamo.reset()
+            loss, logp = torch.compile(step, backend="aot_eager", fullgraph=True)(hidden, weight, bias)
+        want = torch.autograd.grad(want_loss, [hidden, weight, bias])
+        got = torch.autograd.grad(loss, [hidden, weight, bias])
+        assert torch.equal(logp, want_logp) and bool((logp[targets == -100] == 0).all())
+        for g, w in zip(got, want):
+            assert g.dtype == torch.float32
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+
+
+# Inductor's own imports use torch.jit, deprecated in this torch
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_mode_a_under_inductor_with_dynamic_shapes():
+    """Inductor compiles the code around mode A's custom ops; with dynamic shapes a second batch
+    of another size and another set of ignored rows runs the same graph, against float64."""
+    weight = (torch.randn(301, 24, generator=torch.Generator().manual_seed(6)) * 0.3).requires_grad_()
+
+    def step(h, w, t):
+        logp, ent = fused_token_logprobs(torch.tanh(h), w, t, return_entropy=True, chunk_size=5)
+        return (logp * 0.7 - 0.1 * ent).sum()
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    for seed, n in ((7, 13), (8, 21)):
+        gen = torch.Generator().manual_seed(seed)
+        hidden = torch.randn(2, n, 24, generator=gen, requires_grad=True)
+        targets = torch.randint(0, 301, (2, n), generator=gen)
+        targets[:, seed % 5] = -100
+        got = torch.autograd.grad(compiled(hidden, weight, targets), [hidden, weight])
+        ref_in = [torch.tanh(hidden.detach().double()).requires_grad_(), weight.detach().double().requires_grad_()]
+        logp, ent = reference_logprobs(*ref_in, targets)
+        valid = targets != -100
+        ref = torch.autograd.grad(((logp * 0.7 - 0.1 * ent) * valid).sum(), ref_in)
+        ref_h = ref[0] * (1 - torch.tanh(hidden.detach().double()) ** 2)
+        assert rel_err(got[0], ref_h) < 1e-5 and rel_err(got[1], ref[1]) < 1e-5
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("entropy, with_bias, want", [
+    (True, True, [True, True, True]), (False, True, [True, False, False]), (False, False, [False, True, False]),
+])
+def test_mode_a_custom_ops_pass_torch_opcheck(entropy, with_bias, want):
+    """torch.library.opcheck: schemas, fake (meta) functions against the real ones, the autograd
+    registration and AOT dispatch with dynamic shapes, for the forward and the backward op,
+    with and without entropy and bias, and some gradients not wanted."""
+    hidden, weight, bias, targets = _leaves(torch.float32, seed=10)
+    b = bias if with_bias else None
+    args = (hidden, weight, b, targets, 0.8, -100, entropy, "cpu", 4, "tokens", torch.float32, torch.float32)
+    torch.library.opcheck(ops._token_logprobs, args)
+    _, _, stats, cut = ops._token_logprobs(*args)
+    g = torch.randn(targets.shape, generator=torch.Generator().manual_seed(11))
+    detached = [None if x is None else x.detach() for x in (hidden, weight, b)]
+    torch.library.opcheck(ops._token_logprobs_backward, (
+        g, g * 0.5 if entropy else None, *detached, targets, stats.detach(), cut, 0.8, -100, "cpu", torch.float32,
+        torch.float32, want,
+    ))
+
+
+def test_mode_b_inside_torch_compile_is_one_opaque_call():
+    """Mode B takes a Python function, which no custom op can: a compiled step runs it as one
+    opaque call (one graph break around it), where tracing into its argument checks and C++ /
+    Triton calls broke the graph many times; the compiled step gets the eager gradients."""
     hidden, weight, bias, targets = _leaves(torch.float32, seed=3)
 
     def step(h, w, b):
-        x = torch.tanh(h) * 2
-        if mode == "A":
-            logp, ent = fused_token_logprobs(x, w, targets, bias=b, return_entropy=True)
-            return (logp + 0.1 * ent).sum() * 0.5
-        loss, _, _ = fused_linear_loss(x, w, targets, lambda lp, e, r: -lp - 0.1 * e, bias=b, with_entropy=True)
+        loss, _, _ = fused_linear_loss(torch.tanh(h) * 2, w, targets, lambda lp, e, r: -lp - 0.1 * e, bias=b,
+                                       with_entropy=True)
         return loss * 0.5
 
     want = torch.autograd.grad(step(hidden, weight, bias), [hidden, weight, bias])

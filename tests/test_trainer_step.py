@@ -431,9 +431,11 @@ def test_fused_op_settings_reach_both_of_the_trainers_calls_of_the_op(make_train
 
     seen, prepare = set(), ops._prepare
 
-    def spy(hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, mode, grad_order, accum):
+    def spy(hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, mode, grad_order, accum,
+            dtype):
         seen.add((mode, backend, chunk_size, grad_order, accum))
-        return prepare(hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, mode, grad_order, accum)
+        return prepare(hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, mode, grad_order,
+                       accum, dtype)
 
     monkeypatch.setattr(ops, "_prepare", spy)
     trainer = make_trainer(

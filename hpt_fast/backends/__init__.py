@@ -46,14 +46,19 @@ def available() -> list[str]:
     return names
 
 
+def check_name(name: str) -> None:
+    """Raise ValueError unless ``name`` is "auto" or one of ``BACKENDS``."""
+    if not isinstance(name, str) or (name not in BACKENDS and name != "auto"):
+        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {name!r}")
+
+
 def resolve(name: str, device: torch.device) -> tuple[str, ModuleType]:
     """Map ``name`` ("auto" or an explicit backend) for tensors on ``device`` to a loaded module.
 
     "auto" picks "triton" on CUDA and "cpu" elsewhere, and falls back to "torch" with one warning
     when that backend cannot load. An explicit name that cannot load is an error.
     """
-    if name not in BACKENDS and name != "auto":
-        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {name!r}")
+    check_name(name)
     if name != "auto":
         if name == "cpu" and device.type != "cpu":
             raise ValueError(f"backend 'cpu' needs CPU tensors; got tensors on {device}")
