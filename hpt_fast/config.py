@@ -99,7 +99,8 @@ class DataConfig:
             L of the ``token-sum-norm`` aggregation.
         prompt_template: None: the tokenizer's chat template (with the generation prompt); else a
             plain-text template with ``{prompt}``, filled with the last message's content (the
-            LLaMA base-model runs).
+            LLaMA base-model runs), encoded with the tokenizer's BOS unless it starts with that
+            text itself.
         prompt_suffix: appended to every user message (e.g. an instruction to box the answer).
         shuffle: shuffle the prompts each epoch (by train.seed and the epoch).
     """

@@ -29,7 +29,8 @@ Tokenisation (``PromptSet``): a prompt is rendered by the tokenizer's chat templ
 generation prompt (``apply_chat_template(..., add_generation_prompt=True)``) and encoded without
 adding special tokens (the template writes them), or, with a ``prompt_template`` such as
 ``"Question:\\n{prompt}\\nAnswer:"``, by replacing its ``{prompt}`` with the last message's
-content, encoded with the tokenizer's special tokens (a base model's BOS). ``prompt_suffix`` is
+content, encoded with the tokenizer's special tokens (a base model's BOS), unless the template
+itself starts with the tokenizer's BOS text (one BOS either way). ``prompt_suffix`` is
 appended to every user message first. Prompts longer than ``max_prompt_length`` tokens, or
 than the model's context less one, are dropped, and the count is logged. Demonstrations are encoded when a batch asks for them, truncated to
 ``max_response_length - 1`` tokens, or to what the model's context leaves after the prompt less
@@ -414,6 +415,15 @@ class PromptBatch:
         return [d is not None for d in self.demo_ids]
 
 
+def _adds_special_tokens(tokenizer, template: Optional[str]) -> bool:
+    """Whether prompts rendered with ``template`` are encoded with the tokenizer's special tokens:
+    only a plain template's, and not one that writes the BOS text itself (a chat template, or a
+    ``prompt_template`` starting with it), which would give two BOS, the first a token the model
+    never saw there in pretraining."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return template is not None and not (bos and template.startswith(bos))
+
+
 class PromptSet:
     """Problems with their prompts tokenized (over-long ones dropped) and demonstrations on demand.
 
@@ -456,7 +466,8 @@ class PromptSet:
         if not problems:
             raise DataError(f"{name}: no problems")
         texts = [_render(tokenizer, p, template, suffix, name) for p in problems]
-        ids = tokenizer(texts, add_special_tokens=template is not None)["input_ids"] if texts else []
+        special = _adds_special_tokens(tokenizer, template)
+        ids = tokenizer(texts, add_special_tokens=special)["input_ids"] if texts else []
         limit, why = max_prompt_length, f"max_prompt_length = {max_prompt_length} tokens"
         if max_context is not None and max_context - 1 < limit:
             limit, why = max_context - 1, f"{max_context - 1} tokens (the model's context of {max_context} less one)"

@@ -310,21 +310,24 @@ def test_plain_template_suffix_and_think_prefix(tok):
 
 def test_a_tokenizer_that_adds_bos_gives_each_prompt_one_bos() -> None:
     """A base model's tokenizer adds BOS (LLaMA's): a ``prompt_template`` prompt gets it from the
-    tokenizer, a chat-template prompt from the template, each exactly once at the start; a
-    demonstration, which continues the prompt, gets none."""
+    tokenizer, a chat-template prompt, or a ``prompt_template`` starting with the BOS text, from
+    the template, each exactly once at the start; a demonstration, which continues the prompt,
+    gets none."""
     bos_tok = build_tokenizer()
     bos_tok.add_bos_token = True
     bos = bos_tok.bos_token_id
     assert bos_tok("Q")["input_ids"] == [bos, bos_tok.convert_tokens_to_ids("Q")]  # it does add one
     template = "Question:\n{prompt}\nAnswer:"
     demo = "<think>\n1+1=2\n</think>\n\\boxed{2}"
-    for kind in ("template", "chat"):
-        ps = PromptSet([_problem(1, target=demo)], bos_tok, 64, 40, template=template if kind == "template" else None)
+    templates = {"template": template, "chat": None, "template with BOS": bos_tok.bos_token + template}
+    for kind, chosen in templates.items():
+        ps = PromptSet([_problem(1, target=demo)], bos_tok, 64, 40, template=chosen)
         ids = ps.prompts[0].tolist()
         text = ps.prompt_texts[0]
-        # the chat template writes BOS into the text; the plain template does not
-        assert text.startswith(bos_tok.bos_token) == (kind == "chat"), kind
-        body = text[len(bos_tok.bos_token):] if kind == "chat" else text
+        # the chat template writes BOS into the text, as may a plain one; else the tokenizer adds it
+        writes_bos = kind != "template"
+        assert text.startswith(bos_tok.bos_token) == writes_bos, kind
+        body = text[len(bos_tok.bos_token):] if writes_bos else text
         assert ids == [bos] + bos_tok(body, add_special_tokens=False)["input_ids"], kind
         assert ids.count(bos) == 1, kind
         demo_ids = bos_tok(demo, add_special_tokens=False)["input_ids"] + [bos_tok.eos_token_id]
