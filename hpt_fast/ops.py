@@ -211,7 +211,10 @@ def _scalar_args(
     one on the host would wait for its device.
     """
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+        # torch.compile traces a numpy scalar as a 0-d ndarray, which is no numbers.Real there
+        hint = " (torch.compile traces numpy scalars as arrays: pass float(temperature))" if (
+            type(temperature).__module__ == "numpy") else ""
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}{hint}")
     temperature = float(temperature)
     if not 0 < temperature < math.inf:  # NaN fails it too (comparisons, as torch.compile traces them)
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")

@@ -1,6 +1,7 @@
 """The fused op inside other people's training steps: under torch.autocast it runs its GEMMs in
 the dtype autocast gives a linear layer's inputs, its own math with autocast off, and hands each
-input its gradient in that input's dtype; under torch.compile it is one opaque call."""
+input its gradient in that input's dtype; under torch.compile mode A is a pair of custom ops in the
+graph and mode B one opaque call."""
 from __future__ import annotations
 
 import pytest
@@ -338,6 +339,58 @@ def test_mode_a_under_inductor_with_dynamic_shapes():
         ref_h = ref[0] * (1 - torch.tanh(hidden.detach().double()) ** 2)
         assert rel_err(got[0], ref_h) < 1e-5 and rel_err(got[1], ref[1]) < 1e-5
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_mode_a_scalars_changed_between_compiled_calls_recompile():
+    """temperature, ignore_index and return_entropy are constants of a compiled graph: a second
+    call with another value compiles again (never the first call's value), forward and backward,
+    against float64."""
+    hidden, weight, bias, targets = _leaves(torch.float32, seed=12)
+
+    def step(h, w, b, t, temperature, ignore_index, entropy):
+        logp, ent = fused_token_logprobs(h, w, t, bias=b, temperature=temperature, ignore_index=ignore_index,
+                                         return_entropy=entropy, chunk_size=4)
+        return logp if ent is None else logp - 0.3 * ent
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for temperature, ignore_index, entropy in ((1.0, -100, True), (0.5, -100, True), (0.5, 7, True), (2.0, 7, False)):
+        t = torch.where(targets == -100, ignore_index, targets)
+        out = compiled(hidden, weight, bias, t, temperature, ignore_index, entropy)
+        got = torch.autograd.grad(out.sum(), [hidden, weight, bias])
+        ref_in = [x.detach().double().requires_grad_() for x in (hidden, weight, bias)]
+        logp, ent = reference_logprobs(ref_in[0], ref_in[1], t, ref_in[2], temperature, ignore_index=ignore_index)
+        want_out = logp - 0.3 * ent if entropy else logp
+        assert rel_err(out, want_out) < 1e-5
+        for g, w in zip(got, torch.autograd.grad(want_out.sum(), ref_in)):
+            assert rel_err(g, w) < 1e-5
+
+
+def test_mode_a_argument_errors_under_fullgraph_compile():
+    """Under fullgraph=True Dynamo reports an exception raised while it traces the wrapper's
+    argument checks as its own error (torch._dynamo.exc.Unsupported), the op's message inside;
+    without fullgraph the step falls back to eager and raises it as is. Target ids, checked in the
+    op, raise ValueError either way. A numpy scalar temperature, which Dynamo traces as an array,
+    is refused there with a hint."""
+    np = pytest.importorskip("numpy")
+    hidden, weight, _, targets = _leaves(torch.float32, seed=13)
+    for temperature, error, message in ((0.0, ValueError, "temperature must be a finite number > 0"),
+                                        (np.float32(0.7), TypeError, r"pass float\(temperature\)")):
+        def step(h, w):
+            return fused_token_logprobs(h, w, targets, temperature=temperature)[0]
+
+        torch._dynamo.reset()
+        with pytest.raises(torch._dynamo.exc.Unsupported, match=message):
+            torch.compile(step, backend="aot_eager", fullgraph=True)(hidden, weight)
+        if error is ValueError:
+            torch._dynamo.reset()
+            with pytest.raises(error, match=message):
+                torch.compile(step, backend="aot_eager")(hidden, weight)
+    bad = targets.clone()
+    bad[0] = weight.shape[0]
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match="outside"):
+        torch.compile(lambda h, w: fused_token_logprobs(h, w, bad)[0], backend="aot_eager", fullgraph=True)(hidden, weight)
 
 
 @pytest.mark.parametrize("entropy, with_bias, want", [
