@@ -758,9 +758,10 @@ def _refuse_double_backward() -> None:
 
 # Mode A is a pair of torch.library custom ops, its forward and its backward, joined by a
 # registered autograd formula: torch.compile puts each in its graph as one node (fullgraph=True
-# takes them), where an autograd.Function calling C++ / Triton could only break the graph. Each
-# takes the whole [..., H] batch and keeps its scored rows itself, so no shape in a graph depends
-# on how many targets are ignored.
+# takes them), where an autograd.Function calling C++ / Triton could only break the graph. The
+# forward takes the whole [..., H] batch and keeps its scored rows itself; it hands the backward
+# their indices and statistics in tensors of the batch's size (no shape in a graph depends on
+# the targets' values) and their count on the CPU, so the backward reads nothing from the device.
 _MODE_A = "hpt_fast::token_logprobs"
 
 
@@ -769,14 +770,15 @@ def _token_logprobs(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, temperature: float,
     ignore_index: int, with_entropy: bool, backend: str, chunk_size: Optional[int], grad_order: str,
     accum_dtype: Optional[torch.dtype], dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Mode A's forward on checked arguments (``_checked_args``), ``dtype`` the GEMMs' dtype.
 
     Returns logp [...] and entropy [...] (or [0] without ``with_entropy``) at targets' shape, 0
-    at ignored positions, float32 (float64 for float64 inputs); for the backward, the statistics
-    [1 or 2, n] of the n = targets.numel() positions (lse, then entropy: the returned entropy may
-    be edited by the caller) and the block cut: int64 [2] on the CPU, (tokens per chunk, 1 for
-    vocabulary order), so the backward recomputes the forward's blocks bit for bit.
+    at ignored positions, float32 (float64 for float64 inputs); and for the backward, of the Nv
+    scored positions among the n = targets.numel(): their statistics [1 or 2, n] (lse, then
+    entropy, in the first Nv columns: the returned entropy may be edited by the caller), their
+    flat indices int64 [n] (the first Nv entries), and int64 [3] on the CPU: (tokens per chunk,
+    1 for vocabulary order, Nv), so that the backward recomputes the forward's blocks bit for bit.
     """
     h, t, index, plan = _prepare(
         hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, "A", grad_order,
@@ -786,14 +788,17 @@ def _token_logprobs(
         h, w, b = _cast(plan.dtype, h, weight, bias)
         rows = _RowData.empty(h, with_entropy)
         _stats_pass(plan, h, w, b, t, rows, _block_buffer(plan, h, w.shape[0]))
-    shape, n = tuple(targets.shape), targets.numel()
+    shape, n, n_scored = tuple(targets.shape), targets.numel(), h.shape[0]
     kept = [rows.lse] if rows.entropy is None else [rows.lse, rows.entropy]
-    stats = torch.stack([_scatter_rows(x, index, n, (n,)) for x in kept])
+    stats = rows.lse.new_zeros((len(kept), n))
+    stats[:, :n_scored] = torch.stack(kept)
+    scored = t.new_zeros(n)
+    scored[:n_scored] = torch.arange(n, device=t.device) if index is None else index
     # outputs of their own: autograd forbids editing a custom op's output that is a view in place
     logp = _scatter_rows(rows.logp, index, n, shape).clone()
-    entropy = stats[1].reshape(shape).clone() if with_entropy else logp.new_zeros(0)
-    cut = torch.tensor([plan.chunk, plan.order == "vocab"], dtype=torch.int64)
-    return logp, entropy, stats, cut
+    entropy = _scatter_rows(rows.entropy, index, n, shape).clone() if with_entropy else logp.new_zeros(0)
+    cut = torch.tensor([plan.chunk, plan.order == "vocab", n_scored], dtype=torch.int64)
+    return logp, entropy, stats, scored, cut
 
 
 @_token_logprobs.register_fake
@@ -803,25 +808,26 @@ def _token_logprobs_fake(hidden, weight, bias, targets, temperature, ignore_inde
     logp = targets.new_empty(targets.shape, dtype=stat)
     entropy = targets.new_empty(targets.shape if with_entropy else (0,), dtype=stat)
     stats = targets.new_empty((2 if with_entropy else 1, targets.numel()), dtype=stat)
-    return logp, entropy, stats, torch.empty(2, dtype=torch.int64, device="cpu")
+    scored = targets.new_empty((targets.numel(),), dtype=torch.int64)
+    return logp, entropy, stats, scored, torch.empty(3, dtype=torch.int64, device="cpu")
 
 
 @torch.library.custom_op(f"{_MODE_A}_backward", mutates_args=())
 def _token_logprobs_backward(
     g_logp: Tensor, g_ent: Optional[Tensor], hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-    targets: Tensor, stats: Tensor, cut: Tensor, temperature: float, ignore_index: int, backend: str,
+    targets: Tensor, stats: Tensor, scored: Tensor, cut: Tensor, temperature: float, backend: str,
     accum_dtype: Optional[torch.dtype], dtype: torch.dtype, want: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Mode A's backward: the gradients of hidden, weight and bias (``want``: which), each in its
     input's dtype, [0] where not wanted; g_logp [...] and g_ent [...] or None (no entropy term)
-    at targets' shape, stats and cut from the forward."""
-    chunk, vocab_order = cut.tolist()
-    h, t, index, plan = _prepare(
-        hidden, weight, targets, bias, temperature, ignore_index, backend, chunk, "A",
-        "vocab" if vocab_order else "tokens", accum_dtype, dtype,
-    )
-    lse = _gather_rows(stats[0], index)
-    entropy = _gather_rows(stats[1], index) if stats.shape[0] > 1 else None
+    at targets' shape, stats, scored and cut from the forward."""
+    chunk, vocab_order, n_scored = cut.tolist()
+    index = None if n_scored == targets.numel() else scored[:n_scored]
+    h, t = _gather_valid(hidden, targets, index)
+    order = "vocab" if vocab_order else "tokens"
+    plan = _plan("A", backend, hidden, weight.shape[0], h.shape[0], chunk, temperature, order, accum_dtype, dtype,
+                 weight.dtype)
+    lse, entropy = stats[0, :n_scored], (stats[1, :n_scored] if stats.shape[0] > 1 else None)
     g_logp = _gather_rows(g_logp.reshape(-1).to(lse.dtype), index)
     g_ent = None if g_ent is None or entropy is None else _gather_rows(g_ent.reshape(-1).to(lse.dtype), index)
     want_h, want_w, want_b = want
@@ -844,28 +850,28 @@ def _gradient_likes(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], stat
 
 
 @_token_logprobs_backward.register_fake
-def _token_logprobs_backward_fake(g_logp, g_ent, hidden, weight, bias, targets, stats, cut, temperature,
-                                  ignore_index, backend, accum_dtype, dtype, want):
+def _token_logprobs_backward_fake(g_logp, g_ent, hidden, weight, bias, targets, stats, scored, cut, temperature,
+                                  backend, accum_dtype, dtype, want):
     likes = _gradient_likes(hidden, weight, bias, stats)
     return tuple(x.new_empty(x.shape if w else (0,)) for x, w in zip(likes, want))
 
 
 def _token_logprobs_setup(ctx, inputs, output) -> None:
-    hidden, weight, bias, targets, temperature, ignore_index, _, backend, _, _, accum_dtype, dtype = inputs
-    ctx.save_for_backward(hidden, weight, bias, targets, output[2], output[3])
-    ctx.args = (temperature, ignore_index, backend, accum_dtype, dtype)
+    hidden, weight, bias, targets, temperature, _, _, backend, _, _, accum_dtype, dtype = inputs
+    ctx.save_for_backward(hidden, weight, bias, targets, *output[2:])
+    ctx.args = (temperature, backend, accum_dtype, dtype)
     # an output that no loss uses gets None, not zeros: an unused entropy adds no term
     ctx.set_materialize_grads(False)
 
 
-def _token_logprobs_grad(ctx, g_logp, g_ent, _g_stats, _g_cut):
+def _token_logprobs_grad(ctx, g_logp, g_ent, *_g_saved):
     _refuse_double_backward()
-    hidden, weight, bias, targets, stats, cut = ctx.saved_tensors
+    hidden, weight, bias, targets, stats, scored, cut = ctx.saved_tensors
     want = [bool(w) for w in ctx.needs_input_grad[:3]]
     want[2] = want[2] and bias is not None
     if g_logp is None:
         g_logp = stats.new_zeros(targets.shape)
-    grads = _token_logprobs_backward(g_logp, g_ent, hidden, weight, bias, targets, stats, cut, *ctx.args, want)
+    grads = _token_logprobs_backward(g_logp, g_ent, hidden, weight, bias, targets, stats, scored, cut, *ctx.args, want)
     return (*(g if w else None for g, w in zip(grads, want)), *([None] * 9))
 
 
@@ -1213,7 +1219,7 @@ def fused_token_logprobs(
     temperature, ignore_index, chunk_size, dtype = _checked_args(
         hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, grad_order, accum_dtype
     )
-    logp, entropy, _, _ = _token_logprobs(
+    logp, entropy, *_ = _token_logprobs(
         hidden, weight, bias, targets, temperature, ignore_index, bool(return_entropy), backend, chunk_size,
         grad_order, accum_dtype, dtype,
     )

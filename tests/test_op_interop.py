@@ -393,24 +393,51 @@ def test_mode_a_argument_errors_under_fullgraph_compile():
         torch.compile(lambda h, w: fused_token_logprobs(h, w, bad)[0], backend="aot_eager", fullgraph=True)(hidden, weight)
 
 
-@pytest.mark.parametrize("entropy, with_bias, want", [
-    (True, True, [True, True, True]), (False, True, [True, False, False]), (False, False, [False, True, False]),
+@pytest.mark.parametrize("entropy, with_bias, want, ignored", [
+    (True, True, [True, True, True], True), (False, True, [True, False, False], True),
+    (False, False, [False, True, False], False), (True, False, [True, True, False], False),
 ])
-def test_mode_a_custom_ops_pass_torch_opcheck(entropy, with_bias, want):
+def test_mode_a_custom_ops_pass_torch_opcheck(entropy, with_bias, want, ignored):
     """torch.library.opcheck: schemas, fake (meta) functions against the real ones, the autograd
     registration and AOT dispatch with dynamic shapes, for the forward and the backward op,
-    with and without entropy and bias, and some gradients not wanted."""
+    with and without entropy, bias and ignored positions, and some gradients not wanted."""
     hidden, weight, bias, targets = _leaves(torch.float32, seed=10)
+    if not ignored:
+        targets = targets.clamp(min=0)
     b = bias if with_bias else None
     args = (hidden, weight, b, targets, 0.8, -100, entropy, "cpu", 4, "tokens", torch.float32, torch.float32)
     torch.library.opcheck(ops._token_logprobs, args)
-    _, _, stats, cut = ops._token_logprobs(*args)
+    _, _, stats, scored, cut = ops._token_logprobs(*args)
+    assert cut.tolist() == [4, 0, 11 if ignored else 13] and scored.shape == (13,)
     g = torch.randn(targets.shape, generator=torch.Generator().manual_seed(11))
     detached = [None if x is None else x.detach() for x in (hidden, weight, b)]
     torch.library.opcheck(ops._token_logprobs_backward, (
-        g, g * 0.5 if entropy else None, *detached, targets, stats.detach(), cut, 0.8, -100, "cpu", torch.float32,
+        g, g * 0.5 if entropy else None, *detached, targets, stats.detach(), scored, cut, 0.8, "cpu", torch.float32,
         torch.float32, want,
     ))
+
+
+def test_mode_a_backward_reads_nothing_from_the_device(monkeypatch):
+    """The target ids are read (a device sync on a GPU) once, in the forward: the backward takes
+    the scored rows and their count from it, with ignored positions and without."""
+    calls = []
+    real = ops._valid_rows
+    monkeypatch.setattr(ops, "_valid_rows", lambda *a: calls.append(1) or real(*a))
+    for ignored in (True, False):
+        hidden, weight, bias, targets = _leaves(torch.float32, seed=14)
+        if not ignored:
+            targets = targets.clamp(min=0)
+        logp, ent = fused_token_logprobs(hidden, weight, targets, bias=bias, return_entropy=True, chunk_size=4)
+        assert len(calls) == 1
+        got = torch.autograd.grad((logp - 0.2 * ent).sum(), [hidden, weight, bias])
+        assert len(calls) == 1
+        calls.clear()
+        ref_in = [x.detach().double().requires_grad_() for x in (hidden, weight, bias)]
+        ref_logp, ref_ent = reference_logprobs(ref_in[0], ref_in[1], targets, ref_in[2])
+        valid = targets != -100
+        want = torch.autograd.grad(((ref_logp - 0.2 * ref_ent) * valid).sum(), ref_in)
+        for g, w in zip(got, want):
+            assert rel_err(g, w) < 1e-5
 
 
 def test_mode_b_inside_torch_compile_is_one_opaque_call():
