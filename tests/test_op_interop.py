@@ -417,6 +417,36 @@ def test_mode_a_custom_ops_pass_torch_opcheck(entropy, with_bias, want, ignored)
     ))
 
 
+def test_mode_a_exports_as_one_node():
+    """torch.export keeps mode A as its custom op, one node, and the exported program computes the
+    op's values and gradients (float64 reference)."""
+    hidden, weight, _, targets = _leaves(torch.float32, seed=15)
+
+    class Scorer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(weight.detach().clone())
+
+        def forward(self, h, t):
+            logp, ent = fused_token_logprobs(torch.tanh(h), self.weight, t, return_entropy=True, temperature=0.9)
+            return (logp - 0.1 * ent).sum()
+
+    program = torch.export.export(Scorer(), (hidden.detach(), targets))
+    ops_in_graph = [n.target for n in program.graph.nodes if "hpt_fast" in str(n.target)]
+    assert ops_in_graph == [torch.ops.hpt_fast.token_logprobs.default]
+    module = program.module()
+    h = hidden.detach().clone().requires_grad_()
+    out = module(h, targets)
+    got = torch.autograd.grad(out, [h, module.weight])
+    ref_in = [hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()]
+    logp, ent = reference_logprobs(torch.tanh(ref_in[0]), ref_in[1], targets, None, 0.9)
+    want_out = ((logp - 0.1 * ent) * (targets != -100)).sum()
+    want = torch.autograd.grad(want_out, ref_in)
+    assert rel_err(out, want_out) < 1e-6
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-5
+
+
 def test_mode_a_backward_reads_nothing_from_the_device(monkeypatch):
     """The target ids are read (a device sync on a GPU) once, in the forward: the backward takes
     the scored rows and their count from it, with ignored positions and without."""
