@@ -485,6 +485,46 @@ def test_logits_block_rows_are_aligned(order, align):
     assert seen == n * v
 
 
+@pytest.mark.parametrize("order", ORDERS)
+def test_mode_a_backward_cuts_the_logits_as_its_forward(order, monkeypatch):
+    """Mode A's backward recomputes the forward's logits blocks (the forward op hands it its
+    cut): both passes see blocks of chunk_size rows in token order and the same vocabulary slabs
+    (of at most chunk * V // N columns, aligned) in vocabulary order, ignored rows left out."""
+    from hpt_fast.backends import torch_backend
+
+    seen = {"row_stats": [], "grad_logits": []}
+
+    def spy(name):
+        real = getattr(torch_backend, name)
+
+        def call(logits, *args, col_offset=0, **kwargs):
+            seen[name].append((tuple(logits.shape), col_offset))
+            return real(logits, *args, col_offset=col_offset, **kwargs)
+
+        monkeypatch.setattr(torch_backend, name, call)
+
+    spy("row_stats")
+    spy("grad_logits")
+    gen = torch.Generator().manual_seed(21)
+    n, h, v = 14, 8, 640
+    hidden = torch.randn(n, h, generator=gen, requires_grad=True)
+    weight = (torch.randn(v, h, generator=gen) * 0.3).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=gen)
+    targets[[3, 9]] = -100  # 12 scored rows
+    logp, ent = fused_token_logprobs(hidden, weight, targets, return_entropy=True, backend="torch",
+                                     chunk_size=5, grad_order=order)
+    got = torch.autograd.grad((logp - 0.3 * ent).sum(), [hidden, weight])
+    if order == "tokens":
+        want = [((5, v), 0), ((5, v), 0), ((2, v), 0)]
+    else:  # slabs of at most 5 * 640 // 12 = 266 columns: an even split, 214, rounds up to 256
+        want = [((12, 256), 0), ((12, 256), 256), ((12, 128), 512)]
+    assert sorted(seen["row_stats"]) == sorted(want) and sorted(seen["grad_logits"]) == sorted(want)
+    ref_in = [x.detach().double().requires_grad_() for x in (hidden, weight)]
+    ref_logp, ref_ent = reference_logprobs(*ref_in, targets)
+    for g, w in zip(got, torch.autograd.grad((ref_logp - 0.3 * ref_ent).sum(), ref_in)):
+        assert rel_err(g, w) < 1e-5
+
+
 def test_gradcheck_float64_both_modes():
     gen = torch.Generator().manual_seed(0)
     n, h, v = 6, 4, 9
@@ -572,6 +612,46 @@ def test_mode_b_rows_index_the_flat_targets():
 
     fused_linear_loss(torch.randn(2, 3, 5), torch.randn(4, 5), targets, fn, backend="torch", chunk_size=2)
     assert torch.cat(seen).tolist() == [0, 2, 4, 5]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_mode_a_backward_computes_what_the_loss_needs(backend, monkeypatch):
+    """Mode A's gradient pass makes the gradients of the inputs that need one (a frozen weight or
+    bias gets none computed, not one computed and dropped) and takes an entropy term only from a
+    loss that uses the entropy (an unused output's gradient is None, not zeros); a loss of the
+    entropy alone gets the logp term's zeros. Against float64 in each case."""
+    _skip_unavailable(backend)
+    made = []
+
+    class Spy(ops._GradientPass):
+        def __init__(self, plan, hidden, weight, targets, rows, dtypes, want_h, want_w):
+            made.append((want_h, want_w, dtypes[2] is not None, rows.g_ent is not None))
+            super().__init__(plan, hidden, weight, targets, rows, dtypes, want_h, want_w)
+
+    monkeypatch.setattr(ops, "_GradientPass", Spy)
+    gen = torch.Generator().manual_seed(22)
+    n, h, v = 9, 6, 23
+    inputs = (torch.randn(n, h, generator=gen), torch.randn(v, h, generator=gen) * 0.5, torch.randn(v, generator=gen))
+    targets = torch.randint(0, v, (n,), generator=gen)
+    targets[[1, 6]] = -100
+    valid = targets != -100
+    # which of hidden, weight, bias need a gradient; the loss; what the pass makes: the gradients
+    # of hidden, weight and bias, and the entropy term
+    cases = [((True, False, False), lambda lp, e: (lp * 0.7).sum(), (True, False, False, False)),
+             ((False, True, True), lambda lp, e: (e * 0.4).sum(), (False, True, True, True)),
+             ((False, False, True), lambda lp, e: (lp - 0.2 * e).sum(), (False, False, True, True))]
+    for need, loss_of, want_made in cases:
+        leaves = [x.detach().requires_grad_(r) for x, r in zip(inputs, need)]
+        logp, ent = fused_token_logprobs(leaves[0], leaves[1], targets, bias=leaves[2], return_entropy=True,
+                                         backend=backend, temperature=0.9, chunk_size=4)
+        made.clear()
+        got = torch.autograd.grad(loss_of(logp, ent), [x for x in leaves if x.requires_grad])
+        assert made == [want_made], need
+        ref_in = [x.detach().double().requires_grad_(r) for x, r in zip(inputs, need)]
+        ref_logp, ref_ent = reference_logprobs(ref_in[0], ref_in[1], targets, ref_in[2], 0.9)
+        want = torch.autograd.grad(loss_of(ref_logp * valid, ref_ent * valid), [x for x in ref_in if x.requires_grad])
+        for g, w in zip(got, want):
+            assert rel_err(g, w) < 1e-5, need
 
 
 def test_mode_b_frozen_inputs_skip_gradients():

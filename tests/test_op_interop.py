@@ -470,6 +470,86 @@ def test_mode_a_backward_reads_nothing_from_the_device(monkeypatch):
             assert rel_err(g, w) < 1e-5
 
 
+@pytest.mark.parametrize("dtype, backend", [(torch.bfloat16, "cpu"), (torch.float64, "torch")], ids=str)
+def test_mode_a_custom_ops_pass_torch_opcheck_in_other_dtypes(dtype, backend):
+    """The fake functions give the real outputs' dtypes where they are not the inputs': float32
+    logp, entropy and statistics for bf16 inputs, float64 ones for float64 inputs; and each
+    gradient in its input's dtype, with and without bias."""
+    hidden, weight, bias, targets = (x.detach().to(dtype) if x.is_floating_point() else x
+                                     for x in _leaves(torch.float32, seed=15))
+    args = (hidden, weight, bias, targets, 0.8, -100, True, backend, 4, "tokens", None, dtype)
+    torch.library.opcheck(ops._token_logprobs, args)
+    logp, ent, stats, scored, cut = ops._token_logprobs(*args)
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    assert logp.dtype == ent.dtype == stats.dtype == stat
+    g = torch.randn(targets.shape, generator=torch.Generator().manual_seed(16), dtype=stat)
+    for b, want in ((bias, [True, True, True]), (None, [True, False, False])):
+        torch.library.opcheck(ops._token_logprobs_backward, (
+            g, g * 0.5, hidden, weight, b, targets, stats, scored, cut, 0.8, backend, None, dtype, want,
+        ))
+
+
+@pytest.mark.parametrize("ignored", [True, False], ids=["some-ignored", "all-scored"])
+def test_mode_a_forward_hands_the_backward_its_scored_rows(ignored):
+    """What the forward op keeps for the backward, of the Nv scored positions: their lse and
+    entropy in the first Nv columns of stats, their flat indices in the first Nv entries of
+    scored (also when none is ignored; zeros after them), (chunk, vocabulary order, Nv) in cut;
+    against float64."""
+    hidden, weight, bias, targets = (x.detach() for x in _leaves(torch.float32, seed=17))
+    if not ignored:
+        targets = targets.clamp(min=0)
+    hidden, targets = hidden[:12].reshape(3, 4, -1), targets[:12].reshape(3, 4)
+    args = (hidden, weight, bias, targets, 0.8, -100, True, "cpu", 4, "vocab", torch.float32, torch.float32)
+    _, ent, stats, scored, cut = ops._token_logprobs(*args)
+    rows = (targets.reshape(-1) != -100).nonzero().squeeze(1)
+    n_scored = rows.numel()
+    assert cut.tolist() == [4, 1, n_scored] and stats.shape == (2, 12) and scored.shape == (12,)
+    assert torch.equal(scored[:n_scored], rows)
+    # the rest is zeros, not whatever memory held: the outputs are deterministic (opcheck and
+    # AOT's comparisons of a compiled call with eager rely on it)
+    assert not stats[:, n_scored:].any() and not scored[n_scored:].any()
+    logits = (hidden.reshape(12, -1).double() @ weight.double().t() + bias.double()) / 0.8
+    assert rel_err(stats[0, :n_scored], torch.logsumexp(logits, -1)[rows]) < 1e-6
+    assert torch.equal(stats[1, :n_scored], ent.reshape(-1)[rows])
+    _, ref_ent = reference_logprobs(hidden, weight, targets, bias, 0.8)
+    assert rel_err(ent, ref_ent) < 1e-5
+
+
+def test_mode_a_runs_on_the_backend_asked_for(monkeypatch):
+    """backend="cpu": both of mode A's custom ops run the C++ row kernels, never the torch
+    backend's; and without return_entropy the statistics pass keeps no entropy sums."""
+    from hpt_fast.backends import torch_backend
+
+    cpu_backend = _cpu_backend()
+    calls = []
+
+    def spy(module, name):
+        real, tag = getattr(module, name), (module.__name__.rsplit(".", 1)[-1], name)
+
+        def call(*args, **kwargs):
+            calls.append((*tag, args[3] if name == "row_stats" else None))  # row_stats' with_entropy
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, call)
+
+    for module in (torch_backend, cpu_backend):
+        spy(module, "row_stats")
+        spy(module, "grad_logits")
+    hidden, weight, bias, targets = _leaves(torch.float32, seed=18)
+    for entropy in (True, False):
+        calls.clear()
+        logp, ent = fused_token_logprobs(hidden, weight, targets, bias=bias, return_entropy=entropy, backend="cpu",
+                                         chunk_size=4, grad_order="tokens")
+        got = torch.autograd.grad(logp.sum() if ent is None else (logp + ent).sum(), [hidden, weight, bias])
+        # 11 scored rows in chunks of 4: three blocks per pass
+        assert calls == [("cpu_backend", "row_stats", entropy)] * 3 + [("cpu_backend", "grad_logits", None)] * 3
+        ref_in = [x.detach().double().requires_grad_() for x in (hidden, weight, bias)]
+        ref_logp, ref_ent = reference_logprobs(ref_in[0], ref_in[1], targets, ref_in[2])
+        want = torch.autograd.grad((ref_logp + ref_ent).sum() if entropy else ref_logp.sum(), ref_in)
+        for g, w in zip(got, want):
+            assert rel_err(g, w) < 1e-5
+
+
 def test_mode_b_inside_torch_compile_is_one_opaque_call():
     """Mode B takes a Python function, which no custom op can: a compiled step runs it as one
     opaque call (one graph break around it), where tracing into its argument checks and C++ /
