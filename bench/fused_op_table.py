@@ -32,7 +32,7 @@ import torch
 
 from bench.cli import check_device, cli_description, implementations_named
 from bench.implementations import GEMM_NAMES, SEQ_LEN, Impl, Problem, implementations, make_problem, synchronize
-from hpt_fast import ops
+from hpt_fast import op_plan
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SHAPES = "2048x1024x32768,2048x1024x151936"
@@ -359,7 +359,7 @@ FOOTNOTES = """\
 
 def _budget_text(shapes: list[Shape]) -> str:
     """The logits block budget of each shape's calls, for the footnotes."""
-    sizes = ", ".join(f"{ops._budget_bytes(s.tokens, s.vocab) / 2**20:g} MiB at {s}" for s in shapes)
+    sizes = ", ".join(f"{op_plan.budget_bytes(s.tokens, s.vocab) / 2**20:g} MiB at {s}" for s in shapes)
     how = "HPT_FAST_MEMORY_BUDGET_MB" if "HPT_FAST_MEMORY_BUDGET_MB" in os.environ else "the default"
     return f"{how}: {sizes}"
 

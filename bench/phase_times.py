@@ -3,12 +3,12 @@ the profiler.
 
 torch.profiler showed the GPU idle for about 2.8 ms before the op's first kernel
 (``results_gpu_h200_profile.md``), but may itself be the cause. This script wraps the op's phases
-(``hpt_fast.ops`` functions, looked up by name at call time) with a host clock and, on CUDA, a pair
-of CUDA events, runs plain steps, and prints per phase the host time and the device-timeline time
-between its two events (which includes any time the device waited for the host), beside the
-whole step's and the step's time outside every phase. In token order mode B's token_loss_fn runs
-inside the statistics pass and is counted in both rows. A phase whose device time far exceeds its
-kernels' shows where the device sat idle.
+(functions of ``hpt_fast.op_inputs``, ``op_plan``, ``op_passes`` and ``op_token_loss``, looked up by
+name at call time) with a host clock and, on CUDA, a pair of CUDA events, runs plain steps, and
+prints per phase the host time and the device-timeline time between its two events (which includes
+any time the device waited for the host), beside the whole step's and the step's time outside every
+phase. In token order mode B's token_loss_fn runs inside the statistics pass and is counted in both
+rows. A phase whose device time far exceeds its kernels' shows where the device sat idle.
 
     python -m bench.phase_times --impls hpt_b_triton,hpt_a_triton --device cuda
 """
@@ -28,18 +28,18 @@ from bench.fused_op_table import DTYPES, Shape, machine_description
 from bench.cli import check_device, cli_description, implementations_named
 from bench.implementations import synchronize
 from bench.profile_op import warm_step
-from hpt_fast import ops
+from hpt_fast import op_inputs, op_passes, op_plan, op_token_loss
 
 # (label, owner, attribute): the op's phases in call order
 PHASES = [
-    ("targets check (host syncs)", ops, "_valid_rows"),
-    ("gather valid rows", ops, "_gather_valid"),
-    ("plan", ops, "_plan"),
-    ("statistics pass", ops, "_stats_pass"),
-    ("token_loss_fn and its gradient", ops, "_token_loss_grads"),
-    ("gradient pass (recomputed blocks)", ops._GradientPass, "recompute"),
-    ("finiteness check (host sync)", ops, "_check_finite"),
-    ("gradient results", ops._GradientPass, "result"),
+    ("targets check (host syncs)", op_inputs, "valid_rows"),
+    ("gather valid rows", op_inputs, "gather_valid"),
+    ("plan", op_plan, "make_plan"),
+    ("statistics pass", op_passes, "stats_pass"),
+    ("token_loss_fn and its gradient", op_token_loss, "token_loss_grads"),
+    ("gradient pass (recomputed blocks)", op_passes.GradientPass, "recompute"),
+    ("finiteness check (host sync)", op_token_loss, "check_finite"),
+    ("gradient results", op_passes.GradientPass, "result"),
 ]
 
 

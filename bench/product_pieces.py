@@ -2,10 +2,10 @@
 
 PyTorch's CPU GEMMs write bf16 products, so the op's float32 sums (token order's weight gradient,
 vocabulary order's hidden gradient, a float32 gradient under autocast) take each block's product
-through a bf16 scratch and add it with the backend's ``accumulate_`` (``ops._matmul_into``). This
+through a bf16 scratch and add it with the backend's ``accumulate_`` (``op_passes.matmul_into``). This
 times one token chunk's weight-gradient product, ``[V, C] @ [C, H]`` added into a float32
 ``[V, H]`` sum, as one whole product (a ``[V, H]`` scratch, then one pass) and in row pieces of
-several sizes (``ops._PIECE_BYTES``), each added while it is still in cache.
+several sizes (``op_passes.PIECE_BYTES``), each added while it is still in cache.
 
     python -m bench.product_pieces                      # V 151936, C 441, H 1024 (the default budget's chunk)
 """
@@ -18,7 +18,7 @@ import torch
 from bench.cli import cli_description
 from bench.fused_op_table import machine_description
 from bench.gemm_chunking import best_of
-from hpt_fast import backends, ops
+from hpt_fast import backends, op_passes
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
         backend.accumulate_(total, whole)
 
     def pieces() -> None:
-        ops._matmul_into(total, logits.t(), hidden, True, backend)
+        op_passes.matmul_into(total, logits.t(), hidden, True, backend)
 
     print(f"## One chunk's weight-gradient product into a float32 sum: [{args.vocab}, {args.chunk}] @ "
           f"[{args.chunk}, {args.hidden}], bf16\n")
@@ -52,15 +52,15 @@ def main() -> None:
     whole_mib = args.vocab * args.hidden * 2 / 2**20
     print(f"| whole, then one pass | {args.vocab} | {whole_mib:.0f} | {best_of(whole_product, args.repeats) * 1e3:.1f} |",
           flush=True)
-    default = ops._PIECE_BYTES
+    default = op_passes.PIECE_BYTES
     try:
         for mib in (float(x) for x in args.pieces_mib.split(",")):
-            ops._PIECE_BYTES = int(mib * 2**20)
-            rows = min(ops._piece_rows(args.hidden, torch.bfloat16), args.vocab)
-            mark = " (default)" if ops._PIECE_BYTES == default else ""
+            op_passes.PIECE_BYTES = int(mib * 2**20)
+            rows = min(op_passes.piece_rows(args.hidden, torch.bfloat16), args.vocab)
+            mark = " (default)" if op_passes.PIECE_BYTES == default else ""
             print(f"| pieces{mark} | {rows} | {mib:g} | {best_of(pieces, args.repeats) * 1e3:.1f} |", flush=True)
     finally:
-        ops._PIECE_BYTES = default
+        op_passes.PIECE_BYTES = default
 
 
 if __name__ == "__main__":

@@ -268,7 +268,7 @@ bool has_onednn_matmul() {
 }
 
 // out = a @ b, or out += a @ b with add: float32 [M, K] x [K, N] -> contiguous [M, N], through
-// oneDNN. Callers check has_onednn_matmul() and trust it only after a trial (ops.py).
+// oneDNN. Callers check has_onednn_matmul() and trust it only after a trial (cpu_backend.py).
 at::Tensor onednn_matmul(const at::Tensor& a, const at::Tensor& b, at::Tensor out, bool add) {
   TORCH_CHECK(has_onednn_matmul(), "this torch build has no at::native::mkldnn_matmul");
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&a, &b, &out}) {

@@ -11,7 +11,7 @@ from typing import Optional
 import pytest
 import torch
 
-from hpt_fast import backends, fused_linear_loss, fused_token_logprobs, ops
+from hpt_fast import backends, fused_linear_loss, fused_token_logprobs, op_passes, op_plan
 from tests.reference import backend_device, reference_logprobs, rel_err
 
 BACKENDS = ["torch", "cpu", "triton"]
@@ -262,7 +262,7 @@ def test_vocab_slabs_of_width_one(backend, dtype):
     targets = torch.randint(0, v, (n,), generator=gen)
     targets[[2, 9]] = -100
     targets = targets.to(device)
-    assert ops._plan("A", backend, hidden, v, n - 2, 1, 0.9, "vocab", torch.float32).slab == 1
+    assert op_plan.make_plan("A", backend, hidden, v, n - 2, 1, 0.9, "vocab", torch.float32).slab == 1
     ref_in = [x.detach().double().requires_grad_() for x in (hidden, weight, bias)]
     ref_logp, ref_ent = reference_logprobs(ref_in[0], ref_in[1], targets, ref_in[2], 0.9)
     g_ent = torch.randn(n, generator=gen).to(device)
@@ -284,7 +284,7 @@ def test_vocab_slabs_of_width_one(backend, dtype):
 def _plan_order(mode: str, dtype: torch.dtype, n: int, v: int, h: int, chunk_size=None,
                 accum_dtype=torch.float32) -> str:
     hidden = torch.empty(n, h, dtype=dtype)
-    return ops._plan(mode, "torch", hidden, v, n, chunk_size, 1.0, "auto", accum_dtype).order
+    return op_plan.make_plan(mode, "torch", hidden, v, n, chunk_size, 1.0, "auto", accum_dtype).order
 
 
 def test_plan_picks_vocab_order_exactly_when_it_should(monkeypatch):
@@ -342,8 +342,8 @@ def test_wider_sums_take_products_in_pieces(backend, monkeypatch):
     want = torch.autograd.grad((ref_logp + 0.5 * ref_ent).sum(), ref_in)
     fp32 = [x.detach().float().requires_grad_() for x in _inputs(p)]
     results = []
-    for piece_bytes in (ops._PIECE_BYTES, 3 * p.hidden.shape[-1] * 2):  # whole products, then 3 rows
-        monkeypatch.setattr(ops, "_PIECE_BYTES", piece_bytes)
+    for piece_bytes in (op_passes.PIECE_BYTES, 3 * p.hidden.shape[-1] * 2):  # whole products, then 3 rows
+        monkeypatch.setattr(op_passes, "PIECE_BYTES", piece_bytes)
         for order in ORDERS:
             kw = dict(bias=p.bias, temperature=p.temperature, backend=backend, chunk_size=p.chunk_size,
                       grad_order=order, return_entropy=True)
@@ -369,13 +369,13 @@ def test_sum_in_the_inputs_dtype(backend, dtype, monkeypatch):
     whatever accum_dtype says."""
     _skip_unavailable(backend)
     made = []
-    real_init = ops._MatmulSum.__init__
+    real_init = op_passes.MatmulSum.__init__
 
     def spy(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
         made.append(self.acc is not self.out)
 
-    monkeypatch.setattr(ops._MatmulSum, "__init__", spy)
+    monkeypatch.setattr(op_passes.MatmulSum, "__init__", spy)
     p = draw_problem(backend, dtype, 2)
     p.chunk_size = 5  # several token chunks and vocabulary slabs on every backend's case
     ref_in = _reference_inputs(p)
@@ -417,14 +417,14 @@ def test_gradient_pass_runs_in_the_planned_order(monkeypatch, requested):
         return real(logits, *args, col_offset=col_offset, **kwargs)
 
     gemms = []
-    real_gemm = ops._logits_block
+    real_gemm = op_passes.logits_block
 
     def count_gemms(h, w, b, out, backend):
         gemms.append(tuple(out.shape))
         return real_gemm(h, w, b, out, backend)
 
     monkeypatch.setattr(torch_backend, "grad_logits", spy)
-    monkeypatch.setattr(ops, "_logits_block", count_gemms)
+    monkeypatch.setattr(op_passes, "logits_block", count_gemms)
     monkeypatch.setenv("HPT_FAST_MEMORY_BUDGET_MB", "0.01")  # the [V, H] float32 buffer is 20 KiB
     n, h, v = 12, 8, 640
     hidden = torch.randn(n, h, dtype=torch.bfloat16, requires_grad=True)
@@ -449,7 +449,7 @@ def test_gradient_pass_runs_in_the_planned_order(monkeypatch, requested):
 def test_slabs_are_even_aligned_and_within_the_widest(vocab, widest):
     """Slabs: no wider than allowed, as few as full aligned ones would take, all but the last of one
     width and a multiple of 64 columns where ``widest`` is, the last not much narrower."""
-    slab = ops._slab_width(vocab, widest)
+    slab = op_plan.slab_width(vocab, widest)
     n_slabs = -(-vocab // slab)
     last = vocab - (n_slabs - 1) * slab
     assert 0 < slab <= widest or slab == vocab <= widest
@@ -471,13 +471,13 @@ def test_logits_block_rows_are_aligned(order, align):
     gen = torch.Generator().manual_seed(4)
     n, h, v = 50, 16, 1001
     hidden, weight = torch.randn(n, h, generator=gen), torch.randn(v, h, generator=gen)
-    plan = ops._plan("B", "torch", hidden, v, n, 7, 1.0, order, torch.float32)
+    plan = op_plan.make_plan("B", "torch", hidden, v, n, 7, 1.0, order, torch.float32)
     assert plan.slab == 128  # at most 7 * 1001 // 50 = 140: 128 (a multiple of 64), 8 slabs
     assert plan.row_align == 1  # CPU tensors
     plan = dataclasses.replace(plan, row_align=align)
-    buffer = ops._block_buffer(plan, hidden, v)
+    buffer = op_passes.block_buffer(plan, hidden, v)
     seen = 0
-    for logits, r, c in ops._blocks(plan, hidden, weight, None, buffer):
+    for logits, r, c in op_passes.blocks(plan, hidden, weight, None, buffer):
         assert logits.stride(1) == 1
         assert logits.stride(0) % 64 == 0 if align == 64 else logits.is_contiguous()
         assert torch.allclose(logits, hidden[r] @ weight[c].t(), atol=1e-5)
@@ -623,12 +623,12 @@ def test_mode_a_backward_computes_what_the_loss_needs(backend, monkeypatch):
     _skip_unavailable(backend)
     made = []
 
-    class Spy(ops._GradientPass):
+    class Spy(op_passes.GradientPass):
         def __init__(self, plan, hidden, weight, targets, rows, dtypes, want_h, want_w):
             made.append((want_h, want_w, dtypes[2] is not None, rows.g_ent is not None))
             super().__init__(plan, hidden, weight, targets, rows, dtypes, want_h, want_w)
 
-    monkeypatch.setattr(ops, "_GradientPass", Spy)
+    monkeypatch.setattr(op_passes, "GradientPass", Spy)
     gen = torch.Generator().manual_seed(22)
     n, h, v = 9, 6, 23
     inputs = (torch.randn(n, h, generator=gen), torch.randn(v, h, generator=gen) * 0.5, torch.randn(v, generator=gen))
@@ -672,13 +672,13 @@ def test_mode_b_without_autograd_skips_the_gradient_pass(order, monkeypatch):
     """Under no_grad / inference_mode (an evaluation loss) mode B computes the loss of inputs that
     require grad without building any gradient, at a statistics pass's cost."""
     made = []
-    real_init = ops._GradientPass.__init__
+    real_init = op_passes.GradientPass.__init__
 
     def spy(self, *args, **kwargs):
         made.append(True)
         real_init(self, *args, **kwargs)
 
-    monkeypatch.setattr(ops._GradientPass, "__init__", spy)
+    monkeypatch.setattr(op_passes.GradientPass, "__init__", spy)
     gen = torch.Generator().manual_seed(6)
     hidden = torch.randn(9, 6, generator=gen, requires_grad=True)
     weight = torch.randn(13, 6, generator=gen, requires_grad=True)

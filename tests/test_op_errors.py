@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpt_fast import fused_linear_loss, fused_token_logprobs, ops
+from hpt_fast import fused_linear_loss, fused_token_logprobs, op_inputs
 
 
 def _ok():
@@ -67,8 +67,8 @@ def test_a_bad_backend_name_is_refused_before_the_target_ids_are_read(monkeypatc
     """The backend name is one of the argument checks made before any work: a bad one is refused
     without reading the target ids (a device sync on a GPU), in both modes."""
     calls = []
-    real = ops._valid_rows
-    monkeypatch.setattr(ops, "_valid_rows", lambda *a: calls.append(1) or real(*a))
+    real = op_inputs.valid_rows
+    monkeypatch.setattr(op_inputs, "valid_rows", lambda *a: calls.append(1) or real(*a))
     h, w, t = _ok()
     with pytest.raises(ValueError, match="backend must be one of 'auto', 'torch', 'cpu', 'triton'; got 'cuda'"):
         fused_token_logprobs(h, w, t, backend="cuda")

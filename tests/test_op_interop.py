@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hpt_fast import backends, fused_linear_loss, fused_token_logprobs, ops
+from hpt_fast import backends, fused_linear_loss, fused_token_logprobs, op_inputs, op_passes, ops
 from tests.reference import backend_device, reference_logprobs, rel_err
 
 BACKENDS = ["torch", "cpu", "triton"]
@@ -132,7 +132,7 @@ def test_autocast_float32_weight_keeps_mode_b_in_token_order(backend, monkeypatc
     kw = dict(with_entropy=True, backend=backend)
 
     def plan_of(h, w, b):
-        dtype = ops._checked_args(h, w, targets, b, 1.0, -100, backend, None, "auto", torch.float32)[-1]
+        dtype = op_inputs.checked_args(h, w, targets, b, 1.0, -100, backend, None, "auto", torch.float32)[-1]
         return ops._prepare(h, w, targets, b, 1.0, -100, backend, None, "B", "auto", torch.float32, dtype)[-1]
 
     plan = plan_of(*low)
@@ -189,12 +189,12 @@ def test_matmul_into_a_wider_output(device, rows, piece_rows, add, monkeypatch):
         pytest.skip("no GPU")
     gen = torch.Generator().manual_seed(9)
     k, n = 7, 5
-    monkeypatch.setattr(ops, "_PIECE_BYTES", piece_rows * n * 2)
+    monkeypatch.setattr(op_passes, "PIECE_BYTES", piece_rows * n * 2)
     a = torch.randn(k, rows, generator=gen).bfloat16().to(device).t()  # [rows, k], not contiguous
     b = torch.randn(k, n, generator=gen).bfloat16().to(device)
     full = torch.randn(rows + 4, n, generator=gen).to(device)
     before = full.clone()
-    ops._matmul_into(full[2 : 2 + rows], a, b, add, backends.load("torch"))
+    op_passes.matmul_into(full[2 : 2 + rows], a, b, add, backends.load("torch"))
     if device == "cpu":
         product = (a @ b).float()
         want = before[2 : 2 + rows] + product if add else product
@@ -230,8 +230,8 @@ def _float32_output_gemms(monkeypatch, addmm_fault=None):
 
     monkeypatch.setattr(torch, "mm", fake_mm)
     monkeypatch.setattr(torch, "addmm", fake_addmm)
-    monkeypatch.setattr(ops, "_FLOAT32_OUT_GEMM", True)  # the overloads, which torch < 2.8 lacks
-    ops._float32_products.cache_clear()
+    monkeypatch.setattr(op_passes, "FLOAT32_OUT_GEMM", True)  # the overloads, which torch < 2.8 lacks
+    op_passes.float32_products.cache_clear()
     return calls
 
 
@@ -241,12 +241,12 @@ def test_float32_output_gemms_are_tried_before_use(fault, monkeypatch):
     that device found it working (the CPU has none; some torch builds refuse addmm into a float32
     self, pytorch#154086): with the GEMM the sum is of exact products, without it of bf16-rounded
     pieces, and either way the op's values are right."""
-    assert not ops._float32_products(torch.device("cpu"), torch.bfloat16)  # no CPU kernel
+    assert not op_passes.float32_products(torch.device("cpu"), torch.bfloat16)  # no CPU kernel
     calls = _float32_output_gemms(monkeypatch, fault)
     try:
-        works = ops._float32_products(torch.device("cpu"), torch.bfloat16)
+        works = op_passes.float32_products(torch.device("cpu"), torch.bfloat16)
         assert works == (fault is None)
-        assert not ops._float32_products(torch.device("cpu"), torch.float32)
+        assert not op_passes.float32_products(torch.device("cpu"), torch.float32)
         gen = torch.Generator().manual_seed(4)
         a = torch.randn(9, 33, generator=gen).bfloat16()
         b = torch.randn(33, 6, generator=gen).bfloat16()
@@ -254,13 +254,13 @@ def test_float32_output_gemms_are_tried_before_use(fault, monkeypatch):
         calls.clear()
         for add in (False, True):
             out = start.clone()
-            ops._matmul_into(out, a, b, add, backends.load("torch"))
+            op_passes.matmul_into(out, a, b, add, backends.load("torch"))
             product = (a.float() @ b.float()) if works else (a @ b).float()
             want = start + product if add else product
             assert torch.allclose(out, want, rtol=1e-6, atol=1e-6), add
         assert calls == (["mm", "addmm"] if works else [])
     finally:
-        ops._float32_products.cache_clear()
+        op_passes.float32_products.cache_clear()
 
 
 def test_float64_is_left_alone_under_autocast():
@@ -451,8 +451,8 @@ def test_mode_a_backward_reads_nothing_from_the_device(monkeypatch):
     """The target ids are read (a device sync on a GPU) once, in the forward: the backward takes
     the scored rows and their count from it, with ignored positions and without."""
     calls = []
-    real = ops._valid_rows
-    monkeypatch.setattr(ops, "_valid_rows", lambda *a: calls.append(1) or real(*a))
+    real = op_inputs.valid_rows
+    monkeypatch.setattr(op_inputs, "valid_rows", lambda *a: calls.append(1) or real(*a))
     for ignored in (True, False):
         hidden, weight, bias, targets = _leaves(torch.float32, seed=14)
         if not ignored:

@@ -1,7 +1,7 @@
 """Backend selection for the fused op's row kernels.
 
 Each backend module provides ``row_stats``, ``grad_logits`` and ``accumulate_`` with the
-signatures documented in ``torch_backend``; ``hpt_fast.ops`` runs the GEMMs around them.
+signatures documented in ``torch_backend``; ``hpt_fast.op_passes`` runs the GEMMs around them.
 """
 from __future__ import annotations
 

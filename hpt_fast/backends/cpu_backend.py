@@ -2,7 +2,7 @@
 
 Same functions, signatures and semantics as :mod:`hpt_fast.backends.torch_backend`; the extension
 checks shapes, dtypes, strides and target ids itself and raises ``RuntimeError`` on bad input.
-The kernels take float32, bfloat16 and float16 blocks (``hpt_fast.ops`` sends float64 to the
+The kernels take float32, bfloat16 and float16 blocks (``hpt_fast.op_plan`` sends float64 to the
 torch backend).
 Importing this module raises ``ImportError`` when the extension is missing or does not load.
 """

@@ -2,7 +2,7 @@
 
 A backend is a module with three functions that work on one block of logits, shape [C, V], the
 rows being tokens (all valid: ignored positions are removed before any backend sees them) and the
-columns the vocabulary. The GEMMs around them live in ``hpt_fast.ops`` and are shared by all
+columns the vocabulary. The GEMMs around them live in ``hpt_fast.op_passes`` and are shared by all
 backends. With ``z = logits * inv_temp`` (float32 arithmetic whatever the block's dtype; float64
 blocks, used for gradcheck, stay float64 in this backend only):
 
