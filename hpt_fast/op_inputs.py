@@ -22,13 +22,13 @@ from hpt_fast import backends
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 _INT64_MIN, _INT64_MAX = torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max
-# Loop orders of the gradient pass (see op_plan.auto_order); "auto" lets the plan choose.
+# Loop orders of every pass over logits blocks (see op_plan.auto_order); "auto" lets the plan choose.
 GRAD_ORDERS = ("auto", "tokens", "vocab")
 # Device types whose torch.autocast the op follows (see compute_dtype): those of its backends.
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
-def check_inputs(
+def _check_inputs(
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
@@ -37,7 +37,7 @@ def check_inputs(
     accum_dtype: Optional[torch.dtype],
 ) -> None:
     """Raise a clear error for any tensor or option the op cannot take, before any work starts
-    (the numbers: ``scalar_args``).
+    (the numbers: ``_scalar_args``).
 
     The dtype checks are on the dtypes the op computes in (``compute_dtype``): under autocast,
     a float32 weight with bf16 activations is one bf16 op, as for ``F.linear``.
@@ -58,7 +58,7 @@ def check_inputs(
                 "parameters as DTensor): the op takes plain tensors; pass a DTensor's full_tensor(), or call "
                 "the op where the module's parameters are unsharded"
             )
-    autocast = autocast_dtype(hidden.device)
+    autocast = _autocast_dtype(hidden.device)
     dtype = compute_dtype(hidden, autocast)
     # under autocast the dtypes differ only where one is float64, which autocast does not cast
     why = "" if autocast is None else f" (under {autocast} autocast, which leaves float64 as it is)"
@@ -112,7 +112,7 @@ def _integer(value: object) -> Optional[int]:
         return None
 
 
-def scalar_args(
+def _scalar_args(
     temperature: float, ignore_index: int, chunk_size: Optional[int]
 ) -> tuple[float, int, Optional[int]]:
     """(temperature, ignore_index, chunk_size) as float, int and int or None, or a clear error.
@@ -144,7 +144,7 @@ def scalar_args(
     return temperature, index, chunk_size
 
 
-def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     """torch.autocast's dtype on ``device`` when autocast is on there (cpu, cuda), else None."""
     if device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
@@ -152,7 +152,7 @@ def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
 
 
 def compute_dtype(t: Tensor, autocast: Optional[torch.dtype]) -> torch.dtype:
-    """The dtype the op's GEMMs take ``t`` in: ``autocast`` (see ``autocast_dtype``) for a
+    """The dtype the op's GEMMs take ``t`` in: ``autocast`` (see ``_autocast_dtype``) for a
     floating-point tensor other than float64, as autocast casts ``F.linear``'s inputs (the usual
     mixed precision case: bf16 activations, float32 lm_head weight), else t's own.
 
@@ -175,7 +175,8 @@ def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def valid_rows(targets: Tensor, ignore_index: int, vocab: int) -> Optional[Tensor]:
-    """Flat indices of the non-ignored targets, or None when every position is valid.
+    """Flat indices int64 [Nv] of the non-ignored targets [...] (int64 or int32), or None when
+    every position is valid.
 
     Raises for ids outside [0, V): the kernels index by them and must never read out of bounds.
     """
@@ -237,7 +238,7 @@ def checked_args(
     dtype, the one autocast would give ``F.linear`` (see ``compute_dtype``). Runs under
     torch.compile's tracing too: everything here is decided by shapes, dtypes and devices.
     """
-    temperature, ignore_index, chunk_size = scalar_args(temperature, ignore_index, chunk_size)
-    check_inputs(hidden, weight, targets, bias, grad_order, accum_dtype)
+    temperature, ignore_index, chunk_size = _scalar_args(temperature, ignore_index, chunk_size)
+    _check_inputs(hidden, weight, targets, bias, grad_order, accum_dtype)
     backends.check_name(backend)
-    return temperature, ignore_index, chunk_size, compute_dtype(hidden, autocast_dtype(hidden.device))
+    return temperature, ignore_index, chunk_size, compute_dtype(hidden, _autocast_dtype(hidden.device))

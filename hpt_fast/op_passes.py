@@ -10,6 +10,9 @@ then being every token. Two kinds of pass run over them:
   place, then two GEMMs give its share of the input gradients. In token order grad_hidden's rows
   are written once and grad_weight [V, H] is summed over the blocks (``MatmulSum``); in
   vocabulary order grad_weight's rows are written once and grad_hidden [N, H] is summed.
+Each block's products go into the gradients through ``matmul_into``: straight from the GEMM
+(torch's, the backend's own, or cuBLAS's float32 output where ``float32_products`` trusts it),
+else in pieces of ``PIECE_BYTES`` copied or added while still in cache.
 """
 from __future__ import annotations
 
@@ -24,11 +27,10 @@ from torch import Tensor
 
 from hpt_fast import hugepages, op_plan
 from hpt_fast.backends import row_state
+from hpt_fast.backends.gemm_trial import gemm_is_right
 
 # (start, end, logits [end - start, V]) of one token chunk, see stats_pass
 ChunkHook = Callable[[int, int, Tensor], None]
-
-
 # A GEMM product bound for a wider sum leaves the CPU GEMM in pieces of this size (see matmul_into).
 PIECE_BYTES = 8 * 2**20
 # torch.mm / addmm with out_dtype (low-precision inputs, a float32 output; CUDA), from torch 2.8.
@@ -199,10 +201,7 @@ def matmul_into(
         else:
             torch.mm(a, b, out=out)
     elif out.dtype == torch.float32 and float32_products(out.device, a.dtype):
-        if add:
-            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
-        else:
-            torch.mm(a, b, out_dtype=torch.float32, out=out)
+        _float32_out_product(a, b, out, add)
     else:
         rows = piece_rows(b.shape[1], a.dtype)
         if scratch is None:
@@ -227,23 +226,16 @@ def float32_products(device: torch.device, dtype: torch.dtype) -> bool:
     as on CPU. Tried with ``a`` contiguous and transposed, as the gradient pass passes it."""
     if not FLOAT32_OUT_GEMM or dtype not in op_plan.LOW_PRECISION:
         return False
-    gen = torch.Generator().manual_seed(0)
-    a, b, start = (torch.randn(shape, generator=gen) for shape in ((24, 40), (40, 16), (24, 16)))
-    a, b, start = a.to(device, dtype), b.to(device, dtype), start.to(device)
-    product = a.double() @ b.double()
-    try:
-        for lhs in (a, a.t().contiguous().t()):
-            out = start.clone()
-            torch.mm(lhs, b, out_dtype=torch.float32, out=out)
-            if not torch.allclose(out.double(), product, rtol=1e-5, atol=1e-5):
-                return False
-            out.copy_(start)
-            torch.addmm(out, lhs, b, out_dtype=torch.float32, out=out)
-            if not torch.allclose(out.double(), start.double() + product, rtol=1e-5, atol=1e-5):
-                return False
-    except (RuntimeError, TypeError):  # a missing CPU kernel raises a RuntimeError subclass
-        return False
-    return True
+    # a missing CPU kernel raises a RuntimeError subclass; a build without the keyword, TypeError
+    return gemm_is_right(_float32_out_product, dtype, device, errors=(RuntimeError, TypeError))
+
+
+def _float32_out_product(a: Tensor, b: Tensor, out: Tensor, add: bool) -> None:
+    """out (+)= a @ b into a float32 ``out`` straight from the GEMM (torch 2.8's ``out_dtype``)."""
+    if add:
+        torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+    else:
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
 
 
 def piece_rows(cols: int, dtype: torch.dtype) -> int:
@@ -275,10 +267,13 @@ class MatmulSum:
         self.first = True
 
     def add(self, a: Tensor, b: Tensor) -> None:
+        """Add one block's a @ b, a [M, K] and b [K, N] in ``dtype``, to the sum."""
         matmul_into(self.acc, a, b, not self.first, self.backend, self.scratch)
         self.first = False
 
     def result(self) -> Tensor:
+        """``out`` holding the sum: zeros when no block was added, copied from the float32 buffer when
+        there is one."""
         if self.first:  # no block at all
             self.out.zero_()
         elif self.acc is not self.out:

@@ -38,7 +38,7 @@ _TORCH_BACKEND_EXTRA_BYTES = 16
 # GEMMs' time on an H200. On CPU a block is contiguous instead (``Plan.row_align`` 1): torch 2.6's
 # CPU GEMM wrote a strided one through a float32 copy of it (tests/test_memory.py's bf16 cases
 # reached 0.25-0.30x of the naive logits there).
-ROW_ALIGN = 64
+_ROW_ALIGN = 64
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class Plan:
         itself. (A float32 weight's gradient is itself the float32 sum, also under autocast;
         vocabulary order's grad_hidden, [N, H], is always summed in float32.)
     row_align: a logits block's rows start a multiple of this many elements apart:
-        ``ROW_ALIGN`` on CUDA, 1 (a contiguous block) elsewhere.
+        ``_ROW_ALIGN`` on CUDA, 1 (a contiguous block) elsewhere.
     """
 
     backend: ModuleType
@@ -158,6 +158,8 @@ def make_plan(
 ) -> Plan:
     """Backend, block sizes, gradient order and sum precision for one call of mode ``mode`` ("A" or "B").
 
+    ``hidden``: the op's input [..., H] (its dtype, device and H are read, not its values);
+    ``n_rows``: N, the number of scored tokens among its positions; ``vocab``: V.
     ``dtype``: the GEMMs' dtype (default hidden's); ``weight_dtype``: the weight's own, that of
     its gradient (default ``dtype``).
     """
@@ -180,21 +182,21 @@ def make_plan(
         grad_order = auto_order(mode, float32_weight_sum, n_rows, vocab, hidden.shape[-1], chunk, budget)
     return Plan(
         backend=module, dtype=dtype, inv_temp=1.0 / temperature, chunk=chunk, slab=slab, order=grad_order,
-        float32_weight_sum=float32_weight_sum, row_align=ROW_ALIGN if hidden.is_cuda else 1,
+        float32_weight_sum=float32_weight_sum, row_align=_ROW_ALIGN if hidden.is_cuda else 1,
     )
 
 
 def slab_width(vocab: int, widest: int) -> int:
     """Columns per vocabulary slab: as few slabs of at most ``widest`` columns as whole slabs of
-    ``widest`` rounded down to a multiple of ``ROW_ALIGN`` would take, all but the last of one
-    width, a multiple of ``ROW_ALIGN`` (unaligned only when ``widest`` is below it).
+    ``widest`` rounded down to a multiple of ``_ROW_ALIGN`` would take, all but the last of one
+    width, a multiple of ``_ROW_ALIGN`` (unaligned only when ``widest`` is below it).
 
     Even slabs rather than full ones and a narrow remainder, whose GEMM would run at a worse rate.
     """
     if widest >= vocab:
         return vocab
-    if widest < ROW_ALIGN:
+    if widest < _ROW_ALIGN:
         return -(-vocab // -(-vocab // widest))
-    widest -= widest % ROW_ALIGN
+    widest -= widest % _ROW_ALIGN
     # the even width rounded up stays within the aligned widest, itself a multiple of the alignment
-    return -(-vocab // -(-vocab // widest) // ROW_ALIGN) * ROW_ALIGN
+    return -(-vocab // -(-vocab // widest) // _ROW_ALIGN) * _ROW_ALIGN

@@ -1,5 +1,6 @@
 """Mode B's per-token loss: the caller's ``token_loss_fn`` evaluated and differentiated on
-[chunk]-sized tensors, and the check that its values and gradients are finite.
+per-token tensors [C] (a token chunk, or all N scored tokens at once in vocabulary order), and
+the check that its values and gradients are finite.
 
 d loss / d logp and d loss / d entropy per token are all the gradient pass needs of it.
 """
@@ -49,8 +50,8 @@ _LOSS_NOT_FINITE = 2
 def token_loss_grads(
     token_loss_fn: TokenLossFn, logp: Tensor, entropy: Optional[Tensor], rows: Tensor, differentiate: bool
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Tensor]:
-    """Evaluate the per-token loss on one chunk and, with ``differentiate``, differentiate it
-    w.r.t. logp and entropy.
+    """Evaluate the per-token loss on C tokens (a token chunk, or all N scored tokens in vocabulary
+    order) and, with ``differentiate``, differentiate it w.r.t. logp and entropy.
 
     Returns (losses [C], g_logp [C] or None, g_ent [C] or None) in logp's dtype, and status [C]
     uint8: ``_LOGITS_NOT_FINITE`` where logp or entropy already was (NaN / inf logits), else

@@ -666,6 +666,28 @@ def test_a_onednn_gemm_that_fails_its_trial_is_not_used(fault, monkeypatch):
         cpu.onednn_float32.cache_clear()
 
 
+@pytest.mark.parametrize("flaw", [None, "adds when told to write", "ignores add", "drops a transposed b", "raises"])
+def test_a_gemm_trial_passes_only_a_gemm_that_is_right(flaw):
+    """gemm_is_right, behind both GEMM trials (oneDNN float32, float32-output products): a right
+    GEMM passes; one that accumulates into a fresh out, overwrites an accumulating one, or gets a
+    transposed b wrong (tried only with transpose_b) fails; a listed error is a failure, not a crash."""
+    from hpt_fast.backends.gemm_trial import gemm_is_right
+
+    def gemm(a, b, out, add):
+        if flaw == "raises":
+            raise RuntimeError("no kernel for this dtype")
+        product = a.float() @ b.float()  # float32 products, as the GEMMs tried give
+        if flaw == "drops a transposed b" and not b.is_contiguous():
+            product.zero_()
+        if (add and flaw != "ignores add") or flaw == "adds when told to write":
+            out += product
+        else:
+            out.copy_(product)
+
+    assert gemm_is_right(gemm, transpose_b=True) == (flaw is None)
+    assert gemm_is_right(gemm, torch.bfloat16) == (flaw in (None, "drops a transposed b"))
+
+
 def test_torch_func_transforms_are_refused_by_torch_with_a_clear_error():
     """The README says torch.func cannot take the op: torch raises, never a wrong gradient."""
     hidden, weight, _, targets = _leaves(torch.float32, seed=9)
