@@ -1,4 +1,4 @@
-"""One markdown table per shape: the fused op against its GEMM floor, naive PyTorch, Liger and CCE.
+"""One markdown table per shape: the fused op against its GEMM floor, naive PyTorch, Liger, CCE and TRL.
 
 Usage (from the repository root):
     python -m bench.fused_op_table [--shapes 2048x1024x32768,2048x1024x151936]
@@ -322,8 +322,8 @@ def format_table(shape: Shape, impls: list[Impl], results: dict[str, DtypeResult
 FOOTNOTES = """\
 - Each row is forward + backward w.r.t. hidden and weight. ms: median of the timed rounds, (spread) =
   slowest / fastest - 1. x floor: the median over rounds of time / the summed times of that many
-  bare GEMMs on the same shape and dtype in the same round (4 for hpt_fast mode A, whose backward
-  recomputes the logits, 3 for every other row); the floor rows show the summed medians. The bare
+  bare GEMMs on the same shape and dtype in the same round (4 for hpt_fast mode A and TRL's head,
+  whose backwards recompute the logits, 3 for every other row); the floor rows show the summed medians. The bare
   GEMMs are those the op's default backend runs: on CPU in float32 oneDNN's, through ATen's
   ``mkldnn_matmul`` (``cpu_backend.gemm_into``), as the op's own; torch.mm sends float32 to MKL,
   which took 1.6-2.6x their time on the AMD EPYC development machine
@@ -349,7 +349,10 @@ FOOTNOTES = """\
   (loss_type "dapo", beta 0, no reference model, sequences of 512 tokens, its default chunk of one
   sequence, compiled=False), which computes no entropy. Liger's fused linear cross-entropy (CUDA
   only) and cut-cross-entropy: mean cross-entropy only (no entropy, no per-token output), with
-  their default grad_weight sums in the inputs' dtype. Rows with "float32 leaves, autocast" (named
+  their default grad_weight sums in the inputs' dtype. TRL: ``trl.kernels.ChunkedLogProbFunction``,
+  the fused LM head TRL's GRPOTrainer runs (logp and entropy, as mode A; 32768 vocabulary columns
+  per tile, as the trainer passes; float32 input gradients, rounded to the inputs' dtype at the
+  end; on CPU its row folding is torch ops, on CUDA Triton kernels). Rows with "float32 leaves, autocast" (named
   with ``--impls``, bf16 / fp16 only) are torch AMP's mixed precision: float32 hidden and weight
   holding the same values, the forward under ``torch.autocast`` in the table's dtype, the
   backward outside it; their mem also leaves out those leaves and their float32 gradients. The
@@ -390,7 +393,7 @@ def _versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     parts = []
-    for dist in ("liger-kernel", "cut-cross-entropy", "triton"):
+    for dist in ("liger-kernel", "cut-cross-entropy", "trl", "triton"):
         try:
             parts.append(f"{dist} {version(dist)}")
         except PackageNotFoundError:

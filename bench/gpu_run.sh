@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, as one run, most wanted first: the Triton backend's tests on the GPU
-# (no interpreter), the fused-op table against cuBLAS, Liger and cut-cross-entropy at a training
+# (no interpreter), the fused-op table against cuBLAS, Liger, cut-cross-entropy and TRL at a training
 # shape, the op's steps back to back against the GEMMs' sustained rate, the op's phases timed
 # unprofiled, torch AMP's mixed precision (float32 leaves), gradient
 # precision, a profile of mode B's step, the random-configuration tests, the block budget's effect
@@ -8,8 +8,9 @@
 #
 # Usage, from the repository root of a checkout on a CUDA machine with torch and triton:
 #     OUT=some/dir bash bench/gpu_run.sh
-# Wheels found in .whl/ (liger-kernel, cut-cross-entropy; deepspeed, math-verify and their
-# dependencies for the trainer's steps) are installed into /tmp/site first; the
+# Wheels found in .whl/ (liger-kernel, cut-cross-entropy; trl with datasets, dill and multiprocess
+# for TRL's fused LM head, the rest of its imports being in the GPU image; deepspeed, math-verify and
+# their dependencies for the trainer's steps) are installed into /tmp/site first; the
 # tree itself runs uninstalled. Every step writes <step>.out (stdout) and <step>.err into $WORK
 # and has its own time limit, cut to what is left of DEADLINE_S (default 540 s, within the device
 # tool's 600 s per command); a step with under 15 s left is skipped and named in skipped.txt, so an
@@ -46,12 +47,12 @@ step() {
 
 # .whl/ is git-ignored: the device tool's run needs carry=[".whl"] for it to arrive
 if ! compgen -G ".whl/*.whl" >/dev/null; then
-    wheels="NO WHEELS in .whl/: the Liger and cut-cross-entropy rows will be skipped"
+    wheels="NO WHEELS in .whl/: the Liger, cut-cross-entropy and TRL rows will be skipped"
 elif python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
     export PYTHONPATH=/tmp/site
     wheels="wheels installed: $(cd .whl && ls *.whl | tr '\n' ' ')"
 else
-    wheels="WHEEL INSTALL FAILED: the Liger and cut-cross-entropy rows will be skipped"
+    wheels="WHEEL INSTALL FAILED: the Liger, cut-cross-entropy and TRL rows will be skipped"
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 # installed, hpt_fast.kernels is the top-level kernels/ folder (setup.py's package_dir)
@@ -67,7 +68,7 @@ TRAINING_SHAPE=8192x3584x151936  # Qwen2.5-7B's hidden size and vocabulary, 8192
 # Most wanted first: a step cut by the deadline is one of the last.
 step tests_triton "${TEST_LIMIT_S:-70}" python3 -m pytest -p no:cacheprovider -q -rfE \
     tests/test_fused_op.py tests/test_row_stats.py tests/test_op_interop.py -k "triton or cuda"
-step table_7b "${TABLE_LIMIT_S:-110}" python3 -m bench.fused_op_table --device cuda \
+step table_7b "${TABLE_LIMIT_S:-130}" python3 -m bench.fused_op_table --device cuda \
     --shapes $TRAINING_SHAPE --dtypes bfloat16 ${TABLE_IMPLS:+--impls $TABLE_IMPLS}
 # the op's steps back to back against bare GEMMs alone and in long bursts, with the SM clock,
 # power and clock-limit reasons sampled (does the card hold the floor's GEMM rate through a step?);

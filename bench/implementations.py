@@ -301,6 +301,21 @@ def _cce(p: Problem) -> Step:
     return step
 
 
+def _trl_chunked(p: Problem) -> Step:
+    from trl.kernels import ChunkedLogProbFunction
+
+    # TRL's own fused LM head, what its GRPOTrainer runs since TRL 1.16 (add_fused_lm_head with
+    # outputs=("log_probs", "entropy")): per-token logp and entropy with autograd, like mode A,
+    # backward through both; 32768 vocabulary columns per tile, as the trainer passes
+    def step() -> None:
+        logp, ent, *_ = ChunkedLogProbFunction.apply(
+            p.hidden, p.weight, None, p.targets, 1.0, 32768, None, 1.0, ("log_probs", "entropy")
+        )
+        torch.autograd.backward((logp, ent), (p.g_logp, p.g_ent))
+
+    return step
+
+
 class GemmBuffers:
     """Preallocated operands and outputs, so the bare GEMM rows time the GEMM and nothing else.
 
@@ -348,14 +363,15 @@ def _gemm_dw(p: Problem) -> Step:
     return lambda: bare_mm(b.dlogits.t(), b.h, b.dw)
 
 
-def _needs_module(module: str, cuda_only: bool = False) -> Callable[[str], Optional[str]]:
+def _needs_module(module: str, cuda_only: bool = False, also: tuple[str, ...] = ()) -> Callable[[str], Optional[str]]:
     """``Impl.missing`` for an implementation from ``module``; ``cuda_only``: its kernels are
-    Triton kernels with no CPU path."""
+    Triton kernels with no CPU path; ``also``: modules it imports only when it runs."""
 
     def missing(device: str) -> Optional[str]:
         if cuda_only and device != "cuda":
             return f"{module}'s Triton kernels need CUDA"
-        return None if importlib.util.find_spec(module) else f"{module} is not installed"
+        absent = [name for name in (module, *also) if importlib.util.find_spec(name) is None]
+        return f"{', '.join(absent)} {'is' if len(absent) == 1 else 'are'} not installed" if absent else None
 
     return missing
 
@@ -417,6 +433,9 @@ def implementations(device: str) -> list[Impl]:
         Impl("liger_grpo", "Liger LigerFusedLinearGRPOLoss (no entropy)", 3, _liger_grpo, _needs_module("liger_kernel")),
         Impl("liger_flce", "Liger LigerFusedLinearCrossEntropyLoss (CE only)", 3, _liger_flce,
              _needs_module("liger_kernel", cuda_only=True)),
+        Impl("trl_chunked", "TRL ChunkedLogProbFunction (its GRPO head: logp + entropy)", 4, _trl_chunked,
+             # its backward imports trl.trainer.utils, which needs accelerate and datasets
+             _needs_module("trl", also=("accelerate", "datasets"))),
         Impl("cce", f"cut-cross-entropy {'cce, torch_compile in fp32' if device == 'cuda' else 'torch_compile'} (CE only)", 3, _cce,
              _needs_module("cut_cross_entropy")),
     ]

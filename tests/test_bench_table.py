@@ -282,3 +282,38 @@ def test_bad_bench_arguments_are_usage_errors(module, argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         entry(argv)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_implementation_names_every_module_it_lacks():
+    """A row whose library, or a module that library imports only when it runs (TRL's backward
+    imports its trainer, which needs accelerate and datasets), is absent is skipped with the
+    names, not run into an ImportError in the middle of a table."""
+    from bench.implementations import _needs_module
+
+    assert _needs_module("torch", also=("numpy",))("cpu") is None
+    assert _needs_module("torch", also=("no_such_module_a",))("cpu") == "no_such_module_a is not installed"
+    assert _needs_module("no_such_module_b", also=("torch", "no_such_module_c"))("cpu") == (
+        "no_such_module_b, no_such_module_c are not installed")
+    assert _needs_module("torch", cuda_only=True)("cpu") == "torch's Triton kernels need CUDA"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_trl_row_computes_what_mode_a_does(dtype):
+    """The table's TRL row (its GRPO trainer's fused LM head) is compared with mode A as the same
+    computation: its step's gradients equal mode A's step's on one problem."""
+    from bench.implementations import implementations, make_problem
+
+    impls = {impl.name: impl for impl in implementations("cpu")}
+    reason = impls["trl_chunked"].missing("cpu")
+    if reason:
+        pytest.skip(reason)
+    p = make_problem(96, 32, 1031, dtype, "cpu", seed=3)
+    grads = {}
+    for name in ("trl_chunked", "hpt_a_torch"):
+        p.zero_grads()
+        impls[name].build(p)()
+        grads[name] = (p.hidden.grad.double(), p.weight.grad.double())
+    for got, want in zip(grads["trl_chunked"], grads["hpt_a_torch"]):
+        # both sum in float32 and round once at the end (1e-7 and 1e-6 apart here), where a
+        # different computation, e.g. mode B's loss, is off by 100%
+        assert float((got - want).norm() / want.norm()) < 1e-4
