@@ -320,44 +320,45 @@ def format_table(shape: Shape, impls: list[Impl], results: dict[str, DtypeResult
 
 
 FOOTNOTES = """\
-- Each row is forward + backward w.r.t. hidden and weight. ms: median of the timed rounds, (spread) =
-  slowest / fastest - 1. x floor: the median over rounds of time / the summed times of that many
+- Each row is forward + backward w.r.t. hidden and weight. ms: median of the timed rounds, (spread)
+  = slowest / fastest - 1. x floor: the median over rounds of time / the summed times of that many
   bare GEMMs on the same shape and dtype in the same round (4 for hpt_fast mode A and TRL's head,
-  whose backwards recompute the logits, 3 for every other row); the floor rows show the summed medians. The bare
-  GEMMs are those the op's default backend runs: on CPU in float32 oneDNN's, through ATen's
-  ``mkldnn_matmul`` (``cpu_backend.gemm_into``), as the op's own; torch.mm sends float32 to MKL,
-  which took 1.6-2.6x their time on the AMD EPYC development machine
-  (bench/results_gemm_chunking_cpu.md); low precision goes to oneDNN either way. x naive: median time / naive PyTorch's median time in the same dtype (its GEMMs
-  torch's own).
-- mem: peak memory beyond the inputs and the gradients left behind, measured once (on CPU VmHWM
-  in a fresh process, on CUDA torch.cuda.max_memory_allocated after the timed rounds), as a
-  multiple of the naive float32 logits (tokens x V x 4 bytes). The bare GEMM rows use
-  preallocated outputs: no memory figure.
+  whose backwards recompute the logits, 3 for every other row); the floor rows show the summed
+  medians. The bare GEMMs are those the op's default backend runs: on CPU in float32 oneDNN's,
+  through ATen's ``mkldnn_matmul`` (``cpu_backend.gemm_into``), as the op's own; torch.mm sends
+  float32 to MKL, which took 1.6-2.6x their time on the AMD EPYC development machine
+  (bench/results_gemm_chunking_cpu.md); low precision goes to oneDNN either way. x naive: median
+  time / naive PyTorch's median time in the same dtype (its GEMMs torch's own).
+- mem: peak memory beyond the inputs and the gradients left behind, measured once (on CPU VmHWM in a
+  fresh process, on CUDA torch.cuda.max_memory_allocated after the timed rounds), as a multiple of
+  the naive float32 logits (tokens x V x 4 bytes). The bare GEMM rows use preallocated outputs: no
+  memory figure.
 - hpt_fast mode A: per-token logp and entropy, backward with random upstream gradients. Mode B and
   naive: the per-token loss -adv * exp(logp - old) - 0.001 * entropy, summed. The hpt_fast rows
-  without an order run the plan's choice (``grad_order="auto"``): mode A in vocabulary order
-  (both passes) when tokens < V; mode B in token order (three GEMMs) unless low precision with
-  several token chunks would need a float32 [V, H] weight-gradient buffer larger than the memory
-  budget (a quarter of a budget above 128 MiB), then a statistics pass and a gradient pass in vocabulary order (four GEMMs less one
-  slab's logits GEMM, still divided by the three-GEMM floor). The "token order" rows force ``grad_order="tokens"``, the
-  "vocabulary order" row ``grad_order="vocab"``; the "one token chunk" row also puts all tokens
-  in one logits block (``chunk_size=tokens``), about the memory of cut-cross-entropy's row, where
-  the others keep to the block budget ({budget}). The "accum_dtype=None" row sums a bf16 grad_weight
-  over the token chunks in grad_weight itself instead of a float32 [V, H] buffer, so ``"auto"``
-  keeps token order at the block budget's memory (float32: the same as the default). Buffers of 4 MiB or
-  more are backed by transparent huge pages (``hpt_fast.hugepages``). Liger: GRPO loss
-  (loss_type "dapo", beta 0, no reference model, sequences of 512 tokens, its default chunk of one
-  sequence, compiled=False), which computes no entropy. Liger's fused linear cross-entropy (CUDA
-  only) and cut-cross-entropy: mean cross-entropy only (no entropy, no per-token output), with
-  their default grad_weight sums in the inputs' dtype. TRL: ``trl.kernels.ChunkedLogProbFunction``,
-  the fused LM head TRL's GRPOTrainer runs (logp and entropy, as mode A; 32768 vocabulary columns
-  per tile, as the trainer passes; float32 input gradients, rounded to the inputs' dtype at the
-  end; on CPU its row folding is torch ops, on CUDA Triton kernels). Rows with "float32 leaves, autocast" (named
-  with ``--impls``, bf16 / fp16 only) are torch AMP's mixed precision: float32 hidden and weight
-  holding the same values, the forward under ``torch.autocast`` in the table's dtype, the
-  backward outside it; their mem also leaves out those leaves and their float32 gradients. The
-  op takes the float32 leaves itself and writes their gradients in float32; "cast to the dtype
-  first" hands it bf16 / fp16 casts instead, whose gradients autograd casts back."""
+  without an order run the plan's choice (``grad_order="auto"``): mode A in vocabulary order (both
+  passes) when tokens < V; mode B in token order (three GEMMs) unless low precision with several
+  token chunks would need a float32 [V, H] weight-gradient buffer larger than the memory budget (a
+  quarter of a budget above 128 MiB), then a statistics pass and a gradient pass in vocabulary order
+  (four GEMMs less one slab's logits GEMM, still divided by the three-GEMM floor). The "token order"
+  rows force ``grad_order="tokens"``, the "vocabulary order" row ``grad_order="vocab"``; the "one
+  token chunk" row also puts all tokens in one logits block (``chunk_size=tokens``), about the
+  memory of cut-cross-entropy's row, where the others keep to the block budget ({budget}). The
+  "accum_dtype=None" row sums a bf16 grad_weight over the token chunks in grad_weight itself instead
+  of a float32 [V, H] buffer, so ``"auto"`` keeps token order at the block budget's memory (float32:
+  the same as the default). Buffers of 4 MiB or more are backed by transparent huge pages
+  (``hpt_fast.hugepages``). Liger: GRPO loss (loss_type "dapo", beta 0, no reference model,
+  sequences of 512 tokens, its default chunk of one sequence, compiled=False), which computes no
+  entropy. Liger's fused linear cross-entropy (CUDA only) and cut-cross-entropy: mean cross-entropy
+  only (no entropy, no per-token output), with their default grad_weight sums in the inputs' dtype.
+  TRL: ``trl.kernels.ChunkedLogProbFunction``, the fused LM head TRL's GRPOTrainer runs (logp and
+  entropy, as mode A; 32768 vocabulary columns per tile, as the trainer passes; float32 input
+  gradients, rounded to the inputs' dtype at the end; on CPU its row folding is torch ops, on CUDA
+  Triton kernels). Rows with "float32 leaves, autocast" (named with ``--impls``, bf16 / fp16 only)
+  are torch AMP's mixed precision: float32 hidden and weight holding the same values, the forward
+  under ``torch.autocast`` in the table's dtype, the backward outside it; their mem also leaves out
+  those leaves and their float32 gradients. The op takes the float32 leaves itself and writes their
+  gradients in float32; "cast to the dtype first" hands it bf16 / fp16 casts instead, whose
+  gradients autograd casts back."""
 
 
 def _budget_text(shapes: list[Shape]) -> str:
