@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, as one run, most wanted first: the Triton backend's tests on the GPU
-# (no interpreter), the fused-op table against cuBLAS, Liger, cut-cross-entropy and TRL at a training
+# (no interpreter), the torch backend's tests there, the fused-op table against cuBLAS, Liger, cut-cross-entropy and TRL at a training
 # shape, the op's steps back to back against the GEMMs' sustained rate, the op's phases timed
 # unprofiled, torch AMP's mixed precision (float32 leaves), gradient
 # precision, a profile of mode B's step, the random-configuration tests, the block budget's effect
-# on mode A and mode B, a second table shape with float32, then profiles of the trainer's steps.
+# on mode A and mode B, a second table shape with float32, the rollout engine against transformers'
+# generate, then profiles of the trainer's steps.
 #
 # Usage, from the repository root of a checkout on a CUDA machine with torch and triton:
 #     OUT=some/dir bash bench/gpu_run.sh
@@ -68,6 +69,10 @@ TRAINING_SHAPE=8192x3584x151936  # Qwen2.5-7B's hidden size and vocabulary, 8192
 # Most wanted first: a step cut by the deadline is one of the last.
 step tests_triton "${TEST_LIMIT_S:-70}" python3 -m pytest -p no:cacheprovider -q -rfE \
     tests/test_fused_op.py tests/test_row_stats.py tests/test_op_interop.py -k "triton or cuda"
+# the torch backend (the readable reference, "any device") on the GPU too
+step tests_torch_cuda "${TEST_LIMIT_S:-70}" env HPT_FAST_TEST_TORCH_DEVICE=cuda python3 -m pytest \
+    -p no:cacheprovider -q -rfE tests/test_fused_op.py tests/test_row_stats.py tests/test_op_interop.py \
+    -k "torch and not triton"
 step table_7b "${TABLE_LIMIT_S:-130}" python3 -m bench.fused_op_table --device cuda \
     --shapes $TRAINING_SHAPE --dtypes bfloat16 ${TABLE_IMPLS:+--impls $TABLE_IMPLS}
 # the op's steps back to back against bare GEMMs alone and in long bursts, with the SM clock,
@@ -105,6 +110,10 @@ for mb in ${BUDGETS_MB:-256 1024}; do
 done
 step table_2k "${TABLE_LIMIT_S:-110}" python3 -m bench.fused_op_table --device cuda \
     --shapes 4096x2048x151936 --dtypes bfloat16,float32
+# NativeEngine against transformers' generate on the GPU, float32 and bf16 (where SDPA picks cuDNN's
+# attention, which plans every new shape: the engine's decode turns it off)
+step rollout "${ROLLOUT_LIMIT_S:-45}" python3 -m bench.rollout_throughput --device cuda --no-memory
+step rollout_bf16 "${ROLLOUT_LIMIT_S:-45}" python3 -m bench.rollout_throughput --device cuda --dtype bfloat16
 # the trainer's embedded default on the GPU (needs deepspeed and math-verify among the wheels):
 # where its steps' time goes, float32 and bf16, with Liger's model kernels
 step train_profile "${TRAIN_LIMIT_S:-90}" python3 -m bench.profile_train_step model.liger_kernels=true \

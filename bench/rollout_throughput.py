@@ -3,6 +3,7 @@
 Usage (from the repository root):
     python -m bench.rollout_throughput [--prompts 64] [--n 8] [--max-new-tokens 32]
         [--prompt-lengths 16-48] [--repeats 5] [--threads N] [--device cpu|cuda]
+        [--dtype float32|bfloat16]
 
 Both sample (temperature 1, no top-k / top-p) n completions for each of the same prompts from the
 same random Qwen2 model, in two settings: ``fixed`` (no stop token: every completion has
@@ -51,6 +52,7 @@ class Problem:
     layers: int
     vocab: int
     device: str
+    dtype: str = "float32"
 
     def model(self) -> torch.nn.Module:
         config = Qwen2Config(
@@ -59,7 +61,7 @@ class Problem:
             max_position_embeddings=self.max_len + self.max_new_tokens, tie_word_embeddings=False,
         )
         torch.manual_seed(0)
-        return Qwen2ForCausalLM(config).to(self.device).eval()
+        return Qwen2ForCausalLM(config).to(self.device, getattr(torch, self.dtype)).eval()
 
     def prompt_ids(self) -> list[list[int]]:
         g = torch.Generator().manual_seed(1)
@@ -165,7 +167,7 @@ def format_table(problem: Problem, timed: dict, memory: dict, threads: int) -> s
     lines = [
         f"{problem.prompts} prompts x {problem.n} samples, up to {problem.max_new_tokens} new tokens, prompts of "
         f"{problem.min_len}-{problem.max_len} tokens; Qwen2 hidden {problem.hidden}, {problem.layers} layers, "
-        f"4 heads / 2 KV heads, vocab {problem.vocab}, float32, {problem.device}, {threads} threads; "
+        f"4 heads / 2 KV heads, vocab {problem.vocab}, {problem.dtype}, {problem.device}, {threads} threads; "
         "temperature 1, no top-k / top-p",
         "",
         "| setting | engine | tokens | seconds | tokens/s | x generate | peak extra memory |",
@@ -204,6 +206,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="the model's weights")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--memory-child", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--setting", choices=SETTINGS, help=argparse.SUPPRESS)
@@ -218,7 +221,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     transformers.logging.set_verbosity_error()
     low, high = args.prompt_lengths
     problem = Problem(args.prompts, args.n, args.max_new_tokens, low, high, args.hidden, args.layers, args.vocab,
-                      args.device)
+                      args.device, args.dtype)
     if args.memory_child:
         print(json.dumps({"bytes": memory_child(problem, args.memory_child, args.setting)}))
         return

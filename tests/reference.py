@@ -1,6 +1,7 @@
 """Float64 reference of the fused op: materialised logits, log_softmax, gather, entropy."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -9,7 +10,16 @@ from torch import Tensor
 
 def backend_device(backend: str) -> torch.device:
     """Where a backend's test tensors live: Triton's on the GPU when there is one (conftest turns
-    the interpreter on only without one), every other backend's on the CPU."""
+    the interpreter on only without one), the C++ backend's on the CPU, and the torch backend's on
+    the device that ``HPT_FAST_TEST_TORCH_DEVICE`` names ("cpu", the default, or "cuda"), so a GPU
+    run can check the readable reference on the device too."""
+    if backend == "torch":
+        name = os.environ.get("HPT_FAST_TEST_TORCH_DEVICE", "cpu")
+        if name not in ("cpu", "cuda"):
+            raise ValueError(f"HPT_FAST_TEST_TORCH_DEVICE must be 'cpu' or 'cuda', not {name!r}")
+        if name == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("HPT_FAST_TEST_TORCH_DEVICE=cuda, but torch sees no GPU")
+        return torch.device(name)
     return torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
 
 

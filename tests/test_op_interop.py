@@ -314,10 +314,14 @@ def test_mode_a_compiles_into_one_graph(backend):
 
 # Inductor's own imports use torch.jit, deprecated in this torch
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
-def test_mode_a_under_inductor_with_dynamic_shapes():
-    """Inductor compiles the code around mode A's custom ops; with dynamic shapes a second batch
-    of another size and another set of ignored rows runs the same graph, against float64."""
-    weight = (torch.randn(301, 24, generator=torch.Generator().manual_seed(6)) * 0.3).requires_grad_()
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_mode_a_under_inductor_with_dynamic_shapes(device):
+    """Inductor compiles the code around mode A's custom ops (C++ on the CPU, Triton on a GPU,
+    where "auto" is the Triton backend); with dynamic shapes a second batch of another size and
+    another set of ignored rows runs the same graph, against float64."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    weight = (torch.randn(301, 24, generator=torch.Generator().manual_seed(6)) * 0.3).to(device).requires_grad_()
 
     def step(h, w, t):
         logp, ent = fused_token_logprobs(torch.tanh(h), w, t, return_entropy=True, chunk_size=5)
@@ -328,9 +332,10 @@ def test_mode_a_under_inductor_with_dynamic_shapes():
     compiled = torch.compile(step, fullgraph=True, dynamic=True)
     for seed, n in ((7, 13), (8, 21)):
         gen = torch.Generator().manual_seed(seed)
-        hidden = torch.randn(2, n, 24, generator=gen, requires_grad=True)
+        hidden = torch.randn(2, n, 24, generator=gen).to(device).requires_grad_()
         targets = torch.randint(0, 301, (2, n), generator=gen)
         targets[:, seed % 5] = -100
+        targets = targets.to(device)
         got = torch.autograd.grad(compiled(hidden, weight, targets), [hidden, weight])
         ref_in = [torch.tanh(hidden.detach().double()).requires_grad_(), weight.detach().double().requires_grad_()]
         logp, ent = reference_logprobs(*ref_in, targets)
@@ -401,6 +406,7 @@ def test_mode_a_custom_ops_pass_torch_opcheck(entropy, with_bias, want, ignored)
     """torch.library.opcheck: schemas, fake (meta) functions against the real ones, the autograd
     registration and AOT dispatch with dynamic shapes, for the forward and the backward op,
     with and without entropy, bias and ignored positions, and some gradients not wanted."""
+    _skip_unavailable("cpu")
     hidden, weight, bias, targets = _leaves(torch.float32, seed=10)
     if not ignored:
         targets = targets.clamp(min=0)
@@ -475,6 +481,7 @@ def test_mode_a_custom_ops_pass_torch_opcheck_in_other_dtypes(dtype, backend):
     """The fake functions give the real outputs' dtypes where they are not the inputs': float32
     logp, entropy and statistics for bf16 inputs, float64 ones for float64 inputs; and each
     gradient in its input's dtype, with and without bias."""
+    _skip_unavailable(backend)
     hidden, weight, bias, targets = (x.detach().to(dtype) if x.is_floating_point() else x
                                      for x in _leaves(torch.float32, seed=15))
     args = (hidden, weight, bias, targets, 0.8, -100, True, backend, 4, "tokens", None, dtype)

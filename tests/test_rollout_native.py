@@ -316,6 +316,47 @@ def test_eval_and_no_grad_during_generation_then_train_mode_back(qwen):
     qwen.train()
 
 
+def _sdpa_flags() -> tuple[bool, bool, bool, bool]:
+    cuda = torch.backends.cuda
+    return (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(),
+            cuda.math_sdp_enabled())
+
+
+@pytest.fixture
+def sdpa_flags_restored():
+    before = _sdpa_flags()
+    yield
+    for enable, on in zip((torch.backends.cuda.enable_cudnn_sdp, torch.backends.cuda.enable_flash_sdp,
+                           torch.backends.cuda.enable_mem_efficient_sdp, torch.backends.cuda.enable_math_sdp), before):
+        enable(on)
+
+
+@pytest.mark.parametrize("flash_before", [True, False])
+def test_decode_runs_attention_without_cudnn_then_restores_the_flags(qwen, flash_before, sdpa_flags_restored):
+    """Every decode step is a new attention shape, and cuDNN's SDPA plans each new shape anew: the
+    model's forwards during generation see cuDNN attention off and the other backends as the user
+    left them; afterwards every flag is back."""
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    torch.backends.cuda.enable_flash_sdp(flash_before)
+    seen = []
+    handle = qwen.register_forward_hook(lambda mod, args, out: seen.append(_sdpa_flags()))
+    try:
+        NativeEngine(qwen).generate(PROMPTS, max_new_tokens=3)
+    finally:
+        handle.remove()
+    assert len(seen) == 3 and set(seen) == {(False, flash_before, True, True)}
+    assert _sdpa_flags() == (True, flash_before, True, True)
+
+
+def test_cudnn_attention_stays_where_it_is_the_only_backend_on(sdpa_flags_restored):
+    for enable in (torch.backends.cuda.enable_flash_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
+                   torch.backends.cuda.enable_math_sdp):
+        enable(False)
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    with native._sdpa_without_cudnn():
+        assert _sdpa_flags() == (True, False, False, False)
+
+
 @pytest.mark.parametrize("prompts,kwargs,error,match", [
     ([], {}, ValueError, "prompt_ids is empty"),
     ([[1, 2], []], {}, ValueError, "prompt 1 is empty"),

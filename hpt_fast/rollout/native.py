@@ -18,13 +18,14 @@ of forwards: the longest budget over ranks, until every rank's samples are done.
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
-from typing import Iterator, Optional, Sequence
+from typing import ContextManager, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from hpt_fast.rollout.base import GenerationRequest, Sample, context_length, validate_request
@@ -107,6 +108,24 @@ class KVBuffer(CacheLayerMixin):
         """Keeps only the rows ``indices`` (int64 [rows_kept]), in that order."""
         self.key_buffer = self.key_buffer[indices]
         self.value_buffer = self.value_buffer[indices]
+
+
+def _sdpa_without_cudnn() -> ContextManager[None]:
+    """The SDPA backends enabled now, less cuDNN's, for the decode loop.
+
+    Every decode step attends over one more cached position, a new shape, and cuDNN's attention
+    builds an execution plan for each new shape: on an H200 in bf16 (where SDPA picks cuDNN first)
+    those builds took 4.0 s of a 9.4 s profile of the toy trainer, 12.8 ms of host time per call
+    (bench/results_gpu_h200_train.md). Flash and memory-efficient attention have no per-shape plan.
+    Where cuDNN is the only backend enabled (the user's choice), it stays.
+    """
+    flags = {
+        SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled(),
+        SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled(),
+        SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled(),
+    }
+    enabled = [backend for backend, on in flags.items() if on]
+    return sdpa_kernel(enabled) if enabled else nullcontext()
 
 
 def _with_capacity(buffer: Tensor, capacity: int, length: int) -> Tensor:
@@ -235,7 +254,7 @@ class NativeEngine:
         modes = [(module, module.training) for module in self.model.modules()]
         self.model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _sdpa_without_cudnn():
                 yield
         finally:
             for module, training in modes:
@@ -352,12 +371,14 @@ class _Results:
         self.tokens[batch.rows, step] = tokens
         self.logprobs[batch.rows, step] = logprobs
         ended = batch.budget <= step + 1
+        # updates through the rows' int64 indices, not boolean masks: a boolean index reads how
+        # many rows it selects, a host sync on a GPU, twice per decode step
         if len(stop_ids):
             hit_stop = torch.isin(tokens, stop_ids) & batch.active
-            self.stopped[batch.rows[hit_stop]] = True
+            self.stopped[batch.rows] |= hit_stop
             ended |= hit_stop
         ended &= batch.active
-        self.lengths[batch.rows[ended]] = step + 1
+        self.lengths[batch.rows] = torch.where(ended, step + 1, self.lengths[batch.rows])
         batch.active &= ~ended
 
 
