@@ -113,7 +113,8 @@ step table_2k "${TABLE_LIMIT_S:-110}" python3 -m bench.fused_op_table --device c
 # NativeEngine against transformers' generate on the GPU, float32 and bf16 (where SDPA picks cuDNN's
 # attention, which plans every new shape: the engine's decode turns it off)
 step rollout "${ROLLOUT_LIMIT_S:-45}" python3 -m bench.rollout_throughput --device cuda --no-memory
-step rollout_bf16 "${ROLLOUT_LIMIT_S:-45}" python3 -m bench.rollout_throughput --device cuda --dtype bfloat16
+# with peak memory: four more processes, each starting torch and CUDA (45 s was too short)
+step rollout_bf16 "${ROLLOUT_MEMORY_LIMIT_S:-100}" python3 -m bench.rollout_throughput --device cuda --dtype bfloat16
 # the trainer's embedded default on the GPU (needs deepspeed and math-verify among the wheels):
 # where its steps' time goes, float32 and bf16, with Liger's model kernels
 step train_profile "${TRAIN_LIMIT_S:-90}" python3 -m bench.profile_train_step model.liger_kernels=true \

@@ -28,6 +28,7 @@ Step = Callable[[], None]
 # length, and Liger's default chunk is one sequence, so this is also its token chunk.
 SEQ_LEN = 512
 ENTROPY_COEF = 0.001
+SOFTCAP = 30.0  # the soft-capped rows' cap: Gemma 2's final_logit_softcapping
 
 
 @dataclass
@@ -187,14 +188,16 @@ def forward_inputs(p: Problem, mixed: bool) -> tuple[Problem, Callable[[], conte
     return p.float32_leaves, lambda: torch.autocast(p.device.type, dtype=p.hidden.dtype)
 
 
-def _hpt_mode_a(backend: str, grad_order: str = "auto", mixed: bool = False) -> Callable[[Problem], Step]:
+def _hpt_mode_a(
+    backend: str, grad_order: str = "auto", mixed: bool = False, softcap: Optional[float] = None
+) -> Callable[[Problem], Step]:
     def build(p: Problem) -> Step:
         q, forward = forward_inputs(p, mixed)
 
         def step() -> None:
             with forward():
                 logp, ent = fused_token_logprobs(q.hidden, q.weight, q.targets, return_entropy=True,
-                                                 backend=backend, grad_order=grad_order)
+                                                 backend=backend, grad_order=grad_order, softcap=softcap)
             torch.autograd.backward((logp, ent), (q.g_logp, q.g_ent))
 
         return step
@@ -204,14 +207,15 @@ def _hpt_mode_a(backend: str, grad_order: str = "auto", mixed: bool = False) -> 
 
 def _hpt_mode_b(
     backend: str, grad_order: str = "auto", one_chunk: bool = False, accum_dtype: Optional[torch.dtype] = torch.float32,
-    mixed: bool = False, cast_first: bool = False,
+    mixed: bool = False, cast_first: bool = False, softcap: Optional[float] = None,
 ) -> Callable[[Problem], Step]:
     """Mode B's step; ``one_chunk``: all tokens in one logits block [T, V] instead of the memory
     budget's chunks (the memory cut-cross-entropy's portable path takes, see ``implementations``);
     ``accum_dtype``: the op's argument (None: a low-precision grad_weight summed over the token
     chunks in its own dtype); ``mixed``: see ``Impl``; ``cast_first``: the float32 leaves cast
     to the problem's dtype before the op, so it sees low-precision inputs and autograd casts their
-    gradients back (how the op ran under autocast before it took float32 inputs itself)."""
+    gradients back (how the op ran under autocast before it took float32 inputs itself);
+    ``softcap``: the op's logit soft cap."""
 
     def build(p: Problem) -> Step:
         q, forward = forward_inputs(p, mixed)
@@ -226,7 +230,7 @@ def _hpt_mode_b(
                 # the casts are temporaries: freed when the op returns, as its own were
                 loss, _, _ = fused_linear_loss(cast(q.hidden), cast(q.weight), q.targets, token_loss,
                                                with_entropy=True, backend=backend, grad_order=grad_order,
-                                               chunk_size=chunk_size, accum_dtype=accum_dtype)
+                                               chunk_size=chunk_size, accum_dtype=accum_dtype, softcap=softcap)
             loss.backward()
 
         return step
@@ -418,6 +422,11 @@ def implementations(device: str) -> list[Impl]:
         # defaults do: token order at the block budget's memory (float32 inputs: the default)
         impls.append(Impl(f"hpt_b_{default}_lowp_sum", f"hpt_fast mode B, backend {default}, accum_dtype=None", 3,
                           _hpt_mode_b(default, accum_dtype=None)))
+        # Gemma 2's logit soft cap (30): a tanh and its derivative per logit in the row kernels
+        impls.append(Impl(f"hpt_a_{default}_softcap", f"hpt_fast mode A, backend {default}, softcap 30", 4,
+                          _hpt_mode_a(default, softcap=SOFTCAP)))
+        impls.append(Impl(f"hpt_b_{default}_softcap", f"hpt_fast mode B, backend {default}, softcap 30", 3,
+                          _hpt_mode_b(default, softcap=SOFTCAP)))
         # torch AMP (low-precision tables only; by name, not in the default selection): the op
         # given the float32 leaves, and given casts of them as before it took float32 inputs
         impls.append(Impl(f"hpt_a_{default}_autocast", f"hpt_fast mode A, backend {default}, float32 leaves, autocast",

@@ -107,6 +107,16 @@ void check_inv_temp(double inv_temp) {
       inv_temp);
 }
 
+// The kernels' soft cap: 0 for none, else the checked value.
+float softcap_arg(const std::optional<double>& softcap) {
+  if (!softcap.has_value()) {
+    return 0.f;
+  }
+  TORCH_CHECK(
+      std::isfinite(*softcap) && *softcap > 0.0, "softcap must be finite and > 0, got ", *softcap);
+  return static_cast<float>(*softcap);
+}
+
 // `problem` says what is wrong with the reported target, e.g. "is outside the vocabulary [0, 9)".
 void check_targets_result(int64_t bad_row, const at::Tensor& targets, const std::string& problem) {
   TORCH_CHECK(
@@ -163,7 +173,8 @@ at::Tensor row_stats(
     double inv_temp,
     bool with_entropy,
     at::Tensor state,
-    int64_t col_offset) {
+    int64_t col_offset,
+    const std::optional<double>& softcap) {
   const Block block = block_of(logits, "logits");
   TORCH_CHECK(col_offset >= 0, "col_offset must be >= 0, got ", col_offset);
   check_vector(targets, "targets", block.rows, at::kLong);
@@ -184,6 +195,7 @@ at::Tensor row_stats(
       col_offset,
       targets.data_ptr<int64_t>(),
       static_cast<float>(inv_temp),
+      softcap_arg(softcap),
       with_entropy,
       state.data_ptr<double>(),
   };
@@ -201,7 +213,8 @@ at::Tensor grad_logits(
     const std::optional<at::Tensor>& g_ent,
     double inv_temp,
     at::Tensor out,
-    int64_t col_offset) {
+    int64_t col_offset,
+    const std::optional<double>& softcap) {
   const Block block = block_of(logits, "logits");
   TORCH_CHECK(col_offset >= 0, "col_offset must be >= 0, got ", col_offset);
   const Block out_block = block_of(out, "out");
@@ -235,6 +248,7 @@ at::Tensor grad_logits(
       g_logp.data_ptr<float>(),
       g_ent_ptr,
       static_cast<float>(inv_temp),
+      softcap_arg(softcap),
       out.data_ptr(),
       out_block.dtype,
       out_block.ld,
@@ -306,6 +320,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("with_entropy"),
       py::arg("state"),
       py::arg("col_offset") = 0,
+      py::arg("softcap") = py::none(),
       nogil);
   m.def(
       "grad_logits",
@@ -319,6 +334,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("inv_temp"),
       py::arg("out"),
       py::arg("col_offset") = 0,
+      py::arg("softcap") = py::none(),
       nogil);
   m.def("accumulate_", &hpt::accumulate_, py::arg("acc"), py::arg("x"), nogil);
   m.def("has_onednn_matmul", &hpt::has_onednn_matmul);

@@ -7,6 +7,8 @@
 //
 // The file must be built with -ffp-contract=off: the guarantee logp <= 0 relies on z = x * inv_temp
 // being rounded to float before the max is subtracted, in the vector and the scalar code alike.
+// With a soft cap, z = tanh(x / softcap) * softcap * inv_temp, and single values go through the
+// same vector code as whole runs (Scale), so a row's z_t is still bit for bit one of its z.
 #include "row_kernels.h"
 
 #include <ATen/Parallel.h>
@@ -20,6 +22,8 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace hpt {
@@ -198,6 +202,71 @@ Split split_rows(int64_t rows, int64_t cols, int64_t align) {
   return {len, divup(cols, len)};
 }
 
+// z of raw logits x: x * inv_temp, or with kSoftcap tanh(x * inv_softcap) * cap_scale (cap_scale
+// = softcap * inv_temp), and the soft cap's derivative 1 - tanh(x * inv_softcap)^2.
+template <bool kSoftcap>
+struct Scale {
+  float inv_temp;
+  float inv_softcap;
+  float cap_scale;
+
+  Scale(float inv_temp_, float softcap)
+      : inv_temp(inv_temp_),
+        inv_softcap(kSoftcap ? 1.f / softcap : 0.f),
+        cap_scale(kSoftcap ? softcap * inv_temp_ : 0.f) {}
+
+  Vec operator()(const Vec& x) const {
+    if constexpr (kSoftcap) {
+      return tanh(x * Vec(inv_softcap)) * Vec(cap_scale);
+    } else {
+      return x * Vec(inv_temp);
+    }
+  }
+
+  Vec slope(const Vec& x) const {
+    return with_slope(x).second;
+  }
+
+  // (z, slope) from one tanh; z bit for bit operator()'s.
+  std::pair<Vec, Vec> with_slope(const Vec& x) const {
+    const Vec t = tanh(x * Vec(inv_softcap));
+    return {t * Vec(cap_scale), Vec(1.f) - t * t};
+  }
+
+  // tanh(u) = 1 - 2 / (exp(2u) + 1) through vexp: exactly +-1 where vexp saturates (2u beyond
+  // +-88), NaN for NaN, an absolute error of a few ulps of 1 near 0; the same formula as the
+  // Triton kernels', and several times faster than Sleef's tanh in Vectorized::tanh.
+  static Vec tanh(const Vec& u) {
+    return Vec(1.f) - Vec(2.f) / (vexp(u + u) + Vec(1.f));
+  }
+
+  // One value through the vector code, so that it rounds as the vector lanes do.
+  float operator()(float x) const {
+    if constexpr (kSoftcap) {
+      return first_lane((*this)(Vec(x)));
+    } else {
+      return x * inv_temp;
+    }
+  }
+
+  float slope(float x) const {
+    return first_lane(slope(Vec(x)));
+  }
+
+ private:
+  static float first_lane(const Vec& v) {
+    alignas(64) float lanes[kVec];
+    v.store(lanes);
+    return lanes[0];
+  }
+};
+
+// Calls f(std::bool_constant<...>{}) for a soft cap (softcap > 0) or none.
+template <typename F>
+decltype(auto) visit_softcap(float softcap, F&& f) {
+  return softcap > 0.f ? f(std::true_type{}) : f(std::false_type{});
+}
+
 // ---------------------------------------------------------------------------------------------
 // row_stats
 
@@ -228,17 +297,16 @@ struct SoftmaxSums {
   }
 };
 
-// z = x * inv_temp into the buffer; returns max(z).
-template <typename T>
-float scale_and_max(const T* x, int64_t n, float inv_temp, float* z) {
-  const Vec scale(inv_temp);
+// z = scale(x) into the buffer; returns max(z).
+template <typename T, bool kSoftcap>
+float scale_and_max(const T* x, int64_t n, const Scale<kSoftcap>& scale, float* z) {
   Vec mx0(kNegInf), mx1(kNegInf);
   int64_t i = 0;
   for (; i + kStep <= n; i += kStep) {
     Vec a, b;
     Io<T>::load(x + i, a, b);
-    a = a * scale;
-    b = b * scale;
+    a = scale(a);
+    b = scale(b);
     Io<float>::store(z + i, a, b);
     // plain max: a NaN may be dropped here, but it still reaches the sums through exp
     mx0 = at::vec::clamp_min(a, mx0);
@@ -248,8 +316,8 @@ float scale_and_max(const T* x, int64_t n, float inv_temp, float* z) {
     const int64_t rest = n - i;
     Vec a, b;
     Io<T>::load(x + i, rest, a, b);
-    a = a * scale;
-    b = b * scale;
+    a = scale(a);
+    b = scale(b);
     Io<float>::store(z + i, rest, a, b);
     mx0 = at::vec::maximum(mx0, Vec::set(Vec(kNegInf), a, std::min(rest, kVec)));
     if (rest > kVec) {
@@ -298,13 +366,13 @@ void add_exp_sums(const float* z, int64_t n, SoftmaxSums& sums) {
 }
 
 // One streaming pass over n logits: a running max, the sums rescaled whenever it grows.
-template <typename T, bool kEntropy>
-SoftmaxSums softmax_sums(const T* x, int64_t n, float inv_temp) {
+template <typename T, bool kEntropy, bool kSoftcap>
+SoftmaxSums softmax_sums(const T* x, int64_t n, const Scale<kSoftcap>& scale) {
   alignas(64) float z[kChunk];
   SoftmaxSums sums;
   for (int64_t begin = 0; begin < n; begin += kChunk) {
     const int64_t len = std::min(kChunk, n - begin);
-    sums.shift_to(std::max(sums.m, scale_and_max(x + begin, len, inv_temp, z)));
+    sums.shift_to(std::max(sums.m, scale_and_max(x + begin, len, scale, z)));
     add_exp_sums<kEntropy>(z, len, sums);
   }
   return sums;
@@ -324,9 +392,10 @@ void update_state(const RowStatsArgs& a, int64_t r, const SoftmaxSums& block_sum
   st[2] = sums.s1;
 }
 
-template <typename T, bool kEntropy>
+template <typename T, bool kEntropy, bool kSoftcap>
 int64_t row_stats_impl(const RowStatsArgs& a) {
   const Block& b = a.logits;
+  const Scale<kSoftcap> scale(a.inv_temp, a.softcap);
   std::atomic<int64_t> bad_row{-1};
   // z_t with the arithmetic of scale_and_max, so that z_t <= m holds bit for bit
   auto merge_row = [&](int64_t r, const SoftmaxSums& sums) {
@@ -338,7 +407,7 @@ int64_t row_stats_impl(const RowStatsArgs& a) {
     update_state(a, r, sums);
     const int64_t local = t - a.col_offset;
     if (local >= 0 && local < b.cols) {
-      a.state[4 * r + 3] = static_cast<float>(row_in<T>(b, r)[local]) * a.inv_temp;
+      a.state[4 * r + 3] = scale(static_cast<float>(row_in<T>(b, r)[local]));
     }
   };
 
@@ -347,7 +416,7 @@ int64_t row_stats_impl(const RowStatsArgs& a) {
     const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(b.cols, 1));
     at::parallel_for(0, b.rows, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        merge_row(r, softmax_sums<T, kEntropy>(row_in<T>(b, r), b.cols, a.inv_temp));
+        merge_row(r, softmax_sums<T, kEntropy>(row_in<T>(b, r), b.cols, scale));
       }
     });
     return bad_row.load();
@@ -359,7 +428,7 @@ int64_t row_stats_impl(const RowStatsArgs& a) {
       const int64_t r = i / split.pieces;
       const int64_t j = (i % split.pieces) * split.len;
       const int64_t len = std::min(split.len, b.cols - j);
-      parts[i] = softmax_sums<T, kEntropy>(row_in<T>(b, r) + j, len, a.inv_temp);
+      parts[i] = softmax_sums<T, kEntropy>(row_in<T>(b, r) + j, len, scale);
     }
   });
   // Fewer rows than threads here, so merging serially costs nothing.
@@ -376,7 +445,10 @@ int64_t row_stats_impl(const RowStatsArgs& a) {
 int64_t row_stats(const RowStatsArgs& a) {
   return visit_dtype(a.logits.dtype, [&](auto tag) {
     using T = decltype(tag);
-    return a.with_entropy ? row_stats_impl<T, true>(a) : row_stats_impl<T, false>(a);
+    return visit_softcap(a.softcap, [&](auto cap) {
+      constexpr bool kCap = decltype(cap)::value;
+      return a.with_entropy ? row_stats_impl<T, true, kCap>(a) : row_stats_impl<T, false, kCap>(a);
+    });
   });
 }
 
@@ -384,41 +456,59 @@ int64_t row_stats(const RowStatsArgs& a) {
 // grad_logits
 
 // Per-row constants of d = inv_temp * (g_logp * (onehot - p) - g_ent * p * (log p + H)), written
-// as d = p * (a + b * (log p + H)) off the target.
+// as d = p * (a + b * (log p + H)) off the target; a soft cap multiplies d by scale.slope(x).
+template <bool kSoftcap>
 struct GradRow {
-  float inv_temp;
+  Scale<kSoftcap> scale;
   float lse;
   float a;  // -g_logp * inv_temp
   float b;  // -g_ent * inv_temp
   float h;  // entropy
   float target_add;  // g_logp * inv_temp
 
-  // log p = z - lse with z = x * inv_temp rounded first, as the statistics pass rounded it: then
-  // p is exactly 1 for a one-column row, whose gradient is exactly 0 (an FMA left it ~1e-6).
-  float at(float x) const {
-    const float log_p = x * inv_temp - lse;
+  // The target column's d. log p = z - lse with z rounded first, as the statistics pass rounded
+  // it: then p is exactly 1 for a one-column row, whose gradient is exactly 0 (an FMA left it ~1e-6).
+  float at_target(float x) const {
+    const float log_p = scale(x) - lse;
     const float p = std::exp(log_p);
     // p = 0 at a -inf logit, whose factor would be infinite: 0 * inf is NaN
-    return p == 0.f ? 0.f : p * (a + b * (log_p + h));
+    const float d = (p == 0.f ? 0.f : p * (a + b * (log_p + h))) + target_add;
+    if constexpr (kSoftcap) {
+      return d * scale.slope(x);
+    } else {
+      return d;
+    }
   }
 };
 
-template <bool kEntropy>
-Vec grad_of(const Vec& x, const GradRow& g) {
-  const Vec log_p = x * Vec(g.inv_temp) - Vec(g.lse);  // no FMA: see GradRow::at
+template <bool kEntropy, bool kSoftcap>
+Vec grad_of(const Vec& x, const GradRow<kSoftcap>& g) {
+  Vec z, slope;
+  if constexpr (kSoftcap) {
+    std::tie(z, slope) = g.scale.with_slope(x);
+  } else {
+    z = g.scale(x);
+  }
+  const Vec log_p = z - Vec(g.lse);  // no FMA: see GradRow::at_target
   const Vec p = vexp(log_p);
+  Vec d;
   if constexpr (kEntropy) {
     // vexp gives exactly 0 from -88 down, so clamping log p there changes no p * factor except
     // at -inf logits, where it is 0 rather than 0 * inf = NaN (clamp_min keeps a NaN)
-    return p * at::vec::fmadd(Vec(g.b), at::vec::clamp_min(log_p, Vec(-88.f)) + Vec(g.h), Vec(g.a));
+    d = p * at::vec::fmadd(Vec(g.b), at::vec::clamp_min(log_p, Vec(-88.f)) + Vec(g.h), Vec(g.a));
   } else {
-    return p * Vec(g.a);
+    d = p * Vec(g.a);
+  }
+  if constexpr (kSoftcap) {
+    return d * slope;
+  } else {
+    return d;
   }
 }
 
 // Reads each step before writing it, so `out` may be `x` itself.
-template <typename T, typename O, bool kEntropy>
-void grad_run(const T* x, O* out, int64_t n, const GradRow& g) {
+template <typename T, typename O, bool kEntropy, bool kSoftcap>
+void grad_run(const T* x, O* out, int64_t n, const GradRow<kSoftcap>& g) {
   int64_t i = 0;
   for (; i + kStep <= n; i += kStep) {
     Vec v0, v1;
@@ -446,8 +536,8 @@ void zero_run(O* out, int64_t n) {
 
 // Columns [j, j + n) of one row; t is the row's target column relative to the block (outside
 // [0, cols) when the target belongs to another slab: then no piece contains it).
-template <typename T, typename O>
-void grad_piece(const T* x, O* out, int64_t j, int64_t n, int64_t t, const GradRow& g) {
+template <typename T, typename O, bool kSoftcap>
+void grad_piece(const T* x, O* out, int64_t j, int64_t n, int64_t t, const GradRow<kSoftcap>& g) {
   if (g.a == 0.f && g.b == 0.f) {
     zero_run(out + j, n);
     return;
@@ -461,15 +551,16 @@ void grad_piece(const T* x, O* out, int64_t j, int64_t n, int64_t t, const GradR
     grad_run<T, O, false>(x + j, out + j, n, g);
   }
   if (has_target) {
-    out[t] = static_cast<O>(g.at(x_t) + g.target_add);
+    out[t] = static_cast<O>(g.at_target(x_t));
   }
 }
 
-GradRow grad_row(const GradArgs& a, int64_t r) {
+template <bool kSoftcap>
+GradRow<kSoftcap> grad_row(const GradArgs& a, int64_t r) {
   const float g_logp = a.g_logp[r];
   const bool with_ent = a.g_ent != nullptr;
-  return GradRow{
-      a.inv_temp,
+  return GradRow<kSoftcap>{
+      Scale<kSoftcap>(a.inv_temp, a.softcap),
       a.lse[r],
       -g_logp * a.inv_temp,
       with_ent ? -a.g_ent[r] * a.inv_temp : 0.f,
@@ -478,7 +569,7 @@ GradRow grad_row(const GradArgs& a, int64_t r) {
   };
 }
 
-template <typename T, typename O>
+template <typename T, typename O, bool kSoftcap>
 int64_t grad_impl(const GradArgs& a) {
   const Block& b = a.logits;
   const Split split = split_rows(b.rows, b.cols, kStep);
@@ -495,7 +586,7 @@ int64_t grad_impl(const GradArgs& a) {
       }
       O* out = static_cast<O*>(a.out) + r * a.out_ld;
       grad_piece(
-          row_in<T>(b, r), out, j, std::min(split.len, b.cols - j), t - a.col_offset, grad_row(a, r));
+          row_in<T>(b, r), out, j, std::min(split.len, b.cols - j), t - a.col_offset, grad_row<kSoftcap>(a, r));
     }
   });
   return bad_row.load();
@@ -504,7 +595,9 @@ int64_t grad_impl(const GradArgs& a) {
 int64_t grad_logits(const GradArgs& a) {
   return visit_dtype(a.logits.dtype, [&](auto in_tag) {
     return visit_dtype(a.out_dtype, [&](auto out_tag) {
-      return grad_impl<decltype(in_tag), decltype(out_tag)>(a);
+      return visit_softcap(a.softcap, [&](auto cap) {
+        return grad_impl<decltype(in_tag), decltype(out_tag), decltype(cap)::value>(a);
+      });
     });
   });
 }

@@ -28,6 +28,7 @@ struct RowStatsArgs {
   int64_t col_offset;
   const int64_t* targets;
   float inv_temp;
+  float softcap;  // 0: none; > 0: z = softcap * tanh(x / softcap) * inv_temp instead of x * inv_temp
   bool with_entropy;
   double* state;  // [rows, 4], contiguous: m, s, s1, z_t; updated in place
 };
@@ -44,6 +45,7 @@ struct GradArgs {
   const float* g_logp;
   const float* g_ent;  // nullptr: no entropy term
   float inv_temp;
+  float softcap;  // as in RowStatsArgs; the gradient then has the factor 1 - tanh(x / softcap)^2
   void* out;  // same shape as logits, may alias it exactly
   c10::ScalarType out_dtype;
   int64_t out_ld;

@@ -64,6 +64,8 @@ class FusedUnifiedLoss(nn.Module):
         accum_dtype: how a bfloat16 / float16 grad_weight is summed over token chunks:
             torch.float32 (a float32 [V, H] buffer) or None (in grad_weight itself); see
             ``fused_token_logprobs``.
+        softcap: None, or the model's logit soft cap c (logits ``c * tanh(logits / c)`` before the
+            temperature: Gemma 2's ``final_logit_softcapping``).
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class FusedUnifiedLoss(nn.Module):
         backend: str = "auto",
         grad_order: str = "auto",
         accum_dtype: Optional[torch.dtype] = torch.float32,
+        softcap: Optional[float] = None,
     ) -> None:
         super().__init__()
         self.estimator = get_estimator(estimator) if isinstance(estimator, str) else estimator
@@ -84,11 +87,13 @@ class FusedUnifiedLoss(nn.Module):
         self.backend = backend
         self.grad_order = grad_order
         self.accum_dtype = accum_dtype
+        self.softcap = softcap
 
     def extra_repr(self) -> str:
         return (
             f"{self.estimator!r}, temperature={self.temperature}, chunk_size={self.chunk_size}, "
-            f"backend={self.backend!r}, grad_order={self.grad_order!r}, accum_dtype={self.accum_dtype}"
+            f"backend={self.backend!r}, grad_order={self.grad_order!r}, accum_dtype={self.accum_dtype}, "
+            f"softcap={self.softcap}"
         )
 
     # one opaque call under torch.compile, as mode B: tracing into the batch checks and the
@@ -130,7 +135,7 @@ class FusedUnifiedLoss(nn.Module):
         op_args = dict(
             bias=bias, temperature=self.temperature, ignore_index=IGNORE_INDEX,
             backend=self.backend, chunk_size=self.chunk_size, grad_order=self.grad_order,
-            accum_dtype=self.accum_dtype,
+            accum_dtype=self.accum_dtype, softcap=self.softcap,
         )
         batch = dict(old_logp=old_logp, off_policy=off_policy, rewards=rewards, normalizers=normalizers)
         if est.needs_sequence_stats:

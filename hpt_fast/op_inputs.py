@@ -113,9 +113,10 @@ def _integer(value: object) -> Optional[int]:
 
 
 def _scalar_args(
-    temperature: float, ignore_index: int, chunk_size: Optional[int]
-) -> tuple[float, int, Optional[int]]:
-    """(temperature, ignore_index, chunk_size) as float, int and int or None, or a clear error.
+    temperature: float, ignore_index: int, chunk_size: Optional[int], softcap: Optional[float] = None
+) -> tuple[float, int, Optional[int], Optional[float]]:
+    """(temperature, ignore_index, chunk_size, softcap) as float, int, int or None and float or
+    None, or a clear error.
 
     Any real number / integer is taken (numpy scalars included); tensors are not, since reading
     one on the host would wait for its device.
@@ -141,7 +142,15 @@ def _scalar_args(
         if size is None or size < 1:
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         chunk_size = size
-    return temperature, index, chunk_size
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+            raise TypeError(f"softcap must be a number or None, got {type(softcap).__name__}")
+        softcap = float(softcap)
+        # softcap * (1 / T) is the kernels' float32 scale: a finite float32 keeps the logits finite
+        if not 0 < softcap < math.inf or softcap / temperature > _FLOAT32_MAX:
+            raise ValueError(f"softcap must be a finite number > 0 with softcap / temperature a finite "
+                             f"float32, got softcap {softcap} at temperature {temperature}")
+    return temperature, index, chunk_size, softcap
 
 
 def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
@@ -230,15 +239,16 @@ def checked_args(
     chunk_size: Optional[int],
     grad_order: str,
     accum_dtype: Optional[torch.dtype],
-) -> tuple[float, int, Optional[int], torch.dtype]:
+    softcap: Optional[float] = None,
+) -> tuple[float, int, Optional[int], Optional[float], torch.dtype]:
     """Check every argument that can be checked without reading a tensor's values (which would
     wait for its device; the target ids are checked by ``valid_rows``), before any work starts.
 
-    Returns (temperature, ignore_index, chunk_size) as float, int and int or None, and the GEMMs'
-    dtype, the one autocast would give ``F.linear`` (see ``compute_dtype``). Runs under
+    Returns (temperature, ignore_index, chunk_size, softcap) as float, int, int or None and float
+    or None, and the GEMMs' dtype, the one autocast would give ``F.linear`` (see ``compute_dtype``). Runs under
     torch.compile's tracing too: everything here is decided by shapes, dtypes and devices.
     """
-    temperature, ignore_index, chunk_size = _scalar_args(temperature, ignore_index, chunk_size)
+    temperature, ignore_index, chunk_size, softcap = _scalar_args(temperature, ignore_index, chunk_size, softcap)
     _check_inputs(hidden, weight, targets, bias, grad_order, accum_dtype)
     backends.check_name(backend)
-    return temperature, ignore_index, chunk_size, compute_dtype(hidden, _autocast_dtype(hidden.device))
+    return temperature, ignore_index, chunk_size, softcap, compute_dtype(hidden, _autocast_dtype(hidden.device))

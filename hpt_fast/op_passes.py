@@ -167,7 +167,9 @@ def stats_pass(
     with_entropy = rows.entropy is not None
     state = row_state.empty(hidden.shape[0], hidden.device)
     for logits, r, c in blocks(plan, hidden, weight, bias, buffer):
-        plan.backend.row_stats(logits, targets[r], plan.inv_temp, with_entropy, state[r], col_offset=c.start)
+        plan.backend.row_stats(
+            logits, targets[r], plan.inv_temp, with_entropy, state[r], col_offset=c.start, softcap=plan.softcap
+        )
         if plan.order == "tokens":
             rows.finish(r, state[r])
             if on_chunk is not None:
@@ -322,7 +324,7 @@ class GradientPass:
         self.plan.backend.grad_logits(
             logits, self.targets[r], rows.lse[r], None if g_ent is None else rows.entropy[r],
             rows.g_logp[r], None if g_ent is None else g_ent[r], self.plan.inv_temp, logits,
-            col_offset=c.start,
+            col_offset=c.start, softcap=self.plan.softcap,
         )
         h, w = self.hidden[r], self.weight[c]
         if self.plan.order == "tokens":

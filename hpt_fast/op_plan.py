@@ -46,7 +46,8 @@ class Plan:
     """How one call runs.
 
     backend: the row-kernel module. dtype: the GEMMs' dtype (the inputs', or autocast's; see
-        ``op_inputs.compute_dtype``). inv_temp: 1 / temperature.
+        ``op_inputs.compute_dtype``). inv_temp: 1 / temperature. softcap: None, or c > 0 for
+        logits c * tanh(logits / c) (Gemma 2's ``final_logit_softcapping``), before the temperature.
     chunk: tokens per logits block [chunk, V] in token order, and per call of mode B's
         token_loss_fn there (vocabulary order calls it once, on all tokens).
     slab: vocabulary columns per logits block [N, slab] in vocabulary order, N the scored tokens:
@@ -70,6 +71,7 @@ class Plan:
     order: str
     float32_weight_sum: bool
     row_align: int
+    softcap: Optional[float] = None
 
 
 def budget_bytes(n_rows: int, vocab: int) -> float:
@@ -155,13 +157,14 @@ def make_plan(
     accum_dtype: Optional[torch.dtype],
     dtype: Optional[torch.dtype] = None,
     weight_dtype: Optional[torch.dtype] = None,
+    softcap: Optional[float] = None,
 ) -> Plan:
     """Backend, block sizes, gradient order and sum precision for one call of mode ``mode`` ("A" or "B").
 
     ``hidden``: the op's input [..., H] (its dtype, device and H are read, not its values);
     ``n_rows``: N, the number of scored tokens among its positions; ``vocab``: V.
     ``dtype``: the GEMMs' dtype (default hidden's); ``weight_dtype``: the weight's own, that of
-    its gradient (default ``dtype``).
+    its gradient (default ``dtype``); ``softcap``: see ``Plan``.
     """
     dtype = hidden.dtype if dtype is None else dtype
     weight_dtype = dtype if weight_dtype is None else weight_dtype
@@ -182,7 +185,7 @@ def make_plan(
         grad_order = auto_order(mode, float32_weight_sum, n_rows, vocab, hidden.shape[-1], chunk, budget)
     return Plan(
         backend=module, dtype=dtype, inv_temp=1.0 / temperature, chunk=chunk, slab=slab, order=grad_order,
-        float32_weight_sum=float32_weight_sum, row_align=_ROW_ALIGN if hidden.is_cuda else 1,
+        float32_weight_sum=float32_weight_sum, row_align=_ROW_ALIGN if hidden.is_cuda else 1, softcap=softcap,
     )
 
 

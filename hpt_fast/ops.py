@@ -15,7 +15,8 @@ mode B's per-token loss (``op_token_loss``). Mode A's forward is a statistics pa
 backward a gradient pass that recomputes the logits, block for block as the forward computed
 them; mode B's token order runs the gradient pass on the statistics pass's own blocks.
 For any per-token loss, d loss / d logits = (1/T) * [g_logp * (onehot - p) - g_ent * p * (log p + H)],
-so the backends only ever need the two per-token scalars g_logp and g_ent.
+so the backends only ever need the two per-token scalars g_logp and g_ent (times the soft cap's
+1 - tanh^2 of the raw logits, when there is one).
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ _MODE_A = "hpt_fast::token_logprobs"
 def _token_logprobs(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, temperature: float,
     ignore_index: int, with_entropy: bool, backend: str, chunk_size: Optional[int], grad_order: str,
-    accum_dtype: Optional[torch.dtype], dtype: torch.dtype,
+    accum_dtype: Optional[torch.dtype], dtype: torch.dtype, softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Mode A's forward on checked arguments (``op_inputs.checked_args``), ``dtype`` the GEMMs' dtype.
 
@@ -74,7 +75,7 @@ def _token_logprobs(
     """
     h, t, index, plan = _prepare(
         hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, "A", grad_order,
-        accum_dtype, dtype,
+        accum_dtype, dtype, softcap,
     )
     with op_inputs.autocast_off(h.device):
         h, w, b = _cast(plan.dtype, h, weight, bias)
@@ -95,7 +96,7 @@ def _token_logprobs(
 
 @_token_logprobs.register_fake
 def _token_logprobs_fake(hidden, weight, bias, targets, temperature, ignore_index, with_entropy, backend,
-                         chunk_size, grad_order, accum_dtype, dtype):
+                         chunk_size, grad_order, accum_dtype, dtype, softcap=None):
     stat = op_passes.stat_dtype(hidden)
     logp = targets.new_empty(targets.shape, dtype=stat)
     entropy = targets.new_empty(targets.shape if with_entropy else (0,), dtype=stat)
@@ -108,7 +109,7 @@ def _token_logprobs_fake(hidden, weight, bias, targets, temperature, ignore_inde
 def _token_logprobs_backward(
     g_logp: Tensor, g_ent: Optional[Tensor], hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
     targets: Tensor, stats: Tensor, scored: Tensor, cut: Tensor, temperature: float, backend: str,
-    accum_dtype: Optional[torch.dtype], dtype: torch.dtype, want: list[bool],
+    accum_dtype: Optional[torch.dtype], dtype: torch.dtype, want: list[bool], softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Mode A's backward: the gradients of hidden, weight and bias (``want``: which), each in its
     input's dtype, [0] where not wanted; g_logp [...] and g_ent [...] or None (no entropy term)
@@ -118,7 +119,8 @@ def _token_logprobs_backward(
     h, t = op_inputs.gather_valid(hidden, targets, index)
     order = "vocab" if vocab_order else "tokens"
     plan = op_plan.make_plan(
-        "A", backend, hidden, weight.shape[0], h.shape[0], chunk, temperature, order, accum_dtype, dtype, weight.dtype
+        "A", backend, hidden, weight.shape[0], h.shape[0], chunk, temperature, order, accum_dtype, dtype, weight.dtype,
+        softcap,
     )
     lse, entropy = stats[0, :n_scored], (stats[1, :n_scored] if stats.shape[0] > 1 else None)
     g_logp = op_inputs.gather_rows(g_logp.reshape(-1).to(lse.dtype), index)
@@ -148,15 +150,16 @@ def _gradient_likes(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], stat
 
 @_token_logprobs_backward.register_fake
 def _token_logprobs_backward_fake(g_logp, g_ent, hidden, weight, bias, targets, stats, scored, cut, temperature,
-                                  backend, accum_dtype, dtype, want):
+                                  backend, accum_dtype, dtype, want, softcap=None):
     likes = _gradient_likes(hidden, weight, bias, stats)
     return tuple(x.new_empty(x.shape if w else (0,)) for x, w in zip(likes, want))
 
 
 def _token_logprobs_setup(ctx, inputs, output) -> None:
-    hidden, weight, bias, targets, temperature, _, _, backend, _, _, accum_dtype, dtype = inputs
+    hidden, weight, bias, targets, temperature, _, _, backend, _, _, accum_dtype, dtype, softcap = inputs
     ctx.save_for_backward(hidden, weight, bias, targets, *output[2:])
     ctx.args = (temperature, backend, accum_dtype, dtype)
+    ctx.softcap = softcap
     # an output that no loss uses gets None, not zeros: an unused entropy adds no term
     ctx.set_materialize_grads(False)
 
@@ -168,8 +171,10 @@ def _token_logprobs_grad(ctx, g_logp, g_ent, *_g_saved):
     want[2] = want[2] and bias is not None
     if g_logp is None:
         g_logp = stats.new_zeros(targets.shape)
-    grads = _token_logprobs_backward(g_logp, g_ent, hidden, weight, bias, targets, stats, scored, cut, *ctx.args, want)
-    return (*(g if w else None for g, w in zip(grads, want)), *([None] * 9))
+    grads = _token_logprobs_backward(
+        g_logp, g_ent, hidden, weight, bias, targets, stats, scored, cut, *ctx.args, want, ctx.softcap
+    )
+    return (*(g if w else None for g, w in zip(grads, want)), *([None] * 10))
 
 
 _token_logprobs.register_autograd(_token_logprobs_grad, setup_context=_token_logprobs_setup)
@@ -283,6 +288,7 @@ def _prepare(
     grad_order: str,
     accum_dtype: Optional[torch.dtype],
     dtype: torch.dtype,
+    softcap: Optional[float],
 ) -> tuple[Tensor, Tensor, Optional[Tensor], op_plan.Plan]:
     """Check the target ids, keep the scored rows and plan the blocks for mode ``mode`` ("A" /
     "B"), the GEMMs in ``dtype``; the other arguments as ``op_inputs.checked_args`` returned them.
@@ -294,7 +300,7 @@ def _prepare(
     h, t = op_inputs.gather_valid(hidden, targets, index)
     plan = op_plan.make_plan(
         mode, backend, hidden, weight.shape[0], h.shape[0], chunk_size, temperature, grad_order, accum_dtype,
-        dtype, weight.dtype,
+        dtype, weight.dtype, softcap,
     )
     return h, t, index, plan
 
@@ -312,6 +318,7 @@ def fused_token_logprobs(
     chunk_size: Optional[int] = None,
     grad_order: str = "auto",
     accum_dtype: Optional[torch.dtype] = torch.float32,
+    softcap: Optional[float] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Per-token log-probabilities (and entropies) of ``targets`` under softmax(logits / T).
 
@@ -326,7 +333,8 @@ def fused_token_logprobs(
             so mode B needs no float32 buffer and keeps token order. Inside, the op runs with
             autocast off.
         targets: [...] int64, the leading shape of ``hidden``; ids in [0, V) or ``ignore_index``.
-        bias: [V] or None. Logits are ``(hidden @ weight.T + bias) / temperature``.
+        bias: [V] or None. Logits are ``(hidden @ weight.T + bias) / temperature``, or with
+            ``softcap`` c, ``c * tanh((hidden @ weight.T + bias) / c) / temperature``.
         temperature: finite, > 0, with 1 / temperature a finite float32 (T >= about 2.9e-39).
         ignore_index: positions with this target give logp = 0, entropy = 0 and no gradient.
         return_entropy: also return the entropy of each position's distribution.
@@ -356,6 +364,9 @@ def fused_token_logprobs(
             rounded to bf16 before the end. Vocabulary order's grad_hidden sum is
             always float32 (its buffer is [N, H]); float32 / float64 inputs always sum in their
             own dtype.
+        softcap: None, or the soft cap c > 0 of models that cap their logits with a tanh (Gemma 2
+            and later: the config's ``final_logit_softcapping``), applied before the temperature;
+            softcap / temperature must be a finite float32. Costs a tanh per logit in each pass.
     Returns:
         logp: float32 [...] (<= 0), entropy: float32 [...] or None. Both differentiable w.r.t.
         hidden, weight and bias; the backward recomputes the logits block by block. Under
@@ -363,12 +374,13 @@ def fused_token_logprobs(
         ``hpt_fast::token_logprobs`` and ``hpt_fast::token_logprobs_backward``), so
         ``fullgraph=True`` takes the op.
     """
-    temperature, ignore_index, chunk_size, dtype = op_inputs.checked_args(
-        hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, grad_order, accum_dtype
+    temperature, ignore_index, chunk_size, softcap, dtype = op_inputs.checked_args(
+        hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, grad_order, accum_dtype,
+        softcap,
     )
     logp, entropy, *_ = _token_logprobs(
         hidden, weight, bias, targets, temperature, ignore_index, bool(return_entropy), backend, chunk_size,
-        grad_order, accum_dtype, dtype,
+        grad_order, accum_dtype, dtype, softcap,
     )
     return logp, (entropy if return_entropy else None)
 
@@ -388,12 +400,13 @@ def fused_linear_loss(
     chunk_size: Optional[int] = None,
     grad_order: str = "auto",
     accum_dtype: Optional[torch.dtype] = torch.float32,
+    softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Sum over tokens of ``token_loss_fn(logp, entropy, rows)``, gradients computed in the forward.
 
     Args:
-        hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size: as in
-            ``fused_token_logprobs``.
+        hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, softcap: as
+            in ``fused_token_logprobs``.
         token_loss_fn: ``(logp [C] float32, entropy [C] float32 or None, rows [C] int64) ->
             losses [C]``, called on the non-ignored tokens only, chunk by chunk in token order
             and once on all of them in vocabulary order (never on zero tokens); ``rows`` are
@@ -421,12 +434,13 @@ def fused_linear_loss(
     """
     if not callable(token_loss_fn):
         raise TypeError(f"token_loss_fn must be callable, got {type(token_loss_fn).__name__}")
-    temperature, ignore_index, chunk_size, dtype = op_inputs.checked_args(
-        hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, grad_order, accum_dtype
+    temperature, ignore_index, chunk_size, softcap, dtype = op_inputs.checked_args(
+        hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, grad_order, accum_dtype,
+        softcap,
     )
     h, t, index, plan = _prepare(
         hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, "B", grad_order,
-        accum_dtype, dtype,
+        accum_dtype, dtype, softcap,
     )
     w, b = weight, bias
     if not torch.is_grad_enabled():

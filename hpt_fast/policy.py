@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import torch
 from torch import Tensor, nn
 
 from hpt_fast.batching import MicroBatch
@@ -29,7 +28,8 @@ class FusedHeadPolicy(nn.Module):
 
     ``lm`` stays the object to save (``save_pretrained``) and to generate with; this wrapper only
     adds the forward the trainer needs. ``op_kwargs``: the fused op's settings for the forward
-    without a loss (``FusedOpConfig.op_kwargs``; a loss carries its own).
+    without a loss (``FusedOpConfig.op_kwargs``; a loss carries its own). A model that soft-caps its
+    logits (Gemma 2 and later) has its cap applied in the fused head (``softcap``).
     """
 
     def __init__(self, lm: nn.Module, op_kwargs: Optional[dict[str, Any]] = None) -> None:
@@ -37,6 +37,7 @@ class FusedHeadPolicy(nn.Module):
         _check_plain_head(lm)
         self.lm = lm
         self.op_kwargs = dict(op_kwargs or {})
+        self.softcap = logit_softcap(lm)
 
     def head_parameters(self) -> list[nn.Parameter]:
         """The output embedding's weight (and bias), which the fused op reads directly."""
@@ -71,30 +72,45 @@ class FusedHeadPolicy(nn.Module):
         (0 at ignored positions), e.g. the old policy's under ``torch.no_grad``.
         """
         head = self.lm.get_output_embeddings()
+        if loss_fn is not None and loss_fn.softcap != self.softcap:
+            # the loss would train the log-probs of other logits than the model samples from
+            raise ValueError(f"loss_fn has softcap={loss_fn.softcap}, the model's logits are capped at "
+                             f"{self.softcap} (its config's final_logit_softcapping)")
         hidden = self.hidden(mb)
         if loss_fn is None:
             logp, _ = fused_token_logprobs(hidden, head.weight, mb.targets, bias=head.bias, temperature=temperature,
-                                           **self.op_kwargs)
+                                           softcap=self.softcap, **self.op_kwargs)
             return logp
         return loss_fn(hidden, head.weight, mb.targets, mb.mask, mb.advantages, bias=head.bias,
                        old_logp=old_logp, off_policy=mb.off_policy, rewards=mb.rewards, normalizers=normalizers)
 
 
 # config fields with which transformers models change the logits after lm_head, and the value
-# that leaves them unchanged (Gemma 2 / 3 / 4, Inkling 2: tanh soft-capping; Granite: a divisor;
-# Cohere: a factor; Falcon-H1: a factor); read from the config and from its text config, where
-# multimodal models keep them
-_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logits_scaling": 1.0, "logit_scale": 1.0,
-                     "lm_head_multiplier": 1.0}
+# that leaves them unchanged (Granite: a divisor; Cohere: a factor; Falcon-H1: a factor); read
+# from the config and from its text config, where multimodal models keep them. Gemma 2 / 3 / 4's
+# and Inkling 2's tanh soft-capping (final_logit_softcapping) is the fused op's own softcap.
+_LOGIT_TRANSFORMS = {"logits_scaling": 1.0, "logit_scale": 1.0, "lm_head_multiplier": 1.0}
+
+
+def _config_value(lm: nn.Module, field: str, neutral: Any) -> Any:
+    """``field`` of lm's config, or of its text config (multimodal models), where not ``neutral``."""
+    config = getattr(lm, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return next((v for v in (getattr(c, field, neutral) for c in (config, text_config)) if v != neutral), neutral)
+
+
+def logit_softcap(lm: nn.Module) -> Optional[float]:
+    """The model's logit soft cap c (logits ``c * tanh(lm_head(hidden) / c)``: the config's
+    ``final_logit_softcapping``, Gemma 2 and later), or None."""
+    return _config_value(lm, "final_logit_softcapping", None)
 
 
 def _check_plain_head(lm: nn.Module) -> None:
-    """ValueError for a model whose logits are not ``lm_head(hidden)``: the fused head would train
-    it on the log-probs of other logits than the ones it samples from, without a word."""
-    config = getattr(lm, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    """ValueError for a model that changes its logits after lm_head in a way the fused head does
+    not compute (a soft cap it does: ``logit_softcap``): it would train the model on the log-probs
+    of other logits than the ones it samples from, without a word."""
     for field, neutral in _LOGIT_TRANSFORMS.items():
-        value = next((v for v in (getattr(c, field, neutral) for c in (config, text_config)) if v != neutral), neutral)
+        value = _config_value(lm, field, neutral)
         if value != neutral:
             raise ValueError(
                 f"{type(lm).__name__} sets {field}={value}: its logits are transformed after lm_head, "

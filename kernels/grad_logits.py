@@ -4,17 +4,21 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .scaled import scaled, tanh
+
 
 @triton.jit
 def grad_logits_kernel(
     logits_ptr, targets_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, out_ptr,
-    V, col_offset, stride_logits, stride_out, inv_temp,
-    BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr,
+    V, col_offset, stride_logits, stride_out, inv_temp, inv_softcap, cap_scale,
+    BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Grid (C, cdiv(V, BLOCK_V)): program (row, j) writes columns [j * BLOCK_V, (j + 1) * BLOCK_V).
 
     With ``z = logits * inv_temp`` and ``log p = z - lse`` it stores
-    ``inv_temp * (g_logp * (onehot(target) - p) - g_ent * p * (log p + H))`` in out's dtype.
+    ``inv_temp * (g_logp * (onehot(target) - p) - g_ent * p * (log p + H))`` in out's dtype; with
+    ``SOFTCAP``, ``z = tanh(logits * inv_softcap) * cap_scale`` (``kernels.scaled``) and the value
+    is also multiplied by ``1 - tanh(logits * inv_softcap) ** 2``.
 
     logits: [C, V] float32 / bfloat16 / float16, row stride ``stride_logits``, the columns of
     vocabulary ids ``col_offset .. col_offset + V - 1`` (V is the block's width: a slab of the
@@ -27,7 +31,8 @@ def grad_logits_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask = cols < V
-    z = tl.load(logits_ptr + row * stride_logits + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp
+    x = tl.load(logits_ptr + row * stride_logits + cols, mask=mask, other=0.0).to(tl.float32)
+    z = scaled(x, inv_temp, inv_softcap, cap_scale, SOFTCAP)
     # a no-op on real columns (z <= max <= lse); keeps exp() of padded lanes, where z = 0, finite
     logp = tl.minimum(z - tl.load(lse_ptr + row), 0.0)
     p = tl.exp(logp)
@@ -39,4 +44,7 @@ def grad_logits_kernel(
     target = tl.load(targets_ptr + row)
     d = tl.where(cols + col_offset == target, d + g_logp, d)
     d *= inv_temp
+    if SOFTCAP:
+        t = tanh(x * inv_softcap)
+        d *= 1.0 - t * t
     tl.store(out_ptr + row * stride_out + cols, d.to(out_ptr.dtype.element_ty), mask=mask)

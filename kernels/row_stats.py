@@ -1,6 +1,7 @@
 """Triton kernels for per-row log-softmax statistics of a logits block.
 
-For each row of ``z = logits * inv_temp`` (float32 arithmetic whatever the input dtype) they
+For each row of ``z = logits * inv_temp``, or ``z = softcap * tanh(logits / softcap) * inv_temp``
+with a soft cap (``kernels.scaled``; float32 arithmetic whatever the input dtype), they
 compute, in one read of the row, the running maximum ``m``, ``s = sum(exp(z - m))`` and, for the
 entropy, ``s1 = sum(exp(z - m) * (z - m))``. A row may be split over several programs, each
 covering ``split_v`` columns and writing a partial ``(m, s, s1)``; a second kernel then merges the
@@ -13,11 +14,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .scaled import scaled
+
 
 @triton.jit
 def _merge_into_state(
-    logits_ptr, targets_ptr, state_ptr, row, V, col_offset, stride_row, inv_temp, m, s, s1,
-    WITH_ENT: tl.constexpr,
+    logits_ptr, targets_ptr, state_ptr, row, V, col_offset, stride_row, inv_temp, inv_softcap, cap_scale,
+    m, s, s1, WITH_ENT: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Merge ``(m, s, s1)`` of ``row``'s columns in this block into its running state, and write
     its z_t when the target lies in the block."""
@@ -46,15 +49,16 @@ def _merge_into_state(
     in_block = (local >= 0) & (local < V)
     # the same load-convert-scale as the tiles, so z_t <= m holds bit for bit; an out-of-block
     # target reads column 0 instead, and that value is not stored
-    z_t = tl.load(logits_ptr + row * stride_row + tl.where(in_block, local, 0)).to(tl.float32) * inv_temp
+    x_t = tl.load(logits_ptr + row * stride_row + tl.where(in_block, local, 0)).to(tl.float32)
+    z_t = scaled(x_t, inv_temp, inv_softcap, cap_scale, SOFTCAP)
     tl.store(st + 3, z_t.to(tl.float64), mask=in_block)
 
 
 @triton.jit
 def row_stats_kernel(
     logits_ptr, targets_ptr, part_m_ptr, part_s_ptr, part_s1_ptr, state_ptr,
-    V, col_offset, stride_row, n_splits, split_v, inv_temp,
-    BLOCK_V: tl.constexpr, WITH_ENT: tl.constexpr, MERGE: tl.constexpr,
+    V, col_offset, stride_row, n_splits, split_v, inv_temp, inv_softcap, cap_scale,
+    BLOCK_V: tl.constexpr, WITH_ENT: tl.constexpr, MERGE: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Grid (C, n_splits): program (row, k) reduces columns [k * split_v, (k + 1) * split_v).
 
@@ -63,7 +67,8 @@ def row_stats_kernel(
     [C] integer vocabulary ids; state: [C, 4] float64, contiguous (m, s, s1, z_t). With ``MERGE``
     (n_splits == 1) the program merges its sums into the state directly, otherwise it writes
     them into part_m / part_s / part_s1 ([C, n_splits] float32, contiguous) for
-    ``row_stats_combine_kernel``. ``split_v`` is a multiple of BLOCK_V.
+    ``row_stats_combine_kernel``. ``split_v`` is a multiple of BLOCK_V. ``SOFTCAP``: z as in
+    ``kernels.scaled`` (inv_softcap, cap_scale), else ``logits * inv_temp``.
     """
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -77,7 +82,11 @@ def row_stats_kernel(
     s1 = 0.0
     for off in range(start, end, BLOCK_V):
         mask = off + cols < end
-        z = tl.load(row_ptr + off + cols, mask=mask, other=-float("inf")).to(tl.float32) * inv_temp
+        x = tl.load(row_ptr + off + cols, mask=mask, other=-float("inf")).to(tl.float32)
+        z = scaled(x, inv_temp, inv_softcap, cap_scale, SOFTCAP)
+        if SOFTCAP:
+            # masked lanes stay -inf: the cap maps their -inf to -softcap * inv_temp
+            z = tl.where(mask, z, -float("inf"))
         m_new = tl.maximum(m, tl.max(z, axis=0))
         # shift by 0 while everything seen is -inf, so no (-inf) - (-inf) = NaN appears
         m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
@@ -95,8 +104,8 @@ def row_stats_kernel(
 
     if MERGE:
         _merge_into_state(
-            logits_ptr, targets_ptr, state_ptr, row, V, col_offset, stride_row, inv_temp,
-            m, s, s1, WITH_ENT,
+            logits_ptr, targets_ptr, state_ptr, row, V, col_offset, stride_row, inv_temp, inv_softcap,
+            cap_scale, m, s, s1, WITH_ENT, SOFTCAP,
         )
     else:
         part = row * n_splits + split
@@ -109,8 +118,8 @@ def row_stats_kernel(
 @triton.jit
 def row_stats_combine_kernel(
     logits_ptr, targets_ptr, part_m_ptr, part_s_ptr, part_s1_ptr, state_ptr,
-    V, col_offset, stride_row, n_splits, inv_temp,
-    BLOCK_S: tl.constexpr, WITH_ENT: tl.constexpr,
+    V, col_offset, stride_row, n_splits, inv_temp, inv_softcap, cap_scale,
+    BLOCK_S: tl.constexpr, WITH_ENT: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Grid (C,): merge the ``n_splits`` partial sums of a row into its running state.
 
@@ -133,6 +142,6 @@ def row_stats_combine_kernel(
         shift = tl.where(w > 0.0, m_k - m_ref, 0.0)
         s1 = tl.sum(w * (s1_k + shift * s_k), axis=0)
     _merge_into_state(
-        logits_ptr, targets_ptr, state_ptr, row, V, col_offset, stride_row, inv_temp,
-        m, s, s1, WITH_ENT,
+        logits_ptr, targets_ptr, state_ptr, row, V, col_offset, stride_row, inv_temp, inv_softcap,
+        cap_scale, m, s, s1, WITH_ENT, SOFTCAP,
     )

@@ -43,11 +43,14 @@ def reference_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     logits_dtype: Optional[torch.dtype] = None,
+    softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor]:
     """logp and entropy [...] in float64 (0 at ignored positions), differentiable.
 
     ``logits_dtype``: round the logits to it first, as a GEMM in that dtype rounds its output
     (the gradient passes straight through), so a comparison measures the rest of the arithmetic.
+    ``softcap``: the logits become softcap * tanh(logits / softcap) (after that rounding, as in
+    the op, whose GEMM output is what it caps), before the temperature.
     """
     h, w = hidden.double(), weight.double()
     logits = h @ w.t()
@@ -55,6 +58,8 @@ def reference_logprobs(
         logits = logits + bias.double()
     if logits_dtype is not None:
         logits = _RoundTo.apply(logits, logits_dtype)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     logprobs = torch.log_softmax(logits / temperature, dim=-1)
     valid = targets != ignore_index
     logp = logprobs.gather(-1, targets.clamp(0, weight.shape[0] - 1).unsqueeze(-1)).squeeze(-1)

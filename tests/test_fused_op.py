@@ -206,6 +206,72 @@ def test_mode_b_equals_mode_a_composed(backend):
             assert rel_err(b, a) <= 1e-5, order
 
 
+@pytest.mark.parametrize("case", [1, 2, 4])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softcap_values_and_gradients(backend, dtype, case):
+    """Soft-capped logits (Gemma 2's c * tanh(logits / c)), in both modes and both orders, against
+    the float64 reference: a cap of 2.5 against logits of standard deviation about 4, so most
+    logits sit on the tanh's curve and some near its saturation, with temperature, bias and
+    ignored rows as the case draws them."""
+    _skip_unavailable(backend)
+    p = draw_problem(backend, dtype, case, scale=1.4)
+    cap = 2.5
+    ref_in = _reference_inputs(p)
+    bias = ref_in[2] if p.bias is not None else None
+    # the GEMM's output rounded to the inputs' dtype before the cap, as the op caps it
+    ref_logp, ref_ent = reference_logprobs(ref_in[0], ref_in[1], p.targets, bias, p.temperature,
+                                           logits_dtype=None if dtype == torch.float32 else dtype, softcap=cap)
+    gen = torch.Generator().manual_seed(case + 40)
+    g_logp = torch.randn(p.targets.shape, generator=gen).to(p.targets.device)
+    g_ent = torch.randn(p.targets.shape, generator=gen).to(p.targets.device)
+    want = torch.autograd.grad((ref_logp * g_logp + ref_ent * g_ent).sum(), ref_in)
+    g_flat, e_flat = g_logp.reshape(-1).double(), g_ent.reshape(-1).double()
+    # mode B with the same linear loss: its gradients are mode A's with these upstream gradients
+    fn = lambda lp, ent, r: lp * g_flat[r].to(lp.dtype) + ent * e_flat[r].to(lp.dtype)
+    uncapped, _ = reference_logprobs(*ref_in[:2], p.targets, bias, p.temperature)
+    assert rel_err(ref_logp, uncapped) > 0.1  # the cap changes the answer
+    for order in ORDERS:
+        logp, entropy = fused_token_logprobs(
+            p.hidden, p.weight, p.targets, bias=p.bias, temperature=p.temperature, return_entropy=True,
+            backend=backend, chunk_size=p.chunk_size, grad_order=order, softcap=cap,
+        )
+        assert rel_err(logp, ref_logp) <= TOL[dtype] and rel_err(entropy, ref_ent) <= TOL[dtype], order
+        assert (logp <= 0).all() and (entropy >= 0).all()
+        got = torch.autograd.grad((logp * g_logp + entropy * g_ent).sum(), _inputs(p))
+        loss, logp_b, _ = fused_linear_loss(
+            p.hidden, p.weight, p.targets, fn, bias=p.bias, temperature=p.temperature, with_entropy=True,
+            backend=backend, chunk_size=p.chunk_size, grad_order=order, softcap=cap,
+        )
+        assert torch.equal(logp_b, logp.detach()) or rel_err(logp_b, logp) <= 1e-6, order
+        got_b = torch.autograd.grad(loss, _inputs(p))
+        for name, a, b, w in zip(("hidden", "weight", "bias"), got, got_b, want):
+            assert rel_err(a, w) <= TOL[dtype] and rel_err(b, w) <= TOL[dtype], (order, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softcap_saturated_logits(backend):
+    """Logits of magnitude 1e4 under a cap of 30: every capped logit is within rounding of +-30
+    (tanh saturates), so the values are those of +-30 logits and the gradients, scaled by
+    1 - tanh^2 = 0 there, are exactly 0 where saturated; finite everywhere, never NaN."""
+    _skip_unavailable(backend)
+    p = draw_problem(backend, torch.float32, 2)
+    with torch.no_grad():
+        p.hidden.mul_(1e3)
+    ref_in = _reference_inputs(p)
+    ref_logp, ref_ent = reference_logprobs(ref_in[0], ref_in[1], p.targets, softcap=30.0)
+    for order in ORDERS:
+        logp, entropy = fused_token_logprobs(p.hidden, p.weight, p.targets, return_entropy=True, backend=backend,
+                                             chunk_size=p.chunk_size, grad_order=order, softcap=30.0)
+        assert rel_err(logp, ref_logp) <= 1e-4 and rel_err(entropy, ref_ent) <= 1e-4, order
+        grads = torch.autograd.grad((logp + entropy).sum(), [p.hidden, p.weight])
+        assert all(torch.isfinite(g).all() for g in grads), order
+        loss, _, _ = fused_linear_loss(p.hidden, p.weight, p.targets, lambda lp, e, r: -lp - e, with_entropy=True,
+                                       backend=backend, chunk_size=p.chunk_size, grad_order=order, softcap=30.0)
+        grads = torch.autograd.grad(loss, [p.hidden, p.weight])
+        assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads), order
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_extreme_logits_stay_finite(backend, dtype):
@@ -525,7 +591,8 @@ def test_mode_a_backward_cuts_the_logits_as_its_forward(order, monkeypatch):
         assert rel_err(g, w) < 1e-5
 
 
-def test_gradcheck_float64_both_modes():
+@pytest.mark.parametrize("softcap", [None, 1.5])
+def test_gradcheck_float64_both_modes(softcap):
     gen = torch.Generator().manual_seed(0)
     n, h, v = 6, 4, 9
     hidden = torch.randn(n, h, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -542,11 +609,11 @@ def test_gradcheck_float64_both_modes():
     for order in ORDERS:
         def mode_a(hd, wt, b):
             return fused_token_logprobs(hd, wt, targets, bias=b, temperature=0.8, return_entropy=True,
-                                        chunk_size=4, grad_order=order)
+                                        chunk_size=4, grad_order=order, softcap=softcap)
 
         def mode_b(hd, wt, b):
             return fused_linear_loss(hd, wt, targets, fn, bias=b, temperature=0.8, with_entropy=True,
-                                     chunk_size=4, grad_order=order)[0]
+                                     chunk_size=4, grad_order=order, softcap=softcap)[0]
 
         assert torch.autograd.gradcheck(mode_a, (hidden, weight, bias)), order
         assert torch.autograd.gradcheck(mode_b, (hidden, weight, bias)), order

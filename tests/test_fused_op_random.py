@@ -47,6 +47,7 @@ class Case:
     with_entropy: bool
     accum_dtype: Optional[torch.dtype]
     three_d: bool
+    softcap: Optional[float]
 
 
 def draw_case(seed: int) -> Case:
@@ -70,6 +71,8 @@ def draw_case(seed: int) -> Case:
         with_entropy=rng.random() < 0.7,
         accum_dtype=rng.choice([torch.float32, None]),
         three_d=n % 2 == 0 and rng.random() < 0.5,
+        # drawn last, so the earlier fields are those the seeds drew before soft caps were added
+        softcap=rng.choice([None, None, 1.5, 30.0]),
     )
 
 
@@ -105,11 +108,11 @@ def test_random_configuration(seed):
 
     inputs = [t.to(device, c.dtype).requires_grad_() for t in (hidden, weight) + ((bias,) if c.bias else ())]
     kw = dict(bias=inputs[2] if c.bias else None, temperature=c.temperature, backend=c.backend,
-              chunk_size=c.chunk_size, grad_order=c.order, accum_dtype=c.accum_dtype)
+              chunk_size=c.chunk_size, grad_order=c.order, accum_dtype=c.accum_dtype, softcap=c.softcap)
     dev_targets = targets.to(device)
     ref_in = [t.detach().cpu().double().requires_grad_() for t in inputs]
     ref_logp, ref_ent = reference_logprobs(ref_in[0], ref_in[1], targets, ref_in[2] if c.bias else None,
-                                           c.temperature, logits_dtype=c.dtype)
+                                           c.temperature, logits_dtype=c.dtype, softcap=c.softcap)
     if c.mode == "A":
         logp, entropy = fused_token_logprobs(inputs[0], inputs[1], dev_targets, return_entropy=c.with_entropy, **kw)
         g_logp, g_ent = g1.view(lead), g2.view(lead)

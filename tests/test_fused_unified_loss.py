@@ -89,18 +89,21 @@ def test_matches_estimator_on_fused_logprobs(name, backend, dtype):
         torch.testing.assert_close(stats[k], ref_stats[k], **TOL[dtype])
 
 
+@pytest.mark.parametrize("softcap", [None, 2.0])
 @pytest.mark.parametrize("name", list(PRESETS))
-def test_matches_materialised_logits_reference(name):
-    """The same comparison against log_softmax over full float64 logits (no fused code at all)."""
+def test_matches_materialised_logits_reference(name, softcap):
+    """The same comparison against log_softmax over full float64 logits (no fused code at all),
+    also with soft-capped logits."""
     est = _estimator(name)
     x = _batch(torch.float64, seed=1)
     adv, old, off = _row_args(est, x)
     params = (x["hidden"], x["weight"], x["bias"])
-    loss, _ = FusedUnifiedLoss(est, temperature=TEMPERATURE, chunk_size=3, backend="torch")(
+    loss, _ = FusedUnifiedLoss(est, temperature=TEMPERATURE, chunk_size=3, backend="torch", softcap=softcap)(
         x["hidden"], x["weight"], x["targets"], x["mask"], adv, bias=x["bias"], old_logp=old, off_policy=off,
         rewards=REWARDS,
     )
-    logp, entropy = reference_logprobs(x["hidden"], x["weight"], x["targets"], x["bias"], TEMPERATURE)
+    logp, entropy = reference_logprobs(x["hidden"], x["weight"], x["targets"], x["bias"], TEMPERATURE,
+                                       softcap=softcap)
     ref_loss, _ = est(logp, x["mask"], adv, old_logp=old, off_policy=off, entropy=entropy, rewards=REWARDS)
     torch.testing.assert_close(loss, ref_loss, **TOL[torch.float64])
     for g, r in zip(torch.autograd.grad(loss, params), torch.autograd.grad(ref_loss, params)):
@@ -206,9 +209,9 @@ def test_hpt_step_from_rewards():
 
 
 def test_string_estimator_and_repr():
-    fused = FusedUnifiedLoss("grpo", backend="torch")
+    fused = FusedUnifiedLoss("grpo", backend="torch", softcap=30.0)
     assert fused.estimator.name == "grpo"
-    assert "Estimator('grpo'" in repr(fused)
+    assert "Estimator('grpo'" in repr(fused) and "softcap=30.0" in repr(fused)
     with pytest.raises(TypeError, match="estimator must be an Estimator or a preset name"):
         FusedUnifiedLoss(42)
 

@@ -55,6 +55,14 @@ def test_bad_tensors(change, error, match):
         ({"accum_dtype": torch.bfloat16}, ValueError, "accum_dtype must be torch.float32, None or"),
         ({"accum_dtype": "float32"}, ValueError, "accum_dtype must be"),
         ({"ignore_index": 1.5}, TypeError, "ignore_index must be an int"),
+        ({"softcap": 0.0}, ValueError, "softcap must be a finite number > 0"),
+        ({"softcap": -30.0}, ValueError, "softcap must be a finite number > 0"),
+        ({"softcap": math.inf}, ValueError, "softcap must be"),
+        ({"softcap": math.nan}, ValueError, "softcap must be"),
+        ({"softcap": True}, TypeError, "softcap must be a number or None, got bool"),
+        ({"softcap": "30"}, TypeError, "softcap must be a number or None, got str"),
+        # softcap / T is the kernels' float32 scale of tanh
+        ({"softcap": 1e30, "temperature": 1e-10}, ValueError, "softcap / temperature a finite float32"),
     ],
 )
 def test_bad_options(kwargs, error, match):

@@ -133,7 +133,7 @@ def test_autocast_float32_weight_keeps_mode_b_in_token_order(backend, monkeypatc
 
     def plan_of(h, w, b):
         dtype = op_inputs.checked_args(h, w, targets, b, 1.0, -100, backend, None, "auto", torch.float32)[-1]
-        return ops._prepare(h, w, targets, b, 1.0, -100, backend, None, "B", "auto", torch.float32, dtype)[-1]
+        return ops._prepare(h, w, targets, b, 1.0, -100, backend, None, "B", "auto", torch.float32, dtype, None)[-1]
 
     plan = plan_of(*low)
     assert plan.order == "vocab" and plan.float32_weight_sum
@@ -347,24 +347,28 @@ def test_mode_a_under_inductor_with_dynamic_shapes(device):
 
 
 def test_mode_a_scalars_changed_between_compiled_calls_recompile():
-    """temperature, ignore_index and return_entropy are constants of a compiled graph: a second
-    call with another value compiles again (never the first call's value), forward and backward,
-    against float64."""
+    """temperature, ignore_index, return_entropy and softcap are constants of a compiled graph: a
+    second call with another value compiles again (never the first call's value), forward and
+    backward, against float64."""
     hidden, weight, bias, targets = _leaves(torch.float32, seed=12)
 
-    def step(h, w, b, t, temperature, ignore_index, entropy):
+    def step(h, w, b, t, temperature, ignore_index, entropy, softcap):
         logp, ent = fused_token_logprobs(h, w, t, bias=b, temperature=temperature, ignore_index=ignore_index,
-                                         return_entropy=entropy, chunk_size=4)
+                                         return_entropy=entropy, chunk_size=4, softcap=softcap)
         return logp if ent is None else logp - 0.3 * ent
 
     torch._dynamo.reset()
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    for temperature, ignore_index, entropy in ((1.0, -100, True), (0.5, -100, True), (0.5, 7, True), (2.0, 7, False)):
+    for temperature, ignore_index, entropy, softcap in (
+        (1.0, -100, True, None), (0.5, -100, True, None), (0.5, 7, True, None), (2.0, 7, False, None),
+        (2.0, 7, False, 1.5), (2.0, 7, True, 3.0),
+    ):
         t = torch.where(targets == -100, ignore_index, targets)
-        out = compiled(hidden, weight, bias, t, temperature, ignore_index, entropy)
+        out = compiled(hidden, weight, bias, t, temperature, ignore_index, entropy, softcap)
         got = torch.autograd.grad(out.sum(), [hidden, weight, bias])
         ref_in = [x.detach().double().requires_grad_() for x in (hidden, weight, bias)]
-        logp, ent = reference_logprobs(ref_in[0], ref_in[1], t, ref_in[2], temperature, ignore_index=ignore_index)
+        logp, ent = reference_logprobs(ref_in[0], ref_in[1], t, ref_in[2], temperature, ignore_index=ignore_index,
+                                       softcap=softcap)
         want_out = logp - 0.3 * ent if entropy else logp
         assert rel_err(out, want_out) < 1e-5
         for g, w in zip(got, torch.autograd.grad(want_out.sum(), ref_in)):
@@ -480,11 +484,11 @@ def test_mode_a_backward_reads_nothing_from_the_device(monkeypatch):
 def test_mode_a_custom_ops_pass_torch_opcheck_in_other_dtypes(dtype, backend):
     """The fake functions give the real outputs' dtypes where they are not the inputs': float32
     logp, entropy and statistics for bf16 inputs, float64 ones for float64 inputs; and each
-    gradient in its input's dtype, with and without bias."""
+    gradient in its input's dtype, with and without bias; here with a soft cap."""
     _skip_unavailable(backend)
     hidden, weight, bias, targets = (x.detach().to(dtype) if x.is_floating_point() else x
                                      for x in _leaves(torch.float32, seed=15))
-    args = (hidden, weight, bias, targets, 0.8, -100, True, backend, 4, "tokens", None, dtype)
+    args = (hidden, weight, bias, targets, 0.8, -100, True, backend, 4, "tokens", None, dtype, 1.5)
     torch.library.opcheck(ops._token_logprobs, args)
     logp, ent, stats, scored, cut = ops._token_logprobs(*args)
     stat = torch.float64 if dtype == torch.float64 else torch.float32
@@ -492,7 +496,7 @@ def test_mode_a_custom_ops_pass_torch_opcheck_in_other_dtypes(dtype, backend):
     g = torch.randn(targets.shape, generator=torch.Generator().manual_seed(16), dtype=stat)
     for b, want in ((bias, [True, True, True]), (None, [True, False, False])):
         torch.library.opcheck(ops._token_logprobs_backward, (
-            g, g * 0.5, hidden, weight, b, targets, stats, scored, cut, 0.8, backend, None, dtype, want,
+            g, g * 0.5, hidden, weight, b, targets, stats, scored, cut, 0.8, backend, None, dtype, want, 1.5,
         ))
 
 

@@ -264,7 +264,6 @@ def test_end_token_ids():
 
 
 @pytest.mark.parametrize("family, settings", [
-    ("Gemma2", {"final_logit_softcapping": 30.0}),
     ("Granite", {"logits_scaling": 8.0}),
     ("Cohere", {"logit_scale": 0.0625}),
     ("FalconH1", {"lm_head_multiplier": 0.5}),
@@ -283,7 +282,7 @@ def test_a_model_that_transforms_its_logits_after_the_head_is_refused(family, se
     field, value = next(iter(settings.items()))
     with pytest.raises(ValueError, match=f"sets {field}={value}: its logits are transformed after lm_head"):
         FusedHeadPolicy(model)
-    neutral = {"final_logit_softcapping": None, "logits_scaling": 1.0, "logit_scale": 1.0, "lm_head_multiplier": 1.0}[field]
+    neutral = {"logits_scaling": 1.0, "logit_scale": 1.0, "lm_head_multiplier": 1.0}[field]
     plain = getattr(transformers, f"{family}ForCausalLM")(getattr(transformers, f"{family}Config")(**tiny, **{field: neutral}))
     FusedHeadPolicy(plain)
     # the model's own logits: not lm_head(hidden) with the setting, exactly that without it
@@ -294,61 +293,43 @@ def test_a_model_that_transforms_its_logits_after_the_head_is_refused(family, se
             assert torch.allclose(lm(ids).logits, head, atol=1e-6) == same, (family, same)
 
 
-@pytest.mark.parametrize("field, value", [
-    ("final_logit_softcapping", 30.0), ("logits_scaling", 8.0), ("logit_scale", 0.0625), ("lm_head_multiplier", 0.5),
-])
-def test_a_logit_transform_in_the_text_config_is_refused(field: str, value: float) -> None:
-    """A logit transform set in the text sub-config (``get_text_config()``) is refused like a top-level one."""
-    # multimodal models keep their language model's settings there, as Gemma 4 its softcapping
+def _gemma4(**text_settings):
+    """A tiny Gemma 4 (a multimodal model: its language model's settings sit in the text config)."""
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
-
-    from hpt_fast.policy import FusedHeadPolicy
 
     text = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                 num_key_value_heads=1, head_dim=8, layer_types=["full_attention"], hidden_size_per_layer_input=0,
                 final_logit_softcapping=None)
+    text.update(text_settings)
     torch.manual_seed(0)
-    model = Gemma4ForConditionalGeneration(Gemma4Config(text_config=text, vision_config=None, audio_config=None))
+    return Gemma4ForConditionalGeneration(Gemma4Config(text_config=text, vision_config=None, audio_config=None))
+
+
+@pytest.mark.parametrize("field, value", [("logits_scaling", 8.0), ("logit_scale", 0.0625), ("lm_head_multiplier", 0.5)])
+def test_a_logit_transform_in_the_text_config_is_refused(field: str, value: float) -> None:
+    """A logit transform set in the text sub-config (``get_text_config()``) is refused like a top-level one."""
+    from hpt_fast.policy import FusedHeadPolicy
+
+    model = _gemma4()
     FusedHeadPolicy(model)
     setattr(model.config.get_text_config(), field, value)
     assert not hasattr(model.config, field)  # the sub-config alone holds it
     with pytest.raises(ValueError, match=f"sets {field}={value}: its logits are transformed after lm_head"):
         FusedHeadPolicy(model)
-    if field == "final_logit_softcapping":
-        # and the model does cap its logits by the sub-config's value (one below their size here,
-        # so that the cap shows): they are not lm_head(hidden)
-        model.config.get_text_config().final_logit_softcapping = cap = 0.1
-        ids = torch.tensor([[1, 2, 3, 4]])
-        with torch.no_grad():
-            head = model.get_output_embeddings()(model.get_decoder()(input_ids=ids).last_hidden_state)
-            logits = model(ids).logits
-        torch.testing.assert_close(logits, cap * torch.tanh(head / cap))
-        assert float((logits - head).abs().max()) > 0.01
 
 
-def test_a_biased_output_layer_is_trained_with_its_bias() -> None:
-    """With a biased lm_head (Phi) the policy's log-probs, loss and gradients are those of the model's logits."""
-    # log_softmax(logits / T) of the model's own forward; the bias is a head parameter, which
-    # ZeRO-3 gathers around the policy's forward
-    from transformers import PhiConfig, PhiForCausalLM
-
+def _policy_matches_the_model(lm, temperature: float) -> None:
+    """The policy's log-probs, GRPO loss and head gradients are those of the model's own logits
+    (log_softmax(logits / T) of its forward), whatever it does to them after lm_head."""
     from hpt_fast.batching import Row, collate
     from hpt_fast.estimator import get_estimator
     from hpt_fast.loss import FusedUnifiedLoss
-    from hpt_fast.policy import FusedHeadPolicy
+    from hpt_fast.policy import FusedHeadPolicy, logit_softcap
 
-    config = PhiConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=1)
-    torch.manual_seed(0)
-    lm = PhiForCausalLM(config)
-    with torch.no_grad():
-        lm.lm_head.bias.normal_(0.0, 2.0)  # initialised to 0, where leaving it out would change nothing
     policy = FusedHeadPolicy(lm)
     head = lm.get_output_embeddings()
-    assert [id(p) for p in policy.head_parameters()] == [id(head.weight), id(head.bias)]
     rows = [Row(0, [1, 2, 3], [4, 5, 6, 7], 1.0, False, 1.0), Row(1, [9, 8], [7], -0.5, False, 0.0)]
     mb = collate(rows, [0, 1], pad_id=0)
-    temperature = 0.7
     logits = lm(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1] / temperature
     logprobs = logits.log_softmax(-1)
     want = logprobs.gather(-1, mb.targets.clamp(min=0)[..., None]).squeeze(-1).masked_fill(~mb.mask, 0.0)
@@ -359,13 +340,65 @@ def test_a_biased_output_layer_is_trained_with_its_bias() -> None:
     est = get_estimator("grpo")
     entropy = -(logprobs.exp() * logprobs).sum(-1) if est.needs_entropy else None
     want_loss, _ = est(want, mb.mask, mb.advantages, off_policy=mb.off_policy, rewards=mb.rewards, entropy=entropy)
-    loss, _ = policy(mb, FusedUnifiedLoss(est, temperature=temperature))
-    params = [head.weight, head.bias]
+    loss, _ = policy(mb, FusedUnifiedLoss(est, temperature=temperature, softcap=logit_softcap(lm)))
+    params = [p for p in (head.weight, getattr(head, "bias", None)) if p is not None]
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
-    grads, want_grads = torch.autograd.grad(loss, params), torch.autograd.grad(want_loss, params)
-    assert bool(want_grads[1].abs().max() > 1e-3)
-    for g, w in zip(grads, want_grads):
+    for g, w in zip(torch.autograd.grad(loss, params), torch.autograd.grad(want_loss, params)):
+        assert bool(w.abs().max() > 1e-3)
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("where", ["config", "text config"])
+def test_a_soft_capped_model_is_trained_on_its_capped_logits(where: str) -> None:
+    """Gemma 2's final_logit_softcapping (in the config) and Gemma 4's (in its text config) go into
+    the fused head as its softcap: the policy's log-probs, loss and gradients are those of the
+    model's own capped logits. A cap below the logits' size, so that it shows; a loss built
+    without the cap is refused."""
+    import transformers
+
+    from hpt_fast.estimator import get_estimator
+    from hpt_fast.loss import FusedUnifiedLoss
+    from hpt_fast.policy import FusedHeadPolicy, logit_softcap
+
+    cap = 0.1
+    if where == "config":
+        config = transformers.Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                           final_logit_softcapping=cap)
+        torch.manual_seed(0)
+        lm = transformers.Gemma2ForCausalLM(config)
+    else:
+        lm = _gemma4(final_logit_softcapping=cap)
+    assert logit_softcap(lm) == cap
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        head = lm.get_output_embeddings()(lm.get_decoder()(input_ids=ids).last_hidden_state)
+        torch.testing.assert_close(lm(ids).logits, cap * torch.tanh(head / cap))
+        assert float((lm(ids).logits - head).abs().max()) > 0.05
+    _policy_matches_the_model(lm, temperature=0.7)
+    from hpt_fast.batching import Row, collate
+
+    mb = collate([Row(0, [1, 2], [3, 4], 1.0, False, 1.0)], [0], pad_id=0)
+    with pytest.raises(ValueError, match=f"loss_fn has softcap=None, the model's logits are capped at {cap}"):
+        FusedHeadPolicy(lm)(mb, FusedUnifiedLoss(get_estimator("grpo")))
+
+
+def test_a_biased_output_layer_is_trained_with_its_bias() -> None:
+    """With a biased lm_head (Phi) the policy's log-probs, loss and gradients are those of the model's logits."""
+    # the bias is a head parameter, which ZeRO-3 gathers around the policy's forward
+    from transformers import PhiConfig, PhiForCausalLM
+
+    from hpt_fast.policy import FusedHeadPolicy
+
+    config = PhiConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    lm = PhiForCausalLM(config)
+    with torch.no_grad():
+        lm.lm_head.bias.normal_(0.0, 2.0)  # initialised to 0, where leaving it out would change nothing
+    head = lm.get_output_embeddings()
+    assert [id(p) for p in FusedHeadPolicy(lm).head_parameters()] == [id(head.weight), id(head.bias)]
+    _policy_matches_the_model(lm, temperature=0.7)
 
 
 def test_the_logged_lr_is_the_one_the_step_trained_with(make_trainer):
@@ -432,10 +465,10 @@ def test_fused_op_settings_reach_both_of_the_trainers_calls_of_the_op(make_train
     seen, prepare = set(), ops._prepare
 
     def spy(hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, mode, grad_order, accum,
-            dtype):
-        seen.add((mode, backend, chunk_size, grad_order, accum))
+            dtype, softcap):
+        seen.add((mode, backend, chunk_size, grad_order, accum, softcap))
         return prepare(hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, mode, grad_order,
-                       accum, dtype)
+                       accum, dtype, softcap)
 
     monkeypatch.setattr(ops, "_prepare", spy)
     trainer = make_trainer(
@@ -443,7 +476,8 @@ def test_fused_op_settings_reach_both_of_the_trainers_calls_of_the_op(make_train
         "train.mini_batch_prompts=2", "rollout.old_logprobs=recompute",
     )
     trainer.train_step()
-    assert seen == {("A", "torch", 5, "tokens", None), ("B", "torch", 5, "tokens", None)}
+    # the toy Qwen2 caps no logits
+    assert seen == {("A", "torch", 5, "tokens", None, None), ("B", "torch", 5, "tokens", None, None)}
 
 
 def test_a_damaged_checkpoint_stops_the_resume_before_the_model_loads(make_trainer, tmp_path, capsys):

@@ -32,10 +32,12 @@ def row_stats(
     with_entropy: bool,
     state: Tensor,
     col_offset: int = 0,
+    softcap: float | None = None,
 ) -> Tensor:
     """See :func:`hpt_fast.backends.torch_backend.row_stats`."""
     return _C.row_stats(
-        logits, targets.long().contiguous(), float(inv_temp), bool(with_entropy), state, int(col_offset)
+        logits, targets.long().contiguous(), float(inv_temp), bool(with_entropy), state, int(col_offset),
+        None if softcap is None else float(softcap),
     )
 
 
@@ -49,6 +51,7 @@ def grad_logits(
     inv_temp: float,
     out: Tensor,
     col_offset: int = 0,
+    softcap: float | None = None,
 ) -> Tensor:
     """See :func:`hpt_fast.backends.torch_backend.grad_logits`."""
     return _C.grad_logits(
@@ -61,6 +64,7 @@ def grad_logits(
         float(inv_temp),
         out,
         int(col_offset),
+        None if softcap is None else float(softcap),
     )
 
 

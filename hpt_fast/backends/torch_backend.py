@@ -3,8 +3,9 @@
 A backend is a module with three functions that work on one block of logits, shape [C, V], the
 rows being tokens (all valid: ignored positions are removed before any backend sees them) and the
 columns the vocabulary. The GEMMs around them live in ``hpt_fast.op_passes`` and are shared by all
-backends. With ``z = logits * inv_temp`` (float32 arithmetic whatever the block's dtype; float64
-blocks, used for gradcheck, stay float64 in this backend only):
+backends. With ``z = logits * inv_temp``, or ``z = softcap * tanh(logits / softcap) * inv_temp``
+when a soft cap is given (Gemma 2's ``final_logit_softcapping``) (float32 arithmetic whatever the
+block's dtype; float64 blocks, used for gradcheck, stay float64 in this backend only):
 
 - ``row_stats`` merges the block's columns into each row's running softmax state
   (``row_state``), from which ``row_state.finish`` gives ``logp = z[target] - logsumexp(z)``,
@@ -12,12 +13,15 @@ blocks, used for gradcheck, stay float64 in this backend only):
   of the row has been seen, in one block or in several vocabulary slabs.
 - ``grad_logits`` writes ``d loss / d logits`` for per-token ``g_logp = d loss / d logp`` and
   ``g_ent = d loss / d entropy``:
-  ``inv_temp * (g_logp * (onehot - p) - g_ent * p * (log p + H))``. The block may be a slab of
+  ``inv_temp * (g_logp * (onehot - p) - g_ent * p * (log p + H))``, times
+  ``1 - tanh(logits / softcap) ** 2`` with a soft cap. The block may be a slab of
   vocabulary columns ``[col_offset, col_offset + cols)`` of the full rows: ``lse`` and the entropy
   are those of the full rows, and the one-hot term lands only on rows whose target is in the slab.
 - ``accumulate_`` adds a low-precision block into a float32 accumulator.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -32,6 +36,7 @@ def row_stats(
     with_entropy: bool,
     state: Tensor,
     col_offset: int = 0,
+    softcap: Optional[float] = None,
 ) -> Tensor:
     """Merge one logits block into the rows' running softmax state (see ``row_state``).
 
@@ -44,10 +49,11 @@ def row_stats(
         with_entropy: whether to keep s1, which only the entropy needs.
         state: [C, 4] float64, updated in place.
         col_offset: vocabulary id of the block's first column, >= 0.
+        softcap: None, or the soft cap c > 0 (the logits become c * tanh(logits / c)).
     Returns:
         ``state``.
     """
-    z = _compute(logits) * inv_temp
+    z, _ = _scaled(logits, inv_temp, softcap)
     local = targets - col_offset
     in_block = (local >= 0) & (local < z.shape[1])
     # gathered before the shift below: finish() relies on z_t being bit for bit one of the z
@@ -85,6 +91,7 @@ def grad_logits(
     inv_temp: float,
     out: Tensor,
     col_offset: int = 0,
+    softcap: Optional[float] = None,
 ) -> Tensor:
     """Write d loss / d logits of one block into ``out``.
 
@@ -98,11 +105,13 @@ def grad_logits(
         inv_temp: 1 / temperature.
         out: [C, Vs], any float dtype; may be ``logits`` itself (in place).
         col_offset: vocabulary id of the block's first column, >= 0.
+        softcap: None, or the soft cap c > 0: d is also multiplied by 1 - tanh(logits / c) ** 2.
     Returns:
         ``out``.
     """
-    # two block-sized temporaries: log p (reused for the per-element factor) and p (becomes d)
-    logp_all = _compute(logits) * inv_temp
+    # two block-sized temporaries: log p (reused for the per-element factor) and p (becomes d);
+    # a soft cap keeps a third, tanh, for the chain rule's factor
+    logp_all, tanh = _scaled(logits, inv_temp, softcap)
     logp_all -= lse[:, None]
     p = logp_all.exp()
     # below -1e4, p is exactly 0 (float32 and float64); clamping keeps the entropy factor finite
@@ -120,13 +129,20 @@ def grad_logits(
     # rows whose target lies in another slab scatter a zero onto a clamped, in-range column
     p.scatter_add_(1, local.clamp(0, p.shape[1] - 1)[:, None], (g_logp * in_block)[:, None])
     p.mul_(inv_temp)
+    if tanh is not None:
+        p.mul_(tanh.square_().neg_().add_(1.0))
     out.copy_(p)
     return out
 
 
-def _compute(logits: Tensor) -> Tensor:
-    """The block in its arithmetic dtype: float32, or float64 for a float64 block."""
-    return logits if logits.dtype == torch.float64 else logits.float()
+def _scaled(logits: Tensor, inv_temp: float, softcap: Optional[float]) -> tuple[Tensor, Optional[Tensor]]:
+    """(z, tanh or None): z a new tensor in the block's arithmetic dtype (float32, or float64 for
+    a float64 block), ``logits * inv_temp`` or, with a soft cap c, ``tanh(logits / c) * (c * inv_temp)``."""
+    x = logits if logits.dtype == torch.float64 else logits.float()
+    if softcap is None:
+        return x * inv_temp, None
+    tanh = torch.tanh(x * (1.0 / softcap))
+    return tanh * (softcap * inv_temp), tanh
 
 
 def accumulate_(acc: Tensor, x: Tensor) -> Tensor:

@@ -63,6 +63,7 @@ def row_stats(
     with_entropy: bool,
     state: Tensor,
     col_offset: int = 0,
+    softcap: float | None = None,
 ) -> Tensor:
     """Merge one logits block into the rows' running softmax state (see ``row_state``).
 
@@ -74,6 +75,7 @@ def row_stats(
         with_entropy: whether to keep s1, which only the entropy needs.
         state: [C, 4] float64, contiguous, updated in place.
         col_offset: vocabulary id of the block's first column, >= 0.
+        softcap: None, or the soft cap c > 0 (the logits become c * tanh(logits / c)).
     Returns:
         ``state``.
     """
@@ -81,7 +83,7 @@ def row_stats(
     block_v = _block(vocab, _STATS_MAX_BLOCK_V)
     return _row_stats(
         logits, targets, inv_temp, with_entropy, state, col_offset, block_v,
-        _split_size(n_rows, vocab, block_v, logits.device),
+        _split_size(n_rows, vocab, block_v, logits.device), softcap=softcap,
     )
 
 
@@ -95,6 +97,7 @@ def grad_logits(
     inv_temp: float,
     out: Tensor,
     col_offset: int = 0,
+    softcap: float | None = None,
 ) -> Tensor:
     """Write d loss / d logits of one block into ``out``.
 
@@ -107,12 +110,13 @@ def grad_logits(
         inv_temp: 1 / temperature.
         out: [C, Vs], any float dtype, unit column stride; may be ``logits`` itself (in place).
         col_offset: vocabulary id of the block's first column, >= 0.
+        softcap: None, or the soft cap c > 0: d is also multiplied by 1 - tanh(logits / c) ** 2.
     Returns:
         ``out``.
     """
     return _grad_logits(
         logits, targets, lse, entropy, g_logp, g_ent, inv_temp, out, col_offset,
-        _block(logits.shape[1], _GRAD_MAX_BLOCK_V),
+        _block(logits.shape[1], _GRAD_MAX_BLOCK_V), softcap=softcap,
     )
 
 
@@ -128,7 +132,7 @@ def accumulate_(acc: Tensor, x: Tensor) -> Tensor:
 def _grad_logits(
     logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor | None, g_logp: Tensor,
     g_ent: Tensor | None, inv_temp: float, out: Tensor, col_offset: int, block_v: int,
-    num_warps: int | None = None,
+    num_warps: int | None = None, *, softcap: float | None = None,
 ) -> Tensor:
     """``grad_logits`` with explicit tiling: BLOCK_V ``block_v`` (a power of two) and
     ``num_warps`` warps per program (default: ``_warps(block_v)``)."""
@@ -146,15 +150,16 @@ def _grad_logits(
     with _on_device(logits):
         grad_logits_kernel[grid](
             logits, targets, lse, entropy, g_logp, g_ent, out,
-            vocab, col_offset, logits.stride(0), out.stride(0), inv_temp,
-            BLOCK_V=block_v, HAS_ENT=has_ent, num_warps=num_warps or _warps(block_v), enable_fp_fusion=False,
+            vocab, col_offset, logits.stride(0), out.stride(0), inv_temp, *_cap_args(inv_temp, softcap),
+            BLOCK_V=block_v, HAS_ENT=has_ent, SOFTCAP=softcap is not None, num_warps=num_warps or _warps(block_v),
+            enable_fp_fusion=False,
         )
     return out
 
 
 def _row_stats(
     logits: Tensor, targets: Tensor, inv_temp: float, with_entropy: bool, state: Tensor, col_offset: int,
-    block_v: int, split_v: int, num_warps: int | None = None,
+    block_v: int, split_v: int, num_warps: int | None = None, *, softcap: float | None = None,
 ) -> Tensor:
     """``row_stats`` with explicit tiling: BLOCK_V ``block_v`` (a power of two), rows split into
     pieces of ``split_v`` columns (a multiple of ``block_v``) merged by a second kernel, and
@@ -169,6 +174,7 @@ def _row_stats(
     targets = targets.contiguous()
     n_splits = triton.cdiv(vocab, split_v)
     merge = n_splits == 1
+    cap = _cap_args(inv_temp, softcap)
     if merge:
         part_m = part_s = part_s1 = state
     else:
@@ -176,18 +182,23 @@ def _row_stats(
     with _on_device(logits):
         row_stats_kernel[(n_rows, n_splits)](
             logits, targets, part_m, part_s, part_s1, state,
-            vocab, col_offset, logits.stride(0), n_splits, split_v, inv_temp,
-            BLOCK_V=block_v, WITH_ENT=with_entropy, MERGE=merge, num_warps=num_warps or _STATS_WARPS,
-            enable_fp_fusion=False,
+            vocab, col_offset, logits.stride(0), n_splits, split_v, inv_temp, *cap,
+            BLOCK_V=block_v, WITH_ENT=with_entropy, MERGE=merge, SOFTCAP=softcap is not None,
+            num_warps=num_warps or _STATS_WARPS, enable_fp_fusion=False,
         )
         if not merge:
             row_stats_combine_kernel[(n_rows,)](
                 logits, targets, part_m, part_s, part_s1, state,
-                vocab, col_offset, logits.stride(0), n_splits, inv_temp,
-                BLOCK_S=triton.next_power_of_2(n_splits), WITH_ENT=with_entropy, num_warps=1,
-                enable_fp_fusion=False,
+                vocab, col_offset, logits.stride(0), n_splits, inv_temp, *cap,
+                BLOCK_S=triton.next_power_of_2(n_splits), WITH_ENT=with_entropy, SOFTCAP=softcap is not None,
+                num_warps=1, enable_fp_fusion=False,
             )
     return state
+
+
+def _cap_args(inv_temp: float, softcap: float | None) -> tuple[float, float]:
+    """The kernels' (inv_softcap, cap_scale) for ``kernels.scaled``; unused (0, 0) without a cap."""
+    return (0.0, 0.0) if softcap is None else (1.0 / softcap, softcap * inv_temp)
 
 
 def _split_size(n_rows: int, vocab: int, block_v: int, device: torch.device) -> int:
