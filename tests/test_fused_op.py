@@ -249,6 +249,9 @@ def test_softcap_values_and_gradients(backend, dtype, case):
             assert rel_err(a, w) <= TOL[dtype] and rel_err(b, w) <= TOL[dtype], (order, name)
 
 
+# the Triton kernels' tanh lets exp overflow to inf on purpose (2 / inf = 0: tanh = 1 exactly);
+# under the interpreter numpy reports that overflow
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_softcap_saturated_logits(backend):
     """Logits of magnitude 1e4 under a cap of 30: every capped logit is within rounding of +-30

@@ -219,11 +219,13 @@ def test_non_finite_loss_names_its_rows(order):
     assert calls == ([3, 3, 3] if order == "tokens" else [9])
 
 
+@pytest.mark.parametrize("softcap", [None, 30.0])
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("order", ["tokens", "vocab"])
-def test_non_finite_logits_are_named_as_the_cause(backend, order):
+def test_non_finite_logits_are_named_as_the_cause(backend, order, softcap):
     """NaN in hidden makes one row's logp NaN, NaN in weight every row's: the error names those
-    rows and the logits, not token_loss_fn, even where the loss is non-finite too."""
+    rows and the logits, not token_loss_fn, even where the loss is non-finite too. A soft cap
+    keeps a NaN a NaN (tanh(NaN)), never a capped finite value."""
     if backend == "cpu":
         pytest.importorskip("hpt_fast._C")
     h, w, t = _ok()
@@ -232,10 +234,10 @@ def test_non_finite_logits_are_named_as_the_cause(backend, order):
     w_nan[3, 0] = float("nan")  # one logit of every row, so every row's log-sum-exp
     with pytest.raises(FloatingPointError, match=r"logits are not finite .* token rows \[2\]$"):
         fused_linear_loss(h.requires_grad_(), w, t, lambda lp, e, r: -lp, with_entropy=True, chunk_size=3,
-                          grad_order=order, backend=backend)
+                          grad_order=order, backend=backend, softcap=softcap)
     with pytest.raises(FloatingPointError, match=r"logits are not finite .* token rows \[0, 1, 2, 3, 4, 5, 6, 7\]\.\.\.$"):
         fused_linear_loss(h.detach().nan_to_num().requires_grad_(), w_nan, t, lambda lp, e, r: -lp, chunk_size=3,
-                          grad_order=order, backend=backend)
+                          grad_order=order, backend=backend, softcap=softcap)
 
 
 def test_token_loss_fn_not_callable():
