@@ -223,10 +223,6 @@ struct Scale {
     }
   }
 
-  Vec slope(const Vec& x) const {
-    return with_slope(x).second;
-  }
-
   // (z, slope) from one tanh; z bit for bit operator()'s.
   std::pair<Vec, Vec> with_slope(const Vec& x) const {
     const Vec t = tanh(x * Vec(inv_softcap));
@@ -235,7 +231,7 @@ struct Scale {
 
   // tanh(u) = 1 - 2 / (exp(2u) + 1) through vexp: exactly +-1 where vexp saturates (2u beyond
   // +-88), NaN for NaN, an absolute error of a few ulps of 1 near 0; the same formula as the
-  // Triton kernels', and several times faster than Sleef's tanh in Vectorized::tanh.
+  // Triton kernels', and faster than Sleef's tanh in Vectorized::tanh (a scratch timing).
   static Vec tanh(const Vec& u) {
     return Vec(1.f) - Vec(2.f) / (vexp(u + u) + Vec(1.f));
   }
@@ -250,7 +246,7 @@ struct Scale {
   }
 
   float slope(float x) const {
-    return first_lane(slope(Vec(x)));
+    return first_lane(with_slope(Vec(x)).second);
   }
 
  private:

@@ -356,6 +356,7 @@ def test_a_soft_capped_model_is_trained_on_its_capped_logits(where: str) -> None
     without the cap is refused."""
     import transformers
 
+    from hpt_fast.batching import Row, collate
     from hpt_fast.estimator import get_estimator
     from hpt_fast.loss import FusedUnifiedLoss
     from hpt_fast.policy import FusedHeadPolicy, logit_softcap
@@ -376,8 +377,6 @@ def test_a_soft_capped_model_is_trained_on_its_capped_logits(where: str) -> None
         torch.testing.assert_close(lm(ids).logits, cap * torch.tanh(head / cap))
         assert float((lm(ids).logits - head).abs().max()) > 0.05
     _policy_matches_the_model(lm, temperature=0.7)
-    from hpt_fast.batching import Row, collate
-
     mb = collate([Row(0, [1, 2], [3, 4], 1.0, False, 1.0)], [0], pad_id=0)
     with pytest.raises(ValueError, match=f"loss_fn has softcap=None, the model's logits are capped at {cap}"):
         FusedHeadPolicy(lm)(mb, FusedUnifiedLoss(get_estimator("grpo")))
