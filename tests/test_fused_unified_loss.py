@@ -264,7 +264,12 @@ def _readme_section(title: str) -> str:
 
 
 @pytest.mark.parametrize("section", ["The fused op", "Using the fused loss in another trainer"])
-def test_readme_examples_run(section):
+def test_readme_examples_run(section, monkeypatch, tmp_path):
+    # TRL's example: its Trainer in an empty directory, and no launcher variables an in-process
+    # hpt_fast Trainer (other tests) left for accelerate to read
+    monkeypatch.chdir(tmp_path)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
     blocks = re.findall(r"```python\n(.*?)```", _readme_section(section), flags=re.S)
     assert blocks, f"README section {section!r} has no python example"
     namespace = {"__name__": "__readme__"}  # the blocks run in order, like a reader pasting them
