@@ -171,6 +171,31 @@ def test_a_bf16_head_cast_to_float32_by_trl(op_calls):
     assert _rel(head.grad.double(), twin_head.grad.double()) < 1e-2
 
 
+def test_a_frozen_head_and_a_reference_pass_under_inference_mode(op_calls):
+    """A frozen lm_head (PEFT / LoRA trains the trunk only) gets no gradient while the trunk's equal
+    those through TRL's head; a reference model's pass under inference_mode runs too."""
+    model = _tiny("Qwen2")
+    twin = copy.deepcopy(model)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(5))
+    for m in (model, twin):
+        m.get_output_embeddings().weight.requires_grad_(False)
+        add_fused_lm_head(m, temperature=0.7, outputs=("log_probs", "entropy"))
+    with patch_trl_fused_head():
+        ours = model(input_ids=ids, labels=ids, fused_lm_head=True)
+        with torch.inference_mode():
+            reference = model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
+    theirs = twin(input_ids=ids, labels=ids, fused_lm_head=True)
+    assert len(op_calls) == 2 and op_calls[1]["return_entropy"] is True
+    torch.testing.assert_close(reference, theirs.log_probs.detach(), rtol=1e-5, atol=1e-5)
+    for out in (ours, theirs):
+        (out.log_probs.sum() + out.entropy.sum()).backward()
+    assert model.get_output_embeddings().weight.grad is None
+    params = dict(twin.named_parameters())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert _rel(p.grad.double(), params[name].grad.double()) < 1e-5, name
+
+
 def test_a_batch_without_a_scored_label_gives_a_differentiable_zero(op_calls):
     """TRL hands the op no rows when every label is -100: zero log-probs that backward through."""
     model = _tiny("Qwen2")
