@@ -92,6 +92,7 @@ class RowData:
     logp, lse, entropy (None when not computed): the row statistics of the logits.
     g_logp, g_ent (None: no entropy term): d loss / d logp and d loss / d entropy, what the
     gradient pass turns into d loss / d logits.
+    top1 (None when not computed): bool, whether the target's logit is the row's largest.
     """
 
     logp: Optional[Tensor]
@@ -99,18 +100,22 @@ class RowData:
     entropy: Optional[Tensor]
     g_logp: Optional[Tensor] = None
     g_ent: Optional[Tensor] = None
+    top1: Optional[Tensor] = None
 
     @classmethod
-    def empty(cls, hidden: Tensor, with_entropy: bool) -> "RowData":
+    def empty(cls, hidden: Tensor, with_entropy: bool, with_top1: bool = False) -> "RowData":
         """Uninitialised statistics for the rows of ``hidden`` [N, H]; no gradients yet."""
         logp = torch.empty(hidden.shape[0], dtype=stat_dtype(hidden), device=hidden.device)
-        return cls(logp, torch.empty_like(logp), torch.empty_like(logp) if with_entropy else None)
+        top1 = torch.empty(hidden.shape[0], dtype=torch.bool, device=hidden.device) if with_top1 else None
+        return cls(logp, torch.empty_like(logp), torch.empty_like(logp) if with_entropy else None, top1=top1)
 
     def finish(self, r: slice, state: Tensor) -> None:
         """Set the statistics of rows ``r`` from their complete running state [len(r), 4]."""
         self.logp[r], self.lse[r], entropy = row_state.finish(state, self.entropy is not None, self.lse.dtype)
         if entropy is not None:
             self.entropy[r] = entropy
+        if self.top1 is not None:
+            self.top1[r] = row_state.is_top1(state)
 
 
 def blocks(

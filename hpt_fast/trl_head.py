@@ -1,7 +1,7 @@
 """hpt_fast's mode A inside TRL's trainers: the op serves TRL's fused LM head.
 
-Since TRL 1.16 its trainers (GRPO, RLOO, the async GRPO, the reference-model passes of all of them,
-and SFT, DPO, KTO) get per-token log-probs from ``model(..., labels=labels, fused_lm_head=True)``,
+Since TRL 1.16 its trainers (GRPO, RLOO, the async GRPO, SFT, DPO, KTO, and the reference-model
+passes of all of them) get per-token log-probs from ``model(..., labels=labels, fused_lm_head=True)``,
 a forward that ``trl.trainer.add_fused_lm_head`` puts on the model. That forward runs the backbone, picks
 the scored positions and calls ``trl.trainer.utils._ChunkedLogProbFunction.apply``, TRL's own
 chunked head. ``patch_trl_fused_head`` puts ``fused_token_logprobs`` behind that one name, so every
@@ -10,14 +10,18 @@ such call made while the patch is in place runs hpt_fast's op instead: on an H20
 CPU 3.8-7.9x faster (README, "Against TRL's own fused LM head"). Nothing else in TRL changes: the
 trainer still picks the positions, masks, sums the loss and adds MoE auxiliary losses.
 
-The op computes what TRL's head computes for ``outputs`` "log_probs" and "entropy" (GRPO, RLOO, the
-reference passes): ``softcap * tanh(logit_scale * logits / softcap) / temperature`` equals the op's
-soft cap ``softcap / logit_scale`` at temperature ``temperature / logit_scale`` for a positive scale.
-A call it cannot serve goes to TRL's own head, with one warning per reason: other outputs
-("is_top1", "mean_logits", "log_sum_sq_probs": SFT, DPO and KTO ask for them), a scale that is not a
-finite positive number, and a DeepSpeed ZeRO-3 partitioned weight (TRL's backward gathers the head
-again; the op's backward would find it released). TRL's vocabulary tile width (``chunk_size``) does
-not apply: the op cuts its blocks from its memory budget, or from this patch's ``chunk_size``.
+The op computes TRL's "log_probs" and "entropy" (with gradients) and "is_top1" (from the row
+maximum its statistics pass keeps; a target tied for the largest logit counts, where TRL's counts
+only the first of the tied columns); "mean_logits" is one GEMV, ``h . mean(W) + mean(b)``, as the
+mean of linear logits (not of soft-capped ones). That covers GRPO, RLOO, the async GRPO, SFT, KTO,
+DPO and every reference-model pass. TRL's logits, ``softcap * tanh(logit_scale * logits / softcap)
+/ temperature``, are the op's soft cap ``softcap / logit_scale`` at temperature ``temperature /
+logit_scale`` for a positive scale. A call the op cannot serve goes to TRL's own head, with one
+warning per reason: "log_sum_sq_probs" (DPO's WPO weighting), "mean_logits" of a soft-capped model,
+a scale that is not a finite positive number, and a DeepSpeed ZeRO-3 partitioned weight (TRL's
+backward gathers the head again; the op's backward would find it released). TRL's vocabulary tile
+width (``chunk_size``) does not apply: the op cuts its blocks from its memory budget, or from this
+patch's ``chunk_size``.
 
 The name patched is private to TRL, so the patch checks its signature first and refuses a TRL whose
 head takes other arguments. Tested with TRL 1.16.0.
@@ -41,7 +45,7 @@ _TRL_PARAMETERS = ("hidden", "weight", "bias", "targets", "temperature", "chunk_
                    "final_logit_softcapping", "logit_scale", "outputs")
 # TRL's optional per-token outputs, in the order its head returns them after log_probs
 _TRL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-_SERVED = frozenset(("log_probs", "entropy"))
+_SERVED = frozenset(("log_probs", "entropy", "is_top1", "mean_logits"))
 
 
 def _trl_utils():
@@ -92,9 +96,10 @@ class TrlFusedHead:
         outputs: tuple[str, ...] = ("log_probs",) + _TRL_OUTPUTS,
     ) -> tuple[Optional[Tensor], ...]:
         """TRL's head's call: hidden [N, H], weight [V, H], bias [V] or None, targets [N] int64 in
-        [0, V). Returns (log_probs [N], entropy [N] or None, None, None, None), float32 (float64
-        for float64 inputs), log_probs and entropy differentiable w.r.t. hidden, weight and bias."""
-        why = self._unserved(weight, logit_scale, outputs)
+        [0, V). Returns (log_probs [N], entropy [N] or None, None, mean_logits [N] or None,
+        is_top1 [N] bool or None), float32 (float64 for float64 inputs), log_probs and entropy
+        differentiable w.r.t. hidden, weight and bias, the other two detached."""
+        why = self._unserved(weight, logit_scale, final_logit_softcapping, outputs)
         if why is not None:
             if why not in self._warned:
                 self._warned.add(why)
@@ -108,18 +113,22 @@ class TrlFusedHead:
             bias = None if bias is None else bias.to(hidden.dtype)
         scale = float(logit_scale)
         softcap = None if final_logit_softcapping is None else final_logit_softcapping / scale
-        logp, entropy = fused_token_logprobs(
+        logp, entropy, top1 = fused_token_logprobs(
             hidden, weight, targets, bias=bias, temperature=temperature / scale, softcap=softcap,
-            return_entropy="entropy" in outputs, **self.op_kwargs,
+            return_entropy="entropy" in outputs, return_top1=True, **self.op_kwargs,
         )
-        return logp, entropy, None, None, None
+        mean = _mean_logits(hidden, weight, bias, scale / temperature) if "mean_logits" in outputs else None
+        return logp, entropy, None, mean, (top1 if "is_top1" in outputs else None)
 
     @staticmethod
-    def _unserved(weight: Tensor, logit_scale: float, outputs: tuple[str, ...]) -> Optional[str]:
+    def _unserved(weight: Tensor, logit_scale: float, softcap: Optional[float],
+                  outputs: tuple[str, ...]) -> Optional[str]:
         """Why the op cannot serve this call, or None when it can."""
         extra = sorted(set(outputs) - _SERVED)
         if extra:
             return f"the trainer asks for {', '.join(extra)}, which the op does not compute"
+        if "mean_logits" in outputs and softcap is not None:
+            return "the trainer asks for mean_logits of soft-capped logits, which the op does not compute"
         if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)) or not (
                 math.isfinite(logit_scale) and logit_scale > 0):
             return f"the model's logit scale is {logit_scale!r}, not a finite number > 0"
@@ -139,6 +148,16 @@ class TrlFusedHead:
 
     def __exit__(self, *exc: object) -> None:
         self.restore()
+
+
+@torch.no_grad()
+def _mean_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], factor: float) -> Tensor:
+    """float32 [N]: each row's mean logit over the vocabulary times ``factor`` (scale / T), without
+    a logit: the mean of ``h . w_v + b_v`` over v is ``h . mean(w) + mean(b)``, one GEMV."""
+    out = hidden.float() @ weight.mean(0, dtype=torch.float32)
+    if bias is not None:
+        out += bias.mean(dtype=torch.float32)
+    return out * factor
 
 
 def patch_trl_fused_head(

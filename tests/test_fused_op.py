@@ -251,6 +251,63 @@ def test_softcap_values_and_gradients(backend, dtype, case):
 
 # the Triton kernels' tanh lets exp overflow to inf on purpose (2 / inf = 0: tanh = 1 exactly);
 # under the interpreter numpy reports that overflow
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("case", [1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_top1_marks_targets_with_the_largest_logit(backend, dtype, case, softcap):
+    """return_top1: True exactly where the target's logit is its row's largest (float64 logits,
+    checked where the top two are clearly apart; half the targets are made the argmax), with and
+    without a soft cap, False
+    at ignored positions, in both orders; logp and entropy as without it."""
+    _skip_unavailable(backend)
+    p = draw_problem(backend, dtype, case)
+    z = p.hidden.detach().double().reshape(-1, p.hidden.shape[-1]) @ p.weight.detach().double().t()
+    if p.bias is not None:
+        z = z + p.bias.detach().double()
+    # the soft cap keeps the order (these logits are far from its saturation): z stays uncapped
+    flat = p.targets.reshape(-1)
+    scored = (flat != -100).nonzero().squeeze(1)
+    flat[scored[::2]] = z[scored[::2]].argmax(-1).to(flat.device)
+    best = z.topk(min(2, z.shape[1]), dim=-1).values
+    target_z = z.gather(1, flat.clamp(min=0).cpu()[:, None]).squeeze(1)
+    # the rounding of a bf16 / fp16 GEMM's output moves logits by about 1%: compare where it cannot flip
+    margin = 1e-4 if dtype == torch.float32 else 0.05 * float(z.abs().max())
+    gap = torch.where(target_z >= best[:, 0], best[:, 0] - best[:, -1], best[:, 0] - target_z)
+    clear = (flat.cpu() != -100) & ((gap > margin) | (z.shape[1] == 1))
+    want = (target_z >= best[:, 0]) & (flat.cpu() != -100)
+    kw = dict(bias=p.bias, temperature=p.temperature, return_entropy=True, backend=backend,
+              chunk_size=p.chunk_size, softcap=softcap)
+    for order in ORDERS:
+        logp, entropy, top1 = fused_token_logprobs(p.hidden, p.weight, p.targets, grad_order=order,
+                                                   return_top1=True, **kw)
+        assert top1.dtype == torch.bool and top1.shape == p.targets.shape and not top1.requires_grad
+        assert not top1[p.targets == -100].any()
+        got = top1.reshape(-1).cpu()
+        assert torch.equal(got[clear], want[clear]), order
+        # both outcomes among the rows checked (but in the smallest cases, whose few random targets may all lead)
+        assert want[clear].any() and (int(clear.sum()) < 8 or not want[clear].all()), (order, int(clear.sum()))
+        plain = fused_token_logprobs(p.hidden, p.weight, p.targets, grad_order=order, **kw)
+        assert torch.equal(logp, plain[0]) and torch.equal(entropy, plain[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_top1_counts_a_target_tied_for_the_largest(backend):
+    """Two ids with one output embedding tie everywhere: both count as top-1 where they lead (where
+    ``argmax == target`` would pick the first only), in both orders; a third id never does."""
+    _skip_unavailable(backend)
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(7)
+    weight = torch.randn(13, 8, generator=gen)
+    weight[5] = weight[2] = 3 * weight[2]
+    hidden = weight[2].repeat(6, 1) + 0.01 * torch.randn(6, 8, generator=gen)
+    targets = torch.tensor([2, 5, 2, 5, 0, -100])
+    for order in ORDERS:
+        _, _, top1 = fused_token_logprobs(hidden.to(device), weight.to(device), targets.to(device), backend=backend,
+                                          grad_order=order, chunk_size=2, return_top1=True)
+        assert top1.tolist() == [True, True, True, True, False, False], order
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_softcap_saturated_logits(backend):

@@ -34,13 +34,13 @@ def op_calls(monkeypatch):
 
 def _call(head, inputs, *args):
     """logp, entropy and the gradients of hidden, weight, bias of one call of a head's apply,
-    backward through sum(g_logp * logp + g_ent * entropy), all float64."""
+    backward through sum(g_logp * logp + g_ent * entropy), all float64; and the call's
+    (log_sum_sq_probs, mean_logits, is_top1)."""
     h, w, b, t, g_logp, g_ent = inputs
     h, w, b = (x.clone().requires_grad_() for x in (h, w, b))
     logp, entropy, *rest = head.apply(h, w, b, t, *args)
-    assert rest == [None, None, None]
     torch.autograd.backward((logp, entropy), (g_logp.to(logp.dtype), g_ent.to(entropy.dtype)))
-    return [x.detach().double() for x in (logp, entropy, h.grad, w.grad, b.grad)]
+    return [x.detach().double() for x in (logp, entropy, h.grad, w.grad, b.grad)], rest
 
 
 def _inputs(dtype, n=37, hidden=24, vocab=301, seed=0):
@@ -63,10 +63,15 @@ def test_the_patched_head_computes_trls_logits_against_float64(backend, dtype, s
     """TRL's head's logits, softcap * tanh(scale * (h W^T + b) / softcap) / T, through the op: log-probs,
     entropies and the gradients of hidden, weight and bias against float64 (logits rounded to the
     GEMM's dtype, as any bf16 GEMM rounds them), with a temperature, a bias, soft caps and logit
-    scales; closer to it than TRL's own head in bf16, which adds the bias in bf16."""
+    scales; closer to it than TRL's own head in bf16, which adds the bias in bf16. is_top1 where
+    the top two logits are clearly apart (half the targets made the argmax), and mean_logits
+    (linear logits only)."""
     inputs = _inputs(dtype)
     h, w, b, t, g_logp, g_ent = inputs
-    args = (0.7, 64, softcap, scale, ("log_probs", "entropy"))
+    raw = h.double() @ w.double().t() + b.double()
+    t[::2] = raw[::2].argmax(-1)
+    outputs = ("log_probs", "entropy", "is_top1") + (("mean_logits",) if softcap is None else ())
+    args = (0.7, 64, softcap, scale, outputs)
     hr, wr, br = (x.double().requires_grad_() for x in (h, w, b))
     # the same logits, written as TRL writes them: the GEMM's output (rounded to its dtype, the
     # gradient straight through), then the scale, the cap and T
@@ -83,9 +88,21 @@ def test_the_patched_head_computes_trls_logits_against_float64(backend, dtype, s
     want = [ref_logp.detach(), ref_ent.detach(), hr.grad, wr.grad, br.grad]
 
     with patch_trl_fused_head(backend=backend):
-        got = _call(trl_utils._ChunkedLogProbFunction, inputs, *args)
+        got, (sq, mean, top1) = _call(trl_utils._ChunkedLogProbFunction, inputs, *args)
     assert len(op_calls) == 1 and op_calls[0]["backend"] == backend
-    trl_own = _call(TRL_HEAD, inputs, *args)
+    trl_own, _ = _call(TRL_HEAD, inputs, *args)
+    assert sq is None and top1.dtype == torch.bool and not top1.requires_grad
+    top2 = raw.topk(2, dim=-1).values
+    target_raw = raw.gather(1, t[:, None]).squeeze(1)
+    gap = torch.where(target_raw >= top2[:, 0], top2[:, 0] - top2[:, 1], top2[:, 0] - target_raw)
+    clear = gap > (1e-3 if dtype == torch.float32 else 0.5)  # a bf16 GEMM rounds these logits by up to 0.1
+    assert clear.sum() > 20
+    assert torch.equal(top1[clear], (target_raw >= top2[:, 0])[clear])
+    if softcap is None:
+        assert mean.dtype == torch.float32 and not mean.requires_grad
+        torch.testing.assert_close(mean.double(), raw.mean(-1) * scale / 0.7, rtol=1e-5, atol=1e-5)
+    else:
+        assert mean is None
     values_tol, grad_tol = (1e-5, 1e-5) if dtype == torch.float32 else (1e-5, 1e-2)
     for name, a, ref, theirs, tol in zip(("logp", "entropy", "hidden", "weight", "bias"), got, want, trl_own,
                                          (values_tol,) * 2 + (grad_tol,) * 3):
@@ -219,18 +236,19 @@ def test_log_probs_alone_compute_no_entropy(op_calls):
     torch.testing.assert_close(logp, TRL_HEAD.apply(h, w, b, t, 1.0, 64, None, 1.0, ("log_probs",))[0])
 
 
-@pytest.mark.parametrize("outputs, scale, why", [
-    (("log_probs", "entropy", "is_top1"), 1.0, "asks for is_top1, which the op does not compute"),
-    (("log_probs", "mean_logits", "log_sum_sq_probs"), 1.0, "asks for log_sum_sq_probs, mean_logits"),
-    (("log_probs",), 0.0, "logit scale is 0.0, not a finite number > 0"),
-    (("log_probs",), -2.0, "logit scale is -2.0"),
+@pytest.mark.parametrize("outputs, softcap, scale, why", [
+    (("log_probs", "is_top1", "log_sum_sq_probs"), None, 1.0, "asks for log_sum_sq_probs, which the op does not"),
+    (("log_probs", "mean_logits"), 30.0, 1.0, "mean_logits of soft-capped logits"),
+    (("log_probs",), None, 0.0, "logit scale is 0.0, not a finite number > 0"),
+    (("log_probs",), None, -2.0, "logit scale is -2.0"),
 ])
-def test_a_call_the_op_cannot_serve_runs_trls_head_with_one_warning(outputs, scale, why, op_calls):
-    """SFT, DPO and KTO ask TRL's head for outputs the op lacks; a scale of 0 or below has no soft
-    cap / temperature form. Those calls give exactly TRL's own results, with one warning per reason."""
+def test_a_call_the_op_cannot_serve_runs_trls_head_with_one_warning(outputs, softcap, scale, why, op_calls):
+    """DPO's WPO weighting asks TRL's head for log_sum_sq_probs, which the op lacks, and a soft-capped
+    KTO / DPO model for the mean of capped logits; a scale of 0 or below has no soft cap /
+    temperature form. Those calls give exactly TRL's own results, with one warning per reason."""
     inputs = _inputs(torch.float32, n=9, vocab=50)
     h, w, b, t, *_ = inputs
-    args = (h, w, b, t, 0.7, 64, None, scale, outputs)
+    args = (h, w, b, t, 0.7, 64, softcap, scale, outputs)
     with patch_trl_fused_head() as head:
         with pytest.warns(UserWarning, match=why):
             ours = head.apply(*args)
@@ -304,59 +322,105 @@ def test_a_trl_whose_head_takes_other_arguments_is_refused(monkeypatch):
     assert trl_utils._ChunkedLogProbFunction is OtherHead
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_trls_grpo_trainer_trains_through_the_op(bf16, tmp_path, monkeypatch, op_calls):
-    """A real TRL GRPOTrainer step with the patch: the policy's forward runs the op, and the
-    gradient the step's optimizer gets equals the one through TRL's own head."""
+def _trl_steps(trainer: str, patched: bool, tmp_path, steps: int = 1, bf16: bool = False, **settings):
+    """The first step's gradients and every step's logged metrics of a real TRL trainer ("GRPO",
+    "SFT" or "DPO") on a tiny Qwen2 and a toy dataset, through the patched head or TRL's own."""
+    import trl
     from datasets import Dataset
     from transformers import Qwen2Config, Qwen2ForCausalLM, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
 
     from hpt_fast.toy import build_tokenizer
 
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    grads, logs = {}, []
+
+    class Record(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            if not grads:
+                grads.update({k: p.grad.detach().clone() for k, p in model.named_parameters()})
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if "loss" in logs:
+                records.append(dict(logs))
+
+    records = logs
+    rows = {
+        "GRPO": [{"prompt": f"{i}+{i}="} for i in range(8)],
+        "SFT": [{"text": f"{i} + {i} = {2 * i}"} for i in range(8)],
+        "DPO": [{"prompt": f"{i} + {i} =", "chosen": f" {2 * i}", "rejected": f" {2 * i + 1}"} for i in range(8)],
+    }[trainer]
+    args = getattr(trl, f"{trainer}Config")(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=bf16, fp16=False, max_steps=steps, seed=0,
+        max_grad_norm=0.0, save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
+        **settings)
+    kwargs = {"GRPO": {"reward_funcs": [_reward]}, "SFT": {}, "DPO": {"ref_model": copy.deepcopy(model)}}[trainer]
+    run = getattr(trl, f"{trainer}Trainer")(model=model, args=args, processing_class=tok, callbacks=[Record()],
+                                              train_dataset=Dataset.from_list(rows), **kwargs)
+    if patched:
+        with patch_trl_fused_head():
+            run.train()
+    else:
+        run.train()
+    return grads, logs
+
+
+def _reward(prompts, completions, **kwargs):
+    return [float(sum(map(ord, c)) % 3) for c in completions]
+
+
+@pytest.fixture
+def no_launcher(monkeypatch):
     # an in-process hpt_fast Trainer (other tests) leaves these set; accelerate would read a launcher
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
-    tok = build_tokenizer()
 
-    def gradients(patched: bool, bf16: bool) -> dict[str, torch.Tensor]:
-        torch.manual_seed(0)
-        config = Qwen2Config(
-            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-            num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False,
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        model = Qwen2ForCausalLM(config)
-        grads = {}
 
-        class Grads(TrainerCallback):
-            def on_pre_optimizer_step(self, args, state, control, **kwargs):
-                grads.update({k: p.grad.detach().clone() for k, p in model.named_parameters()})
-
-        args = GRPOConfig(
-            output_dir=str(tmp_path), report_to="none", use_cpu=True, num_generations=4, per_device_train_batch_size=8,
-            max_steps=1, max_completion_length=8, beta=0.0, temperature=0.9, top_k=0, max_grad_norm=0.0, seed=0,
-            bf16=bf16, fp16=False,
-            save_strategy="no", logging_steps=1, disable_tqdm=True, remove_unused_columns=False,
-            dataloader_num_workers=0)
-
-        def reward(prompts, completions, **kwargs):
-            return [float(sum(map(ord, c)) % 3) for c in completions]
-
-        trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, processing_class=tok, callbacks=[Grads()],
-                              train_dataset=Dataset.from_list([{"prompt": f"{i}+{i}="} for i in range(8)]))
-        if patched:
-            with patch_trl_fused_head():
-                trainer.train()
-        else:
-            trainer.train()
-        return grads
-
-    theirs = gradients(False, bf16)
+@pytest.mark.parametrize("bf16", [False, True])
+def test_trls_grpo_trainer_trains_through_the_op(bf16, tmp_path, no_launcher, op_calls):
+    """A real TRL GRPOTrainer step with the patch: the policy's forward runs the op, and the
+    gradient the step's optimizer gets equals the one through TRL's own head."""
+    settings = dict(num_generations=4, per_device_train_batch_size=8, max_completion_length=8, beta=0.0,
+                    temperature=0.9, top_k=0, remove_unused_columns=False)
+    theirs, _ = _trl_steps("GRPO", False, tmp_path, bf16=bf16, **settings)
     assert op_calls == []
-    ours = gradients(True, bf16)
+    ours, _ = _trl_steps("GRPO", True, tmp_path, bf16=bf16, **settings)
     assert len(op_calls) == 1 and op_calls[0]["return_entropy"]
     assert theirs.keys() == ours.keys() and all(float(g.abs().sum()) > 0 for g in theirs.values())
     # bf16: both heads run bf16 GEMMs under the trainer's autocast, TRL adding the bias in bf16
     tol = 2e-2 if bf16 else 1e-5
     for name, g in theirs.items():
         assert _rel(ours[name], g) < tol, (name, _rel(ours[name], g))
+
+
+@pytest.mark.parametrize("trainer", ["SFT", "DPO"])
+def test_trls_sft_and_dpo_trainers_train_through_the_op(trainer, tmp_path, no_launcher, op_calls):
+    """TRL's SFTTrainer (log-probs, entropies, is_top1 for its token accuracy) and DPOTrainer (also
+    mean_logits, and a reference model's pass): six steps through the patch, none falling back to
+    TRL's head, log the loss, entropy, token accuracy and logit metrics of six through TRL's own
+    head, the accuracy rising above 0; the first step's gradients are equal."""
+    settings = dict(per_device_train_batch_size=8, learning_rate=0.05, max_length=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no call falls back to TRL's head
+        ours, our_logs = _trl_steps(trainer, True, tmp_path, steps=6, **settings)
+    # one policy call per step, and for DPO one reference-model call (log-probs only)
+    assert sum(call["return_entropy"] for call in op_calls) == 6
+    assert len(op_calls) == (12 if trainer == "DPO" else 6)
+    calls = len(op_calls)
+    theirs, their_logs = _trl_steps(trainer, False, tmp_path, steps=6, **settings)
+    assert len(op_calls) == calls
+    for name, g in theirs.items():
+        assert _rel(ours[name], g) < 1e-5, (name, _rel(ours[name], g))
+    metrics = [k for k in their_logs[0] if "accuracy" in k or k.startswith(("loss", "entropy", "logits/"))]
+    assert "mean_token_accuracy" in metrics and len(our_logs) == len(their_logs) == 6
+    assert max(log["mean_token_accuracy"] for log in their_logs) > 0
+    for step, (mine, log) in enumerate(zip(our_logs, their_logs)):
+        # the first step's metrics to float32 rounding; later ones after a few AdamW updates from
+        # gradients that differ in their last bits, which the updates amplify (6e-5 by step 6)
+        tol = dict(rel=1e-5, abs=1e-6) if step == 0 else dict(rel=1e-3, abs=2e-4)
+        for key in metrics:
+            assert mine[key] == pytest.approx(log[key], **tol), (step, key)

@@ -50,3 +50,14 @@ def finish(
     lse = (m + log_s).to(dtype)
     entropy = (log_s - state[:, S1] / s).clamp_min_(0.0).to(dtype) if with_entropy else None
     return logp, lse, entropy
+
+
+def is_top1(state: Tensor) -> Tensor:
+    """bool [C]: whether each row's target has the largest ``z`` of the row, from a complete state.
+
+    ``z_t`` and ``m`` are computed alike (``finish``), so the comparison is exact: a target tied
+    for the largest counts, where ``argmax == target`` would pick the first of the tied columns.
+    A target no block contained (``z_t`` NaN) is not.
+    """
+    return state[:, Z_T] == state[:, M]
+
