@@ -113,12 +113,12 @@ class TrlFusedHead:
             bias = None if bias is None else bias.to(hidden.dtype)
         scale = float(logit_scale)
         softcap = None if final_logit_softcapping is None else final_logit_softcapping / scale
-        logp, entropy, top1 = fused_token_logprobs(
+        logp, entropy, *top1 = fused_token_logprobs(
             hidden, weight, targets, bias=bias, temperature=temperature / scale, softcap=softcap,
-            return_entropy="entropy" in outputs, return_top1=True, **self.op_kwargs,
+            return_entropy="entropy" in outputs, return_top1="is_top1" in outputs, **self.op_kwargs,
         )
         mean = _mean_logits(hidden, weight, bias, scale / temperature) if "mean_logits" in outputs else None
-        return logp, entropy, None, mean, (top1 if "is_top1" in outputs else None)
+        return logp, entropy, None, mean, (top1[0] if top1 else None)
 
     @staticmethod
     def _unserved(weight: Tensor, logit_scale: float, softcap: Optional[float],

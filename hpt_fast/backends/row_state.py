@@ -60,4 +60,3 @@ def is_top1(state: Tensor) -> Tensor:
     A target no block contained (``z_t`` NaN) is not.
     """
     return state[:, Z_T] == state[:, M]
-
