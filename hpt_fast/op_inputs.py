@@ -33,11 +33,10 @@ def _check_inputs(
     weight: Tensor,
     targets: Tensor,
     bias: Optional[Tensor],
-    grad_order: str,
     accum_dtype: Optional[torch.dtype],
 ) -> None:
-    """Raise a clear error for any tensor or option the op cannot take, before any work starts
-    (the numbers: ``_scalar_args``).
+    """Raise a clear error for any tensor the op cannot take, or an accum_dtype that does not fit
+    them, before any work starts (the numbers: ``_scalar_args``; the other options: ``check_options``).
 
     The dtype checks are on the dtypes the op computes in (``compute_dtype``): under autocast,
     a float32 weight with bf16 activations is one bf16 op, as for ``F.linear``.
@@ -93,8 +92,6 @@ def _check_inputs(
         devices.add(bias.device)
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    if grad_order not in GRAD_ORDERS:
-        raise ValueError(f"grad_order must be one of {GRAD_ORDERS}, got {grad_order!r}")
     if accum_dtype not in (None, torch.float32, dtype):
         raise ValueError(
             f"accum_dtype must be torch.float32, None or the inputs' dtype ({dtype}), got {accum_dtype!r}"
@@ -112,11 +109,24 @@ def _integer(value: object) -> Optional[int]:
         return None
 
 
+def check_options(backend: str, chunk_size: Optional[int], grad_order: str) -> Optional[int]:
+    """Raise a clear error for a backend name, chunk size or loop order the op cannot take (what
+    needs no tensor: a caller can check them before it has any); chunk_size as an int or None."""
+    backends.check_name(backend)
+    if grad_order not in GRAD_ORDERS:
+        raise ValueError(f"grad_order must be one of {GRAD_ORDERS}, got {grad_order!r}")
+    if chunk_size is None:
+        return None
+    size = _integer(chunk_size)
+    if size is None or size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return size
+
+
 def _scalar_args(
-    temperature: float, ignore_index: int, chunk_size: Optional[int], softcap: Optional[float] = None
-) -> tuple[float, int, Optional[int], Optional[float]]:
-    """(temperature, ignore_index, chunk_size, softcap) as float, int, int or None and float or
-    None, or a clear error.
+    temperature: float, ignore_index: int, softcap: Optional[float] = None
+) -> tuple[float, int, Optional[float]]:
+    """(temperature, ignore_index, softcap) as float, int and float or None, or a clear error.
 
     Any real number / integer is taken (numpy scalars included); tensors are not, since reading
     one on the host would wait for its device.
@@ -137,11 +147,6 @@ def _scalar_args(
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not _INT64_MIN <= index <= _INT64_MAX:
         raise ValueError(f"ignore_index must fit in int64, got {index}")
-    if chunk_size is not None:
-        size = _integer(chunk_size)
-        if size is None or size < 1:
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-        chunk_size = size
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
             raise TypeError(f"softcap must be a number or None, got {type(softcap).__name__}")
@@ -150,7 +155,7 @@ def _scalar_args(
         if not 0 < softcap < math.inf or softcap / temperature > _FLOAT32_MAX:
             raise ValueError(f"softcap must be a finite number > 0 with softcap / temperature a finite "
                              f"float32, got softcap {softcap} at temperature {temperature}")
-    return temperature, index, chunk_size, softcap
+    return temperature, index, softcap
 
 
 def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
@@ -248,7 +253,7 @@ def checked_args(
     or None, and the GEMMs' dtype, the one autocast would give ``F.linear`` (see ``compute_dtype``). Runs under
     torch.compile's tracing too: everything here is decided by shapes, dtypes and devices.
     """
-    temperature, ignore_index, chunk_size, softcap = _scalar_args(temperature, ignore_index, chunk_size, softcap)
-    _check_inputs(hidden, weight, targets, bias, grad_order, accum_dtype)
-    backends.check_name(backend)
+    temperature, ignore_index, softcap = _scalar_args(temperature, ignore_index, softcap)
+    chunk_size = check_options(backend, chunk_size, grad_order)
+    _check_inputs(hidden, weight, targets, bias, accum_dtype)
     return temperature, ignore_index, chunk_size, softcap, compute_dtype(hidden, _autocast_dtype(hidden.device))

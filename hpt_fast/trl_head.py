@@ -36,8 +36,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from hpt_fast import backends
-from hpt_fast.op_inputs import GRAD_ORDERS
+from hpt_fast.op_inputs import check_options
 from hpt_fast.ops import fused_token_logprobs
 
 # TRL's ChunkedLogProbFunction.forward(ctx, ...) parameters, in order: what its fused forward passes
@@ -96,8 +95,8 @@ class TrlFusedHead:
         outputs: tuple[str, ...] = ("log_probs",) + _TRL_OUTPUTS,
     ) -> tuple[Optional[Tensor], ...]:
         """TRL's head's call: hidden [N, H], weight [V, H], bias [V] or None, targets [N] int64 in
-        [0, V). Returns (log_probs [N], entropy [N] or None, None, mean_logits [N] or None,
-        is_top1 [N] bool or None), float32 (float64 for float64 inputs), log_probs and entropy
+        [0, V). Returns (log_probs [N], entropy [N] or None, None, mean_logits [N] float32 or None,
+        is_top1 [N] bool or None), log_probs and entropy float32 (float64 for float64 inputs) and
         differentiable w.r.t. hidden, weight and bias, the other two detached."""
         why = self._unserved(weight, logit_scale, final_logit_softcapping, outputs)
         if why is not None:
@@ -180,13 +179,10 @@ def patch_trl_fused_head(
         ValueError for a bad option; ImportError without TRL; RuntimeError when TRL's head takes
         other arguments than TRL 1.16's.
     """
-    backends.check_name(backend)
-    if grad_order not in GRAD_ORDERS:
-        raise ValueError(f"grad_order must be one of {GRAD_ORDERS}, got {grad_order!r}")
+    chunk_size = check_options(backend, chunk_size, grad_order)
+    # the op checks it against the inputs' dtype at each call; TRL's head may be any of these
     if accum_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"accum_dtype must be torch.float32, None or the inputs' dtype, got {accum_dtype!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     utils = _trl_utils()
     previous = utils._ChunkedLogProbFunction
     trl_head = previous.trl_head if isinstance(previous, TrlFusedHead) else previous

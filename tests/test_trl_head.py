@@ -20,7 +20,7 @@ TRL_HEAD = trl_utils._ChunkedLogProbFunction
 
 @pytest.fixture
 def op_calls(monkeypatch):
-    """The number of times the patch ran hpt_fast's op (not TRL's head)."""
+    """The keyword arguments of each call the patch made to hpt_fast's op (not TRL's head)."""
     calls = []
     op = trl_head.fused_token_logprobs
 
