@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from hpt_fast import backends
+from hpt_fast import backends, zero3
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _FLOAT32_MAX = torch.finfo(torch.float32).max
@@ -50,6 +50,12 @@ def _check_inputs(
             raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
         if t.is_meta:
             raise ValueError(f"{name} is on the meta device: it has no values to compute with")
+        if zero3.is_released(t):
+            raise ValueError(
+                f"{name} is a DeepSpeed ZeRO-3 partitioned parameter that is not gathered (its data here is "
+                f"{tuple(t.shape)}): call the op inside deepspeed.zero.GatheredParameters over it, or in the "
+                "forward of a module that owns it or registers it (deepspeed.zero.register_external_parameter)"
+            )
         if is_traceable_wrapper_subclass(t):
             # a DTensor's GEMM would meet the op's plain buffers deep inside it, after work started
             raise TypeError(

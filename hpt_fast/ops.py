@@ -25,7 +25,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from hpt_fast import op_inputs, op_passes, op_plan, op_token_loss
+from hpt_fast import op_inputs, op_passes, op_plan, op_token_loss, zero3
 
 
 def _dtypes(
@@ -175,9 +175,11 @@ def _token_logprobs_grad(ctx, g_logp, g_ent, *_g_rest):
     want[2] = want[2] and bias is not None
     if g_logp is None:
         g_logp = stats.new_zeros(targets.shape)
-    grads = _token_logprobs_backward(
-        g_logp, g_ent, hidden, weight, bias, targets, stats, scored, cut, *ctx.args, want, ctx.softcap
-    )
+    # a ZeRO-3 head released since the forward (its module's hooks gathered it only around it)
+    with zero3.gathered(weight, bias):
+        grads = _token_logprobs_backward(
+            g_logp, g_ent, hidden, weight, bias, targets, stats, scored, cut, *ctx.args, want, ctx.softcap
+        )
     return (*(g if w else None for g, w in zip(grads, want)), *([None] * 11))
 
 

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
+from hpt_fast import zero3
 from hpt_fast.batching import MicroBatch
 from hpt_fast.estimator import Normalizers
 from hpt_fast.loss import FusedUnifiedLoss
@@ -125,12 +126,10 @@ def gathered_state_dict(lm: nn.Module, rank: int) -> Optional[dict[str, Tensor]]
     Every rank must call it (the gathers are collective). Tied weights appear under each name,
     as ``state_dict`` gives them; ``save_pretrained`` drops the duplicates.
     """
-    import deepspeed
-
     out: Optional[dict[str, Tensor]] = {} if rank == 0 else None
     params = dict(lm.named_parameters(remove_duplicate=False))
     for name, p in params.items():
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+        with zero3.gathered(p):
             if out is not None:
                 out[name] = p.detach().to("cpu", copy=True)
     if out is not None:

@@ -16,11 +16,12 @@ only the first of the tied columns); "mean_logits" is one GEMV, ``h . mean(W) + 
 mean of linear logits (not of soft-capped ones). That covers GRPO, RLOO, the async GRPO, SFT, KTO,
 DPO and every reference-model pass. TRL's logits, ``softcap * tanh(logit_scale * logits / softcap)
 / temperature``, are the op's soft cap ``softcap / logit_scale`` at temperature ``temperature /
-logit_scale`` for a positive scale. A call the op cannot serve goes to TRL's own head, with one
-warning per reason: "log_sum_sq_probs" (DPO's WPO weighting), "mean_logits" of a soft-capped model,
-a scale that is not a finite positive number, and a DeepSpeed ZeRO-3 partitioned weight (TRL's
-backward gathers the head again; the op's backward would find it released). TRL's vocabulary tile
-width (``chunk_size``) does not apply: the op cuts its blocks from its memory budget, or from this
+logit_scale`` for a positive scale. Under DeepSpeed ZeRO-3 TRL's forward gathers the partitioned
+head around the call, and the op's backward gathers it again where it was released since
+(``hpt_fast.zero3``), as TRL's own backward does. A call the op cannot serve goes to TRL's own
+head, with one warning per reason: "log_sum_sq_probs" (DPO's WPO weighting), "mean_logits" of a
+soft-capped model, and a scale that is not a finite positive number. TRL's vocabulary tile width
+(``chunk_size``) does not apply: the op cuts its blocks from its memory budget, or from this
 patch's ``chunk_size``.
 
 The name patched is private to TRL, so the patch checks its signature first and refuses a TRL whose
@@ -98,7 +99,7 @@ class TrlFusedHead:
         [0, V). Returns (log_probs [N], entropy [N] or None, None, mean_logits [N] float32 or None,
         is_top1 [N] bool or None), log_probs and entropy float32 (float64 for float64 inputs) and
         differentiable w.r.t. hidden, weight and bias, the other two detached."""
-        why = self._unserved(weight, logit_scale, final_logit_softcapping, outputs)
+        why = self._unserved(logit_scale, final_logit_softcapping, outputs)
         if why is not None:
             if why not in self._warned:
                 self._warned.add(why)
@@ -120,8 +121,7 @@ class TrlFusedHead:
         return logp, entropy, None, mean, (top1[0] if top1 else None)
 
     @staticmethod
-    def _unserved(weight: Tensor, logit_scale: float, softcap: Optional[float],
-                  outputs: tuple[str, ...]) -> Optional[str]:
+    def _unserved(logit_scale: float, softcap: Optional[float], outputs: tuple[str, ...]) -> Optional[str]:
         """Why the op cannot serve this call, or None when it can."""
         extra = sorted(set(outputs) - _SERVED)
         if extra:
@@ -131,8 +131,6 @@ class TrlFusedHead:
         if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)) or not (
                 math.isfinite(logit_scale) and logit_scale > 0):
             return f"the model's logit scale is {logit_scale!r}, not a finite number > 0"
-        if hasattr(weight, "ds_id"):
-            return "the LM head is a DeepSpeed ZeRO-3 partitioned parameter"
         return None
 
     def restore(self) -> None:

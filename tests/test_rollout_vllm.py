@@ -116,8 +116,10 @@ def test_zero3_parameters_are_gathered_one_at_a_time(vllm, model, monkeypatch):
 
     monkeypatch.setattr(deepspeed.zero, "GatheredParameters", gathered)
     names = [name for name, _ in model.named_parameters()]
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
     for name, param in model.named_parameters():
-        param.ds_id, param.ds_name = 1, name
+        param.ds_id, param.ds_name, param.ds_status = 1, name, ZeroParamStatus.NOT_AVAILABLE
     try:
         engine = _engine(model)
         engine._llm.events = log  # load_weights events land in the same log as the gathers
@@ -125,7 +127,7 @@ def test_zero3_parameters_are_gathered_one_at_a_time(vllm, model, monkeypatch):
         engine.update_weights()
     finally:
         for _, param in model.named_parameters():
-            del param.ds_id, param.ds_name
+            del param.ds_id, param.ds_name, param.ds_status
     streamed = [e for e in log if e[0] in ("gather", "load_weights", "release")]
     expected = [step for name in names for step in (("gather", name), ("load_weights", name, torch.bfloat16),
                                                       ("release", name))]

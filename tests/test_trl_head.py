@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -261,25 +265,39 @@ def test_a_call_the_op_cannot_serve_runs_trls_head_with_one_warning(outputs, sof
         assert (a is None and b_ is None) or torch.equal(a, b_)
 
 
-def test_a_zero3_partitioned_head_runs_trls_head(one_rank_group, monkeypatch, op_calls):
-    """Under DeepSpeed ZeRO-3 the head is gathered only around TRL's forward and gathered again in
-    TRL's backward; the op's backward would find it released, so TRL's head serves such a call."""
-    import deepspeed
-
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    config = {"train_batch_size": 1, "zero_optimization": {"stage": 3}}
-    with deepspeed.zero.Init(config_dict_or_path=config):
-        head = torch.nn.Linear(8, 50, bias=False)
-    assert hasattr(head.weight, "ds_id")
-    t = torch.randint(0, 50, (5,))
-    with deepspeed.zero.GatheredParameters([head.weight]):
-        h = torch.randn(5, 8)
-        with patch_trl_fused_head() as patch:
-            with pytest.warns(UserWarning, match="DeepSpeed ZeRO-3 partitioned parameter"):
-                ours = patch.apply(h, head.weight, None, t, 1.0, 64, None, 1.0, ("log_probs",))
-        theirs = TRL_HEAD.apply(h, head.weight, None, t, 1.0, 64, None, 1.0, ("log_probs",))
-    assert op_calls == []
-    assert torch.equal(ours[0], theirs[0])
+def test_a_deepspeed_zero3_step_through_the_op_equals_trls_head(tmp_path):
+    """One step of a DeepSpeed ZeRO-3 engine on two gloo ranks (every parameter partitioned, each
+    rank its own batch; untied and tied embeddings) through TRL's fused forward, with TRL's head
+    and with the op behind it: the op serves the call (no fallback) and its backward runs; the
+    per-token outputs, the reduced gradients of every parameter and the weights after the update
+    equal those through TRL's head, on both ranks."""
+    script = Path(__file__).with_name("zero3_trl_head_run.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_port", str(29500 + (os.getpid() + 500) % 1000), str(script), str(tmp_path)]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank_{r}.pt") for r in range(2)]
+    for tied in (False, True):
+        for rank in ranks:
+            ours, theirs = rank[(tied, True)], rank[(tied, False)]
+            assert (ours["op_calls"], theirs["op_calls"]) == (1, 0)
+            assert len(ours["released_at_backward"]) == 1  # the op's backward ran through zero3.gathered
+            assert torch.equal(ours["is_top1"], theirs["is_top1"])
+            for key in ("log_probs", "entropy", "mean_logits"):
+                torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
+            assert set(ours["grads"]) == set(theirs["grads"])
+            for name, want in theirs["grads"].items():
+                assert want.abs().max() > 0, name
+                torch.testing.assert_close(ours["grads"][name], want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+            # AdamW's steps (lr 1e-2) are ~1e-2 per element whatever the gradient's size, so a last-bit
+            # gradient difference moves a weight by up to ~1e-6 (AdamW amplifies small ones)
+            for name, want in theirs["weights"].items():
+                torch.testing.assert_close(ours["weights"][name], want, rtol=0, atol=1e-5)
+        # the gradients were reduced over the ranks' different batches
+        for name, g in ranks[0][(tied, True)]["grads"].items():
+            torch.testing.assert_close(ranks[1][(tied, True)]["grads"][name], g, rtol=0, atol=0)
+        assert not torch.equal(ranks[0][(tied, True)]["log_probs"], ranks[1][(tied, True)]["log_probs"])
 
 
 def test_patches_restore_what_was_there():

@@ -28,6 +28,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from hpt_fast import zero3
 from hpt_fast.config import VLLM_TEMPERATURE_RANGE
 from hpt_fast.rollout.base import Sample, context_length, validate_request
 
@@ -66,18 +67,6 @@ LOGPROBS_MODE = "processed_logprobs"
 def _empty_device_cache() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-@contextmanager
-def _gathered(param: nn.Parameter) -> Iterator[None]:
-    """The full parameter while inside (ZeRO-3 partitions are gathered, read-only); others as they are."""
-    if hasattr(param, "ds_id"):  # only DeepSpeed ZeRO-3 partitioned parameters carry ds_id
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            yield
-    else:
-        yield
 
 
 class VLLMEngine:
@@ -191,7 +180,7 @@ class VLLMEngine:
         """(HF name, tensor in the rollout dtype), one parameter gathered at a time: the consumer
         copies each before asking for the next, and only then is the gathered copy released."""
         for name, param in self.model.named_parameters():
-            with _gathered(param):
+            with zero3.gathered(param):
                 yield name, param.detach().to(self.dtype)
 
     def update_weights(self) -> None:
