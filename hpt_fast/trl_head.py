@@ -18,7 +18,8 @@ DPO and every reference-model pass. TRL's logits, ``softcap * tanh(logit_scale *
 / temperature``, are the op's soft cap ``softcap / logit_scale`` at temperature ``temperature /
 logit_scale`` for a positive scale. Under DeepSpeed ZeRO-3 TRL's forward gathers the partitioned
 head around the call, and the op's backward gathers it again where it was released since
-(``hpt_fast.zero3``), as TRL's own backward does. A call the op cannot serve goes to TRL's own
+(``hpt_fast.zero3``), as TRL's own backward does; under FSDP2 TRL hands the op a sharded head's
+``full_tensor()``. A call the op cannot serve goes to TRL's own
 head, with one warning per reason: "log_sum_sq_probs" (DPO's WPO weighting), "mean_logits" of a
 soft-capped model, and a scale that is not a finite positive number. TRL's vocabulary tile width
 (``chunk_size``) does not apply: the op cuts its blocks from its memory budget, or from this

@@ -265,15 +265,17 @@ def test_a_call_the_op_cannot_serve_runs_trls_head_with_one_warning(outputs, sof
         assert (a is None and b_ is None) or torch.equal(a, b_)
 
 
-def test_a_deepspeed_zero3_step_through_the_op_equals_trls_head(tmp_path):
-    """One step of a DeepSpeed ZeRO-3 engine on two gloo ranks (every parameter partitioned, each
-    rank its own batch; untied and tied embeddings) through TRL's fused forward, with TRL's head
-    and with the op behind it: the op serves the call (no fallback) and its backward runs; the
-    per-token outputs, the reduced gradients of every parameter and the weights after the update
-    equal those through TRL's head, on both ranks."""
-    script = Path(__file__).with_name("zero3_trl_head_run.py")
+@pytest.mark.parametrize("strategy", ["zero3", "fsdp2"])
+def test_a_sharded_training_step_through_the_op_equals_trls_head(tmp_path, strategy):
+    """One step on two gloo ranks, each its own batch, of a model sharded by DeepSpeed ZeRO-3 (every
+    parameter partitioned) or FSDP2 (an untied head sharded as a unit of its own, which TRL hands
+    the op as its full_tensor()), untied and tied embeddings, through TRL's fused forward, with
+    TRL's head and with the op behind it: the op serves the call (no fallback); the per-token
+    outputs, the reduced gradients of every parameter and the weights after the update equal those
+    through TRL's head, on both ranks (tests/sharded_trl_head_run.py)."""
+    script = Path(__file__).with_name("sharded_trl_head_run.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_port", str(29500 + (os.getpid() + 500) % 1000), str(script), str(tmp_path)]
+           "--master_port", str(29500 + (os.getpid() + 500) % 1000), str(script), strategy, str(tmp_path)]
     done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -281,8 +283,11 @@ def test_a_deepspeed_zero3_step_through_the_op_equals_trls_head(tmp_path):
     for tied in (False, True):
         for rank in ranks:
             ours, theirs = rank[(tied, True)], rank[(tied, False)]
-            assert (ours["op_calls"], theirs["op_calls"]) == (1, 0)
-            assert len(ours["released_at_backward"]) == 1  # the op's backward ran through zero3.gathered
+            assert theirs["op_weights"] == [] and len(ours["op_weights"]) == 1
+            if strategy == "fsdp2":  # TRL gathers a sharded head with full_tensor(), a plain tensor
+                assert ours["op_weights"] == ["Parameter" if tied else "Tensor"]
+            else:  # the op's backward ran through zero3.gathered
+                assert len(ours["backward_gathers"]) == 1
             assert torch.equal(ours["is_top1"], theirs["is_top1"])
             for key in ("log_probs", "entropy", "mean_logits"):
                 torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
