@@ -3,8 +3,10 @@ its parameters sharded by DeepSpeed ZeRO-3 or by FSDP2:
 
     python -m torch.distributed.run --nproc_per_node=2 THIS {zero3,fsdp2} OUT_DIR
 
-with the head TRL ships and with hpt_fast's op behind it (``patch_trl_fused_head``), untied and
-tied embeddings. Under ZeRO-3 every parameter is partitioned, however small; under FSDP2 each
+with the head TRL ships and with hpt_fast's op behind it (``patch_trl_fused_head``), in float32
+and in bf16 mixed precision (DeepSpeed's bf16: bf16 weights, float32 master weights; FSDP2's
+``MixedPrecisionPolicy``: bf16 compute, float32 parameters and reductions), untied and tied
+embeddings. Under ZeRO-3 every parameter is partitioned, however small; under FSDP2 each
 decoder layer and the model are sharded, and an untied head is a unit of its own, so TRL's
 forward finds it still sharded and hands the op its ``full_tensor()``. Each rank saves what it
 saw to OUT_DIR/rank_R.pt for tests/test_trl_head.py to compare.
@@ -34,14 +36,14 @@ OUTPUTS = ("log_probs", "entropy", "is_top1", "mean_logits")
 Wrapped = tuple[Any, Callable, Callable, Callable, Callable]
 
 
-def _zero3(model: torch.nn.Module, tied: bool) -> Wrapped:
+def _zero3(model: torch.nn.Module, tied: bool, bf16: bool) -> Wrapped:
     """What runs the forward, the backward (given the loss), the update, and what returns the full
     gradients and the full weights of every parameter (collectives: every rank calls them)."""
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
-                                      config=ZERO3, dist_init_required=False)
+                                      config={**ZERO3, "bf16": {"enabled": bf16}}, dist_init_required=False)
     assert zero3.is_released(engine.module.lm_head.weight), "the head is not partitioned"
 
     def weights():
@@ -55,31 +57,33 @@ def _zero3(model: torch.nn.Module, tied: bool) -> Wrapped:
             lambda: {name: safe_get_full_grad(p).clone() for name, p in engine.module.named_parameters()}, weights)
 
 
-def _fsdp2(model: torch.nn.Module, tied: bool) -> Wrapped:
-    """As ``_zero3``, under FSDP2."""
+def _fsdp2(model: torch.nn.Module, tied: bool, bf16: bool) -> Wrapped:
+    """As ``_zero3``, under FSDP2 (``bf16``: bf16 compute, float32 parameters and reductions)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    settings = {"mesh": init_device_mesh("cpu", (dist.get_world_size(),))}
+    if bf16:
+        settings["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
+        fully_shard(layer, **settings)
     if not tied:
-        fully_shard(model.lm_head, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(model.lm_head, **settings)
+    fully_shard(model, **settings)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     return (model, lambda loss: loss.backward(), optimizer.step,
             lambda: {name: p.grad.full_tensor().clone() for name, p in model.named_parameters()},
             lambda: {name: p.detach().full_tensor().clone() for name, p in model.named_parameters()})
 
 
-def _step(strategy: str, tied: bool, patched: bool, rank: int) -> dict:
+def _step(strategy: str, bf16: bool, tied: bool, patched: bool, rank: int) -> dict:
     torch.manual_seed(0)  # the same model on every rank
     config = transformers.Qwen2Config(
         vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, head_dim=8, tie_word_embeddings=tied)
     model = transformers.Qwen2ForCausalLM(config)
     add_fused_lm_head(model, temperature=0.7, outputs=OUTPUTS)
-    run, backward, step, grads, weights = {"zero3": _zero3, "fsdp2": _fsdp2}[strategy](model, tied)
+    run, backward, step, grads, weights = {"zero3": _zero3, "fsdp2": _fsdp2}[strategy](model, tied, bf16)
     g = torch.Generator().manual_seed(1 + rank)  # each rank its own batch
     ids = torch.randint(0, 97, (2, 11), generator=g)
     labels = ids.clone()
@@ -119,8 +123,8 @@ def main(strategy: str, out_dir: Path) -> None:
 
     # while it lives, transformers (and so TRL's head) see ZeRO-3
     zero3_config = [HfDeepSpeedConfig(ZERO3)] if strategy == "zero3" else []
-    results = {(tied, patched): _step(strategy, tied, patched, rank)
-               for tied in (False, True) for patched in (False, True)}
+    results = {(bf16, tied, patched): _step(strategy, bf16, tied, patched, rank)
+               for bf16 in (False, True) for tied in (False, True) for patched in (False, True)}
     zero3_config.clear()
     torch.save(results, out_dir / f"rank_{rank}.pt")
     dist.destroy_process_group()
