@@ -174,17 +174,20 @@ at::Tensor row_stats(
     bool with_entropy,
     at::Tensor state,
     int64_t col_offset,
-    const std::optional<double>& softcap) {
+    const std::optional<double>& softcap,
+    bool with_sums) {
   const Block block = block_of(logits, "logits");
   TORCH_CHECK(col_offset >= 0, "col_offset must be >= 0, got ", col_offset);
   check_vector(targets, "targets", block.rows, at::kLong);
   check_inv_temp(inv_temp);
   TORCH_CHECK(state.device().is_cpu(), "state must be a CPU tensor, got device ", state.device());
   TORCH_CHECK(
-      state.dim() == 2 && state.size(0) == block.rows && state.size(1) == 4,
+      state.dim() == 2 && state.size(0) == block.rows && state.size(1) == kStateWidth,
       "state must have shape [",
       block.rows,
-      ", 4], got ",
+      ", ",
+      kStateWidth,
+      "], got ",
       state.sizes());
   TORCH_CHECK(state.scalar_type() == at::kDouble, "state must be float64, got ", state.scalar_type());
   TORCH_CHECK(state.is_contiguous(), "state must be contiguous");
@@ -197,6 +200,7 @@ at::Tensor row_stats(
       static_cast<float>(inv_temp),
       softcap_arg(softcap),
       with_entropy,
+      with_sums,
       state.data_ptr<double>(),
   };
   // ids past this block's columns are valid: they belong to later slabs of the vocabulary
@@ -321,6 +325,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("state"),
       py::arg("col_offset") = 0,
       py::arg("softcap") = py::none(),
+      py::arg("with_sums") = false,
       nogil);
   m.def(
       "grad_logits",

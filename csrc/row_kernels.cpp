@@ -257,21 +257,30 @@ struct Scale {
   }
 };
 
+// Calls f(std::bool_constant<flag>{}).
+template <typename F>
+decltype(auto) visit_flag(bool flag, F&& f) {
+  return flag ? f(std::true_type{}) : f(std::false_type{});
+}
+
 // Calls f(std::bool_constant<...>{}) for a soft cap (softcap > 0) or none.
 template <typename F>
 decltype(auto) visit_softcap(float softcap, F&& f) {
-  return softcap > 0.f ? f(std::true_type{}) : f(std::false_type{});
+  return visit_flag(softcap > 0.f, std::forward<F>(f));
 }
 
 // ---------------------------------------------------------------------------------------------
 // row_stats
 
 // Softmax sums of a run of scaled logits z relative to the shift m:
-// s = sum exp(z - m) and s1 = sum exp(z - m) * (z - m).
+// s = sum exp(z - m), s1 = sum exp(z - m) * (z - m), s2 = sum exp(2 (z - m)), and sz = sum z
+// (no shift).
 struct SoftmaxSums {
   float m = kNegInf;
   double s = 0.0;
   double s1 = 0.0;
+  double s2 = 0.0;
+  double sz = 0.0;
 
   // Re-expresses the sums relative to a shift m_new >= m.
   void shift_to(float m_new) {
@@ -280,6 +289,7 @@ struct SoftmaxSums {
       const double f = std::exp(-delta);
       s1 = f * (s1 - delta * s);
       s *= f;
+      s2 *= f * f;
     }
     m = m_new;
   }
@@ -290,6 +300,8 @@ struct SoftmaxSums {
     other.shift_to(m_new);
     s += other.s;
     s1 += other.s1;
+    s2 += other.s2;
+    sz += other.sz;
   }
 };
 
@@ -323,19 +335,22 @@ float scale_and_max(const T* x, int64_t n, const Scale<kSoftcap>& scale, float* 
   return max_lanes(at::vec::maximum(mx0, mx1));
 }
 
-// Adds exp(z - m) and, with kEntropy, exp(z - m) * (z - m) of the buffer to the sums (shift m).
-template <bool kEntropy>
+// Adds exp(z - m), with kEntropy exp(z - m) * (z - m), and with kSums exp(2 (z - m)) and z of
+// the buffer to the sums (shift m).
+template <bool kEntropy, bool kSums>
 void add_exp_sums(const float* z, int64_t n, SoftmaxSums& sums) {
   // while every z seen is -inf (entries masked by a -inf bias), shift by 0: -inf - -inf is NaN
   const Vec shift(sums.m == kNegInf ? 0.f : sums.m);
   // e = 0 where d = -inf: the entropy term d is clamped to a finite value so that e * d is 0
   // rather than NaN (clamp_min keeps a NaN)
   const Vec lowest(std::numeric_limits<float>::lowest());
-  Vec s0(0.f), s1(0.f), t0(0.f), t1(0.f);
+  Vec s0(0.f), s1(0.f), t0(0.f), t1(0.f), q0(0.f), q1(0.f), y0(0.f), y1(0.f);
   int64_t i = 0;
   for (; i + kStep <= n; i += kStep) {
-    const Vec d0 = Vec::loadu(z + i) - shift;
-    const Vec d1 = Vec::loadu(z + i + kVec) - shift;
+    const Vec z0 = Vec::loadu(z + i);
+    const Vec z1 = Vec::loadu(z + i + kVec);
+    const Vec d0 = z0 - shift;
+    const Vec d1 = z1 - shift;
     const Vec e0 = vexp(d0);
     const Vec e1 = vexp(d1);
     s0 = s0 + e0;
@@ -344,32 +359,47 @@ void add_exp_sums(const float* z, int64_t n, SoftmaxSums& sums) {
       t0 = at::vec::fmadd(e0, at::vec::clamp_min(d0, lowest), t0);
       t1 = at::vec::fmadd(e1, at::vec::clamp_min(d1, lowest), t1);
     }
+    if constexpr (kSums) {
+      q0 = at::vec::fmadd(e0, e0, q0);
+      q1 = at::vec::fmadd(e1, e1, q1);
+      y0 = y0 + z0;
+      y1 = y1 + z1;
+    }
   }
   for (; i < n; i += kVec) {
     const int64_t rest = std::min(kVec, n - i);
     const Vec zero(0.f);
-    const Vec d = Vec::set(zero, Vec::loadu(z + i, rest) - shift, rest);
+    const Vec zi = Vec::set(zero, Vec::loadu(z + i, rest), rest);
+    const Vec d = Vec::set(zero, zi - shift, rest);
     const Vec e = Vec::set(zero, vexp(d), rest);
     s0 = s0 + e;
     if constexpr (kEntropy) {
       t0 = at::vec::fmadd(e, at::vec::clamp_min(d, lowest), t0);
+    }
+    if constexpr (kSums) {
+      q0 = at::vec::fmadd(e, e, q0);
+      y0 = y0 + zi;
     }
   }
   sums.s += sum_lanes(s0 + s1);
   if constexpr (kEntropy) {
     sums.s1 += sum_lanes(t0 + t1);
   }
+  if constexpr (kSums) {
+    sums.s2 += sum_lanes(q0 + q1);
+    sums.sz += sum_lanes(y0 + y1);
+  }
 }
 
 // One streaming pass over n logits: a running max, the sums rescaled whenever it grows.
-template <typename T, bool kEntropy, bool kSoftcap>
+template <typename T, bool kEntropy, bool kSums, bool kSoftcap>
 SoftmaxSums softmax_sums(const T* x, int64_t n, const Scale<kSoftcap>& scale) {
   alignas(64) float z[kChunk];
   SoftmaxSums sums;
   for (int64_t begin = 0; begin < n; begin += kChunk) {
     const int64_t len = std::min(kChunk, n - begin);
     sums.shift_to(std::max(sums.m, scale_and_max(x + begin, len, scale, z)));
-    add_exp_sums<kEntropy>(z, len, sums);
+    add_exp_sums<kEntropy, kSums>(z, len, sums);
   }
   return sums;
 }
@@ -377,18 +407,22 @@ SoftmaxSums softmax_sums(const T* x, int64_t n, const Scale<kSoftcap>& scale) {
 // Merges a row's sums over this block into its running state (row_state.py), whose sums are
 // double like the block's; m is a float value held in a double.
 void update_state(const RowStatsArgs& a, int64_t r, const SoftmaxSums& block_sums) {
-  double* st = a.state + 4 * r;
+  double* st = a.state + kStateWidth * r;
   SoftmaxSums sums;
   sums.m = static_cast<float>(st[0]);
   sums.s = st[1];
   sums.s1 = st[2];
+  sums.s2 = st[4];
+  sums.sz = st[5];
   sums.merge(block_sums);
   st[0] = sums.m;
   st[1] = sums.s;
   st[2] = sums.s1;
+  st[4] = sums.s2;
+  st[5] = sums.sz;
 }
 
-template <typename T, bool kEntropy, bool kSoftcap>
+template <typename T, bool kEntropy, bool kSums, bool kSoftcap>
 int64_t row_stats_impl(const RowStatsArgs& a) {
   const Block& b = a.logits;
   const Scale<kSoftcap> scale(a.inv_temp, a.softcap);
@@ -403,7 +437,7 @@ int64_t row_stats_impl(const RowStatsArgs& a) {
     update_state(a, r, sums);
     const int64_t local = t - a.col_offset;
     if (local >= 0 && local < b.cols) {
-      a.state[4 * r + 3] = scale(static_cast<float>(row_in<T>(b, r)[local]));
+      a.state[kStateWidth * r + 3] = scale(static_cast<float>(row_in<T>(b, r)[local]));
     }
   };
 
@@ -412,7 +446,7 @@ int64_t row_stats_impl(const RowStatsArgs& a) {
     const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(b.cols, 1));
     at::parallel_for(0, b.rows, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        merge_row(r, softmax_sums<T, kEntropy>(row_in<T>(b, r), b.cols, scale));
+        merge_row(r, softmax_sums<T, kEntropy, kSums>(row_in<T>(b, r), b.cols, scale));
       }
     });
     return bad_row.load();
@@ -424,7 +458,7 @@ int64_t row_stats_impl(const RowStatsArgs& a) {
       const int64_t r = i / split.pieces;
       const int64_t j = (i % split.pieces) * split.len;
       const int64_t len = std::min(split.len, b.cols - j);
-      parts[i] = softmax_sums<T, kEntropy>(row_in<T>(b, r) + j, len, scale);
+      parts[i] = softmax_sums<T, kEntropy, kSums>(row_in<T>(b, r) + j, len, scale);
     }
   });
   // Fewer rows than threads here, so merging serially costs nothing.
@@ -443,7 +477,11 @@ int64_t row_stats(const RowStatsArgs& a) {
     using T = decltype(tag);
     return visit_softcap(a.softcap, [&](auto cap) {
       constexpr bool kCap = decltype(cap)::value;
-      return a.with_entropy ? row_stats_impl<T, true, kCap>(a) : row_stats_impl<T, false, kCap>(a);
+      return visit_flag(a.with_entropy, [&](auto entropy) {
+        return visit_flag(a.with_sums, [&](auto sums) {
+          return row_stats_impl<T, decltype(entropy)::value, decltype(sums)::value, kCap>(a);
+        });
+      });
     });
   });
 }

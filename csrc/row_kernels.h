@@ -20,6 +20,9 @@ struct Block {
   int64_t ld;
 };
 
+// Columns of a row's running state (hpt_fast/backends/row_state.py's WIDTH).
+constexpr int64_t kStateWidth = 6;
+
 // Merges `logits`, a slab of vocabulary columns [col_offset, col_offset + cols) of the rows (all
 // of them when col_offset = 0 and cols = V), into each row's running softmax state; see
 // hpt_fast/backends/row_state.py for its layout.
@@ -30,7 +33,8 @@ struct RowStatsArgs {
   float inv_temp;
   float softcap;  // 0: none; > 0: z = softcap * tanh(x / softcap) * inv_temp instead of x * inv_temp
   bool with_entropy;
-  double* state;  // [rows, 4], contiguous: m, s, s1, z_t; updated in place
+  bool with_sums;  // keep s2 and sz (row_state.logit_sums)
+  double* state;  // [rows, kStateWidth], contiguous: m, s, s1, z_t, s2, sz; updated in place
 };
 
 // `logits` may be a slab of vocabulary columns [col_offset, col_offset + cols) of the full rows;

@@ -93,6 +93,8 @@ class RowData:
     g_logp, g_ent (None: no entropy term): d loss / d logp and d loss / d entropy, what the
     gradient pass turns into d loss / d logits.
     top1 (None when not computed): bool, whether the target's logit is the row's largest.
+    sums (None when not computed): [N, 2], each row's mean scaled logit over the ``vocab``
+    columns and log sum_v p_v^2 (``row_state.logit_sums``).
     """
 
     logp: Optional[Tensor]
@@ -101,21 +103,28 @@ class RowData:
     g_logp: Optional[Tensor] = None
     g_ent: Optional[Tensor] = None
     top1: Optional[Tensor] = None
+    sums: Optional[Tensor] = None
+    vocab: int = 0
 
     @classmethod
-    def empty(cls, hidden: Tensor, with_entropy: bool, with_top1: bool = False) -> "RowData":
-        """Uninitialised statistics for the rows of ``hidden`` [N, H]; no gradients yet."""
+    def empty(cls, hidden: Tensor, with_entropy: bool, with_top1: bool = False, vocab: int = 0) -> "RowData":
+        """Uninitialised statistics for the rows of ``hidden`` [N, H]; no gradients yet. ``vocab``
+        > 0: with the logit sums over that many columns."""
         logp = torch.empty(hidden.shape[0], dtype=stat_dtype(hidden), device=hidden.device)
         top1 = torch.empty(hidden.shape[0], dtype=torch.bool, device=hidden.device) if with_top1 else None
-        return cls(logp, torch.empty_like(logp), torch.empty_like(logp) if with_entropy else None, top1=top1)
+        sums = logp.new_empty(hidden.shape[0], 2) if vocab else None
+        return cls(logp, torch.empty_like(logp), torch.empty_like(logp) if with_entropy else None, top1=top1,
+                   sums=sums, vocab=vocab)
 
     def finish(self, r: slice, state: Tensor) -> None:
-        """Set the statistics of rows ``r`` from their complete running state [len(r), 4]."""
+        """Set the statistics of rows ``r`` from their complete running state [len(r), 6]."""
         self.logp[r], self.lse[r], entropy = row_state.finish(state, self.entropy is not None, self.lse.dtype)
         if entropy is not None:
             self.entropy[r] = entropy
         if self.top1 is not None:
             self.top1[r] = row_state.is_top1(state)
+        if self.sums is not None:
+            self.sums[r] = torch.stack(row_state.logit_sums(state, self.vocab, self.sums.dtype), dim=1)
 
 
 def blocks(
@@ -173,7 +182,8 @@ def stats_pass(
     state = row_state.empty(hidden.shape[0], hidden.device)
     for logits, r, c in blocks(plan, hidden, weight, bias, buffer):
         plan.backend.row_stats(
-            logits, targets[r], plan.inv_temp, with_entropy, state[r], col_offset=c.start, softcap=plan.softcap
+            logits, targets[r], plan.inv_temp, with_entropy, state[r], col_offset=c.start, softcap=plan.softcap,
+            with_sums=rows.sums is not None,
         )
         if plan.order == "tokens":
             rows.finish(r, state[r])

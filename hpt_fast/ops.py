@@ -20,7 +20,7 @@ so the backends only ever need the two per-token scalars g_logp and g_ent (times
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -63,8 +63,8 @@ def _token_logprobs(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, temperature: float,
     ignore_index: int, with_entropy: bool, backend: str, chunk_size: Optional[int], grad_order: str,
     accum_dtype: Optional[torch.dtype], dtype: torch.dtype, softcap: Optional[float] = None,
-    with_top1: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    with_top1: bool = False, with_sums: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Mode A's forward on checked arguments (``op_inputs.checked_args``), ``dtype`` the GEMMs' dtype.
 
     Returns logp [...] and entropy [...] (or [0] without ``with_entropy``) at targets' shape, 0
@@ -73,7 +73,9 @@ def _token_logprobs(
     entropy, in the first Nv columns: the returned entropy may be edited by the caller), their
     flat indices int64 [n] (the first Nv entries), and int64 [3] on the CPU: (tokens per chunk,
     1 for vocabulary order, Nv), so that the backward recomputes the forward's blocks bit for bit;
-    last, bool [...] (or [0] without ``with_top1``): the target's logit is its row's largest.
+    then bool [...] (or [0] without ``with_top1``): the target's logit is its row's largest; last,
+    [2, ...] (or [0] without ``with_sums``): each position's mean scaled logit over the vocabulary
+    and log sum_v p_v^2 (``row_state.logit_sums``), 0 at ignored positions.
     """
     h, t, index, plan = _prepare(
         hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, "A", grad_order,
@@ -81,7 +83,7 @@ def _token_logprobs(
     )
     with op_inputs.autocast_off(h.device):
         h, w, b = _cast(plan.dtype, h, weight, bias)
-        rows = op_passes.RowData.empty(h, with_entropy, with_top1)
+        rows = op_passes.RowData.empty(h, with_entropy, with_top1, vocab=weight.shape[0] if with_sums else 0)
         op_passes.stats_pass(plan, h, w, b, t, rows, op_passes.block_buffer(plan, h, w.shape[0]))
     shape, n, n_scored = tuple(targets.shape), targets.numel(), h.shape[0]
     kept = [rows.lse] if rows.entropy is None else [rows.lse, rows.entropy]
@@ -94,19 +96,22 @@ def _token_logprobs(
     entropy = op_inputs.scatter_rows(rows.entropy, index, n, shape).clone() if with_entropy else logp.new_zeros(0)
     cut = torch.tensor([plan.chunk, plan.order == "vocab", n_scored], dtype=torch.int64)
     top1 = op_inputs.scatter_rows(rows.top1, index, n, shape) if with_top1 else t.new_zeros(0, dtype=torch.bool)
-    return logp, entropy, stats, scored, cut, top1
+    sums = (torch.stack([op_inputs.scatter_rows(col, index, n, shape) for col in rows.sums.unbind(1)])
+            if with_sums else logp.new_zeros(0))
+    return logp, entropy, stats, scored, cut, top1, sums
 
 
 @_token_logprobs.register_fake
 def _token_logprobs_fake(hidden, weight, bias, targets, temperature, ignore_index, with_entropy, backend,
-                         chunk_size, grad_order, accum_dtype, dtype, softcap=None, with_top1=False):
+                         chunk_size, grad_order, accum_dtype, dtype, softcap=None, with_top1=False, with_sums=False):
     stat = op_passes.stat_dtype(hidden)
     logp = targets.new_empty(targets.shape, dtype=stat)
     entropy = targets.new_empty(targets.shape if with_entropy else (0,), dtype=stat)
     stats = targets.new_empty((2 if with_entropy else 1, targets.numel()), dtype=stat)
     scored = targets.new_empty((targets.numel(),), dtype=torch.int64)
     top1 = targets.new_empty(targets.shape if with_top1 else (0,), dtype=torch.bool)
-    return logp, entropy, stats, scored, torch.empty(3, dtype=torch.int64, device="cpu"), top1
+    sums = targets.new_empty((2, *targets.shape) if with_sums else (0,), dtype=stat)
+    return logp, entropy, stats, scored, torch.empty(3, dtype=torch.int64, device="cpu"), top1, sums
 
 
 @torch.library.custom_op(f"{_MODE_A}_backward", mutates_args=())
@@ -160,8 +165,10 @@ def _token_logprobs_backward_fake(g_logp, g_ent, hidden, weight, bias, targets, 
 
 
 def _token_logprobs_setup(ctx, inputs, output) -> None:
-    hidden, weight, bias, targets, temperature, _, _, backend, _, _, accum_dtype, dtype, softcap, _ = inputs
+    hidden, weight, bias, targets, temperature, _, _, backend, _, _, accum_dtype, dtype, softcap, _, _ = inputs
     ctx.save_for_backward(hidden, weight, bias, targets, *output[2:5])
+    # the logit mean and log sum p^2 are metrics: no gradient, not a silent zero one
+    ctx.mark_non_differentiable(output[6])
     ctx.args = (temperature, backend, accum_dtype, dtype)
     ctx.softcap = softcap
     # an output that no loss uses gets None, not zeros: an unused entropy adds no term
@@ -180,7 +187,7 @@ def _token_logprobs_grad(ctx, g_logp, g_ent, *_g_rest):
         grads = _token_logprobs_backward(
             g_logp, g_ent, hidden, weight, bias, targets, stats, scored, cut, *ctx.args, want, ctx.softcap
         )
-    return (*(g if w else None for g, w in zip(grads, want)), *([None] * 11))
+    return (*(g if w else None for g, w in zip(grads, want)), *([None] * 12))
 
 
 _token_logprobs.register_autograd(_token_logprobs_grad, setup_context=_token_logprobs_setup)
@@ -326,7 +333,9 @@ def fused_token_logprobs(
     accum_dtype: Optional[torch.dtype] = torch.float32,
     softcap: Optional[float] = None,
     return_top1: bool = False,
-) -> Union[tuple[Tensor, Optional[Tensor]], tuple[Tensor, Optional[Tensor], Tensor]]:
+    return_logit_mean: bool = False,
+    return_log_sum_sq_probs: bool = False,
+) -> tuple[Optional[Tensor], ...]:
     """Per-token log-probabilities (and entropies) of ``targets`` under softmax(logits / T).
 
     Args:
@@ -376,12 +385,18 @@ def fused_token_logprobs(
             softcap / temperature must be a finite float32. Costs a tanh per logit in each pass.
         return_top1: also return whether each target is its row's most likely token (a
             token-accuracy metric), from the row maximum the statistics pass keeps anyway.
+        return_logit_mean: also return each position's mean logit over the vocabulary, of the
+            logits as the softmax sees them (capped, divided by T), summed in the statistics pass.
+        return_log_sum_sq_probs: also return log sum_v p_v^2 of each position's distribution (the
+            log collision probability; DPO's WPO weighting), from a sum the statistics pass keeps
+            beside the softmax's. Both sums cost an add and a multiply-add per logit.
     Returns:
         logp: float32 [...] (<= 0), entropy: float32 [...] or None. Both differentiable w.r.t.
         hidden, weight and bias; the backward recomputes the logits block by block. With
         ``return_top1``, a third output: bool [...], the target's logit equals the row's largest
-        (a target tied for the largest counts; False at ignored positions), no gradient. Under
-        torch.compile the forward and the backward are one graph node each (custom ops
+        (a target tied for the largest counts; False at ignored positions), no gradient. Then,
+        each where asked for, [...] in logp's dtype (0 at ignored positions), no gradient: the
+        logit mean, then log sum p^2. Under torch.compile the forward and the backward are one graph node each (custom ops
         ``hpt_fast::token_logprobs`` and ``hpt_fast::token_logprobs_backward``), so
         ``fullgraph=True`` takes the op.
     """
@@ -389,12 +404,14 @@ def fused_token_logprobs(
         hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, grad_order, accum_dtype,
         softcap,
     )
-    logp, entropy, *_, top1 = _token_logprobs(
+    with_sums = bool(return_logit_mean or return_log_sum_sq_probs)
+    logp, entropy, *_, top1, sums = _token_logprobs(
         hidden, weight, bias, targets, temperature, ignore_index, bool(return_entropy), backend, chunk_size,
-        grad_order, accum_dtype, dtype, softcap, bool(return_top1),
+        grad_order, accum_dtype, dtype, softcap, bool(return_top1), with_sums,
     )
-    entropy = entropy if return_entropy else None
-    return (logp, entropy, top1) if return_top1 else (logp, entropy)
+    extras = [(return_top1, top1), (return_logit_mean, sums[0] if with_sums else None),
+              (return_log_sum_sq_probs, sums[1] if with_sums else None)]
+    return (logp, entropy if return_entropy else None, *(x for asked, x in extras if asked))
 
 
 @torch.compiler.disable

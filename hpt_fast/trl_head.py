@@ -10,20 +10,20 @@ such call made while the patch is in place runs hpt_fast's op instead: on an H20
 CPU 3.8-7.9x faster (README, "Against TRL's own fused LM head"). Nothing else in TRL changes: the
 trainer still picks the positions, masks, sums the loss and adds MoE auxiliary losses.
 
-The op computes TRL's "log_probs" and "entropy" (with gradients) and "is_top1" (from the row
-maximum its statistics pass keeps; a target tied for the largest logit counts, where TRL's counts
-only the first of the tied columns); "mean_logits" is one GEMV, ``h . mean(W) + mean(b)``, as the
-mean of linear logits (not of soft-capped ones). That covers GRPO, RLOO, the async GRPO, SFT, KTO,
-DPO and every reference-model pass. TRL's logits, ``softcap * tanh(logit_scale * logits / softcap)
-/ temperature``, are the op's soft cap ``softcap / logit_scale`` at temperature ``temperature /
-logit_scale`` for a positive scale. Under DeepSpeed ZeRO-3 TRL's forward gathers the partitioned
-head around the call, and the op's backward gathers it again where it was released since
-(``hpt_fast.zero3``), as TRL's own backward does; under FSDP2 TRL hands the op a sharded head's
-``full_tensor()``. A call the op cannot serve goes to TRL's own
-head, with one warning per reason: "log_sum_sq_probs" (DPO's WPO weighting), "mean_logits" of a
-soft-capped model, and a scale that is not a finite positive number. TRL's vocabulary tile width
-(``chunk_size``) does not apply: the op cuts its blocks from its memory budget, or from this
-patch's ``chunk_size``.
+The op computes every per-token field TRL's head offers: "log_probs" and "entropy" (with gradients),
+"is_top1" (from the row maximum its statistics pass keeps; a target tied for the largest logit
+counts, where TRL's counts only the first of the tied columns), "mean_logits" and "log_sum_sq_probs"
+(two more sums of the statistics pass). That covers GRPO, RLOO, the async GRPO, SFT, KTO, DPO (WPO
+weighting included) and every reference-model pass, soft-capped models too. TRL's logits, ``softcap
+* tanh(logit_scale * logits / softcap) / temperature``, are the op's soft cap ``softcap /
+logit_scale`` at temperature ``temperature / logit_scale`` for a positive scale. Under DeepSpeed
+ZeRO-3 TRL's forward gathers the partitioned head around the call, and the op's backward gathers it
+again where it was released since (``hpt_fast.zero3``), as TRL's own backward does; under FSDP2 TRL
+hands the op a sharded head's ``full_tensor()``. A call the op cannot serve goes to TRL's own head,
+with one warning per reason: a logit scale that is not a finite positive number (the op's
+temperature cannot express it), and a field TRL 1.16 does not have. TRL's vocabulary tile width
+(``chunk_size``) does not apply: the op cuts its blocks from its memory budget, or from this patch's
+``chunk_size``.
 
 The name patched is private to TRL, so the patch checks its signature first and refuses a TRL whose
 head takes other arguments. Tested with TRL 1.16.0.
@@ -46,7 +46,6 @@ _TRL_PARAMETERS = ("hidden", "weight", "bias", "targets", "temperature", "chunk_
                    "final_logit_softcapping", "logit_scale", "outputs")
 # TRL's optional per-token outputs, in the order its head returns them after log_probs
 _TRL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-_SERVED = frozenset(("log_probs", "entropy", "is_top1", "mean_logits"))
 
 
 def _trl_utils():
@@ -97,10 +96,11 @@ class TrlFusedHead:
         outputs: tuple[str, ...] = ("log_probs",) + _TRL_OUTPUTS,
     ) -> tuple[Optional[Tensor], ...]:
         """TRL's head's call: hidden [N, H], weight [V, H], bias [V] or None, targets [N] int64 in
-        [0, V). Returns (log_probs [N], entropy [N] or None, None, mean_logits [N] float32 or None,
-        is_top1 [N] bool or None), log_probs and entropy float32 (float64 for float64 inputs) and
-        differentiable w.r.t. hidden, weight and bias, the other two detached."""
-        why = self._unserved(logit_scale, final_logit_softcapping, outputs)
+        [0, V). Returns (log_probs [N], entropy [N] or None, log_sum_sq_probs [N] or None,
+        mean_logits [N] or None, is_top1 [N] bool or None), the float ones float32 (float64 for
+        float64 inputs), log_probs and entropy differentiable w.r.t. hidden, weight and bias, the
+        others detached."""
+        why = self._unserved(logit_scale, outputs)
         if why is not None:
             if why not in self._warned:
                 self._warned.add(why)
@@ -114,21 +114,25 @@ class TrlFusedHead:
             bias = None if bias is None else bias.to(hidden.dtype)
         scale = float(logit_scale)
         softcap = None if final_logit_softcapping is None else final_logit_softcapping / scale
-        logp, entropy, *top1 = fused_token_logprobs(
+        asked = {name: name in outputs for name in ("is_top1", "mean_logits", "log_sum_sq_probs")}
+        logp, entropy, *extras = fused_token_logprobs(
             hidden, weight, targets, bias=bias, temperature=temperature / scale, softcap=softcap,
-            return_entropy="entropy" in outputs, return_top1="is_top1" in outputs, **self.op_kwargs,
+            return_entropy="entropy" in outputs, return_top1=asked["is_top1"],
+            return_logit_mean=asked["mean_logits"], return_log_sum_sq_probs=asked["log_sum_sq_probs"],
+            **self.op_kwargs,
         )
-        mean = _mean_logits(hidden, weight, bias, scale / temperature) if "mean_logits" in outputs else None
-        return logp, entropy, None, mean, (top1[0] if top1 else None)
+        # the op returns the extras in the order top1, logit mean, log sum p^2, each where asked
+        got = iter(extras)
+        top1, mean, log_sum_sq = (next(got) if asked[name] else None
+                                  for name in ("is_top1", "mean_logits", "log_sum_sq_probs"))
+        return logp, entropy, log_sum_sq, mean, top1
 
     @staticmethod
-    def _unserved(logit_scale: float, softcap: Optional[float], outputs: tuple[str, ...]) -> Optional[str]:
+    def _unserved(logit_scale: float, outputs: tuple[str, ...]) -> Optional[str]:
         """Why the op cannot serve this call, or None when it can."""
-        extra = sorted(set(outputs) - _SERVED)
-        if extra:
-            return f"the trainer asks for {', '.join(extra)}, which the op does not compute"
-        if "mean_logits" in outputs and softcap is not None:
-            return "the trainer asks for mean_logits of soft-capped logits, which the op does not compute"
+        unknown = sorted(set(outputs) - {"log_probs", *_TRL_OUTPUTS})
+        if unknown:  # a later TRL's field
+            return f"the trainer asks for {', '.join(unknown)}, which the op does not compute"
         if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)) or not (
                 math.isfinite(logit_scale) and logit_scale > 0):
             return f"the model's logit scale is {logit_scale!r}, not a finite number > 0"
@@ -146,16 +150,6 @@ class TrlFusedHead:
 
     def __exit__(self, *exc: object) -> None:
         self.restore()
-
-
-@torch.no_grad()
-def _mean_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], factor: float) -> Tensor:
-    """float32 [N]: each row's mean logit over the vocabulary times ``factor`` (scale / T), without
-    a logit: the mean of ``h . w_v + b_v`` over v is ``h . mean(w) + mean(b)``, one GEMV."""
-    out = hidden.float() @ weight.mean(0, dtype=torch.float32)
-    if bias is not None:
-        out += bias.mean(dtype=torch.float32)
-    return out * factor
 
 
 def patch_trl_fused_head(

@@ -2,11 +2,11 @@
 
 For each row of ``z = logits * inv_temp``, or ``z = softcap * tanh(logits / softcap) * inv_temp``
 with a soft cap (``kernels.scaled``; float32 arithmetic whatever the input dtype), they
-compute, in one read of the row, the running maximum ``m``, ``s = sum(exp(z - m))`` and, for the
-entropy, ``s1 = sum(exp(z - m) * (z - m))``. A row may be split over several programs, each
-covering ``split_v`` columns and writing a partial ``(m, s, s1)``; a second kernel then merges the
-partials of each row. Either way the row's ``(m, s, s1)`` over the block is merged into its
-running state (``hpt_fast.backends.row_state``), the block being all of the row's columns or one
+compute, in one read of the row, the running maximum ``m``, ``s = sum(exp(z - m))``, for the
+entropy ``s1 = sum(exp(z - m) * (z - m))``, and for the logit sums ``s2 = sum(exp(2 (z - m)))``
+and ``sz = sum(z)``. A row may be split over several programs, each covering ``split_v`` columns
+and writing partial sums; a second kernel then merges the partials of each row. Either way the
+row's sums over the block are merged into its running state (``hpt_fast.backends.row_state``), the block being all of the row's columns or one
 slab of them; ``row_state.finish`` turns the complete state into logp, lse and entropy.
 """
 from __future__ import annotations
@@ -20,11 +20,11 @@ from .scaled import scaled
 @triton.jit
 def _merge_into_state(
     logits_ptr, targets_ptr, state_ptr, row, V, col_offset, stride_row, inv_temp, inv_softcap, cap_scale,
-    m, s, s1, WITH_ENT: tl.constexpr, SOFTCAP: tl.constexpr,
+    m, s, s1, s2, sz, WITH_ENT: tl.constexpr, WITH_SUMS: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
-    """Merge ``(m, s, s1)`` of ``row``'s columns in this block into its running state, and write
-    its z_t when the target lies in the block."""
-    st = state_ptr + row * 4
+    """Merge ``(m, s, s1, s2, sz)`` of ``row``'s columns in this block into its running state
+    (``row_state``, 6 float64 per row), and write its z_t when the target lies in the block."""
+    st = state_ptr + row * 6
     # the state is float64: the block's float32 sums are merged into it without rounding
     m = m.to(tl.float64)
     s = s.to(tl.float64)
@@ -45,6 +45,9 @@ def _merge_into_state(
         shift_blk = tl.where(a_blk > 0.0, m - m_ref, 0.0)
         s1_old = tl.load(st + 2)
         tl.store(st + 2, a_old * (s1_old + shift_old * s_old) + a_blk * (s1 + shift_blk * s))
+    if WITH_SUMS:
+        tl.store(st + 4, a_old * a_old * tl.load(st + 4) + a_blk * a_blk * s2.to(tl.float64))
+        tl.store(st + 5, tl.load(st + 5) + sz.to(tl.float64))
     local = tl.load(targets_ptr + row) - col_offset
     in_block = (local >= 0) & (local < V)
     # the same load-convert-scale as the tiles, so z_t <= m holds bit for bit; an out-of-block
@@ -56,18 +59,19 @@ def _merge_into_state(
 
 @triton.jit
 def row_stats_kernel(
-    logits_ptr, targets_ptr, part_m_ptr, part_s_ptr, part_s1_ptr, state_ptr,
+    logits_ptr, targets_ptr, part_m_ptr, part_s_ptr, part_s1_ptr, part_s2_ptr, part_sz_ptr, state_ptr,
     V, col_offset, stride_row, n_splits, split_v, inv_temp, inv_softcap, cap_scale,
-    BLOCK_V: tl.constexpr, WITH_ENT: tl.constexpr, MERGE: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr, WITH_ENT: tl.constexpr, WITH_SUMS: tl.constexpr, MERGE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """Grid (C, n_splits): program (row, k) reduces columns [k * split_v, (k + 1) * split_v).
 
     logits: [C, V] float32 / bfloat16 / float16 with unit column stride, row stride
     ``stride_row``, the columns of vocabulary ids ``col_offset .. col_offset + V - 1``; targets:
-    [C] integer vocabulary ids; state: [C, 4] float64, contiguous (m, s, s1, z_t). With ``MERGE``
-    (n_splits == 1) the program merges its sums into the state directly, otherwise it writes
-    them into part_m / part_s / part_s1 ([C, n_splits] float32, contiguous) for
-    ``row_stats_combine_kernel``. ``split_v`` is a multiple of BLOCK_V. ``SOFTCAP``: z as in
+    [C] integer vocabulary ids; state: [C, 6] float64, contiguous (m, s, s1, z_t, s2, sz). With
+    ``MERGE`` (n_splits == 1) the program merges its sums into the state directly, otherwise it
+    writes them into part_m / part_s / part_s1 / part_s2 / part_sz ([C, n_splits] float32,
+    contiguous) for ``row_stats_combine_kernel``. ``split_v`` is a multiple of BLOCK_V. ``SOFTCAP``: z as in
     ``kernels.scaled`` (inv_softcap, cap_scale), else ``logits * inv_temp``.
     """
     row = tl.program_id(0).to(tl.int64)
@@ -80,6 +84,8 @@ def row_stats_kernel(
     m = -float("inf")
     s = 0.0
     s1 = 0.0
+    s2 = 0.0
+    sz = 0.0
     for off in range(start, end, BLOCK_V):
         mask = off + cols < end
         x = tl.load(row_ptr + off + cols, mask=mask, other=-float("inf")).to(tl.float32)
@@ -99,13 +105,16 @@ def row_stats_kernel(
             # difference may be -inf; zeroing it first avoids 0 * (-inf) = NaN.
             shift = tl.where(alpha > 0.0, m - m_ref, 0.0)
             s1 = alpha * (s1 + shift * s) + tl.sum(e * tl.where(e > 0.0, zs, 0.0), axis=0)
+        if WITH_SUMS:
+            s2 = s2 * alpha * alpha + tl.sum(e * e, axis=0)
+            sz += tl.sum(tl.where(mask, z, 0.0), axis=0)
         s = s * alpha + tl.sum(e, axis=0)
         m = m_new
 
     if MERGE:
         _merge_into_state(
             logits_ptr, targets_ptr, state_ptr, row, V, col_offset, stride_row, inv_temp, inv_softcap,
-            cap_scale, m, s, s1, WITH_ENT, SOFTCAP,
+            cap_scale, m, s, s1, s2, sz, WITH_ENT, WITH_SUMS, SOFTCAP,
         )
     else:
         part = row * n_splits + split
@@ -113,13 +122,16 @@ def row_stats_kernel(
         tl.store(part_s_ptr + part, s)
         if WITH_ENT:
             tl.store(part_s1_ptr + part, s1)
+        if WITH_SUMS:
+            tl.store(part_s2_ptr + part, s2)
+            tl.store(part_sz_ptr + part, sz)
 
 
 @triton.jit
 def row_stats_combine_kernel(
-    logits_ptr, targets_ptr, part_m_ptr, part_s_ptr, part_s1_ptr, state_ptr,
+    logits_ptr, targets_ptr, part_m_ptr, part_s_ptr, part_s1_ptr, part_s2_ptr, part_sz_ptr, state_ptr,
     V, col_offset, stride_row, n_splits, inv_temp, inv_softcap, cap_scale,
-    BLOCK_S: tl.constexpr, WITH_ENT: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_S: tl.constexpr, WITH_ENT: tl.constexpr, WITH_SUMS: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Grid (C,): merge the ``n_splits`` partial sums of a row into its running state.
 
@@ -141,7 +153,12 @@ def row_stats_combine_kernel(
         # w == 0 for padding and all -inf splits, whose m_k - m is -inf: zero it to avoid NaN
         shift = tl.where(w > 0.0, m_k - m_ref, 0.0)
         s1 = tl.sum(w * (s1_k + shift * s_k), axis=0)
+    s2 = 0.0
+    sz = 0.0
+    if WITH_SUMS:
+        s2 = tl.sum(w * w * tl.load(part_s2_ptr + base + k, mask=mask, other=0.0), axis=0)
+        sz = tl.sum(tl.load(part_sz_ptr + base + k, mask=mask, other=0.0), axis=0)
     _merge_into_state(
         logits_ptr, targets_ptr, state_ptr, row, V, col_offset, stride_row, inv_temp, inv_softcap,
-        cap_scale, m, s, s1, WITH_ENT, SOFTCAP,
+        cap_scale, m, s, s1, s2, sz, WITH_ENT, WITH_SUMS, SOFTCAP,
     )

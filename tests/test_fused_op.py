@@ -308,6 +308,45 @@ def test_top1_counts_a_target_tied_for_the_largest(backend):
         assert top1.tolist() == [True, True, True, True, False, False], order
 
 
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("case", [1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logit_mean_and_log_sum_sq_probs_against_float64(backend, dtype, case, softcap):
+    """return_logit_mean / return_log_sum_sq_probs: each position's mean of the logits the softmax
+    sees (capped, over T) and log sum_v p_v^2, against float64 on the logits as the GEMM rounds
+    them, in both orders (vocabulary slabs merged), with and without a soft cap; 0 at ignored
+    positions, no gradient, either alone in its place, logp and entropy as without them."""
+    _skip_unavailable(backend)
+    p = draw_problem(backend, dtype, case)
+    x = p.hidden.detach().double().reshape(-1, p.hidden.shape[-1]) @ p.weight.detach().double().t()
+    if p.bias is not None:
+        x = x + p.bias.detach().double()
+    x = x.to(dtype).double()  # a bf16 / fp16 GEMM's logits block is in its dtype
+    z = (softcap * torch.tanh(x / softcap) if softcap else x) / p.temperature
+    scored = p.targets.reshape(-1).cpu() != -100
+    want = [torch.where(scored, z.mean(-1), 0.0), torch.where(scored, torch.logsumexp(2 * z.log_softmax(-1), -1), 0.0)]
+    kw = dict(bias=p.bias, temperature=p.temperature, return_entropy=True, backend=backend,
+              chunk_size=p.chunk_size, softcap=softcap)
+    # float32 sums of float32 terms; in bf16 / fp16 a logit the op's GEMM rounds to the
+    # neighbouring value (its sum order differs from float64's) moves the sums by ~1e-4
+    tol = 1e-5 if dtype == torch.float32 else 1e-3
+    for order in ORDERS:
+        logp, entropy, mean, log_sum_sq = fused_token_logprobs(
+            p.hidden, p.weight, p.targets, grad_order=order, return_logit_mean=True, return_log_sum_sq_probs=True, **kw)
+        for name, got, ref in zip(("mean", "log_sum_sq"), (mean, log_sum_sq), want):
+            assert got.shape == p.targets.shape and got.dtype == logp.dtype and not got.requires_grad, name
+            assert torch.isfinite(got).all() and not got[p.targets == -100].any(), name
+            assert rel_err(got.reshape(-1).cpu(), ref) <= tol, (order, name, rel_err(got.reshape(-1).cpu(), ref))
+        # log sum p^2 <= 0: a sum of squares of probabilities is at most 1
+        assert (log_sum_sq <= 1e-6).all(), order
+        plain = fused_token_logprobs(p.hidden, p.weight, p.targets, grad_order=order, **kw)
+        assert torch.equal(logp, plain[0]) and torch.equal(entropy, plain[1])
+        alone = fused_token_logprobs(p.hidden, p.weight, p.targets, grad_order=order, return_log_sum_sq_probs=True,
+                                     **kw)
+        assert len(alone) == 3 and torch.equal(alone[2], log_sum_sq), order
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_softcap_saturated_logits(backend):

@@ -409,18 +409,21 @@ def test_mode_a_argument_errors_under_fullgraph_compile():
 def test_mode_a_custom_ops_pass_torch_opcheck(entropy, with_bias, want, ignored):
     """torch.library.opcheck: schemas, fake (meta) functions against the real ones, the autograd
     registration and AOT dispatch with dynamic shapes, for the forward and the backward op,
-    with and without entropy, top-1 flags, bias and ignored positions, and some gradients not wanted."""
+    with and without entropy, top-1 flags and logit sums, bias and ignored positions, and some
+    gradients not wanted."""
     _skip_unavailable("cpu")
     hidden, weight, bias, targets = _leaves(torch.float32, seed=10)
     if not ignored:
         targets = targets.clamp(min=0)
     b = bias if with_bias else None
-    # with the top-1 flags where there is entropy (the last argument), without them elsewhere
+    # with the top-1 flags where there is entropy, the logit sums where there is a bias (the last
+    # two arguments), without them elsewhere
     args = (hidden, weight, b, targets, 0.8, -100, entropy, "cpu", 4, "tokens", torch.float32, torch.float32, None,
-            entropy)
+            entropy, with_bias)
     torch.library.opcheck(ops._token_logprobs, args)
-    _, _, stats, scored, cut, top1 = ops._token_logprobs(*args)
+    _, _, stats, scored, cut, top1, sums = ops._token_logprobs(*args)
     assert top1.shape == (targets.shape if entropy else (0,))
+    assert sums.shape == ((2, *targets.shape) if with_bias else (0,))
     assert cut.tolist() == [4, 0, 11 if ignored else 13] and scored.shape == (13,)
     g = torch.randn(targets.shape, generator=torch.Generator().manual_seed(11))
     detached = [None if x is None else x.detach() for x in (hidden, weight, b)]
@@ -493,7 +496,7 @@ def test_mode_a_custom_ops_pass_torch_opcheck_in_other_dtypes(dtype, backend):
                                      for x in _leaves(torch.float32, seed=15))
     args = (hidden, weight, bias, targets, 0.8, -100, True, backend, 4, "tokens", None, dtype, 1.5)
     torch.library.opcheck(ops._token_logprobs, args)
-    logp, ent, stats, scored, cut, _ = ops._token_logprobs(*args)
+    logp, ent, stats, scored, cut, _, _ = ops._token_logprobs(*args)
     stat = torch.float64 if dtype == torch.float64 else torch.float32
     assert logp.dtype == ent.dtype == stats.dtype == stat
     g = torch.randn(targets.shape, generator=torch.Generator().manual_seed(16), dtype=stat)
@@ -514,7 +517,7 @@ def test_mode_a_forward_hands_the_backward_its_scored_rows(ignored):
         targets = targets.clamp(min=0)
     hidden, targets = hidden[:12].reshape(3, 4, -1), targets[:12].reshape(3, 4)
     args = (hidden, weight, bias, targets, 0.8, -100, True, "cpu", 4, "vocab", torch.float32, torch.float32)
-    _, ent, stats, scored, cut, _ = ops._token_logprobs(*args)
+    _, ent, stats, scored, cut, *_ = ops._token_logprobs(*args)
     rows = (targets.reshape(-1) != -100).nonzero().squeeze(1)
     n_scored = rows.numel()
     assert cut.tolist() == [4, 1, n_scored] and stats.shape == (2, 12) and scored.shape == (12,)

@@ -21,11 +21,13 @@ def _load(name: str):
 
 
 def _reference(logits: torch.Tensor, targets: torch.Tensor, inv_temp: float):
-    """logp, lse, entropy [C] in float64 of the logits as stored (already rounded to their dtype)."""
+    """logp, lse, entropy, mean z, log sum p^2 [C] in float64 of the logits as stored (already
+    rounded to their dtype)."""
     z = logits.double() * inv_temp
     logprobs = torch.log_softmax(z, dim=1)
     logp = logprobs.gather(1, targets[:, None]).squeeze(1)
-    return logp, torch.logsumexp(z, dim=1), -(logprobs.exp() * logprobs).sum(1)
+    return (logp, torch.logsumexp(z, dim=1), -(logprobs.exp() * logprobs).sum(1), z.mean(1),
+            torch.logsumexp(2 * logprobs, dim=1))
 
 
 def _cuts(vocab: int, gen: torch.Generator) -> list[tuple[int, int]]:
@@ -37,12 +39,15 @@ def _cuts(vocab: int, gen: torch.Generator) -> list[tuple[int, int]]:
     return [slabs[i] for i in order]
 
 
-def _merge(module, logits, targets, inv_temp, with_entropy, slabs):
+def _merge(module, logits, targets, inv_temp, with_entropy, slabs, with_sums=False):
+    """(logp, lse, entropy or None) and with ``with_sums`` (mean z, log sum p^2), merged slab by slab."""
     state = row_state.empty(logits.shape[0], logits.device)
     for v0, v1 in slabs:
         # a column slice of the block, rows `vocab` elements apart, as the kernels must accept
-        module.row_stats(logits[:, v0:v1], targets, inv_temp, with_entropy, state, col_offset=v0)
-    return row_state.finish(state, with_entropy)
+        module.row_stats(logits[:, v0:v1], targets, inv_temp, with_entropy, state, col_offset=v0,
+                         with_sums=with_sums)
+    sums = row_state.logit_sums(state, logits.shape[1]) if with_sums else ()
+    return (*row_state.finish(state, with_entropy), *sums)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -56,10 +61,10 @@ def test_slabs_merge_to_the_whole_row(backend, dtype):
         targets = torch.randint(0, vocab, (rows,), generator=gen).to(device)
         inv_temp = 1 / 0.7
         want = _reference(logits, targets, inv_temp)
-        whole = _merge(module, logits, targets, inv_temp, True, [(0, vocab)])
-        cut = _merge(module, logits, targets, inv_temp, True, _cuts(vocab, gen))
+        whole = _merge(module, logits, targets, inv_temp, True, [(0, vocab)], with_sums=True)
+        cut = _merge(module, logits, targets, inv_temp, True, _cuts(vocab, gen), with_sums=True)
         for got in (whole, cut):
-            for name, a, b in zip(("logp", "lse", "entropy"), got, want):
+            for name, a, b in zip(("logp", "lse", "entropy", "mean z", "log sum p^2"), got, want):
                 assert a.dtype == torch.float32, name
                 assert rel_err(a, b) <= 1e-5, (rows, vocab, name)
             assert (got[0] <= 0).all() and (got[2] >= 0).all()
@@ -84,7 +89,7 @@ def test_extreme_logits_in_slabs(backend):
     logp, lse, entropy = _merge(module, logits, targets, 1.0, True, [(0, 300), (300, 600), (600, 1000)])
     assert torch.isfinite(logp).all() and torch.isfinite(lse).all() and torch.isfinite(entropy).all()
     assert (logp <= 0).all() and (entropy >= 0).all()
-    want_logp, want_lse, want_ent = _reference(logits, targets, 1.0)
+    want_logp, want_lse, want_ent, *_ = _reference(logits, targets, 1.0)
     assert torch.allclose(logp.double(), want_logp, rtol=1e-6, atol=2e-3)
     assert torch.allclose(lse.double(), want_lse, rtol=1e-6, atol=0)
     assert torch.allclose(entropy.double(), want_ent, atol=1e-3)
@@ -107,7 +112,7 @@ def test_a_dominant_logit_gives_an_entropy_of_zero_not_below(backend: str, dtype
         logits[:, vocab // 2] += gaps
         logits = logits.to(device, dtype)
         targets = torch.tensor([vocab // 2, vocab - 1, vocab // 2, 0], device=device)
-        _, _, want = _reference(logits, targets, inv_temp)
+        _, _, want, *_ = _reference(logits, targets, inv_temp)
         underflow = want.float() == 0
         assert bool(underflow.any()) and (vocab > 1) == bool((~underflow).any())
         for slabs in ([(0, vocab)], cut):
@@ -141,7 +146,7 @@ def test_an_entropy_rounded_below_zero_is_zero() -> None:
 
 def test_triton_rows_split_over_programs():
     """The Triton kernel's split path (partial sums merged by a second kernel) merges into the
-    state like its one-program path."""
+    state like its one-program path, the logit sums included."""
     _load("triton")
     from hpt_fast.backends import triton_backend
 
@@ -152,9 +157,10 @@ def test_triton_rows_split_over_programs():
     for v0, v1 in ((0, 1001), (137, 1001)):
         state = row_state.empty(3, logits.device)
         if v0:  # the first 137 columns through the one-program path, the rest split in 7
-            triton_backend._row_stats(logits[:, :v0], targets, 1.0, True, state, 0, 128, 256)
-        triton_backend._row_stats(logits[:, v0:v1], targets, 1.0, True, state, v0, 128, 128)
-        for a, b in zip(row_state.finish(state, True), want):
+            triton_backend._row_stats(logits[:, :v0], targets, 1.0, True, state, 0, 128, 256, with_sums=True)
+        triton_backend._row_stats(logits[:, v0:v1], targets, 1.0, True, state, v0, 128, 128, with_sums=True)
+        got = (*row_state.finish(state, True), *row_state.logit_sums(state, 1001))
+        for a, b in zip(got, want, strict=True):
             assert rel_err(a, b) <= 1e-5
 
 

@@ -33,11 +33,12 @@ def row_stats(
     state: Tensor,
     col_offset: int = 0,
     softcap: float | None = None,
+    with_sums: bool = False,
 ) -> Tensor:
     """See :func:`hpt_fast.backends.torch_backend.row_stats`."""
     return _C.row_stats(
         logits, targets.long().contiguous(), float(inv_temp), bool(with_entropy), state, int(col_offset),
-        None if softcap is None else float(softcap),
+        None if softcap is None else float(softcap), bool(with_sums),
     )
 
 

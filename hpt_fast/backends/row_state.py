@@ -5,12 +5,14 @@ vocabulary slabs (vocabulary order). Each call merges its columns into a running
 and ``finish`` turns the state into the statistics once every column has been seen, so the
 result does not depend on how the row was cut.
 
-The state is a ``[C, 4]`` float64 tensor, one row per token: column 0 is ``m``, the largest
+The state is a ``[C, 6]`` float64 tensor, one row per token: column 0 is ``m``, the largest
 ``z = logit * inv_temp`` seen so far (a float32 value, or float64 for float64 blocks); 1 is
 ``s = sum exp(z - m)``; 2 is ``s1 = sum exp(z - m) * (z - m)`` (kept only when the entropy is
-wanted); 3 is ``z_t``, the target's ``z``, written by the call whose columns contain the target.
-The sums stay in float64 between blocks, as they are within one in the C++ kernels, so a row cut
-into slabs loses nothing to rounding between them, and one block reproduces a whole-row pass.
+wanted); 3 is ``z_t``, the target's ``z``, written by the call whose columns contain the target;
+4 and 5, kept only when the logit sums are wanted (``logit_sums``), are ``s2 = sum exp(2 (z - m))``
+and ``sz = sum z``. The sums stay in float64 between blocks, as they are within one in the C++
+kernels, so a row cut into slabs loses nothing to rounding between them, and one block
+reproduces a whole-row pass.
 """
 from __future__ import annotations
 
@@ -19,12 +21,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-M, S, S1, Z_T = range(4)
-WIDTH = 4
+M, S, S1, Z_T, S2, SZ = range(6)
+WIDTH = 6
 
 
 def empty(rows: int, device: torch.device) -> Tensor:
-    """The state of ``rows`` rows before any column: m = -inf, s = s1 = 0, z_t = NaN.
+    """The state of ``rows`` rows before any column: m = -inf, the sums 0, z_t = NaN.
 
     z_t starts as NaN so that a target no block contained shows up as a NaN logp, never as a
     plausible number.
@@ -60,3 +62,15 @@ def is_top1(state: Tensor) -> Tensor:
     A target no block contained (``z_t`` NaN) is not.
     """
     return state[:, Z_T] == state[:, M]
+
+
+def logit_sums(state: Tensor, vocab: int, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """(mean z over the row's ``vocab`` columns, log sum_v p_v^2), each [C] in ``dtype``, from a
+    complete state kept with the logit sums: the mean scaled logit and the log of the row's
+    collision probability (TRL's ``mean_logits`` and ``log_sum_sq_probs``); no gradient flows.
+
+    Both sums are relative to the same shift m, so log sum p^2 = log s2 - 2 log s.
+    """
+    mean = (state[:, SZ] / vocab).to(dtype)
+    log_sum_sq = (state[:, S2].log() - 2.0 * state[:, S].log()).to(dtype)
+    return mean, log_sum_sq

@@ -37,6 +37,7 @@ def row_stats(
     state: Tensor,
     col_offset: int = 0,
     softcap: Optional[float] = None,
+    with_sums: bool = False,
 ) -> Tensor:
     """Merge one logits block into the rows' running softmax state (see ``row_state``).
 
@@ -47,13 +48,16 @@ def row_stats(
             contains its target, and a target outside the block is never used as an index.
         inv_temp: 1 / temperature.
         with_entropy: whether to keep s1, which only the entropy needs.
-        state: [C, 4] float64, updated in place.
+        state: [C, 6] float64, updated in place.
         col_offset: vocabulary id of the block's first column, >= 0.
         softcap: None, or the soft cap c > 0 (the logits become c * tanh(logits / c)).
+        with_sums: whether to keep s2 and sz, which only ``row_state.logit_sums`` needs.
     Returns:
         ``state``.
     """
     z, _ = _scaled(logits, inv_temp, softcap)
+    if with_sums:
+        state[:, row_state.SZ] += z.sum(dim=1).double()
     local = targets - col_offset
     in_block = (local >= 0) & (local < z.shape[1])
     # gathered before the shift below: finish() relies on z_t being bit for bit one of the z
@@ -75,6 +79,8 @@ def row_stats(
         # e = 0 at -inf logits: their term is 0, not 0 * (-inf) (NaN stays NaN)
         s1_blk = torch.linalg.vecdot(e, zs.clamp_(min=torch.finfo(zs.dtype).min)).double()
         state[:, row_state.S1] = scale * (state[:, row_state.S1] + shift * s_old) + s1_blk
+    if with_sums:
+        state[:, row_state.S2] = scale.square() * state[:, row_state.S2] + torch.linalg.vecdot(e, e).double()
     state[:, row_state.S] = scale * s_old + e.sum(dim=1).double()
     state[:, row_state.M] = m
     state[:, row_state.Z_T] = torch.where(in_block, z_t.double(), state[:, row_state.Z_T])

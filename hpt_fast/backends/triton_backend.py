@@ -17,6 +17,7 @@ import triton
 from torch import Tensor
 
 from ..kernels import grad_logits_kernel, row_stats_combine_kernel, row_stats_kernel
+from . import row_state
 
 # Interpreters before Triton 3.3 (those torch 2.4-2.6 pin) run these kernels to wrong values or
 # NaN on the CPU (measured with 3.0, 3.1 and 3.2; 3.3.1 and 3.9 pass the tests): refuse, not mislead.
@@ -64,6 +65,7 @@ def row_stats(
     state: Tensor,
     col_offset: int = 0,
     softcap: float | None = None,
+    with_sums: bool = False,
 ) -> Tensor:
     """Merge one logits block into the rows' running softmax state (see ``row_state``).
 
@@ -73,9 +75,10 @@ def row_stats(
         targets: [C] int64 in [0, V); a target outside the block's columns is never an address.
         inv_temp: 1 / temperature.
         with_entropy: whether to keep s1, which only the entropy needs.
-        state: [C, 4] float64, contiguous, updated in place.
+        state: [C, 6] float64, contiguous, updated in place.
         col_offset: vocabulary id of the block's first column, >= 0.
         softcap: None, or the soft cap c > 0 (the logits become c * tanh(logits / c)).
+        with_sums: whether to keep s2 and sz, which only ``row_state.logit_sums`` needs.
     Returns:
         ``state``.
     """
@@ -83,7 +86,7 @@ def row_stats(
     block_v = _block(vocab, _STATS_MAX_BLOCK_V)
     return _row_stats(
         logits, targets, inv_temp, with_entropy, state, col_offset, block_v,
-        _split_size(n_rows, vocab, block_v, logits.device), softcap=softcap,
+        _split_size(n_rows, vocab, block_v, logits.device), softcap=softcap, with_sums=with_sums,
     )
 
 
@@ -160,14 +163,15 @@ def _grad_logits(
 def _row_stats(
     logits: Tensor, targets: Tensor, inv_temp: float, with_entropy: bool, state: Tensor, col_offset: int,
     block_v: int, split_v: int, num_warps: int | None = None, *, softcap: float | None = None,
+    with_sums: bool = False,
 ) -> Tensor:
     """``row_stats`` with explicit tiling: BLOCK_V ``block_v`` (a power of two), rows split into
     pieces of ``split_v`` columns (a multiple of ``block_v``) merged by a second kernel, and
     ``num_warps`` warps per program (default: ``_STATS_WARPS``)."""
     _check_columns(logits, "logits")
     n_rows, vocab = logits.shape
-    if state.shape != (n_rows, 4) or state.dtype != torch.float64 or not state.is_contiguous():
-        raise ValueError(f"state must be a contiguous float64 [{n_rows}, 4] tensor; got "
+    if state.shape != (n_rows, row_state.WIDTH) or state.dtype != torch.float64 or not state.is_contiguous():
+        raise ValueError(f"state must be a contiguous float64 [{n_rows}, {row_state.WIDTH}] tensor; got "
                          f"{state.dtype} {tuple(state.shape)}, strides {state.stride()}")
     if n_rows == 0:
         return state
@@ -175,23 +179,18 @@ def _row_stats(
     n_splits = triton.cdiv(vocab, split_v)
     merge = n_splits == 1
     cap = _cap_args(inv_temp, softcap)
-    if merge:
-        part_m = part_s = part_s1 = state
-    else:
-        part_m, part_s, part_s1 = torch.empty(3, n_rows, n_splits, dtype=torch.float32, device=logits.device)
+    # the partial sums of split rows (m, s, s1, s2, sz), each [C, n_splits]; unused when merging
+    parts = (state,) * 5 if merge else torch.empty(5, n_rows, n_splits, dtype=torch.float32, device=logits.device)
+    flags = dict(WITH_ENT=with_entropy, WITH_SUMS=with_sums, SOFTCAP=softcap is not None, enable_fp_fusion=False)
     with _on_device(logits):
         row_stats_kernel[(n_rows, n_splits)](
-            logits, targets, part_m, part_s, part_s1, state,
-            vocab, col_offset, logits.stride(0), n_splits, split_v, inv_temp, *cap,
-            BLOCK_V=block_v, WITH_ENT=with_entropy, MERGE=merge, SOFTCAP=softcap is not None,
-            num_warps=num_warps or _STATS_WARPS, enable_fp_fusion=False,
+            logits, targets, *parts, state, vocab, col_offset, logits.stride(0), n_splits, split_v, inv_temp, *cap,
+            BLOCK_V=block_v, MERGE=merge, num_warps=num_warps or _STATS_WARPS, **flags,
         )
         if not merge:
             row_stats_combine_kernel[(n_rows,)](
-                logits, targets, part_m, part_s, part_s1, state,
-                vocab, col_offset, logits.stride(0), n_splits, inv_temp, *cap,
-                BLOCK_S=triton.next_power_of_2(n_splits), WITH_ENT=with_entropy, SOFTCAP=softcap is not None,
-                num_warps=1, enable_fp_fusion=False,
+                logits, targets, *parts, state, vocab, col_offset, logits.stride(0), n_splits, inv_temp, *cap,
+                BLOCK_S=triton.next_power_of_2(n_splits), num_warps=1, **flags,
             )
     return state
 
