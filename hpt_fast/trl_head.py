@@ -4,8 +4,9 @@ Since TRL 1.16 its trainers (GRPO, RLOO, the async GRPO, SFT, DPO, KTO, and the 
 passes of all of them) get per-token log-probs from ``model(..., labels=labels, fused_lm_head=True)``,
 a forward that ``trl.trainer.add_fused_lm_head`` puts on the model. That forward runs the backbone, picks
 the scored positions and calls ``trl.trainer.utils._ChunkedLogProbFunction.apply``, TRL's own
-chunked head. ``patch_trl_fused_head`` puts ``fused_token_logprobs`` behind that one name, so every
-such call made while the patch is in place runs hpt_fast's op instead: on an H200 at 8192 x 3584 x
+chunked head. ``patch_trl_fused_head`` puts ``fused_token_logprobs`` behind that name (and has
+TRL's forward hand it only the labelled positions on the CPU too, where TRL hands its own head
+every position), so every such call made while the patch is in place runs hpt_fast's op instead: on an H200 at 8192 x 3584 x
 151936 bf16, 50.4 ms and 0.11x of the naive logits' memory against TRL's 56.0 ms and 0.52x; on
 CPU 3.8-7.9x faster (README, "Against TRL's own fused LM head"). Nothing else in TRL changes: the
 trainer still picks the positions, masks, sums the loss and adds MoE auxiliary losses.
@@ -25,15 +26,15 @@ temperature cannot express it), and a field TRL 1.16 does not have. TRL's vocabu
 (``chunk_size``) does not apply: the op cuts its blocks from its memory budget, or from this patch's
 ``chunk_size``.
 
-The name patched is private to TRL, so the patch checks its signature first and refuses a TRL whose
-head takes other arguments. Tested with TRL 1.16.0.
+The names patched are private to TRL, so the patch checks them first and refuses a TRL whose
+head takes other arguments or that lacks ``_use_triton``. Tested with TRL 1.16.0.
 """
 from __future__ import annotations
 
 import inspect
 import math
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -46,6 +47,8 @@ _TRL_PARAMETERS = ("hidden", "weight", "bias", "targets", "temperature", "chunk_
                    "final_logit_softcapping", "logit_scale", "outputs")
 # TRL's optional per-token outputs, in the order its head returns them after log_probs
 _TRL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+# devices on which the op runs eagerly, so that TRL's forward may hand it only the scored positions
+_EAGER_DEVICES = frozenset(("cpu", "cuda", "mps", "xpu"))
 
 
 def _trl_utils():
@@ -56,8 +59,15 @@ def _trl_utils():
     return utils
 
 
-def _check_trl_head(head: Any) -> None:
-    """Refuse a TRL whose private head does not take the arguments this patch serves."""
+def _check_trl_head(utils: Any, head: Any) -> None:
+    """Refuse a TRL whose private head does not take the arguments this patch serves, or whose
+    fused forward does not ask ``_use_triton`` whether to hand it only the scored positions."""
+    if not callable(getattr(utils, "_use_triton", None)):
+        import trl
+
+        raise RuntimeError(f"TRL {trl.__version__} has no trl.trainer.utils._use_triton(device), which TRL 1.16's "
+                           "fused forward asks whether to score only the labelled positions: patch_trl_fused_head "
+                           "cannot serve it")
     forward = getattr(head, "forward", None)
     names = () if forward is None else tuple(inspect.signature(forward).parameters)[1:]
     if names != _TRL_PARAMETERS:
@@ -76,9 +86,10 @@ class TrlFusedHead:
     was there before. ``backend``, ``chunk_size``, ``grad_order`` and ``accum_dtype`` are the op's.
     """
 
-    def __init__(self, previous: Any, trl_head: Any, backend: str, chunk_size: Optional[int], grad_order: str,
-                 accum_dtype: Optional[torch.dtype]) -> None:
+    def __init__(self, previous: Any, previous_compacts: Callable[[torch.device], bool], trl_head: Any,
+                 backend: str, chunk_size: Optional[int], grad_order: str, accum_dtype: Optional[torch.dtype]) -> None:
         self.previous = previous  # what restore() puts back
+        self.previous_compacts = previous_compacts
         self.trl_head = trl_head  # TRL's own, for the calls the op does not serve
         self.op_kwargs = dict(backend=backend, chunk_size=chunk_size, grad_order=grad_order, accum_dtype=accum_dtype)
         self._warned: set[str] = set()
@@ -138,12 +149,20 @@ class TrlFusedHead:
             return f"the model's logit scale is {logit_scale!r}, not a finite number > 0"
         return None
 
+    def compacts(self, device: torch.device) -> bool:
+        """Stands in for the ``_use_triton(device)`` TRL's fused forward asks whether to hand its
+        head only the scored positions (TRL does on Triton devices; elsewhere it hands every
+        position, prompts and padding included, so that XLA-like devices see one shape). The op
+        runs eagerly on the CPU too, where scoring the prompts and padding would only cost time."""
+        return device.type in _EAGER_DEVICES or self.previous_compacts(device)
+
     def restore(self) -> None:
         """Put back the head that was in place before this patch."""
         utils = _trl_utils()
-        if utils._ChunkedLogProbFunction is not self:
+        if utils._ChunkedLogProbFunction is not self or utils._use_triton != self.compacts:
             raise RuntimeError("another head replaced this patch since: restore the patches in reverse order")
         utils._ChunkedLogProbFunction = self.previous
+        utils._use_triton = self.previous_compacts
 
     def __enter__(self) -> "TrlFusedHead":
         return self
@@ -179,7 +198,7 @@ def patch_trl_fused_head(
     utils = _trl_utils()
     previous = utils._ChunkedLogProbFunction
     trl_head = previous.trl_head if isinstance(previous, TrlFusedHead) else previous
-    _check_trl_head(trl_head)
-    head = TrlFusedHead(previous, trl_head, backend, chunk_size, grad_order, accum_dtype)
-    utils._ChunkedLogProbFunction = head
+    _check_trl_head(utils, trl_head)
+    head = TrlFusedHead(previous, utils._use_triton, trl_head, backend, chunk_size, grad_order, accum_dtype)
+    utils._ChunkedLogProbFunction, utils._use_triton = head, head.compacts
     return head

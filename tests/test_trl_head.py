@@ -20,17 +20,19 @@ import hpt_fast.trl_head as trl_head  # noqa: E402
 from hpt_fast.trl_head import patch_trl_fused_head  # noqa: E402
 
 TRL_HEAD = trl_utils._ChunkedLogProbFunction
+TRL_COMPACTS = trl_utils._use_triton
 
 
 @pytest.fixture
 def op_calls(monkeypatch):
-    """The keyword arguments of each call the patch made to hpt_fast's op (not TRL's head)."""
+    """The keyword arguments of each call the patch made to hpt_fast's op (not TRL's head), and
+    under "rows" the number of positions it scored."""
     calls = []
     op = trl_head.fused_token_logprobs
 
-    def counted(*args, **kwargs):
-        calls.append(kwargs)
-        return op(*args, **kwargs)
+    def counted(hidden, *args, **kwargs):
+        calls.append({**kwargs, "rows": hidden.shape[0]})
+        return op(hidden, *args, **kwargs)
 
     monkeypatch.setattr(trl_head, "fused_token_logprobs", counted)
     return calls
@@ -137,7 +139,8 @@ def test_a_model_with_trls_fused_head_gets_its_own_logprobs_through_the_op(famil
     """``model(..., labels=labels, fused_lm_head=True)`` after ``add_fused_lm_head``, with the patch:
     log-probs, entropies, mean logits, log sum p^2, the loss and every parameter's gradient equal
     those of the model's own logits (a float64 copy of it; -100 labels and a temperature), and the
-    op ran the head."""
+    op ran the head on the labelled positions only (TRL's forward hands its own head every
+    position on the CPU)."""
     model = _tiny(family, **settings)
     if family == "Phi":
         assert model.get_output_embeddings().bias is not None
@@ -162,7 +165,7 @@ def test_a_model_with_trls_fused_head_gets_its_own_logprobs_through_the_op(famil
     ref_ent = -(logp_all.exp() * logp_all).sum(-1) * mask
     (g_logp * ref_logp + g_ent * ref_ent).sum().backward()
 
-    assert torch.equal(out.label_mask, mask)
+    assert torch.equal(out.label_mask, mask) and op_calls[0]["rows"] == int(mask.sum()) < mask.numel()
     torch.testing.assert_close(out.log_probs.double(), ref_logp, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.entropy.double(), ref_ent, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.mean_logits.double(), z.detach().mean(-1) * mask, rtol=1e-5, atol=1e-5)
@@ -318,17 +321,22 @@ def test_a_sharded_training_step_through_the_op_equals_trls_head(tmp_path, strat
 
 
 def test_patches_restore_what_was_there():
-    """A patch restores TRL's head on leaving its block or on restore(); nested patches restore in
-    reverse order and fall back to TRL's own head, never to another patch."""
+    """A patch restores TRL's head and its compaction rule (``_use_triton``) on leaving its block or
+    on restore(); nested patches restore in reverse order and fall back to TRL's own head, never to
+    another patch. Under a patch TRL compacts on the CPU, and still on a device it compacts on
+    itself, not on an XLA-like one."""
+    cpu, xla = torch.device("cpu"), torch.device("xla")
+    assert not TRL_COMPACTS(cpu) and not TRL_COMPACTS(xla)
     with patch_trl_fused_head(backend="torch") as outer:
         assert trl_utils._ChunkedLogProbFunction is outer
+        assert trl_utils._use_triton(cpu) and not trl_utils._use_triton(xla)
         inner = patch_trl_fused_head(chunk_size=8)
         assert trl_utils._ChunkedLogProbFunction is inner and inner.trl_head is TRL_HEAD
         with pytest.raises(RuntimeError, match="restore the patches in reverse order"):
             outer.restore()
         inner.restore()
-        assert trl_utils._ChunkedLogProbFunction is outer
-    assert trl_utils._ChunkedLogProbFunction is TRL_HEAD
+        assert trl_utils._ChunkedLogProbFunction is outer and trl_utils._use_triton == outer.compacts
+    assert trl_utils._ChunkedLogProbFunction is TRL_HEAD and trl_utils._use_triton is TRL_COMPACTS
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -355,6 +363,13 @@ def test_a_trl_whose_head_takes_other_arguments_is_refused(monkeypatch):
                                            r"bias, targets"):
         patch_trl_fused_head()
     assert trl_utils._ChunkedLogProbFunction is OtherHead
+
+
+def test_a_trl_without_its_compaction_rule_is_refused(monkeypatch):
+    monkeypatch.delattr(trl_utils, "_use_triton")
+    with pytest.raises(RuntimeError, match=r"has no trl.trainer.utils._use_triton\(device\)"):
+        patch_trl_fused_head()
+    assert trl_utils._ChunkedLogProbFunction is TRL_HEAD
 
 
 def _trl_steps(trainer: str, patched: bool, tmp_path, steps: int = 1, bf16: bool = False, **settings):
