@@ -125,18 +125,15 @@ class TrlFusedHead:
             bias = None if bias is None else bias.to(hidden.dtype)
         scale = float(logit_scale)
         softcap = None if final_logit_softcapping is None else final_logit_softcapping / scale
-        asked = {name: name in outputs for name in ("is_top1", "mean_logits", "log_sum_sq_probs")}
         logp, entropy, *extras = fused_token_logprobs(
             hidden, weight, targets, bias=bias, temperature=temperature / scale, softcap=softcap,
-            return_entropy="entropy" in outputs, return_top1=asked["is_top1"],
-            return_logit_mean=asked["mean_logits"], return_log_sum_sq_probs=asked["log_sum_sq_probs"],
+            return_entropy="entropy" in outputs, return_top1="is_top1" in outputs,
+            return_logit_mean="mean_logits" in outputs, return_log_sum_sq_probs="log_sum_sq_probs" in outputs,
             **self.op_kwargs,
         )
-        # the op returns the extras in the order top1, logit mean, log sum p^2, each where asked
-        got = iter(extras)
-        top1, mean, log_sum_sq = (next(got) if asked[name] else None
-                                  for name in ("is_top1", "mean_logits", "log_sum_sq_probs"))
-        return logp, entropy, log_sum_sq, mean, top1
+        # the op returns the extras asked for in this order
+        got = dict(zip([name for name in ("is_top1", "mean_logits", "log_sum_sq_probs") if name in outputs], extras))
+        return logp, entropy, got.get("log_sum_sq_probs"), got.get("mean_logits"), got.get("is_top1")
 
     @staticmethod
     def _unserved(logit_scale: float, outputs: tuple[str, ...]) -> Optional[str]:
