@@ -396,9 +396,9 @@ def fused_token_logprobs(
         ``return_top1``, a third output: bool [...], the target's logit equals the row's largest
         (a target tied for the largest counts; False at ignored positions), no gradient. Then,
         each where asked for, [...] in logp's dtype (0 at ignored positions), no gradient: the
-        logit mean, then log sum p^2. Under torch.compile the forward and the backward are one graph node each (custom ops
-        ``hpt_fast::token_logprobs`` and ``hpt_fast::token_logprobs_backward``), so
-        ``fullgraph=True`` takes the op.
+        logit mean, then log sum p^2. Under torch.compile the forward and the backward are one
+        graph node each (custom ops ``hpt_fast::token_logprobs`` and
+        ``hpt_fast::token_logprobs_backward``), so ``fullgraph=True`` takes the op.
     """
     temperature, ignore_index, chunk_size, softcap, dtype = op_inputs.checked_args(
         hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, grad_order, accum_dtype,

@@ -1,14 +1,15 @@
 """hpt_fast's mode A inside TRL's trainers: the op serves TRL's fused LM head.
 
 Since TRL 1.16 its trainers (GRPO, RLOO, the async GRPO, SFT, DPO, KTO, and the reference-model
-passes of all of them) get per-token log-probs from ``model(..., labels=labels, fused_lm_head=True)``,
-a forward that ``trl.trainer.add_fused_lm_head`` puts on the model. That forward runs the backbone, picks
-the scored positions and calls ``trl.trainer.utils._ChunkedLogProbFunction.apply``, TRL's own
-chunked head. ``patch_trl_fused_head`` puts ``fused_token_logprobs`` behind that name (and has
-TRL's forward hand it only the labelled positions on the CPU too, where TRL hands its own head
-every position), so every such call made while the patch is in place runs hpt_fast's op instead: on an H200 at 8192 x 3584 x
-151936 bf16, 50.4 ms and 0.11x of the naive logits' memory against TRL's 56.0 ms and 0.52x; on
-CPU 3.8-7.9x faster (README, "Against TRL's own fused LM head"). Nothing else in TRL changes: the
+passes of all of them) get per-token log-probs from ``model(..., labels=labels,
+fused_lm_head=True)``, a forward that ``trl.trainer.add_fused_lm_head`` puts on the model. That
+forward runs the backbone, picks the scored positions and calls
+``trl.trainer.utils._ChunkedLogProbFunction.apply``, TRL's own chunked head.
+``patch_trl_fused_head`` puts ``fused_token_logprobs`` behind that name (and has TRL's forward hand
+it only the labelled positions on the CPU too, where TRL hands its own head every position), so
+every such call made while the patch is in place runs hpt_fast's op instead: on an H200 at 8192 x
+3584 x 151936 bf16, 50.4 ms and 0.11x of the naive logits' memory against TRL's 56.0 ms and 0.52x;
+on CPU 3.8-7.9x faster (README, "Against TRL's own fused LM head"). Nothing else in TRL changes: the
 trainer still picks the positions, masks, sums the loss and adds MoE auxiliary losses.
 
 The op computes every per-token field TRL's head offers: "log_probs" and "entropy" (with gradients),
