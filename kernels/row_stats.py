@@ -6,8 +6,9 @@ compute, in one read of the row, the running maximum ``m``, ``s = sum(exp(z - m)
 entropy ``s1 = sum(exp(z - m) * (z - m))``, and for the logit sums ``s2 = sum(exp(2 (z - m)))``
 and ``sz = sum(z)``. A row may be split over several programs, each covering ``split_v`` columns
 and writing partial sums; a second kernel then merges the partials of each row. Either way the
-row's sums over the block are merged into its running state (``hpt_fast.backends.row_state``), the block being all of the row's columns or one
-slab of them; ``row_state.finish`` turns the complete state into logp, lse and entropy.
+row's sums over the block are merged into its running state (``hpt_fast.backends.row_state``),
+the block being all of the row's columns or one slab of them; ``row_state.finish`` turns the
+complete state into logp, lse and entropy, ``row_state.logit_sums`` into the logit sums.
 """
 from __future__ import annotations
 
