@@ -289,24 +289,26 @@ def test_float64_is_left_alone_under_autocast():
 def test_mode_a_compiles_into_one_graph(backend):
     """Mode A is a pair of custom ops with a registered autograd formula: a compiled step takes it
     with fullgraph=True (no graph break) and gets the eager values and gradients, ignored rows
-    and autocast included."""
+    and autocast included, and its top-1 flags and logit sums."""
     _skip_unavailable(backend)
     device = backend_device(backend)
     hidden, weight, bias, targets = _leaves(torch.float32, seed=3, device=device)
 
     def step(h, w, b):
-        logp, ent = fused_token_logprobs(torch.tanh(h) * 2, w, targets, bias=b, return_entropy=True,
-                                         backend=backend, temperature=0.9, chunk_size=4)
-        return (logp + 0.1 * ent).sum() * 0.5, logp
+        logp, ent, *extras = fused_token_logprobs(
+            torch.tanh(h) * 2, w, targets, bias=b, return_entropy=True, backend=backend, temperature=0.9,
+            chunk_size=4, return_top1=True, return_logit_mean=True, return_log_sum_sq_probs=True)
+        return (logp + 0.1 * ent).sum() * 0.5, logp, extras
 
     for autocast in (False, True):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            want_loss, want_logp = step(hidden, weight, bias)
+            want_loss, want_logp, want_extras = step(hidden, weight, bias)
             torch._dynamo.reset()
-            loss, logp = torch.compile(step, backend="aot_eager", fullgraph=True)(hidden, weight, bias)
+            loss, logp, extras = torch.compile(step, backend="aot_eager", fullgraph=True)(hidden, weight, bias)
         want = torch.autograd.grad(want_loss, [hidden, weight, bias])
         got = torch.autograd.grad(loss, [hidden, weight, bias])
         assert torch.equal(logp, want_logp) and bool((logp[targets == -100] == 0).all())
+        assert len(extras) == 3 and all(torch.equal(a, b) for a, b in zip(extras, want_extras))
         for g, w in zip(got, want):
             assert g.dtype == torch.float32
             torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
