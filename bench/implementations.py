@@ -189,15 +189,21 @@ def forward_inputs(p: Problem, mixed: bool) -> tuple[Problem, Callable[[], conte
 
 
 def _hpt_mode_a(
-    backend: str, grad_order: str = "auto", mixed: bool = False, softcap: Optional[float] = None
+    backend: str, grad_order: str = "auto", mixed: bool = False, softcap: Optional[float] = None,
+    fields: bool = False,
 ) -> Callable[[Problem], Step]:
+    """Mode A's step, logp and entropy with a backward through both; ``fields``: also the top-1
+    flags, the logit mean and log sum p^2 (what TRL's DPO trainer with WPO weighting asks for)."""
+    extras = dict(return_top1=True, return_logit_mean=True, return_log_sum_sq_probs=True) if fields else {}
+
     def build(p: Problem) -> Step:
         q, forward = forward_inputs(p, mixed)
 
         def step() -> None:
             with forward():
-                logp, ent = fused_token_logprobs(q.hidden, q.weight, q.targets, return_entropy=True,
-                                                 backend=backend, grad_order=grad_order, softcap=softcap)
+                logp, ent, *_ = fused_token_logprobs(q.hidden, q.weight, q.targets, return_entropy=True,
+                                                     backend=backend, grad_order=grad_order, softcap=softcap,
+                                                     **extras)
             torch.autograd.backward((logp, ent), (q.g_logp, q.g_ent))
 
         return step
@@ -305,19 +311,27 @@ def _cce(p: Problem) -> Step:
     return step
 
 
-def _trl_chunked(p: Problem) -> Step:
-    from trl.kernels import ChunkedLogProbFunction
+# the fields TRL's DPO trainer with WPO weighting asks its head for
+TRL_ALL_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
-    # TRL's own fused LM head, what its GRPOTrainer runs since TRL 1.16 (add_fused_lm_head with
-    # outputs=("log_probs", "entropy")): per-token logp and entropy with autograd, like mode A,
-    # backward through both; 32768 vocabulary columns per tile, as the trainer passes
-    def step() -> None:
-        logp, ent, *_ = ChunkedLogProbFunction.apply(
-            p.hidden, p.weight, None, p.targets, 1.0, 32768, None, 1.0, ("log_probs", "entropy")
-        )
-        torch.autograd.backward((logp, ent), (p.g_logp, p.g_ent))
 
-    return step
+def _trl_chunked(outputs: tuple[str, ...] = ("log_probs", "entropy")) -> Callable[[Problem], Step]:
+    """TRL's own fused LM head, what its trainers run since TRL 1.16 (``add_fused_lm_head``; GRPO
+    asks for log_probs and entropy): per-token logp and entropy with autograd, like mode A,
+    backward through both; 32768 vocabulary columns per tile, as the trainer passes."""
+
+    def build(p: Problem) -> Step:
+        from trl.kernels import ChunkedLogProbFunction
+
+        def step() -> None:
+            logp, ent, *_ = ChunkedLogProbFunction.apply(
+                p.hidden, p.weight, None, p.targets, 1.0, 32768, None, 1.0, outputs
+            )
+            torch.autograd.backward((logp, ent), (p.g_logp, p.g_ent))
+
+        return step
+
+    return build
 
 
 class GemmBuffers:
@@ -427,6 +441,9 @@ def implementations(device: str) -> list[Impl]:
                           _hpt_mode_a(default, softcap=SOFTCAP)))
         impls.append(Impl(f"hpt_b_{default}_softcap", f"hpt_fast mode B, backend {default}, softcap 30", 3,
                           _hpt_mode_b(default, softcap=SOFTCAP)))
+        # TRL's DPO / WPO fields: top-1 flags, the logit mean and log sum p^2 beside logp and entropy
+        impls.append(Impl(f"hpt_a_{default}_fields", f"hpt_fast mode A, backend {default}, + top-1, logit mean, "
+                          "log sum p^2", 4, _hpt_mode_a(default, fields=True)))
         # torch AMP (low-precision tables only; by name, not in the default selection): the op
         # given the float32 leaves, and given casts of them as before it took float32 inputs
         impls.append(Impl(f"hpt_a_{default}_autocast", f"hpt_fast mode A, backend {default}, float32 leaves, autocast",
@@ -442,9 +459,11 @@ def implementations(device: str) -> list[Impl]:
         Impl("liger_grpo", "Liger LigerFusedLinearGRPOLoss (no entropy)", 3, _liger_grpo, _needs_module("liger_kernel")),
         Impl("liger_flce", "Liger LigerFusedLinearCrossEntropyLoss (CE only)", 3, _liger_flce,
              _needs_module("liger_kernel", cuda_only=True)),
-        Impl("trl_chunked", "TRL ChunkedLogProbFunction (its GRPO head: logp + entropy)", 4, _trl_chunked,
+        Impl("trl_chunked", "TRL ChunkedLogProbFunction (its GRPO head: logp + entropy)", 4, _trl_chunked(),
              # its backward imports trl.trainer.utils, which needs accelerate and datasets
              _needs_module("trl", also=("accelerate", "datasets"))),
+        Impl("trl_chunked_fields", "TRL ChunkedLogProbFunction, + top-1, logit mean, log sum p^2 (DPO with WPO)", 4,
+             _trl_chunked(TRL_ALL_FIELDS), _needs_module("trl", also=("accelerate", "datasets"))),
         Impl("cce", f"cut-cross-entropy {'cce, torch_compile in fp32' if device == 'cuda' else 'torch_compile'} (CE only)", 3, _cce,
              _needs_module("cut_cross_entropy")),
     ]

@@ -297,23 +297,26 @@ def test_an_implementation_names_every_module_it_lacks():
     assert _needs_module("torch", cuda_only=True)("cpu") == "torch's Triton kernels need CUDA"
 
 
+@pytest.mark.parametrize("trl_row, hpt_row", [("trl_chunked", "hpt_a_torch"),
+                                              ("trl_chunked_fields", "hpt_a_cpu_fields")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_trl_row_computes_what_mode_a_does(dtype):
-    """The table's TRL row (its GRPO trainer's fused LM head) is compared with mode A as the same
-    computation: its step's gradients equal mode A's step's on one problem."""
+def test_the_trl_row_computes_what_mode_a_does(dtype, trl_row, hpt_row):
+    """The table's TRL rows (its trainers' fused LM head, GRPO's fields and DPO with WPO's) are
+    compared with mode A's as the same computation: a step's gradients equal mode A's step's on one
+    problem."""
     from bench.implementations import implementations, make_problem
 
     impls = {impl.name: impl for impl in implementations("cpu")}
-    reason = impls["trl_chunked"].missing("cpu")
+    reason = impls[trl_row].missing("cpu") or impls[hpt_row].missing("cpu")
     if reason:
         pytest.skip(reason)
     p = make_problem(96, 32, 1031, dtype, "cpu", seed=3)
     grads = {}
-    for name in ("trl_chunked", "hpt_a_torch"):
+    for name in (trl_row, hpt_row):
         p.zero_grads()
         impls[name].build(p)()
         grads[name] = (p.hidden.grad.double(), p.weight.grad.double())
-    for got, want in zip(grads["trl_chunked"], grads["hpt_a_torch"]):
+    for got, want in zip(grads[trl_row], grads[hpt_row]):
         # both sum in float32 and round once at the end (1e-7 and 1e-6 apart here), where a
         # different computation, e.g. mode B's loss, is off by 100%
         assert float((got - want).norm() / want.norm()) < 1e-4
