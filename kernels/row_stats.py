@@ -22,10 +22,11 @@ from .scaled import scaled
 def _merge_into_state(
     logits_ptr, targets_ptr, state_ptr, row, V, col_offset, stride_row, inv_temp, inv_softcap, cap_scale,
     m, s, s1, s2, sz, WITH_ENT: tl.constexpr, WITH_SUMS: tl.constexpr, SOFTCAP: tl.constexpr,
+    STATE_WIDTH: tl.constexpr,
 ):
     """Merge ``(m, s, s1, s2, sz)`` of ``row``'s columns in this block into its running state
-    (``row_state``, 6 float64 per row), and write its z_t when the target lies in the block."""
-    st = state_ptr + row * 6
+    (``row_state``, STATE_WIDTH float64 per row), and write its z_t when the target lies in the block."""
+    st = state_ptr + row * STATE_WIDTH
     # the state is float64: the block's float32 sums are merged into it without rounding
     m = m.to(tl.float64)
     s = s.to(tl.float64)
@@ -63,17 +64,18 @@ def row_stats_kernel(
     logits_ptr, targets_ptr, part_m_ptr, part_s_ptr, part_s1_ptr, part_s2_ptr, part_sz_ptr, state_ptr,
     V, col_offset, stride_row, n_splits, split_v, inv_temp, inv_softcap, cap_scale,
     BLOCK_V: tl.constexpr, WITH_ENT: tl.constexpr, WITH_SUMS: tl.constexpr, MERGE: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    SOFTCAP: tl.constexpr, STATE_WIDTH: tl.constexpr,
 ):
     """Grid (C, n_splits): program (row, k) reduces columns [k * split_v, (k + 1) * split_v).
 
     logits: [C, V] float32 / bfloat16 / float16 with unit column stride, row stride
     ``stride_row``, the columns of vocabulary ids ``col_offset .. col_offset + V - 1``; targets:
-    [C] integer vocabulary ids; state: [C, 6] float64, contiguous (m, s, s1, z_t, s2, sz). With
-    ``MERGE`` (n_splits == 1) the program merges its sums into the state directly, otherwise it
-    writes them into part_m / part_s / part_s1 / part_s2 / part_sz ([C, n_splits] float32,
-    contiguous) for ``row_stats_combine_kernel``. ``split_v`` is a multiple of BLOCK_V. ``SOFTCAP``: z as in
-    ``kernels.scaled`` (inv_softcap, cap_scale), else ``logits * inv_temp``.
+    [C] integer vocabulary ids; state: [C, STATE_WIDTH] float64, contiguous (m, s, s1, z_t, s2,
+    sz: ``row_state``'s layout). With ``MERGE`` (n_splits == 1) the program merges its sums into
+    the state directly, otherwise it writes them into part_m / part_s / part_s1 / part_s2 /
+    part_sz ([C, n_splits] float32, contiguous) for ``row_stats_combine_kernel``. ``split_v`` is a
+    multiple of BLOCK_V. ``SOFTCAP``: z as in ``kernels.scaled`` (inv_softcap, cap_scale), else
+    ``logits * inv_temp``.
     """
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -115,7 +117,7 @@ def row_stats_kernel(
     if MERGE:
         _merge_into_state(
             logits_ptr, targets_ptr, state_ptr, row, V, col_offset, stride_row, inv_temp, inv_softcap,
-            cap_scale, m, s, s1, s2, sz, WITH_ENT, WITH_SUMS, SOFTCAP,
+            cap_scale, m, s, s1, s2, sz, WITH_ENT, WITH_SUMS, SOFTCAP, STATE_WIDTH,
         )
     else:
         part = row * n_splits + split
@@ -133,6 +135,7 @@ def row_stats_combine_kernel(
     logits_ptr, targets_ptr, part_m_ptr, part_s_ptr, part_s1_ptr, part_s2_ptr, part_sz_ptr, state_ptr,
     V, col_offset, stride_row, n_splits, inv_temp, inv_softcap, cap_scale,
     BLOCK_S: tl.constexpr, WITH_ENT: tl.constexpr, WITH_SUMS: tl.constexpr, SOFTCAP: tl.constexpr,
+    STATE_WIDTH: tl.constexpr,
 ):
     """Grid (C,): merge the ``n_splits`` partial sums of a row into its running state.
 
@@ -161,5 +164,5 @@ def row_stats_combine_kernel(
         sz = tl.sum(tl.load(part_sz_ptr + base + k, mask=mask, other=0.0), axis=0)
     _merge_into_state(
         logits_ptr, targets_ptr, state_ptr, row, V, col_offset, stride_row, inv_temp, inv_softcap,
-        cap_scale, m, s, s1, s2, sz, WITH_ENT, WITH_SUMS, SOFTCAP,
+        cap_scale, m, s, s1, s2, sz, WITH_ENT, WITH_SUMS, SOFTCAP, STATE_WIDTH,
     )

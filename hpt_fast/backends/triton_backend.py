@@ -181,7 +181,8 @@ def _row_stats(
     cap = _cap_args(inv_temp, softcap)
     # the partial sums of split rows (m, s, s1, s2, sz), each [C, n_splits]; unused when merging
     parts = (state,) * 5 if merge else torch.empty(5, n_rows, n_splits, dtype=torch.float32, device=logits.device)
-    flags = dict(WITH_ENT=with_entropy, WITH_SUMS=with_sums, SOFTCAP=softcap is not None, enable_fp_fusion=False)
+    flags = dict(WITH_ENT=with_entropy, WITH_SUMS=with_sums, SOFTCAP=softcap is not None,
+                 STATE_WIDTH=row_state.WIDTH, enable_fp_fusion=False)
     with _on_device(logits):
         row_stats_kernel[(n_rows, n_splits)](
             logits, targets, *parts, state, vocab, col_offset, logits.stride(0), n_splits, split_v, inv_temp, *cap,
