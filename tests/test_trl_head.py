@@ -320,6 +320,70 @@ def test_a_sharded_training_step_through_the_op_equals_trls_head(tmp_path, strat
             assert not torch.equal(ranks[0][(bf16, tied, True)]["log_probs"], ranks[1][(bf16, tied, True)]["log_probs"])
 
 
+# what a user's `accelerate config` writes for DeepSpeed ZeRO-3 with a config file of their own
+ACCELERATE_ZERO3 = """compute_environment: LOCAL_MACHINE
+distributed_type: DEEPSPEED
+deepspeed_config:
+  deepspeed_config_file: {ds_config}
+  zero3_init_flag: true
+num_machines: 1
+num_processes: 2
+use_cpu: true
+"""
+# every parameter partitioned, however small (the default threshold, 1e5, keeps this model's whole)
+ZERO3_FILE = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+              "train_batch_size": "auto", "steps_per_print": 2**31 - 1,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+
+
+@pytest.mark.parametrize("trainer", ["GRPO", "DPO"])
+def test_a_trl_trainer_under_accelerate_launch_with_zero3_trains_through_the_op(trainer, tmp_path):
+    """TRL as users launch it: `accelerate launch --config_file` with DeepSpeed ZeRO-3 (every
+    parameter partitioned), two CPU ranks, a model TRL loads by name with its reference model
+    (GRPO with beta > 0, DPO), three steps, with the op behind TRL's head and with TRL's own head
+    (tests/accelerate_trl_run.py). The op serves every policy and reference call (no fallback);
+    the first step's full gradients and every step's logged metrics equal TRL's. (accelerate runs
+    FSDP only on accelerators, so FSDP2 is tested by the sharded step above.)"""
+    import json
+
+    from accelerate_trl_run import STEPS, save_tiny_model
+
+    save_tiny_model(tmp_path / "model")
+    (tmp_path / "ds.json").write_text(json.dumps(ZERO3_FILE))
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(ACCELERATE_ZERO3.format(ds_config=tmp_path / "ds.json"))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    runs = {}
+    for mode in ("patched", "trl"):
+        out = tmp_path / mode
+        out.mkdir()
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+               "--main_process_port", str(29500 + (os.getpid() + 700) % 1000),
+               str(Path(__file__).with_name("accelerate_trl_run.py")), trainer, mode, str(tmp_path / "model"),
+               str(out)]
+        done = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
+        runs[mode] = [torch.load(out / f"rank_{r}.pt") for r in range(2)]
+    for ours, theirs in zip(runs["patched"], runs["trl"]):
+        assert ours["deepspeed"] and ours["world"] == 2
+        # the head was partitioned at every step's start: the op got it through TRL's gathering
+        assert ours["released"] == theirs["released"] == [True] * STEPS
+        # per step the policy's call (with entropy) and the reference model's (log-probs only)
+        assert theirs["op_calls"] == [] and sorted(ours["op_calls"]) == [False] * STEPS + [True] * STEPS
+        assert ours["grads"].keys() == theirs["grads"].keys() and len(ours["grads"]) == 27
+        for name, want in theirs["grads"].items():
+            assert want.abs().max() > 0 and torch.isfinite(ours["grads"][name]).all(), name
+            assert _rel(ours["grads"][name], want) < 1e-5, (name, _rel(ours["grads"][name], want))
+        assert len(ours["logs"]) == len(theirs["logs"]) == STEPS
+        for step, (mine, log) in enumerate(zip(ours["logs"], theirs["logs"])):
+            keys = [k for k in log if k not in ("step_time", "epoch") and isinstance(log[k], float)]
+            assert "loss" in keys and "grad_norm" in keys and "entropy" in keys
+            for key in keys:
+                assert mine[key] == pytest.approx(log[key], rel=1e-5, abs=1e-6), (step, key)
+
+
 def test_patches_restore_what_was_there():
     """A patch restores TRL's head and its compaction rule (``_use_triton``) on leaving its block or
     on restore(); nested patches restore in reverse order and fall back to TRL's own head, never to
