@@ -384,14 +384,64 @@ def test_bad_input_fails_before_any_work(qwen, prompts, kwargs, error, match):
     assert sizes == []
 
 
-def test_follows_the_protocol_and_refuses_sliding_window(qwen):
+def test_follows_the_protocol_and_refuses_layers_without_a_kv_cache(qwen):
     engine = NativeEngine(qwen)
     assert isinstance(engine, RolloutEngine)
     engine.sleep()
     engine.wake()
     assert engine.generate([[1]], max_new_tokens=1)[0][0].finish_reason == "length"
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, use_sliding_window=True, sliding_window=8,
-                         max_window_layers=0)
-    with pytest.raises(ValueError, match="full attention only"):
-        NativeEngine(Qwen2ForCausalLM(config))
+    model = _tiny()
+    model.config.layer_types = ["full_attention", "chunked_attention"]
+    with pytest.raises(ValueError, match=r"full_attention and sliding_attention layers only; this model has "
+                                         r"\['chunked_attention'\] layers"):
+        NativeEngine(model)
+
+
+WINDOW = 4
+
+
+def _sliding(family: str, window: int = WINDOW) -> torch.nn.Module:
+    """A random 4-layer model with sliding-window attention (``window`` >= CONTEXT: the same
+    weights, in effect with full attention): Qwen2's first layer full and the rest sliding, Gemma 2 alternating (with its
+    attention and final soft caps), Gemma 3 five sliding to one full, Mistral sliding everywhere
+    (a config-wide window, no layer types)."""
+    import transformers
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=CONTEXT, initializer_range=0.2,
+                  tie_word_embeddings=False, sliding_window=window)
+    config = {
+        "qwen2": lambda: transformers.Qwen2Config(**common, use_sliding_window=True, max_window_layers=1),
+        "gemma2": lambda: transformers.Gemma2Config(**common, head_dim=16, final_logit_softcapping=5.0,
+                                                    attn_logit_softcapping=20.0),
+        "gemma3": lambda: transformers.Gemma3TextConfig(**common, head_dim=16),
+        "mistral": lambda: transformers.MistralConfig(**common),
+    }[family]()
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).float()
+    model.train()
+    return model
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "gemma3", "mistral"])
+def test_sliding_window_layers_generate_what_the_model_computes(family):
+    """Models whose layers attend to the last WINDOW positions only, prompts and completions far
+    longer than the window (left-padded, finished rows dropped): greedy samples equal transformers'
+    generate (its sliding-window cache), sampled log-probs equal a teacher-forced forward's, which
+    differ from the same weights' without the window."""
+    model = _sliding(family)
+    kinds = set(getattr(model.config, "layer_types", None) or ["sliding_attention"])
+    assert "sliding_attention" in kinds and max(map(len, PROMPTS)) > 2 * WINDOW
+    engine = NativeEngine(model)
+    out = engine.generate(PROMPTS, n=2, max_new_tokens=12, temperature=0.0)
+    for prompt, samples in zip(PROMPTS, out):
+        assert [s.token_ids for s in samples] == [_hf_greedy(model, prompt, 12)] * 2
+    out = engine.generate(PROMPTS, n=3, max_new_tokens=12, seed=1, stop_token_ids=list(range(0, VOCAB, 5)))
+    unwindowed, gap = _sliding(family, window=CONTEXT), 0.0
+    for prompt, samples in zip(PROMPTS, out):
+        for s in samples:
+            expected = _teacher_forced_logprobs(model, prompt, s.token_ids, 1.0)
+            torch.testing.assert_close(s.logprobs, expected, rtol=0, atol=1e-4)
+            full = _teacher_forced_logprobs(unwindowed, prompt, s.token_ids, 1.0)
+            gap = max(gap, float((full - expected).abs().max()))
+    assert gap > 1e-2  # the window shows in these samples' log-probs

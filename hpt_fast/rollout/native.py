@@ -11,7 +11,8 @@ Why it beats ``transformers.generate`` for RL rollouts (n samples per prompt):
 - finished sequences are dropped from the batch (cache rows included) once enough have finished.
 
 Works with the transformers causal LMs whose attention layers read a ``Cache`` (Llama, Qwen2 and
-their kin) in transformers >= 5, on CPU and CUDA. With ``lockstep=True`` (a model whose weights
+their kin, Mistral's and Gemma 2 / 3's sliding-window layers too) in transformers >= 5, on CPU and
+CUDA. With ``lockstep=True`` (a model whose weights
 DeepSpeed ZeRO-3 partitions over ranks: every forward is a collective) all ranks run the same number
 of forwards: the longest budget over ranks, until every rank's samples are done.
 """
@@ -38,6 +39,12 @@ DROP_FINISHED_FRACTION = 0.125
 # follows the longest live sequence (within 2x) instead of the longest allowed, at amortised O(1)
 # copies per token.
 KV_FIRST_NEW_POSITIONS = 256
+# The layer types (``config.layer_types``) the cache serves. A sliding-window layer keeps every
+# position like a full one: the model's own sliding-window mask, built from the cache's positions
+# (``KVBuffer.get_mask_sizes``), limits what it attends to, so it reads the same keys as
+# transformers' sliding cache at the memory of a full layer. Other types (chunked, linear or
+# state-space layers) need caches of their own.
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 class KVBuffer(CacheLayerMixin):
@@ -53,6 +60,7 @@ class KVBuffer(CacheLayerMixin):
         repeats: rows per prompt (the samples of a prompt share its prefill).
     """
 
+    # even for a sliding-window layer: the cache keeps every position (see ATTENTION_LAYER_TYPES)
     is_sliding = False
 
     def __init__(self, max_length: int, repeats: int):
@@ -183,8 +191,9 @@ class NativeEngine:
     """Generates with the trainer's own model: same module, same parameters, nothing copied.
 
     Args:
-        model: a transformers causal LM (``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ...) with full
-            attention in every layer; the same object the optimizer updates.
+        model: a transformers causal LM (``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
+            ``Gemma2ForCausalLM``, ...) with full or sliding-window attention in every layer; the
+            same object the optimizer updates.
         max_context: the longest sequence (prompt + completion) to generate; default the config's
             ``max_position_embeddings``.
         lockstep: every rank of the default process group calls ``generate`` together and runs
@@ -197,10 +206,10 @@ class NativeEngine:
 
     def __init__(self, model: nn.Module, *, max_context: Optional[int] = None, lockstep: bool = False):
         config = model.config
-        sliding = [t for t in getattr(config, "layer_types", None) or () if t != "full_attention"]
-        if sliding:
+        other = sorted({t for t in getattr(config, "layer_types", None) or () if t not in ATTENTION_LAYER_TYPES})
+        if other:
             raise ValueError(
-                f"NativeEngine supports full attention only; this model has {sorted(set(sliding))} layers"
+                f"NativeEngine supports {' and '.join(ATTENTION_LAYER_TYPES)} layers only; this model has {other} layers"
             )
         forward_args = inspect.signature(model.forward).parameters
         if "logits_to_keep" not in forward_args:
