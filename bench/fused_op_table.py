@@ -240,10 +240,11 @@ def measure_memory(name: str, shape: Shape, dtype: str, device: str, result: Dty
 
 def selected_implementations(device: str, names: Optional[list[str]]) -> list[Impl]:
     """The bare GEMMs and the implementations named in ``names`` (checked by ``parse_args``; for
-    None, all but the mixed-precision rows, which only low-precision tables take)."""
+    None, all but the mixed-precision rows, which only low-precision tables take, and the rows
+    run only by name)."""
     impls = implementations(device)
     if names is None:
-        return [impl for impl in impls if not impl.mixed]
+        return [impl for impl in impls if not (impl.mixed or impl.by_name)]
     return [impl for impl in impls if impl.name in GEMM_NAMES or impl.name in names]
 
 

@@ -162,7 +162,8 @@ class Impl:
     [T x H x V] GEMMs form its floor (None for the bare GEMM rows themselves). build: Problem ->
     Step. missing: device type -> why it cannot run there, or None when it can. mixed: torch
     AMP's mixed precision, the step's forward on the problem's float32 leaves under autocast in
-    its (low-precision) dtype, its backward outside (``Problem.float32_leaves``).
+    its (low-precision) dtype, its backward outside (``Problem.float32_leaves``). by_name: left out
+    of the default selection, run only when named (the other libraries' soft-capped rows).
     """
 
     name: str
@@ -171,6 +172,7 @@ class Impl:
     build: Callable[[Problem], Step]
     missing: Callable[[str], Optional[str]] = lambda device: None
     mixed: bool = False
+    by_name: bool = False
 
     def grad_bytes(self, p: Problem) -> int:
         """Bytes of the gradients its step leaves behind on ``p``'s leaves."""
@@ -244,8 +246,9 @@ def _hpt_mode_b(
     return build
 
 
-def _naive(mixed: bool = False) -> Callable[[Problem], Step]:
-    """Materialised logits, float32 log_softmax, gather, entropy; ``mixed``: see ``Impl``."""
+def _naive(mixed: bool = False, softcap: Optional[float] = None) -> Callable[[Problem], Step]:
+    """Materialised logits, float32 log_softmax, gather, entropy; ``mixed``: see ``Impl``;
+    ``softcap``: the logits capped at c * tanh(logits / c) first (in float32), as Gemma 2 does."""
 
     def build(p: Problem) -> Step:
         q, forward = forward_inputs(p, mixed)
@@ -254,8 +257,10 @@ def _naive(mixed: bool = False) -> Callable[[Problem], Step]:
 
         def step() -> None:
             with forward():
-                logits = q.hidden @ q.weight.t()
-                logp_all = torch.log_softmax(logits.float(), dim=-1)
+                logits = (q.hidden @ q.weight.t()).float()
+                if softcap is not None:
+                    logits = softcap * torch.tanh(logits / softcap)
+                logp_all = torch.log_softmax(logits, dim=-1)
                 logp = logp_all.gather(1, q.targets[:, None]).squeeze(1)
                 entropy = -(logp_all.exp() * logp_all).sum(dim=-1)
                 loss = token_loss(logp, entropy, rows).sum()
@@ -286,46 +291,59 @@ def _liger_grpo(p: Problem) -> Step:
     return step
 
 
-def _liger_flce(p: Problem) -> Step:
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+def _liger_flce(softcap: Optional[float] = None) -> Callable[[Problem], Step]:
+    """Liger's fused linear cross-entropy, with its own logit soft cap where given."""
 
-    # its defaults: mean cross-entropy, grad_weight summed over the token chunks in its own dtype
-    loss_fn = LigerFusedLinearCrossEntropyLoss()
+    def build(p: Problem) -> Step:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-    def step() -> None:
-        loss_fn(p.weight, p.hidden, p.targets).backward()
+        # its defaults: mean cross-entropy, grad_weight summed over the token chunks in its own dtype
+        loss_fn = LigerFusedLinearCrossEntropyLoss(softcap=softcap)
 
-    return step
+        def step() -> None:
+            loss_fn(p.weight, p.hidden, p.targets).backward()
+
+        return step
+
+    return build
 
 
-def _cce(p: Problem) -> Step:
-    from cut_cross_entropy import linear_cross_entropy
+def _cce(softcap: Optional[float] = None) -> Callable[[Problem], Step]:
+    """cut-cross-entropy's ``linear_cross_entropy`` (mean cross-entropy), with its own soft cap
+    where given."""
 
-    # the Triton "cce" kernel needs CUDA and refuses float32 in its backward; "torch_compile" is
-    # its portable path
-    impl = "cce" if p.device.type == "cuda" and p.hidden.dtype != torch.float32 else "torch_compile"
+    def build(p: Problem) -> Step:
+        from cut_cross_entropy import linear_cross_entropy
 
-    def step() -> None:
-        linear_cross_entropy(p.hidden, p.weight, p.targets, impl=impl).backward()
+        # the Triton "cce" kernel needs CUDA and refuses float32 in its backward; "torch_compile" is
+        # its portable path
+        impl = "cce" if p.device.type == "cuda" and p.hidden.dtype != torch.float32 else "torch_compile"
 
-    return step
+        def step() -> None:
+            linear_cross_entropy(p.hidden, p.weight, p.targets, impl=impl, softcap=softcap).backward()
+
+        return step
+
+    return build
 
 
 # the fields TRL's DPO trainer with WPO weighting asks its head for
 TRL_ALL_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 
-def _trl_chunked(outputs: tuple[str, ...] = ("log_probs", "entropy")) -> Callable[[Problem], Step]:
+def _trl_chunked(outputs: tuple[str, ...] = ("log_probs", "entropy"),
+                 softcap: Optional[float] = None) -> Callable[[Problem], Step]:
     """TRL's own fused LM head, what its trainers run since TRL 1.16 (``add_fused_lm_head``; GRPO
     asks for log_probs and entropy): per-token logp and entropy with autograd, like mode A,
-    backward through both; 32768 vocabulary columns per tile, as the trainer passes."""
+    backward through both; 32768 vocabulary columns per tile, as the trainer passes; ``softcap``:
+    its ``final_logit_softcapping``."""
 
     def build(p: Problem) -> Step:
         from trl.kernels import ChunkedLogProbFunction
 
         def step() -> None:
             logp, ent, *_ = ChunkedLogProbFunction.apply(
-                p.hidden, p.weight, None, p.targets, 1.0, 32768, None, 1.0, outputs
+                p.hidden, p.weight, None, p.targets, 1.0, 32768, softcap, 1.0, outputs
             )
             torch.autograd.backward((logp, ent), (p.g_logp, p.g_ent))
 
@@ -453,19 +471,27 @@ def implementations(device: str) -> list[Impl]:
         impls.append(Impl(f"hpt_b_{default}_autocast_cast",
                           f"hpt_fast mode B, backend {default}, float32 leaves cast to the dtype first, autocast", 3,
                           _hpt_mode_b(default, mixed=True, cast_first=True), mixed=True))
+    cce_impl = "cce, torch_compile in fp32" if device == "cuda" else "torch_compile"
     impls += [
         Impl("naive", "naive PyTorch (materialised logits)", 3, _naive()),
         Impl("naive_autocast", "naive PyTorch, float32 leaves, autocast", 3, _naive(mixed=True), mixed=True),
         Impl("liger_grpo", "Liger LigerFusedLinearGRPOLoss (no entropy)", 3, _liger_grpo, _needs_module("liger_kernel")),
-        Impl("liger_flce", "Liger LigerFusedLinearCrossEntropyLoss (CE only)", 3, _liger_flce,
+        Impl("liger_flce", "Liger LigerFusedLinearCrossEntropyLoss (CE only)", 3, _liger_flce(),
              _needs_module("liger_kernel", cuda_only=True)),
         Impl("trl_chunked", "TRL ChunkedLogProbFunction (its GRPO head: logp + entropy)", 4, _trl_chunked(),
              # its backward imports trl.trainer.utils, which needs accelerate and datasets
              _needs_module("trl", also=("accelerate", "datasets"))),
         Impl("trl_chunked_fields", "TRL ChunkedLogProbFunction, + top-1, logit mean, log sum p^2 (DPO with WPO)", 4,
              _trl_chunked(TRL_ALL_FIELDS), _needs_module("trl", also=("accelerate", "datasets"))),
-        Impl("cce", f"cut-cross-entropy {'cce, torch_compile in fp32' if device == 'cuda' else 'torch_compile'} (CE only)", 3, _cce,
-             _needs_module("cut_cross_entropy")),
+        Impl("cce", f"cut-cross-entropy {cce_impl} (CE only)", 3, _cce(), _needs_module("cut_cross_entropy")),
+        # the others' own soft caps (Gemma 2's 30), beside hpt_*_softcap; by name only
+        Impl("naive_softcap", "naive PyTorch, softcap 30", 3, _naive(softcap=SOFTCAP), by_name=True),
+        Impl("liger_flce_softcap", "Liger LigerFusedLinearCrossEntropyLoss (CE only), softcap 30", 3,
+             _liger_flce(SOFTCAP), _needs_module("liger_kernel", cuda_only=True), by_name=True),
+        Impl("trl_chunked_softcap", "TRL ChunkedLogProbFunction (logp + entropy), softcap 30", 4,
+             _trl_chunked(softcap=SOFTCAP), _needs_module("trl", also=("accelerate", "datasets")), by_name=True),
+        Impl("cce_softcap", f"cut-cross-entropy {cce_impl} (CE only), softcap 30", 3, _cce(SOFTCAP),
+             _needs_module("cut_cross_entropy"), by_name=True),
     ]
     return impls
 

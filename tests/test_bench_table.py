@@ -298,12 +298,14 @@ def test_an_implementation_names_every_module_it_lacks():
 
 
 @pytest.mark.parametrize("trl_row, hpt_row", [("trl_chunked", "hpt_a_torch"),
-                                              ("trl_chunked_fields", "hpt_a_cpu_fields")])
+                                              ("trl_chunked_fields", "hpt_a_cpu_fields"),
+                                              ("trl_chunked_softcap", "hpt_a_cpu_softcap"),
+                                              ("naive_softcap", "hpt_b_cpu_softcap")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_trl_row_computes_what_mode_a_does(dtype, trl_row, hpt_row):
-    """The table's TRL rows (its trainers' fused LM head, GRPO's fields and DPO with WPO's) are
-    compared with mode A's as the same computation: a step's gradients equal mode A's step's on one
-    problem."""
+    """The table's TRL rows (its trainers' fused LM head, GRPO's fields, DPO with WPO's, and with
+    a soft cap) are compared with mode A's as the same computation, and the soft-capped naive row
+    with mode B's: a step's gradients equal the hpt_fast row's step's on one problem."""
     from bench.implementations import implementations, make_problem
 
     impls = {impl.name: impl for impl in implementations("cpu")}
