@@ -347,7 +347,10 @@ FOOTNOTES = """\
   "accum_dtype=None" row sums a bf16 grad_weight over the token chunks in grad_weight itself instead
   of a float32 [V, H] buffer, so ``"auto"`` keeps token order at the block budget's memory (float32:
   the same as the default). The "softcap 30" rows cap the logits at 30 * tanh(logits / 30), Gemma
-  2's ``final_logit_softcapping``, otherwise the default rows. Buffers of 4 MiB or more are backed by transparent huge pages
+  2's ``final_logit_softcapping``: hpt_fast's otherwise the default rows, the others' (named with
+  ``--impls``) by each one's own cap (naive: on its float32 logits; TRL: its
+  ``final_logit_softcapping``; Liger's fused linear cross-entropy and cut-cross-entropy: their
+  ``softcap``). Buffers of 4 MiB or more are backed by transparent huge pages
   (``hpt_fast.hugepages``). Liger: GRPO loss (loss_type "dapo", beta 0, no reference model,
   sequences of 512 tokens, its default chunk of one sequence, compiled=False), which computes no
   entropy. Liger's fused linear cross-entropy (CUDA only) and cut-cross-entropy: mean cross-entropy
