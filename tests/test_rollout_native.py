@@ -391,7 +391,8 @@ def test_follows_the_protocol_and_refuses_layers_without_a_kv_cache(qwen):
     engine.wake()
     assert engine.generate([[1]], max_new_tokens=1)[0][0].finish_reason == "length"
     model = _tiny()
-    model.config.layer_types = ["full_attention", "chunked_attention"]
+    model.config.layer_types = ["full_attention", "chunked_attention"]  # as Llama 4's
+    model.config.attention_chunk_size = 8
     with pytest.raises(ValueError, match=r"full_attention and sliding_attention layers only; this model has "
                                          r"\['chunked_attention'\] layers"):
         NativeEngine(model)
@@ -423,15 +424,29 @@ def _sliding(family: str, window: int = WINDOW) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gemma2", "gemma3", "mistral"])
-def test_sliding_window_layers_generate_what_the_model_computes(family):
-    """Models whose layers attend to the last WINDOW positions only, prompts and completions far
-    longer than the window (left-padded, finished rows dropped): greedy samples equal transformers'
-    generate (its sliding-window cache), sampled log-probs equal a teacher-forced forward's, which
-    differ from the same weights' without the window."""
-    model = _sliding(family)
+@pytest.mark.parametrize("family, window, first_new", [("qwen2", WINDOW, 256), ("gemma2", WINDOW, 256),
+                                                      ("gemma3", WINDOW, 256), ("mistral", WINDOW, 256),
+                                                      ("gemma2", 2 * WINDOW, 2)])
+def test_sliding_window_layers_generate_what_the_model_computes(family, window, first_new, monkeypatch):
+    """Models whose layers attend to the last ``window`` positions only, prompts and completions
+    far longer than the window (left-padded, finished rows dropped; with ``first_new`` 2 the
+    sliding buffers double before they move): greedy samples equal transformers' generate (its
+    sliding-window cache), sampled log-probs equal a teacher-forced forward's, which differ from
+    the same weights' without the window. A sliding layer's buffer never holds more than
+    2 (window - 1) positions, a full layer's grows with the sequence."""
+    monkeypatch.setattr(native, "KV_FIRST_NEW_POSITIONS", first_new)
+    capacities = {}
+    update = native.KVBuffer.update
+
+    def recorded(layer, *args, **kwargs):
+        out = update(layer, *args, **kwargs)
+        capacities[layer.window] = max(capacities.get(layer.window, 0), layer.key_buffer.shape[2])
+        return out
+
+    monkeypatch.setattr(native.KVBuffer, "update", recorded)
+    model = _sliding(family, window)
     kinds = set(getattr(model.config, "layer_types", None) or ["sliding_attention"])
-    assert "sliding_attention" in kinds and max(map(len, PROMPTS)) > 2 * WINDOW
+    assert "sliding_attention" in kinds and max(map(len, PROMPTS)) > window
     engine = NativeEngine(model)
     out = engine.generate(PROMPTS, n=2, max_new_tokens=12, temperature=0.0)
     for prompt, samples in zip(PROMPTS, out):
@@ -445,3 +460,6 @@ def test_sliding_window_layers_generate_what_the_model_computes(family):
             full = _teacher_forced_logprobs(unwindowed, prompt, s.token_ids, 1.0)
             gap = max(gap, float((full - expected).abs().max()))
     assert gap > 1e-2  # the window shows in these samples' log-probs
+    assert capacities[window] == 2 * (window - 1)
+    if "full_attention" in kinds:
+        assert capacities[None] >= max(map(len, PROMPTS)) + 11

@@ -4,17 +4,19 @@ Why it beats ``transformers.generate`` for RL rollouts (n samples per prompt):
 - each prompt is prefilled once and its KV rows are written n times into the cache, where
   ``generate`` expands the prompts first and prefills every copy;
 - the KV cache is preallocated and grown by doubling (``KVBuffer``): one token's keys/values are
-  written per step, where ``DynamicCache`` concatenates (copies) the whole cache at every step;
+  written per step, where ``DynamicCache`` concatenates (copies) the whole cache at every step; a
+  sliding-window layer's keeps its window only, moved to the front once per window's worth of
+  steps, where ``DynamicCache`` copies its window every step;
 - the decode loop is a few tensor ops per step: no logits processors, stopping-criteria objects or
   per-step input preparation, logits for the last position only (``logits_to_keep=1``), one float32
   view of them, one ``torch.multinomial``;
 - finished sequences are dropped from the batch (cache rows included) once enough have finished.
 
 Works with the transformers causal LMs whose attention layers read a ``Cache`` (Llama, Qwen2 and
-their kin, Mistral's and Gemma 2 / 3's sliding-window layers too) in transformers >= 5, on CPU and
-CUDA. With ``lockstep=True`` (a model whose weights
-DeepSpeed ZeRO-3 partitions over ranks: every forward is a collective) all ranks run the same number
-of forwards: the longest budget over ranks, until every rank's samples are done.
+their kin, with Mistral's and Gemma 2 / 3's sliding-window layers too) in transformers >= 5, on CPU
+and CUDA. With ``lockstep=True`` (a model whose weights DeepSpeed ZeRO-3 partitions over ranks: every
+forward is a collective) all ranks run the same number of forwards: the longest budget over ranks,
+until every rank's samples are done.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from hpt_fast.rollout.base import GenerationRequest, Sample, context_length, validate_request
 
@@ -39,11 +41,9 @@ DROP_FINISHED_FRACTION = 0.125
 # follows the longest live sequence (within 2x) instead of the longest allowed, at amortised O(1)
 # copies per token.
 KV_FIRST_NEW_POSITIONS = 256
-# The layer types (``config.layer_types``) the cache serves. A sliding-window layer keeps every
-# position like a full one: the model's own sliding-window mask, built from the cache's positions
-# (``KVBuffer.get_mask_sizes``), limits what it attends to, so it reads the same keys as
-# transformers' sliding cache at the memory of a full layer. Other types (chunked, linear or
-# state-space layers) need caches of their own.
+# The layer types the cache serves (as transformers' ``get_layer_types_and_kwargs`` reads them
+# from the config, so a config-wide ``sliding_window`` without layer types counts). Other types
+# (chunked, linear or state-space layers, layers that share another's cache) need caches of their own.
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -53,26 +53,40 @@ class KVBuffer(CacheLayerMixin):
     The first ``update`` (the prefill of ``prompts`` rows) allocates keys and values of shape
     [prompts * repeats, kv_heads, capacity, head_dim] (the model's dtype) and writes each prompt's
     states into its ``repeats`` consecutive rows; each later ``update`` (one decode step) writes one
-    position. ``update`` returns views of the filled part, so nothing is concatenated.
+    position. ``update`` returns views of the positions to attend to, so nothing is concatenated.
+
+    A sliding-window layer (``window`` W) attends to its W - 1 latest positions and the new one, as
+    transformers' sliding cache does: it keeps only those, in at most 2 (W - 1) positions; when
+    they are full the latest W - 1 move to the front (one copy per W - 1 steps), so memory follows
+    the window, not the sequence. ``get_mask_sizes`` tells the model's mask which absolute
+    positions the returned keys hold.
 
     Args:
         max_length: the most positions the layer will ever hold.
         repeats: rows per prompt (the samples of a prompt share its prefill).
+        window: the sliding window W >= 2 of the layer, or None for full attention.
     """
 
-    # even for a sliding-window layer: the cache keeps every position (see ATTENTION_LAYER_TYPES)
-    is_sliding = False
-
-    def __init__(self, max_length: int, repeats: int):
+    def __init__(self, max_length: int, repeats: int, window: Optional[int] = None):
         super().__init__()
         self.max_length = max_length
         self.repeats = repeats
-        self.length = 0
+        # a window that holds every position the layer will see is full attention
+        self.window = window if window is not None and window < max_length else None
+        self.is_sliding = self.window is not None
+        self.limit = max_length if self.window is None else min(max_length, max(2 * (self.window - 1), 1))
+        self.length = 0  # absolute positions written
+        self.base = 0  # the absolute position at index 0 of the buffers
+
+    def _first_kept(self, length: int) -> int:
+        """The earliest absolute position a query after ``length`` positions attends to."""
+        return 0 if self.window is None else max(length - (self.window - 1), 0)
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         """Allocates the buffers for the prompts of the prefill's [prompts, kv_heads, q_len, head_dim] states."""
         prompts, heads, q_len, _ = key_states.shape
-        capacity = min(q_len + KV_FIRST_NEW_POSITIONS, self.max_length)
+        self.base = self._first_kept(q_len)
+        capacity = min(q_len - self.base + KV_FIRST_NEW_POSITIONS, self.limit)
         self.key_buffer = key_states.new_empty(prompts * self.repeats, heads, capacity, key_states.shape[-1])
         self.value_buffer = value_states.new_empty(prompts * self.repeats, heads, capacity, value_states.shape[-1])
         self.device = key_states.device
@@ -86,21 +100,28 @@ class KVBuffer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             # row p * repeats + j holds sample j of prompt p
-            self.key_buffer.unflatten(0, (-1, self.repeats))[:, :, :, :end] = key_states[:, None]
-            self.value_buffer.unflatten(0, (-1, self.repeats))[:, :, :, :end] = value_states[:, None]
+            kept = slice(self.base, end)
+            self.key_buffer.unflatten(0, (-1, self.repeats))[:, :, :, :end - self.base] = key_states[:, None, :, kept]
+            self.value_buffer.unflatten(0, (-1, self.repeats))[:, :, :, :end - self.base] = value_states[:, None, :, kept]
             self.length = end
             # the prefill attends within each prompt: its own states, not the repeated rows
             return key_states, value_states
-        if end > self.key_buffer.shape[2]:
-            self._grow(min(2 * self.key_buffer.shape[2], self.max_length))
-        self.key_buffer[:, :, self.length:end] = key_states
-        self.value_buffer[:, :, self.length:end] = value_states
+        first = self._first_kept(self.length)
+        if end - self.base > self.key_buffer.shape[2]:
+            if self.key_buffer.shape[2] < self.limit:
+                self._move(min(2 * self.key_buffer.shape[2], self.limit), self.base)
+            else:  # a sliding layer's buffer is full: keep what later queries attend to
+                self._move(self.key_buffer.shape[2], first)
+        self.key_buffer[:, :, self.length - self.base:end - self.base] = key_states
+        self.value_buffer[:, :, self.length - self.base:end - self.base] = value_states
         self.length = end
-        return self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.key_buffer[:, :, first - self.base:end - self.base], self.value_buffer[:, :, first - self.base:end - self.base]
 
-    def _grow(self, capacity: int) -> None:
-        self.key_buffer = _with_capacity(self.key_buffer, capacity, self.length)
-        self.value_buffer = _with_capacity(self.value_buffer, capacity, self.length)
+    def _move(self, capacity: int, base: int) -> None:
+        """Buffers of ``capacity`` positions holding the absolute positions from ``base`` on."""
+        self.key_buffer = _with_capacity(self.key_buffer, capacity, base - self.base, self.length - self.base)
+        self.value_buffer = _with_capacity(self.value_buffer, capacity, base - self.base, self.length - self.base)
+        self.base = base
 
     def get_seq_length(self) -> int:
         return self.length
@@ -109,8 +130,10 @@ class KVBuffer(CacheLayerMixin):
         return self.max_length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """(kv_length, kv_offset) of the attention mask for ``query_length`` new positions."""
-        return self.length + query_length, 0
+        """(kv_length, kv_offset) of the attention mask for ``query_length`` new positions: the
+        keys ``update`` returns next are the absolute positions kv_offset .. kv_offset + kv_length - 1."""
+        first = self._first_kept(self.length)
+        return self.length - first + query_length, first
 
     def batch_select_indices(self, indices: Tensor) -> None:
         """Keeps only the rows ``indices`` (int64 [rows_kept]), in that order."""
@@ -136,11 +159,11 @@ def _sdpa_without_cudnn() -> ContextManager[None]:
     return sdpa_kernel(enabled) if enabled else nullcontext()
 
 
-def _with_capacity(buffer: Tensor, capacity: int, length: int) -> Tensor:
-    """A [rows, heads, capacity, head_dim] copy of buffer's first ``length`` positions."""
-    grown = buffer.new_empty(*buffer.shape[:2], capacity, buffer.shape[-1])
-    grown[:, :, :length] = buffer[:, :, :length]
-    return grown
+def _with_capacity(buffer: Tensor, capacity: int, start: int, stop: int) -> Tensor:
+    """A [rows, heads, capacity, head_dim] buffer holding buffer's positions start .. stop - 1 first."""
+    moved = buffer.new_empty(*buffer.shape[:2], capacity, buffer.shape[-1])
+    moved[:, :, :stop - start] = buffer[:, :, start:stop]
+    return moved
 
 
 def _truncate(probs: Tensor, top_k: int, top_p: float) -> Tensor:
@@ -206,11 +229,15 @@ class NativeEngine:
 
     def __init__(self, model: nn.Module, *, max_context: Optional[int] = None, lockstep: bool = False):
         config = model.config
-        other = sorted({t for t in getattr(config, "layer_types", None) or () if t not in ATTENTION_LAYER_TYPES})
+        types, settings = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+        other = sorted(set(types) - set(ATTENTION_LAYER_TYPES))
         if other:
             raise ValueError(
                 f"NativeEngine supports {' and '.join(ATTENTION_LAYER_TYPES)} layers only; this model has {other} layers"
             )
+        # per layer: its sliding window, or None for full attention
+        self.windows = [layer.get("sliding_window") if kind == "sliding_attention" else None
+                        for kind, layer in zip(types, settings)]
         forward_args = inspect.signature(model.forward).parameters
         if "logits_to_keep" not in forward_args:
             raise TypeError(f"{type(model).__name__}.forward takes no logits_to_keep: transformers >= 5 is needed")
@@ -219,7 +246,6 @@ class NativeEngine:
         self.model = model
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.max_context = max_context if max_context is not None else context_length(config)
-        self.num_layers = config.num_hidden_layers
         self.lockstep = lockstep and dist.is_initialized() and dist.get_world_size() > 1
 
     def generate(
@@ -311,7 +337,7 @@ class NativeEngine:
             generator.manual_seed(request.seed)
 
         # the last sampled token is never fed back: the cache holds at most width + steps - 1 positions
-        cache = Cache(layers=[KVBuffer(width + steps - 1, n) for _ in range(self.num_layers)])
+        cache = Cache(layers=[KVBuffer(width + steps - 1, n, window) for window in self.windows])
         logits = self._forward(cache, input_ids, prefill_mask, positions).repeat_interleave(n, dim=0)
         batch = _LiveRows.start(prefill_mask, lengths, budgets, n, steps)
         results = _Results(len(prompts) * n, steps, device)
