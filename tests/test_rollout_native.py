@@ -405,7 +405,8 @@ def _sliding(family: str, window: int = WINDOW) -> torch.nn.Module:
     """A random 4-layer model with sliding-window attention (``window`` >= CONTEXT: the same
     weights, in effect with full attention): Qwen2's first layer full and the rest sliding, Gemma 2 alternating (with its
     attention and final soft caps), Gemma 3 five sliding to one full, Mistral sliding everywhere
-    (a config-wide window, no layer types)."""
+    (a config-wide window, no layer types), Gemma 4 (multimodal, text only here) sliding but its
+    last layer."""
     import transformers
 
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -417,16 +418,23 @@ def _sliding(family: str, window: int = WINDOW) -> torch.nn.Module:
                                                     attn_logit_softcapping=20.0),
         "gemma3": lambda: transformers.Gemma3TextConfig(**common, head_dim=16),
         "mistral": lambda: transformers.MistralConfig(**common),
+        # multimodal: the layers sit in the text config
+        "gemma4": lambda: transformers.Gemma4Config(
+            text_config=dict(common, head_dim=16, hidden_size_per_layer_input=0, final_logit_softcapping=None),
+            vision_config=None, audio_config=None),
     }[family]()
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).float()
+    if family == "gemma4":
+        model = transformers.Gemma4ForConditionalGeneration(config).float()
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(config).float()
     model.train()
     return model
 
 
 @pytest.mark.parametrize("family, window, first_new", [("qwen2", WINDOW, 256), ("gemma2", WINDOW, 256),
                                                       ("gemma3", WINDOW, 256), ("mistral", WINDOW, 256),
-                                                      ("gemma2", 2 * WINDOW, 2)])
+                                                      ("gemma4", WINDOW, 256), ("gemma2", 2 * WINDOW, 2)])
 def test_sliding_window_layers_generate_what_the_model_computes(family, window, first_new, monkeypatch):
     """Models whose layers attend to the last ``window`` positions only, prompts and completions
     far longer than the window (left-padded, finished rows dropped; with ``first_new`` 2 the
@@ -445,7 +453,7 @@ def test_sliding_window_layers_generate_what_the_model_computes(family, window, 
 
     monkeypatch.setattr(native.KVBuffer, "update", recorded)
     model = _sliding(family, window)
-    kinds = set(getattr(model.config, "layer_types", None) or ["sliding_attention"])
+    kinds = set(getattr(model.config.get_text_config(), "layer_types", None) or ["sliding_attention"])
     assert "sliding_attention" in kinds and max(map(len, PROMPTS)) > window
     engine = NativeEngine(model)
     out = engine.generate(PROMPTS, n=2, max_new_tokens=12, temperature=0.0)
