@@ -3,14 +3,16 @@
 Usage (from the repository root):
     python -m bench.rollout_throughput [--prompts 64] [--n 8] [--max-new-tokens 32]
         [--prompt-lengths 16-48] [--repeats 5] [--threads N] [--device cpu|cuda]
-        [--dtype float32|bfloat16]
+        [--dtype float32|bfloat16] [--sliding-window W]
 
 Both sample (temperature 1, no top-k / top-p) n completions for each of the same prompts from the
 same random Qwen2 model, in two settings: ``fixed`` (no stop token: every completion has
 max_new_tokens tokens) and ``eos`` (token 1 stops a completion, as EOS does in real rollouts; with
 this random model about half the completions stop early). Throughput counts generated tokens (up to
 and including the stop token). Each is warmed up, then the two run one after the other for
-``--repeats`` rounds and the medians are reported. Peak memory is measured once per engine and
+``--repeats`` rounds and the medians are reported. With ``--sliding-window W`` every layer attends
+to its W latest positions only (Qwen2's ``use_sliding_window``): ``generate`` runs transformers'
+sliding-window cache, the NativeEngine its own. Peak memory is measured once per engine and
 setting in a fresh process (VmHWM on CPU, torch.cuda.max_memory_allocated on CUDA), beyond the
 model and the prompts. Prints one markdown table and the machine it ran on.
 """
@@ -53,12 +55,16 @@ class Problem:
     vocab: int
     device: str
     dtype: str = "float32"
+    sliding_window: Optional[int] = None
 
     def model(self) -> torch.nn.Module:
         config = Qwen2Config(
             vocab_size=self.vocab, hidden_size=self.hidden, intermediate_size=4 * self.hidden,
             num_hidden_layers=self.layers, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=self.max_len + self.max_new_tokens, tie_word_embeddings=False,
+            # max_window_layers 0: every layer slides
+            use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window,
+            max_window_layers=0,
         )
         torch.manual_seed(0)
         return Qwen2ForCausalLM(config).to(self.device, getattr(torch, self.dtype)).eval()
@@ -167,8 +173,9 @@ def format_table(problem: Problem, timed: dict, memory: dict, threads: int) -> s
     lines = [
         f"{problem.prompts} prompts x {problem.n} samples, up to {problem.max_new_tokens} new tokens, prompts of "
         f"{problem.min_len}-{problem.max_len} tokens; Qwen2 hidden {problem.hidden}, {problem.layers} layers, "
-        f"4 heads / 2 KV heads, vocab {problem.vocab}, {problem.dtype}, {problem.device}, {threads} threads; "
-        "temperature 1, no top-k / top-p",
+        f"4 heads / 2 KV heads, vocab {problem.vocab}, "
+        f"{'' if problem.sliding_window is None else f'a sliding window of {problem.sliding_window} in every layer, '}"
+        f"{problem.dtype}, {problem.device}, {threads} threads; temperature 1, no top-k / top-p",
         "",
         "| setting | engine | tokens | seconds | tokens/s | x generate | peak extra memory |",
         "|---|---|---|---|---|---|---|",
@@ -194,6 +201,12 @@ def _length_range(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=cli_description(__doc__))
     parser.add_argument("--prompts", type=int, default=64)
@@ -207,6 +220,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="the model's weights")
+    parser.add_argument("--sliding-window", type=_positive, help="every layer's sliding window (default: none)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--memory-child", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--setting", choices=SETTINGS, help=argparse.SUPPRESS)
@@ -221,7 +235,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     transformers.logging.set_verbosity_error()
     low, high = args.prompt_lengths
     problem = Problem(args.prompts, args.n, args.max_new_tokens, low, high, args.hidden, args.layers, args.vocab,
-                      args.device, args.dtype)
+                      args.device, args.dtype, args.sliding_window)
     if args.memory_child:
         print(json.dumps({"bytes": memory_child(problem, args.memory_child, args.setting)}))
         return

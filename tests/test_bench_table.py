@@ -272,6 +272,7 @@ def test_profile_of_training_steps(tmp_path):
     ("bench.sustained_rate", ["--impls", "naive", "--device", "cpu", "--burst", "2"], "need --steps >= 1, --burst >= 3"),
     ("bench.profile_train_step", ["--steps", "0"], "need --warmup >= 0, --steps >= 1"),
     ("bench.rollout_throughput", ["--prompt-lengths", "16"], "expected MIN-MAX with 1 <= MIN <= MAX, got '16'"),
+    ("bench.rollout_throughput", ["--sliding-window", "0"], "expected a positive integer, got '0'"),
 ])
 def test_bad_bench_arguments_are_usage_errors(module, argv, message, capsys):
     """Found before any work, not as a traceback after the header or the first shape's runs."""
