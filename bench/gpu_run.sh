@@ -2,7 +2,8 @@
 # Everything that needs a GPU, as one run, most wanted first: the Triton backend's tests on the GPU
 # (no interpreter), the torch backend's tests there, the fused-op table against cuBLAS, Liger, cut-cross-entropy and TRL at a training
 # shape, the op's steps back to back against the GEMMs' sustained rate, the op's phases timed
-# unprofiled, torch AMP's mixed precision (float32 leaves), gradient
+# unprofiled, the statistics kernel with and without mode A's logit sums, the soft cap in every
+# library that has one, torch AMP's mixed precision (float32 leaves), gradient
 # precision, a profile of mode B's step, the random-configuration tests, the block budget's effect
 # on mode A and mode B, a second table shape with float32, the rollout engine against transformers'
 # generate, then profiles of the trainer's steps.
@@ -86,10 +87,16 @@ step smi_after 15 nvidia-smi -q -d PERFORMANCE,POWER,CLOCK
 # kernel that the profiler shows there without it?
 step phase_times "${PHASES_LIMIT_S:-40}" python3 -m bench.phase_times --device cuda \
     --impls hpt_b_triton,hpt_b_triton_lowp_sum,hpt_a_triton
+# mode A's logit sums (return_logit_mean, return_log_sum_sq_probs) in the statistics kernel: every
+# tiling with and without them, on the training shape's block
+step row_sums "${ROW_SUMS_LIMIT_S:-40}" python3 -m bench.row_kernel_sweep --device cuda --sums
+# Gemma 2's soft cap of 30, the op's beside each library's own
+step table_7b_softcap "${SOFTCAP_LIMIT_S:-60}" python3 -m bench.fused_op_table --device cuda \
+    --shapes $TRAINING_SHAPE --dtypes bfloat16 \
+    --impls hpt_a_triton,hpt_a_triton_softcap,hpt_b_triton_softcap,naive_softcap,liger_flce_softcap,trl_chunked_softcap,cce_softcap
 # torch AMP: float32 leaves, forward under autocast; the op taking them itself (float32 weight
 # gradient summed in place, so token order) against bf16 casts of them handed to it (vocabulary
-# order, bf16 gradients cast back by autograd). (The row kernels' tiling sweep,
-# bench/row_kernel_sweep.py, ran in an earlier session: results_gpu_h200_row_kernels.md.)
+# order, bf16 gradients cast back by autograd)
 step table_7b_amp "${AMP_LIMIT_S:-60}" python3 -m bench.fused_op_table --device cuda \
     --shapes $TRAINING_SHAPE --dtypes bfloat16 \
     --impls hpt_b_triton,hpt_b_triton_autocast,hpt_b_triton_autocast_cast,hpt_a_triton_autocast,naive_autocast

@@ -1,8 +1,9 @@
 """Tile width and warps of the two Triton row kernels, swept on one logits block.
 
 The fused op spends its non-GEMM time in two memory-bound passes over each logits block:
-``row_stats`` reads the block once (max, sum of exp, entropy sum per row), ``grad_logits`` reads
-it and writes its gradient over it. This script times both kernels on a [rows, cols] block for
+``row_stats`` reads the block once (max, sum of exp, entropy sum per row; with ``--sums`` also
+the two sums of mode A's logit mean and log sum p^2), ``grad_logits`` reads it and writes its
+gradient over it. This script times both kernels on a [rows, cols] block for
 each BLOCK_V and num_warps, beside a plain ``copy_`` of the block (one read and one write, what
 the memory system gives an elementwise pass), and prints the achieved bandwidth; the backend's
 current choice is marked. On CPU it runs under TRITON_INTERPRET=1 at small sizes, which checks
@@ -10,6 +11,7 @@ the script, not the numbers.
 
     python -m bench.row_kernel_sweep --device cuda                      # 8192 x 21760 bf16
     python -m bench.row_kernel_sweep --device cuda --cols 8000,151936
+    python -m bench.row_kernel_sweep --device cuda --sums               # row_stats with and without the sums
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch
 from bench.fused_op_table import machine_description
 from bench.cli import check_device, cli_description
 from bench.implementations import synchronize
+from hpt_fast.backends import row_state
 from hpt_fast.backends import triton_backend as tb
 
 STATS_BLOCKS = (1024, 2048, 4096, 8192)
@@ -46,9 +49,10 @@ def median_us(fn: Callable[[], object], device: torch.device, repeats: int) -> f
     return statistics.median(times)
 
 
-def sweep(rows: int, cols: int, dtype: torch.dtype, device: torch.device, repeats: int) -> str:
+def sweep(rows: int, cols: int, dtype: torch.dtype, device: torch.device, repeats: int, sums: bool = False) -> str:
     """The markdown table of one block shape. Every configuration's result is compared with the
-    current one's (same: equal within float32 summation-order rounding)."""
+    current one's (same: equal within float32 summation-order rounding); ``sums``: row_stats also
+    with the logit sums (``with_sums``), each configuration beside its run without them."""
     gen = torch.Generator(device=device).manual_seed(0)
     logits = (torch.randn(rows, cols, generator=gen, device=device) * 4).to(dtype)
     work = torch.empty_like(logits)
@@ -57,12 +61,12 @@ def sweep(rows: int, cols: int, dtype: torch.dtype, device: torch.device, repeat
     entropy = torch.rand(rows, generator=gen, device=device) * 5
     g_logp = torch.randn(rows, generator=gen, device=device)
     g_ent = torch.randn(rows, generator=gen, device=device)
-    state = torch.empty(rows, 4, dtype=torch.float64, device=device)
+    initial = row_state.empty(rows, device)
+    state = initial.clone()
     block_bytes = logits.numel() * logits.element_size()
 
     def fresh_state():
-        state[:, 0] = -float("inf")
-        state[:, 1:] = 0.0
+        state.copy_(initial)
 
     lines = [f"### rows {rows}, cols {cols}, {str(dtype).replace('torch.', '')} "
              f"({block_bytes / 2**20:.0f} MiB)", "",
@@ -77,20 +81,24 @@ def sweep(rows: int, cols: int, dtype: torch.dtype, device: torch.device, repeat
 
     row("copy_ (read + write)", "—", "—", median_us(lambda: work.copy_(logits), device, repeats), 2 * block_bytes, "—")
     stats_current = tb._block(cols, tb._STATS_MAX_BLOCK_V)
-    fresh_state()
-    tb.row_stats(logits, targets, 1.0, True, state)
-    want_state = state.clone()
+    want_states = {}
+    for with_sums in (False, True) if sums else (False,):
+        fresh_state()
+        tb.row_stats(logits, targets, 1.0, True, state, with_sums=with_sums)
+        want_states[with_sums] = state.clone()
     tb.grad_logits(logits, targets, lse, entropy, g_logp, g_ent, 1.0, work)
     want_grad = work.clone()
     for block_v in sorted(set(STATS_BLOCKS) | {stats_current}):
         split_v = tb._split_size(rows, cols, block_v, logits.device)
         for warps in WARPS:
-            def run_stats():
-                fresh_state()
-                tb._row_stats(logits, targets, 1.0, True, state, 0, block_v, split_v, warps)
-            current = block_v == stats_current and warps == tb._STATS_WARPS
-            us = median_us(run_stats, device, repeats)
-            row("row_stats (entropy)", str(block_v), str(warps), us, block_bytes, same_as(state, want_state), current)
+            for with_sums, want_state in want_states.items():
+                def run_stats():
+                    fresh_state()
+                    tb._row_stats(logits, targets, 1.0, True, state, 0, block_v, split_v, warps, with_sums=with_sums)
+                current = block_v == stats_current and warps == tb._STATS_WARPS
+                us = median_us(run_stats, device, repeats)
+                name = "row_stats (entropy, sums)" if with_sums else "row_stats (entropy)"
+                row(name, str(block_v), str(warps), us, block_bytes, same_as(state, want_state), current)
     grad_current = tb._block(cols, tb._GRAD_MAX_BLOCK_V)
     for block_v in sorted(set(GRAD_BLOCKS) | {grad_current}):
         for warps in WARPS:
@@ -111,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cols", default="21760", help="comma-separated block widths")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--sums", action="store_true", help="also time row_stats with the logit sums")
     args = parser.parse_args(argv)
     check_device(parser, args.device)
     if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -118,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     print(machine_description(args.device) + "\n")
     device = torch.device(args.device)
     for cols in (int(c) for c in args.cols.split(",")):
-        print(sweep(args.rows, cols, getattr(torch, args.dtype), device, args.repeats) + "\n", flush=True)
+        print(sweep(args.rows, cols, getattr(torch, args.dtype), device, args.repeats, args.sums) + "\n", flush=True)
 
 
 if __name__ == "__main__":

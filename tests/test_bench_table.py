@@ -265,6 +265,23 @@ def test_profile_of_training_steps(tmp_path):
     assert all(n == 0 for label, n in waits.items() if not label.startswith("reads"))  # no CUDA here
 
 
+def test_row_kernel_sweep_runs_every_configuration():
+    """The Triton row-kernel sweep (a GPU tool) on a tiny block under the interpreter: every tile
+    width and warp count of both kernels, row_stats with and without the logit sums, each giving
+    the current configuration's result."""
+    if "triton" not in backends.available():
+        pytest.skip("triton is not available")
+    from bench.row_kernel_sweep import GRAD_BLOCKS, STATS_BLOCKS, WARPS, sweep
+
+    table = sweep(3, 300, torch.float32, torch.device("cpu"), repeats=1, sums=True)
+    rows = [line for line in table.splitlines() if line.startswith("| row_stats") or line.startswith("| grad_logits")]
+    names = [line.split("|")[1].strip().replace(" (current)", "") for line in rows]
+    assert names.count("row_stats (entropy)") == names.count("row_stats (entropy, sums)") >= len(STATS_BLOCKS) * len(WARPS)
+    assert names.count("grad_logits (entropy)") >= len(GRAD_BLOCKS) * len(WARPS)
+    assert all(line.rstrip().endswith("| same |") for line in rows)
+    assert sum("(current)" in line for line in rows) == 3
+
+
 @pytest.mark.parametrize("module, argv, message", [
     ("bench.fused_op_table", ["--repeats", "0"], "--repeats must be >= 1, got 0"),
     ("bench.fused_op_table", ["--shapes", "2048x64x1000,600x64x1000"], "600x64x1000: tokens above 512 must be a multiple of 512"),
