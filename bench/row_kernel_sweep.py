@@ -108,7 +108,8 @@ def sweep(rows: int, cols: int, dtype: torch.dtype, device: torch.device, repeat
                 tb._grad_logits(logits, targets, lse, entropy, g_logp, g_ent, 1.0, work, 0, block_v, warps)
             current = block_v == grad_current and warps == tb._warps(block_v)
             us = median_us(run_grad, device, repeats)
-            row("grad_logits (entropy)", str(block_v), str(warps), us, 2 * block_bytes, same_as(work, want_grad), current)
+            row("grad_logits (entropy)", str(block_v), str(warps), us, 2 * block_bytes, same_as(work, want_grad),
+                current)
     return "\n".join(lines)
 
 

@@ -4,10 +4,11 @@
     accelerate launch --config_file CONFIG THIS {GRPO,DPO} {patched,trl} MODEL_DIR OUT_DIR
 
 ``patched`` trains with hpt_fast's op behind TRL's fused LM head (``patch_trl_fused_head``),
-``trl`` with TRL's own head; MODEL_DIR holds the tiny model (``save_tiny_model``). Each rank saves to OUT_DIR/rank_R.pt the first step's full gradients
-(reduced over the ranks; under DeepSpeed read just before the engine's step, which runs inside
-accelerate's backward), every step's logged metrics, how many calls the op served, and whether
-the head was partitioned at each step's start, for tests/test_trl_head.py to compare.
+``trl`` with TRL's own head; MODEL_DIR holds the tiny model (``save_tiny_model``). Each rank saves
+to OUT_DIR/rank_R.pt the first step's full gradients (reduced over the ranks; under DeepSpeed read
+just before the engine's step, which runs inside accelerate's backward), every step's logged
+metrics, how many calls the op served, and whether the head was partitioned at each step's
+start, for tests/test_trl_head.py to compare.
 """
 from __future__ import annotations
 

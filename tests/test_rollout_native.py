@@ -403,10 +403,10 @@ WINDOW = 4
 
 def _sliding(family: str, window: int = WINDOW) -> torch.nn.Module:
     """A random 4-layer model with sliding-window attention (``window`` >= CONTEXT: the same
-    weights, in effect with full attention): Qwen2's first layer full and the rest sliding, Gemma 2 alternating (with its
-    attention and final soft caps), Gemma 3 five sliding to one full, Mistral sliding everywhere
-    (a config-wide window, no layer types), Gemma 4 (multimodal, text only here) sliding but its
-    last layer."""
+    weights, in effect with full attention): Qwen2's first layer full and the rest sliding,
+    Gemma 2 alternating (with its attention and final soft caps), Gemma 3 five sliding to one
+    full, Mistral sliding everywhere (a config-wide window, no layer types), Gemma 4 (multimodal,
+    text only here) sliding but its last layer."""
     import transformers
 
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,

@@ -13,8 +13,8 @@ Why it beats ``transformers.generate`` for RL rollouts (n samples per prompt):
 - finished sequences are dropped from the batch (cache rows included) once enough have finished.
 
 Works with the transformers causal LMs whose attention layers read a ``Cache`` (Llama, Qwen2 and
-their kin, with Mistral's and Gemma 2 / 3 / 4's sliding-window layers too) in transformers >= 5, on CPU
-and CUDA. With ``lockstep=True`` (a model whose weights DeepSpeed ZeRO-3 partitions over ranks: every
+their kin, with Mistral's and Gemma 2 / 3 / 4's sliding-window layers too) in transformers >= 5,
+on CPU and CUDA. With ``lockstep=True`` (a model whose weights DeepSpeed ZeRO-3 partitions over ranks: every
 forward is a collective) all ranks run the same number of forwards: the longest budget over ranks,
 until every rank's samples are done.
 """
@@ -64,7 +64,7 @@ class KVBuffer(CacheLayerMixin):
     Args:
         max_length: the most positions the layer will ever hold.
         repeats: rows per prompt (the samples of a prompt share its prefill).
-        window: the sliding window W >= 2 of the layer, or None for full attention.
+        window: the layer's sliding window W >= 1, or None for full attention.
     """
 
     def __init__(self, max_length: int, repeats: int, window: Optional[int] = None):
@@ -100,9 +100,9 @@ class KVBuffer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             # row p * repeats + j holds sample j of prompt p
-            kept = slice(self.base, end)
-            self.key_buffer.unflatten(0, (-1, self.repeats))[:, :, :, :end - self.base] = key_states[:, None, :, kept]
-            self.value_buffer.unflatten(0, (-1, self.repeats))[:, :, :, :end - self.base] = value_states[:, None, :, kept]
+            kept, into = slice(self.base, end), slice(0, end - self.base)
+            self.key_buffer.unflatten(0, (-1, self.repeats))[:, :, :, into] = key_states[:, None, :, kept]
+            self.value_buffer.unflatten(0, (-1, self.repeats))[:, :, :, into] = value_states[:, None, :, kept]
             self.length = end
             # the prefill attends within each prompt: its own states, not the repeated rows
             return key_states, value_states
@@ -112,10 +112,11 @@ class KVBuffer(CacheLayerMixin):
                 self._move(min(2 * self.key_buffer.shape[2], self.limit), self.base)
             else:  # a sliding layer's buffer is full: keep what later queries attend to
                 self._move(self.key_buffer.shape[2], first)
-        self.key_buffer[:, :, self.length - self.base:end - self.base] = key_states
-        self.value_buffer[:, :, self.length - self.base:end - self.base] = value_states
+        new, attended = slice(self.length - self.base, end - self.base), slice(first - self.base, end - self.base)
+        self.key_buffer[:, :, new] = key_states
+        self.value_buffer[:, :, new] = value_states
         self.length = end
-        return self.key_buffer[:, :, first - self.base:end - self.base], self.value_buffer[:, :, first - self.base:end - self.base]
+        return self.key_buffer[:, :, attended], self.value_buffer[:, :, attended]
 
     def _move(self, capacity: int, base: int) -> None:
         """Buffers of ``capacity`` positions holding the absolute positions from ``base`` on."""
@@ -233,7 +234,8 @@ class NativeEngine:
         other = sorted(set(types) - set(ATTENTION_LAYER_TYPES))
         if other:
             raise ValueError(
-                f"NativeEngine supports {' and '.join(ATTENTION_LAYER_TYPES)} layers only; this model has {other} layers"
+                f"NativeEngine supports {' and '.join(ATTENTION_LAYER_TYPES)} layers only; "
+                f"this model has {other} layers"
             )
         # per layer: its sliding window, or None for full attention
         self.windows = [layer.get("sliding_window") if kind == "sliding_attention" else None
