@@ -405,8 +405,8 @@ def _sliding(family: str, window: int = WINDOW) -> torch.nn.Module:
     """A random 4-layer model with sliding-window attention (``window`` >= CONTEXT: the same
     weights, in effect with full attention): Qwen2's first layer full and the rest sliding,
     Gemma 2 alternating (with its attention and final soft caps), Gemma 3 five sliding to one
-    full, Mistral sliding everywhere (a config-wide window, no layer types), Gemma 4 (multimodal,
-    text only here) sliding but its last layer."""
+    full, Mistral and Phi-3 sliding everywhere (a config-wide window, no layer types), Qwen3 two
+    full layers then two sliding, Gemma 4 (multimodal, text only here) sliding but its last layer."""
     import transformers
 
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -418,6 +418,8 @@ def _sliding(family: str, window: int = WINDOW) -> torch.nn.Module:
                                                     attn_logit_softcapping=20.0),
         "gemma3": lambda: transformers.Gemma3TextConfig(**common, head_dim=16),
         "mistral": lambda: transformers.MistralConfig(**common),
+        "phi3": lambda: transformers.Phi3Config(**common, pad_token_id=0),
+        "qwen3": lambda: transformers.Qwen3Config(**common, use_sliding_window=True, max_window_layers=2),
         # multimodal: the layers sit in the text config
         "gemma4": lambda: transformers.Gemma4Config(
             text_config=dict(common, head_dim=16, hidden_size_per_layer_input=0, final_logit_softcapping=None),
@@ -434,7 +436,8 @@ def _sliding(family: str, window: int = WINDOW) -> torch.nn.Module:
 
 @pytest.mark.parametrize("family, window, first_new", [("qwen2", WINDOW, 256), ("gemma2", WINDOW, 256),
                                                       ("gemma3", WINDOW, 256), ("mistral", WINDOW, 256),
-                                                      ("gemma4", WINDOW, 256), ("gemma2", 2 * WINDOW, 2)])
+                                                      ("gemma4", WINDOW, 256), ("phi3", WINDOW, 256),
+                                                      ("qwen3", WINDOW, 256), ("gemma2", 2 * WINDOW, 2)])
 def test_sliding_window_layers_generate_what_the_model_computes(family, window, first_new, monkeypatch):
     """Models whose layers attend to the last ``window`` positions only, prompts and completions
     far longer than the window (left-padded, finished rows dropped; with ``first_new`` 2 the
