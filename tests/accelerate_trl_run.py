@@ -1,12 +1,13 @@
 """A few steps of a real TRL trainer on a tiny Qwen2, launched the way users launch TRL: by
-``accelerate launch`` with a DeepSpeed ZeRO-3 or FSDP2 config file, on two CPU ranks:
+``accelerate launch`` with a DeepSpeed ZeRO-3 config file, on two CPU ranks (accelerate runs FSDP
+only on accelerators):
 
     accelerate launch --config_file CONFIG THIS {GRPO,DPO} {patched,trl} MODEL_DIR OUT_DIR
 
 ``patched`` trains with hpt_fast's op behind TRL's fused LM head (``patch_trl_fused_head``),
 ``trl`` with TRL's own head; MODEL_DIR holds the tiny model (``save_tiny_model``). Each rank saves
-to OUT_DIR/rank_R.pt the first step's full gradients (reduced over the ranks; under DeepSpeed read
-just before the engine's step, which runs inside accelerate's backward), every step's logged
+to OUT_DIR/rank_R.pt the first step's full gradients (reduced over the ranks; read just before the
+DeepSpeed engine's step, which runs inside accelerate's backward), every step's logged
 metrics, how many calls the op served, and whether the head was partitioned at each step's
 start, for tests/test_trl_head.py to compare.
 """
@@ -69,34 +70,24 @@ class _Record(TrainerCallback):
     def __init__(self, trainer):
         self.trainer, self.grads, self.logs, self.released = trainer, {}, [], []
 
-    def _full_grads(self) -> None:
-        if self.grads:
-            return
-        for name, p in self.trainer.model.named_parameters():
-            if self.trainer.is_deepspeed_enabled:
-                from deepspeed.utils import safe_get_full_grad
-
-                g = safe_get_full_grad(p)  # a collective: every rank reads every gradient
-            else:  # FSDP2: a DTensor, reduce-scattered over the ranks
-                g = p.grad.full_tensor()
-            self.grads[name] = g.detach().clone()
-
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.trainer.is_deepspeed_enabled:
-            engine = self.trainer.model_wrapped
-            step = engine.step
+        from deepspeed.utils import safe_get_full_grad
 
-            def recorded_step(*a, **k):
-                self._full_grads()
-                return step(*a, **k)
+        if not self.trainer.is_deepspeed_enabled:
+            raise RuntimeError("launch with a DeepSpeed config file: accelerate runs no DeepSpeed here")
+        engine = self.trainer.model_wrapped
+        step = engine.step
 
-            engine.step = recorded_step
+        def recorded_step(*a, **k):
+            if not self.grads:  # a collective: every rank reads every gradient
+                self.grads = {name: safe_get_full_grad(p).detach().clone()
+                              for name, p in self.trainer.model.named_parameters()}
+            return step(*a, **k)
+
+        engine.step = recorded_step
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.released.append(zero3.is_released(self.trainer.model.lm_head.weight))
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self._full_grads()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if "loss" in logs:
@@ -123,8 +114,7 @@ def main(kind: str, mode: str, model_dir: Path, out_dir: Path) -> None:
         trl_head.fused_token_logprobs = op
     rank = trainer.accelerator.process_index
     torch.save({"grads": record.grads, "logs": record.logs, "released": record.released, "op_calls": calls,
-                "world": trainer.accelerator.num_processes, "deepspeed": trainer.is_deepspeed_enabled,
-                "fsdp": trainer.is_fsdp_enabled}, out_dir / f"rank_{rank}.pt")
+                "world": trainer.accelerator.num_processes}, out_dir / f"rank_{rank}.pt")
 
 
 if __name__ == "__main__":

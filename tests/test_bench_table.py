@@ -315,28 +315,28 @@ def test_an_implementation_names_every_module_it_lacks():
     assert _needs_module("torch", cuda_only=True)("cpu") == "torch's Triton kernels need CUDA"
 
 
-@pytest.mark.parametrize("trl_row, hpt_row", [("trl_chunked", "hpt_a_torch"),
+@pytest.mark.parametrize("other_row, hpt_row", [("trl_chunked", "hpt_a_torch"),
                                               ("trl_chunked_fields", "hpt_a_cpu_fields"),
                                               ("trl_chunked_softcap", "hpt_a_cpu_softcap"),
                                               ("naive_softcap", "hpt_b_cpu_softcap")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_trl_row_computes_what_mode_a_does(dtype, trl_row, hpt_row):
+def test_the_trl_and_capped_naive_rows_compute_what_the_op_does(dtype, other_row, hpt_row):
     """The table's TRL rows (its trainers' fused LM head, GRPO's fields, DPO with WPO's, and with
     a soft cap) are compared with mode A's as the same computation, and the soft-capped naive row
     with mode B's: a step's gradients equal the hpt_fast row's step's on one problem."""
     from bench.implementations import implementations, make_problem
 
     impls = {impl.name: impl for impl in implementations("cpu")}
-    reason = impls[trl_row].missing("cpu") or impls[hpt_row].missing("cpu")
+    reason = impls[other_row].missing("cpu") or impls[hpt_row].missing("cpu")
     if reason:
         pytest.skip(reason)
     p = make_problem(96, 32, 1031, dtype, "cpu", seed=3)
     grads = {}
-    for name in (trl_row, hpt_row):
+    for name in (other_row, hpt_row):
         p.zero_grads()
         impls[name].build(p)()
         grads[name] = (p.hidden.grad.double(), p.weight.grad.double())
-    for got, want in zip(grads[trl_row], grads[hpt_row]):
+    for got, want in zip(grads[other_row], grads[hpt_row]):
         # both sum in float32 and round once at the end (1e-7 and 1e-6 apart here), where a
         # different computation, e.g. mode B's loss, is off by 100%
         assert float((got - want).norm() / want.norm()) < 1e-4

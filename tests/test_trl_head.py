@@ -367,7 +367,7 @@ def test_a_trl_trainer_under_accelerate_launch_with_zero3_trains_through_the_op(
         assert done.returncode == 0, done.stderr[-4000:]
         runs[mode] = [torch.load(out / f"rank_{r}.pt") for r in range(2)]
     for ours, theirs in zip(runs["patched"], runs["trl"]):
-        assert ours["deepspeed"] and ours["world"] == 2
+        assert ours["world"] == 2
         # the head was partitioned at every step's start: the op got it through TRL's gathering
         assert ours["released"] == theirs["released"] == [True] * STEPS
         # per step the policy's call (with entropy) and the reference model's (log-probs only)
