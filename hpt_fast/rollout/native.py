@@ -14,9 +14,9 @@ Why it beats ``transformers.generate`` for RL rollouts (n samples per prompt):
 
 Works with the transformers causal LMs whose attention layers read a ``Cache`` (Llama, Qwen2 and
 their kin, with Mistral's and Gemma 2 / 3 / 4's sliding-window layers too) in transformers >= 5,
-on CPU and CUDA. With ``lockstep=True`` (a model whose weights DeepSpeed ZeRO-3 partitions over ranks: every
-forward is a collective) all ranks run the same number of forwards: the longest budget over ranks,
-until every rank's samples are done.
+on CPU and CUDA. With ``lockstep=True`` (a model whose weights DeepSpeed ZeRO-3 partitions over
+ranks: every forward is a collective) all ranks run the same number of forwards: the longest
+budget over ranks, until every rank's samples are done.
 """
 from __future__ import annotations
 
