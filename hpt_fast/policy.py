@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from hpt_fast import zero3
 from hpt_fast.batching import MicroBatch
 from hpt_fast.estimator import Normalizers
+from hpt_fast.logit_head import logit_transform
 from hpt_fast.loss import FusedUnifiedLoss
 from hpt_fast.ops import fused_token_logprobs
 
@@ -86,37 +87,24 @@ class FusedHeadPolicy(nn.Module):
                        old_logp=old_logp, off_policy=mb.off_policy, rewards=mb.rewards, normalizers=normalizers)
 
 
-# config fields with which transformers models change the logits after lm_head, and the value
-# that leaves them unchanged (Granite: a divisor; Cohere: a factor; Falcon-H1: a factor); read
-# from the config and from its text config, where multimodal models keep them. Gemma 2 / 3 / 4's
-# and Inkling 2's tanh soft-capping (final_logit_softcapping) is the fused op's own softcap.
-_LOGIT_TRANSFORMS = {"logits_scaling": 1.0, "logit_scale": 1.0, "lm_head_multiplier": 1.0}
-
-
-def _config_value(lm: nn.Module, field: str, neutral: Any) -> Any:
-    """``field`` of lm's config, or of its text config (multimodal models), where not ``neutral``."""
-    config = getattr(lm, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return next((v for v in (getattr(c, field, neutral) for c in (config, text_config)) if v != neutral), neutral)
-
-
 def logit_softcap(lm: nn.Module) -> Optional[float]:
     """The model's logit soft cap c (logits ``c * tanh(lm_head(hidden) / c)``: the config's
     ``final_logit_softcapping``, Gemma 2 and later), or None."""
-    return _config_value(lm, "final_logit_softcapping", None)
+    return logit_transform(lm).softcap
 
 
 def _check_plain_head(lm: nn.Module) -> None:
-    """ValueError for a model that changes its logits after lm_head in a way the fused head does
-    not compute (a soft cap it does: ``logit_softcap``): it would train the model on the log-probs
-    of other logits than the ones it samples from, without a word."""
-    for field, neutral in _LOGIT_TRANSFORMS.items():
-        value = _config_value(lm, field, neutral)
-        if value != neutral:
-            raise ValueError(
-                f"{type(lm).__name__} sets {field}={value}: its logits are transformed after lm_head, "
-                "which the fused head does not do; hpt_fast trains models whose logits are lm_head(hidden)"
-            )
+    """ValueError for a model whose logits are not ``lm_head(hidden)`` up to a soft cap (the fused
+    head computes that one, ``logit_softcap``): a scale after the head, or a head that is not a
+    plain ``nn.Linear``. It would train the model on the log-probs of other logits than the ones
+    it samples from, without a word."""
+    transform = logit_transform(lm)  # refuses heads that are not plain nn.Linear
+    if transform.field is not None:
+        field, value = transform.field
+        raise ValueError(
+            f"{type(lm).__name__} sets {field}={value}: its logits are transformed after lm_head, "
+            "which the fused head does not do; hpt_fast trains models whose logits are lm_head(hidden)"
+        )
 
 
 def gathered_state_dict(lm: nn.Module, rank: int) -> Optional[dict[str, Tensor]]:

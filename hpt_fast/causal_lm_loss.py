@@ -1,0 +1,179 @@
+"""``model(input_ids, labels=labels).loss`` through the fused op: no ``[tokens x vocab]`` logits.
+
+A transformers causal LM computes its loss from logits it materialises (and upcasts to float32).
+``patch_causal_lm_loss(model)`` gives that one model a forward that, when it is given ``labels`` (or
+pre-shifted ``shift_labels``) and is training, runs the backbone (``model.base_model``), and hands
+the last hidden states and the output embedding to the fused op: the same loss, the cross-entropy
+of each next token summed over the labels that are not ``-100`` and divided by
+``num_items_in_batch`` (what the transformers ``Trainer`` passes under gradient accumulation) or
+else by their count, with ``logits=None`` in the output. So the ``Trainer``, accelerate loops and
+any code that reads ``outputs.loss`` train through the op unchanged. Not training, or without
+labels, the model's own forward runs (evaluation metrics and ``generate`` see the logits).
+
+Mode B (the default) computes the gradients in the forward, three GEMMs' worth of work, and holds
+them (a ``[V, H]`` weight gradient in the weight's dtype) until the backward; mode A computes
+them in the backward, four GEMMs' worth, holding nothing. The model's transform of the head's output
+(a scale, a soft cap: ``hpt_fast.logit_head``) is applied; a head that is not a plain ``nn.Linear``
+is refused. With no label in a batch the loss is 0 (transformers' own mean gives NaN), still
+connected to the model. MoE load-balancing losses (``output_router_logits``) are not added: such a
+call raises. Under DeepSpeed ZeRO-3 the partitioned head is gathered around the op's call; under
+FSDP2 a sharded head is all-gathered with ``full_tensor()``.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from hpt_fast import zero3
+from hpt_fast.logit_head import LogitTransform, logit_transform
+from hpt_fast.op_inputs import check_options
+from hpt_fast.ops import fused_linear_loss, fused_token_logprobs
+
+
+def _negative_logp(logp: Tensor, entropy: Optional[Tensor], rows: Tensor) -> Tensor:
+    """Mode B's token loss: cross-entropy of each token."""
+    return -logp
+
+
+class CausalLMLossPatch:
+    """The patch on one model made by ``patch_causal_lm_loss``; ``restore()`` (or leaving its
+    ``with`` block) gives the model its own forward back."""
+
+    def __init__(self, model: nn.Module, transform: LogitTransform, mode: str, skip_logits: Optional[bool],
+                 op_kwargs: dict[str, Any]) -> None:
+        self.model = model
+        self.transform = transform
+        self.mode = mode
+        self.skip_logits = skip_logits
+        self.op_kwargs = op_kwargs
+        self.original_forward = model.forward
+        self._own_forward = "forward" in vars(model)  # an instance forward someone set before this patch
+        self._parameter_names = tuple(inspect.signature(type(model).forward).parameters)[1:]
+
+        # functools.wraps keeps the class forward's signature: the Trainer reads it for
+        # num_items_in_batch, generate for its model kwargs
+        @functools.wraps(type(model).forward)
+        def forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            return self._forward(module, args, kwargs)
+
+        self.forward = types.MethodType(forward, model)
+        model.forward = self.forward
+
+    def _forward(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+        if len(args) > len(self._parameter_names):
+            raise TypeError(f"{type(model).__name__}.forward takes {len(self._parameter_names)} positional "
+                            f"arguments, got {len(args)}")
+        for name, value in zip(self._parameter_names, args):
+            if name in kwargs:
+                raise TypeError(f"{type(model).__name__}.forward got {name!r} twice")
+            kwargs[name] = value
+        labels, shift_labels = kwargs.get("labels"), kwargs.get("shift_labels")
+        fused = (labels is not None or shift_labels is not None) and (
+            model.training if self.skip_logits is None else self.skip_logits)
+        if not fused:
+            return self.original_forward(**kwargs)
+        return self._fused_loss(model, kwargs)
+
+    def _fused_loss(self, model: nn.Module, kwargs: dict[str, Any]) -> Any:
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        labels, shift_labels = kwargs.pop("labels", None), kwargs.pop("shift_labels", None)
+        num_items = kwargs.pop("num_items_in_batch", None)
+        ignore_index = kwargs.pop("ignore_index", -100)
+        kwargs.pop("logits_to_keep", None)  # no logits are made
+        return_dict = kwargs.pop("return_dict", None)
+        text_config = model.config.get_text_config()
+        if kwargs.get("output_router_logits", getattr(text_config, "output_router_logits", False)):
+            raise ValueError(f"{type(model).__name__} is asked for router logits (output_router_logits): "
+                             "patch_causal_lm_loss does not add the MoE load-balancing loss")
+        out = model.base_model(**kwargs)
+        hidden = out.last_hidden_state
+        if shift_labels is None:
+            hidden, targets = hidden[:, :-1], labels[..., 1:]
+        else:
+            targets = shift_labels
+        if targets.shape != hidden.shape[:-1]:
+            raise ValueError(f"labels give targets of shape {tuple(targets.shape)} for hidden states "
+                             f"{tuple(hidden.shape[:-1])} (shift_labels must match the input's [batch, sequence])")
+        head = model.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        if hasattr(weight, "full_tensor"):  # an FSDP2-sharded head, which never runs as a module here
+            weight = weight.full_tensor()
+            bias = None if bias is None else bias.full_tensor()
+        hidden, targets = hidden.to(weight.device), targets.to(weight.device)
+        mask = targets != ignore_index
+        op = dict(bias=bias, ignore_index=ignore_index, **self.transform.op_args(), **self.op_kwargs)
+        with zero3.gathered(weight, bias):
+            if self.mode == "B":
+                total, _, _ = fused_linear_loss(hidden, weight, targets, _negative_logp, **op)
+            else:
+                logp, _ = fused_token_logprobs(hidden, weight, targets, **op)
+                total = -logp.sum()
+        if num_items is None:
+            num_items = mask.sum().clamp(min=1)
+        elif torch.is_tensor(num_items):
+            num_items = num_items.to(total.device)
+        output = CausalLMOutputWithPast(loss=total / num_items, logits=None, cache=getattr(out, "cache", None),
+                                        hidden_states=getattr(out, "hidden_states", None),
+                                        attentions=getattr(out, "attentions", None))
+        return output.to_tuple() if return_dict is False else output
+
+    def restore(self) -> None:
+        """Give the model its own forward back."""
+        if self.model.forward is not self.forward:
+            raise RuntimeError("the model's forward was replaced since this patch: restore the patches in reverse order")
+        if self._own_forward:
+            self.model.forward = self.original_forward
+        else:
+            del self.model.forward  # the class's forward again
+
+    def __enter__(self) -> "CausalLMLossPatch":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+
+def patch_causal_lm_loss(
+    model: nn.Module,
+    *,
+    mode: str = "B",
+    skip_logits: Optional[bool] = None,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+    grad_order: str = "auto",
+    accum_dtype: Optional[torch.dtype] = torch.float32,
+) -> CausalLMLossPatch:
+    """Compute ``model``'s causal-LM loss with the fused op (see the module docstring).
+
+    Args:
+        model: a transformers causal LM (``...ForCausalLM``, or a multimodal
+            ``...ForConditionalGeneration`` whose ``base_model`` returns ``last_hidden_state``).
+        mode: "B" (gradients in the forward, three GEMMs) or "A" (in the backward, four).
+        skip_logits: None: the fused loss while ``model.training``, the model's own forward in
+            evaluation; True: the fused loss whenever labels are given; False: never (the patch
+            does nothing).
+        backend, chunk_size, grad_order, accum_dtype: the op's (see ``fused_linear_loss``).
+    Returns:
+        The patch (a ``CausalLMLossPatch``), usable as a context manager.
+    Raises:
+        ValueError for a bad option, or a model whose head the op cannot compute
+        (``hpt_fast.logit_head.logit_transform``).
+    """
+    if mode not in ("A", "B"):
+        raise ValueError(f"mode must be 'A' or 'B', got {mode!r}")
+    if skip_logits not in (None, True, False):
+        raise ValueError(f"skip_logits must be None, True or False, got {skip_logits!r}")
+    chunk_size = check_options(backend, chunk_size, grad_order)
+    if accum_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"accum_dtype must be torch.float32, None or the inputs' dtype, got {accum_dtype!r}")
+    if not hasattr(model, "base_model") or not hasattr(model, "config"):
+        raise ValueError(f"{type(model).__name__} is not a transformers PreTrainedModel (no base_model / config)")
+    transform = logit_transform(model)
+    op_kwargs = dict(backend=backend, chunk_size=chunk_size, grad_order=grad_order, accum_dtype=accum_dtype)
+    return CausalLMLossPatch(model, transform, mode, skip_logits, op_kwargs)

@@ -1,0 +1,255 @@
+"""``patch_causal_lm_loss``: a transformers model's ``model(..., labels=...).loss`` through the op.
+
+Against a float64 reference made from the model's own logits (its forward, with whatever it does
+after lm_head), gradients of every parameter included; in the transformers ``Trainer`` with
+gradient accumulation against the unpatched model; and the refusals.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+from hpt_fast.causal_lm_loss import patch_causal_lm_loss
+from hpt_fast.logit_head import logit_transform
+
+VOCAB = 61
+TINY = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=8)
+
+
+def _model(family: str, dtype: torch.dtype = torch.float32, **settings) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{family}Config")(**{**TINY, **settings})
+    return getattr(transformers, f"{family}ForCausalLM")(config).to(dtype).train()
+
+
+def _gemma4(**text_settings) -> torch.nn.Module:
+    """A multimodal model: its language model's settings sit in the text config."""
+    text = {**TINY, "layer_types": ["full_attention"], "hidden_size_per_layer_input": 0, **text_settings}
+    torch.manual_seed(0)
+    config = transformers.Gemma4Config(text_config=text, vision_config=None, audio_config=None)
+    return transformers.Gemma4ForConditionalGeneration(config).train()
+
+
+def _batch(seed: int = 1):
+    """input_ids [3, 9], a right-padded row and a prompt of ignored labels."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (3, 9), generator=g)
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, 6:] = 0
+    labels = ids.masked_fill(attention_mask == 0, -100)
+    labels[0, :3] = -100
+    return ids, attention_mask, labels
+
+
+def _reference(model, ids, attention_mask, labels, num_items=None):
+    """float64 cross-entropy of the model's own next-token logits, and every parameter's gradient."""
+    logits = model(input_ids=ids, attention_mask=attention_mask).logits[:, :-1]
+    targets = labels[:, 1:]
+    mask = targets != -100
+    logp = logits.double().log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    loss = -(logp * mask).sum() / (mask.sum() if num_items is None else num_items)
+    return loss, torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+
+
+def _check(model, patch_kwargs, num_items=None):
+    """The patched model's loss and gradients against ``_reference`` on the unpatched model: to
+    float64 rounding for a float64 model (the torch backend, which alone computes in float64); for
+    a float32 one, where the trunk's rounding is common to both, to float32 rounding of the head."""
+    ids, attention_mask, labels = _batch()
+    want, want_grads = _reference(model, ids, attention_mask, labels, num_items)
+    dtype = next(model.parameters()).dtype
+    with patch_causal_lm_loss(model, **patch_kwargs):
+        kwargs = {} if num_items is None else {"num_items_in_batch": num_items}
+        out = model(ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        grads = torch.autograd.grad(out.loss, list(model.parameters()), allow_unused=True)
+    assert out.logits is None and out.loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(out.loss.double(), want.double(), rtol=0, atol=1e-10 if dtype == torch.float64 else 1e-6)
+    for got, ref in zip(grads, want_grads):
+        if ref is None:
+            assert got is None
+        else:
+            assert got.dtype == dtype
+            if dtype == torch.float64:
+                torch.testing.assert_close(got, ref, rtol=0, atol=1e-10)
+            else:  # relative to the whole gradient: a trunk amplifies last-bit logit differences
+                assert float((got.double() - ref).norm() / ref.double().norm()) < 1e-5
+    assert "forward" not in vars(model)  # restored to the class's forward
+
+
+@pytest.mark.parametrize("mode", ["A", "B"])
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("family, settings", [
+    ("Qwen2", {}),  # tied embeddings
+    ("Llama", {"tie_word_embeddings": False}),
+    ("Gemma2", {"final_logit_softcapping": 3.0}),  # a soft cap
+    ("Granite", {"logits_scaling": 8.0}),  # divides
+    ("Cohere", {"logit_scale": 0.0625}),  # multiplies
+])
+def test_the_loss_and_every_gradient_are_those_of_the_models_own_logits(family, settings, backend, mode):
+    model = _model(family, torch.float64 if backend == "torch" else torch.float32, **settings)
+    _check(model, dict(mode=mode, backend=backend))
+
+
+@pytest.mark.parametrize("mode", ["A", "B"])
+def test_a_multimodal_models_text_config_cap_and_num_items_in_batch(mode):
+    """Gemma 4 keeps its soft cap in the text config; the Trainer's num_items_in_batch (a tensor
+    or an int) divides the sum instead of the count."""
+    model = _gemma4(final_logit_softcapping=2.5)
+    assert logit_transform(model).softcap == 2.5
+    _check(model, dict(mode=mode, backend="cpu"), num_items=torch.tensor(40))
+    _check(model, dict(mode=mode, backend="cpu"), num_items=7)
+
+
+def test_pre_shifted_labels_are_scored_without_a_shift():
+    model = _model("Qwen2")
+    ids, attention_mask, labels = _batch()
+    shift = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    with patch_causal_lm_loss(model, backend="cpu"):
+        got = model(input_ids=ids, attention_mask=attention_mask, shift_labels=shift).loss
+    want, _ = _reference(copy.deepcopy(model).double(), ids, attention_mask, labels)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("mode", ["A", "B"])
+def test_bf16_is_as_close_to_float64_as_the_models_own_loss(mode):
+    """A bf16 model: transformers rounds its logits to bf16 and upcasts them for the loss; the op
+    sums in float32 from bf16 GEMMs. Against a float64 copy of the model, the patched loss and
+    every gradient are within 1.25x of the error of the model's own bf16 loss (which is 0.4-2.5%
+    for the gradients here)."""
+    model = _model("Qwen2", torch.bfloat16, hidden_size=64, intermediate_size=128, head_dim=32)
+    ids, attention_mask, labels = _batch()
+    want, want_grads = _reference(copy.deepcopy(model).double(), ids, attention_mask, labels)
+    own = model(input_ids=ids, attention_mask=attention_mask, labels=labels)
+    own_grads = torch.autograd.grad(own.loss, list(model.parameters()))
+    with patch_causal_lm_loss(model, mode=mode, backend="cpu"):
+        got = model(input_ids=ids, attention_mask=attention_mask, labels=labels)
+        grads = torch.autograd.grad(got.loss, list(model.parameters()))
+    assert got.loss.dtype == torch.float32
+    want = float(want.detach())
+    assert abs(float(got.loss) - want) <= 1.25 * abs(float(own.loss.detach()) - want) + 1e-6
+
+    def error(g, w):
+        return float((g.double() - w).norm() / w.norm())
+
+    for (name, _), g, o, w in zip(model.named_parameters(), grads, own_grads, want_grads):
+        assert g.dtype == torch.bfloat16 and torch.isfinite(g).all(), name
+        assert error(g, w) <= 1.25 * error(o, w), name
+
+
+def test_evaluation_runs_the_models_own_forward_unless_asked():
+    """Not training (or without labels) the model's own forward runs, logits and all; with
+    skip_logits=True evaluation takes the op too, and under no_grad it computes no gradients."""
+    model = _model("Qwen2")
+    ids, attention_mask, labels = _batch()
+    with patch_causal_lm_loss(model, backend="cpu"):
+        assert model(input_ids=ids).logits.shape == (3, 9, VOCAB)  # no labels
+        model.eval()
+        own = model(input_ids=ids, attention_mask=attention_mask, labels=labels)
+        assert own.logits.shape == (3, 9, VOCAB)
+    with patch_causal_lm_loss(model, backend="cpu", skip_logits=True), torch.no_grad():
+        fused = model(input_ids=ids, attention_mask=attention_mask, labels=labels)
+    assert fused.logits is None and fused.loss.grad_fn is None
+    torch.testing.assert_close(fused.loss, own.loss, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["A", "B"])
+def test_a_batch_without_labels_gives_zero_still_connected(mode):
+    """transformers' mean over no label is NaN; the patch's is 0, with zero gradients."""
+    model = _model("Qwen2")
+    ids, attention_mask, _ = _batch()
+    with patch_causal_lm_loss(model, mode=mode, backend="cpu"):
+        loss = model(input_ids=ids, attention_mask=attention_mask, labels=torch.full_like(ids, -100)).loss
+    assert loss.item() == 0.0
+    loss.backward()
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+
+
+def test_return_dict_false_gives_a_tuple():
+    model = _model("Qwen2")
+    ids, attention_mask, labels = _batch()
+    with patch_causal_lm_loss(model, backend="cpu"):
+        out = model(input_ids=ids, attention_mask=attention_mask, labels=labels, return_dict=False)
+    assert isinstance(out, tuple) and out[0].ndim == 0
+
+
+def test_refusals():
+    """Bad options and models the op cannot compute, before any work; bad labels with the op's error."""
+    model = _model("Qwen2")
+    with pytest.raises(ValueError, match="mode must be 'A' or 'B'"):
+        patch_causal_lm_loss(model, mode="C")
+    with pytest.raises(ValueError, match="skip_logits must be None, True or False"):
+        patch_causal_lm_loss(model, skip_logits="yes")
+    with pytest.raises(ValueError, match="grad_order"):
+        patch_causal_lm_loss(model, grad_order="rows")
+    with pytest.raises(ValueError, match="not a transformers PreTrainedModel"):
+        patch_causal_lm_loss(torch.nn.Linear(3, 4))
+    ids, attention_mask, labels = _batch()
+    with patch_causal_lm_loss(model, backend="cpu"):
+        with pytest.raises(ValueError, match=r"targets.*\[0, 61\)|out of range|outside"):
+            model(input_ids=ids, labels=labels.masked_fill(labels == labels.max(), VOCAB + 3))
+        with pytest.raises(ValueError, match="shift_labels must match"):
+            model(input_ids=ids, shift_labels=labels[:, :-2])
+        with pytest.raises(TypeError, match="got 'input_ids' twice"):
+            model(ids, input_ids=ids, labels=labels)
+    moe = _model("Qwen2Moe", num_experts=2, num_experts_per_tok=1, moe_intermediate_size=8,
+                 shared_expert_intermediate_size=8)
+    with patch_causal_lm_loss(moe, backend="cpu"):
+        moe(input_ids=ids, labels=labels).loss.backward()  # no router logits asked: served
+        with pytest.raises(ValueError, match="output_router_logits"):
+            moe(input_ids=ids, labels=labels, output_router_logits=True)
+
+
+def test_a_head_that_is_not_a_plain_linear_is_refused():
+    """Dory's head multiplies by a learned per-token scale in its own forward: the op would skip
+    it (and never train it). The trainer's policy refuses it too."""
+    from hpt_fast.policy import FusedHeadPolicy
+
+    config = transformers.DoryConfig(**{k: v for k, v in TINY.items() if k != "head_dim"})
+    model = transformers.DoryForCausalLM(config)
+    for make in (patch_causal_lm_loss, FusedHeadPolicy):
+        with pytest.raises(ValueError, match="output embedding is a DoryLMHead, not a plain nn.Linear"):
+            make(model)
+
+
+@pytest.mark.parametrize("settings, scale, softcap", [
+    ({"logits_scaling": 4.0}, 0.25, None),
+    ({"logit_scale": 0.5, "final_logit_softcapping": 3.0}, 0.5, 3.0),
+    ({}, 1.0, None),
+])
+def test_the_transform_read_from_a_config(settings, scale, softcap):
+    """Granite-style division, a multiplier before a cap (the Muse models' order)."""
+    model = _model("Qwen2")
+    for k, v in settings.items():
+        setattr(model.config, k, v)
+    transform = logit_transform(model)
+    assert (transform.scale, transform.softcap) == (scale, softcap)
+    assert transform.op_args(0.7) == {"temperature": 0.7 / scale,
+                                      "softcap": None if softcap is None else softcap / scale}
+
+
+def test_hyperclovax_multiplies_by_its_logits_scaling():
+    model = _model("Qwen2")
+    model.config.logits_scaling = 4.0
+    model.config.model_type = "hyperclovax"
+    assert logit_transform(model).scale == 4.0
+    model.config.logit_scale = 2.0
+    with pytest.raises(ValueError, match="sets logits_scaling=4.0 and logit_scale=2.0"):
+        logit_transform(model)
+    model.config.logit_scale = -1.0
+    with pytest.raises(ValueError, match="logit_scale=-1.0: a logit scale the fused head can express"):
+        logit_transform(model)
+
+
+def test_restore_in_the_wrong_order_is_refused():
+    model = _model("Qwen2")
+    first = patch_causal_lm_loss(model)
+    second = patch_causal_lm_loss(model)
+    with pytest.raises(RuntimeError, match="restore the patches in reverse order"):
+        first.restore()
+    second.restore()
+    first.restore()
+    assert "forward" not in vars(model)
