@@ -16,8 +16,10 @@ them in the backward, four GEMMs' worth, holding nothing. The model's transform 
 (a scale, a soft cap: ``hpt_fast.logit_head``) is applied; a head that is not a plain ``nn.Linear``
 is refused. With no label in a batch the loss is 0 (transformers' own mean gives NaN), still
 connected to the model. MoE load-balancing losses (``output_router_logits``) are not added: such a
-call raises. Under DeepSpeed ZeRO-3 the partitioned head is gathered around the op's call; under
-FSDP2 a sharded head is all-gathered with ``full_tensor()``.
+call raises. Under DeepSpeed ZeRO-3 the partitioned head is gathered around the op's call (inside
+DeepSpeed's engine its own parameter access already does). Under FSDP2 the head must belong to
+the unit of a module that runs (the root, by default): a head sharded as a unit of its own is still
+sharded here, and FSDP would not reduce its gradient, so it is refused.
 """
 from __future__ import annotations
 
@@ -102,10 +104,19 @@ class CausalLMLossPatch:
                              f"{tuple(hidden.shape[:-1])} (shift_labels must match the input's [batch, sequence])")
         head = model.get_output_embeddings()
         weight, bias = head.weight, head.bias
-        if hasattr(weight, "full_tensor"):  # an FSDP2-sharded head, which never runs as a module here
-            weight = weight.full_tensor()
-            bias = None if bias is None else bias.full_tensor()
+        if hasattr(weight, "full_tensor"):
+            # FSDP2 unshards a module's parameters around its forward and reduces their gradients
+            # after its backward; a head sharded as a unit of its own never runs here, so its
+            # gradient would stay each rank's own (full_tensor()'s backward only slices)
+            raise ValueError(f"{type(model).__name__}'s output embedding is sharded (a DTensor) when its loss is "
+                             "computed: an FSDP unit of its own, whose gradient FSDP would not reduce without "
+                             "its forward. Shard the head with its parent (fully_shard the model, not the head)")
         hidden, targets = hidden.to(weight.device), targets.to(weight.device)
+        if weight.dtype != hidden.dtype and not torch.is_autocast_enabled(hidden.device.type):
+            # the head's module would have run in the trunk's dtype (FSDP2's mixed precision casts
+            # the parameters of the modules that run; this one does not): a differentiable cast
+            weight = weight.to(hidden.dtype)
+            bias = None if bias is None else bias.to(hidden.dtype)
         mask = targets != ignore_index
         op = dict(bias=bias, ignore_index=ignore_index, **self.transform.op_args(), **self.op_kwargs)
         with zero3.gathered(weight, bias):

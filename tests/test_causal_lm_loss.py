@@ -130,7 +130,7 @@ def test_bf16_is_as_close_to_float64_as_the_models_own_loss(mode):
         grads = torch.autograd.grad(got.loss, list(model.parameters()))
     assert got.loss.dtype == torch.float32
     want = float(want.detach())
-    assert abs(float(got.loss) - want) <= 1.25 * abs(float(own.loss.detach()) - want) + 1e-6
+    assert abs(float(got.loss.detach()) - want) <= 1.25 * abs(float(own.loss.detach()) - want) + 1e-6
 
     def error(g, w):
         return float((g.double() - w).norm() / w.norm())
@@ -253,3 +253,89 @@ def test_restore_in_the_wrong_order_is_refused():
     second.restore()
     first.restore()
     assert "forward" not in vars(model)
+
+
+def _trainer_run(tmp_path, patched: bool, monkeypatch) -> tuple[list[float], dict, list]:
+    """Three optimizer steps of the transformers Trainer (2 sequences x 2 accumulated micro-batches
+    each) on a tiny Qwen2; the logged losses, the final weights and the op's calls."""
+    import hpt_fast.causal_lm_loss as causal_lm_loss
+    from hpt_fast.ops import fused_linear_loss as op
+
+    calls = []
+
+    def counted(hidden, *args, **kwargs):
+        calls.append(tuple(hidden.shape))
+        return op(hidden, *args, **kwargs)
+
+    monkeypatch.setattr(causal_lm_loss, "fused_linear_loss", counted)
+    model = _model("Qwen2", tie_word_embeddings=False)
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for i in range(12):  # lengths 4-15, prompts of 1-3 ignored tokens: micro-batches of unequal size
+        ids = torch.randint(0, VOCAB, (4 + (5 * i) % 12,), generator=g)
+        labels = ids.clone()
+        labels[: 1 + i % 3] = -100
+        rows.append({"input_ids": ids, "labels": labels})
+
+    def collate(batch):
+        width = max(len(r["input_ids"]) for r in batch)
+        pad = lambda t, value: torch.nn.functional.pad(t, (0, width - len(t)), value=value)  # noqa: E731
+        return {"input_ids": torch.stack([pad(r["input_ids"], 0) for r in batch]),
+                "attention_mask": torch.stack([pad(torch.ones_like(r["input_ids"]), 0) for r in batch]),
+                "labels": torch.stack([pad(r["labels"], -100) for r in batch])}
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / ("patched" if patched else "own")), per_device_train_batch_size=2,
+        gradient_accumulation_steps=2, max_steps=3, learning_rate=1e-2, use_cpu=True, report_to="none",
+        save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)
+    if patched:
+        with patch_causal_lm_loss(model, backend="cpu"):
+            trainer.train()
+    else:
+        trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}, calls
+
+
+def test_the_transformers_trainer_with_gradient_accumulation_trains_as_without_the_patch(tmp_path, monkeypatch):
+    """The Trainer passes num_items_in_batch (the labelled tokens of all accumulated micro-batches)
+    to a forward that takes **kwargs: the patched forward divides by it, so the logged losses and
+    the weights after three AdamW steps equal those of the model's own loss (to float32 rounding
+    through AdamW's normalisation), and every micro-batch ran through the op."""
+    own_losses, own_weights, own_calls = _trainer_run(tmp_path, False, monkeypatch)
+    losses, weights, calls = _trainer_run(tmp_path, True, monkeypatch)
+    assert own_calls == [] and len(calls) == 6 and len(losses) == 3
+    torch.testing.assert_close(losses, own_losses, rtol=1e-5, atol=1e-6)
+    for name, want in own_weights.items():
+        torch.testing.assert_close(weights[name], want, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("strategy", ["zero3", "fsdp2"])
+def test_a_sharded_training_step_through_the_patch_equals_the_models_own_loss(tmp_path, strategy):
+    """One step on two gloo ranks, each its own batch, of a model sharded by DeepSpeed ZeRO-3 (every
+    parameter partitioned: the patch gathers the head, which never runs as a module, for mode B's
+    forward) or FSDP2 (an untied head a unit of its own: the op gets its full_tensor()), in float32
+    and in each one's bf16 mixed precision, untied and tied embeddings: the loss, the reduced
+    gradients of every parameter and the weights after the update equal those of the model's own
+    loss on both ranks (tests/sharded_head_run.py)."""
+    pytest.importorskip("deepspeed")
+    from sharded_head_run import compare, launch
+
+    compare(launch(strategy, "loss", tmp_path), strategy, "loss")
+
+
+def test_an_fsdp2_head_sharded_as_a_unit_of_its_own_is_refused(one_rank_group):
+    """Such a head never runs as a module under the patch, so FSDP2 would neither unshard it nor
+    reduce its gradient: a clear error instead of each rank's unreduced gradient."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model("Llama", tie_word_embeddings=False)
+    mesh = init_device_mesh("cpu", (1,))
+    fully_shard(model.lm_head, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    ids, attention_mask, labels = _batch()
+    with patch_causal_lm_loss(model, backend="cpu"):
+        with pytest.raises(ValueError, match="output embedding is sharded .a DTensor. when its loss is computed"):
+            model(input_ids=ids, attention_mask=attention_mask, labels=labels)
