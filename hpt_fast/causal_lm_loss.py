@@ -112,11 +112,6 @@ class CausalLMLossPatch:
                              "computed: an FSDP unit of its own, whose gradient FSDP would not reduce without "
                              "its forward. Shard the head with its parent (fully_shard the model, not the head)")
         hidden, targets = hidden.to(weight.device), targets.to(weight.device)
-        if weight.dtype != hidden.dtype and not torch.is_autocast_enabled(hidden.device.type):
-            # the head's module would have run in the trunk's dtype (FSDP2's mixed precision casts
-            # the parameters of the modules that run; this one does not): a differentiable cast
-            weight = weight.to(hidden.dtype)
-            bias = None if bias is None else bias.to(hidden.dtype)
         mask = targets != ignore_index
         op = dict(bias=bias, ignore_index=ignore_index, **self.transform.op_args(), **self.op_kwargs)
         with zero3.gathered(weight, bias):

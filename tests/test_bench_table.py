@@ -163,6 +163,27 @@ def test_gemm_chunking_table():
             assert abs(float(c[6]) - sum(float(x) for x in c[3:6])) < 2e-3, c
 
 
+def test_causal_lm_loss_table():
+    """The whole-model bench: a row per way of computing the loss and dtype, each loss equal to
+    transformers' own (the bench checks it before timing), a peak from each memory child."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.causal_lm_loss", "--tokens", "64", "--seq", "32", "--hidden", "64",
+         "--layers", "1", "--vocab", "301", "--repeats", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    tables = out.stdout.split("### ")[1:]
+    assert [t.split(",")[0] for t in tables] == ["float32", "bfloat16"]
+    for table in tables:
+        rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()
+                if line.startswith("| ") and not line.startswith("| row") and not line.startswith("| ---")]
+        assert [r[0].split(",")[0] for r in rows] == ["transformers' own loss (materialised logits)",
+                                                     "hpt_fast patch_causal_lm_loss"] + ["hpt_fast patch_causal_lm_loss"]
+        assert rows[0][2] == "1.00x" and all(float(r[3]) >= 0 for r in rows)
+        losses = [float(r[5]) for r in rows]
+        assert max(losses) - min(losses) < 1e-3 * losses[0]
+
+
 def test_idle_gaps_of_a_trace():
     """The profile's gap list: busy time is the union of device work, gaps are measured from the
     latest end so far, and each names the host call that ran through it."""
@@ -290,6 +311,7 @@ def test_row_kernel_sweep_runs_every_configuration():
     ("bench.profile_train_step", ["--steps", "0"], "need --warmup >= 0, --steps >= 1"),
     ("bench.rollout_throughput", ["--prompt-lengths", "16"], "expected MIN-MAX with 1 <= MIN <= MAX, got '16'"),
     ("bench.rollout_throughput", ["--sliding-window", "0"], "expected a positive integer, got '0'"),
+    ("bench.causal_lm_loss", ["--tokens", "100", "--seq", "64"], "--tokens must be a multiple of --seq"),
 ])
 def test_bad_bench_arguments_are_usage_errors(module, argv, message, capsys):
     """Found before any work, not as a traceback after the header or the first shape's runs."""

@@ -6,6 +6,7 @@ gradient accumulation against the unpatched model; and the refusals.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -104,6 +105,16 @@ def test_a_multimodal_models_text_config_cap_and_num_items_in_batch(mode):
     _check(model, dict(mode=mode, backend="cpu"), num_items=7)
 
 
+@pytest.mark.parametrize("mode", ["A", "B"])
+def test_activation_checkpointing_recomputes_the_trunk_under_the_patch(mode):
+    """transformers' activation checkpointing recomputes each layer in the backward; the loss's
+    gradients reach it as without checkpointing."""
+    model = _model("Qwen2", num_hidden_layers=2)
+    model.activation_checkpointing_enable()
+    assert model.is_activation_checkpointing
+    _check(model, dict(mode=mode, backend="cpu"))
+
+
 def test_pre_shifted_labels_are_scored_without_a_shift():
     model = _model("Qwen2")
     ids, attention_mask, labels = _batch()
@@ -115,19 +126,23 @@ def test_pre_shifted_labels_are_scored_without_a_shift():
 
 
 @pytest.mark.parametrize("mode", ["A", "B"])
-def test_bf16_is_as_close_to_float64_as_the_models_own_loss(mode):
-    """A bf16 model: transformers rounds its logits to bf16 and upcasts them for the loss; the op
-    sums in float32 from bf16 GEMMs. Against a float64 copy of the model, the patched loss and
-    every gradient are within 1.25x of the error of the model's own bf16 loss (which is 0.4-2.5%
-    for the gradients here)."""
-    model = _model("Qwen2", torch.bfloat16, hidden_size=64, intermediate_size=128, head_dim=32)
+@pytest.mark.parametrize("how", ["bf16 weights", "autocast"])
+def test_bf16_is_as_close_to_float64_as_the_models_own_loss(mode, how):
+    """A bf16 model, or a float32 one under bf16 autocast (the Trainer's ``bf16=True``):
+    transformers rounds its logits to bf16 and upcasts them for the loss; the op sums in float32
+    from bf16 GEMMs. Against a float64 copy of the model, the patched loss and every gradient are
+    within 1.25x of the error of the model's own loss (0.4-2.5% for the gradients here)."""
+    dtype = torch.bfloat16 if how == "bf16 weights" else torch.float32
+    model = _model("Qwen2", dtype, hidden_size=64, intermediate_size=128, head_dim=32)
     ids, attention_mask, labels = _batch()
     want, want_grads = _reference(copy.deepcopy(model).double(), ids, attention_mask, labels)
-    own = model(input_ids=ids, attention_mask=attention_mask, labels=labels)
+    context = (lambda: torch.autocast("cpu", torch.bfloat16)) if how == "autocast" else contextlib.nullcontext
+    with context():
+        own = model(input_ids=ids, attention_mask=attention_mask, labels=labels)
     own_grads = torch.autograd.grad(own.loss, list(model.parameters()))
-    with patch_causal_lm_loss(model, mode=mode, backend="cpu"):
+    with patch_causal_lm_loss(model, mode=mode, backend="cpu"), context():
         got = model(input_ids=ids, attention_mask=attention_mask, labels=labels)
-        grads = torch.autograd.grad(got.loss, list(model.parameters()))
+    grads = torch.autograd.grad(got.loss, list(model.parameters()))
     assert got.loss.dtype == torch.float32
     want = float(want.detach())
     assert abs(float(got.loss.detach()) - want) <= 1.25 * abs(float(own.loss.detach()) - want) + 1e-6
@@ -136,7 +151,7 @@ def test_bf16_is_as_close_to_float64_as_the_models_own_loss(mode):
         return float((g.double() - w).norm() / w.norm())
 
     for (name, _), g, o, w in zip(model.named_parameters(), grads, own_grads, want_grads):
-        assert g.dtype == torch.bfloat16 and torch.isfinite(g).all(), name
+        assert g.dtype == dtype and torch.isfinite(g).all(), name
         assert error(g, w) <= 1.25 * error(o, w), name
 
 
