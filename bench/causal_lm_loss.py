@@ -110,6 +110,7 @@ def run(args: argparse.Namespace, dtype: str) -> str:
         model, batch = build(name, args, DTYPES[dtype])
         steps[name] = step_of(model, batch)
         losses[name] = steps[name]()  # warm-up, and the loss each row computes
+    del model, batch  # the steps hold them, until the timings are done
     reference = losses["transformers"]
     for name, loss in losses.items():
         # bf16: transformers' loss comes from bf16-rounded logits, the op's from float32 sums

@@ -94,6 +94,10 @@ step row_sums "${ROW_SUMS_LIMIT_S:-40}" python3 -m bench.row_kernel_sweep --devi
 step table_7b_softcap "${SOFTCAP_LIMIT_S:-60}" python3 -m bench.fused_op_table --device cuda \
     --shapes $TRAINING_SHAPE --dtypes bfloat16 \
     --impls hpt_a_triton,hpt_a_triton_softcap,hpt_b_triton_softcap,naive_softcap,liger_flce_softcap,trl_chunked_softcap,cce_softcap
+# a whole model's step with its own loss patched (patch_causal_lm_loss) against transformers' own:
+# a 2-layer Qwen2 with the 7B's H and V, 8192 tokens in rows of 2048
+step causal_lm_loss "${CAUSAL_LM_LIMIT_S:-90}" python3 -m bench.causal_lm_loss --device cuda \
+    --tokens 8192 --seq 2048 --hidden 3584 --layers 2 --repeats 10
 # torch AMP: float32 leaves, forward under autocast; the op taking them itself (float32 weight
 # gradient summed in place, so token order) against bf16 casts of them handed to it (vocabulary
 # order, bf16 gradients cast back by autograd)

@@ -30,16 +30,17 @@ class FusedHeadPolicy(nn.Module):
 
     ``lm`` stays the object to save (``save_pretrained``) and to generate with; this wrapper only
     adds the forward the trainer needs. ``op_kwargs``: the fused op's settings for the forward
-    without a loss (``FusedOpConfig.op_kwargs``; a loss carries its own). A model that soft-caps its
-    logits (Gemma 2 and later) has its cap applied in the fused head (``softcap``).
+    without a loss (``FusedOpConfig.op_kwargs``; a loss carries its own). What the model does to
+    its logits after lm_head (a scale, a soft cap: ``hpt_fast.logit_head``) is the fused head's
+    temperature and soft cap, so the log-probs trained are those of the logits the model samples
+    from; a head the op cannot compute (not a plain ``nn.Linear``) is refused.
     """
 
     def __init__(self, lm: nn.Module, op_kwargs: Optional[dict[str, Any]] = None) -> None:
         super().__init__()
-        _check_plain_head(lm)
+        self.transform = logit_transform(lm)
         self.lm = lm
         self.op_kwargs = dict(op_kwargs or {})
-        self.softcap = logit_softcap(lm)
 
     def head_parameters(self) -> list[nn.Parameter]:
         """The output embedding's weight (and bias), which the fused op reads directly."""
@@ -74,37 +75,19 @@ class FusedHeadPolicy(nn.Module):
         (0 at ignored positions), e.g. the old policy's under ``torch.no_grad``.
         """
         head = self.lm.get_output_embeddings()
-        if loss_fn is not None and loss_fn.softcap != self.softcap:
+        softcap = self.transform.op_args()["softcap"]
+        if loss_fn is not None and loss_fn.softcap != softcap:
             # the loss would train the log-probs of other logits than the model samples from
-            raise ValueError(f"loss_fn has softcap={loss_fn.softcap}, the model's logits are capped at "
-                             f"{self.softcap} (its config's final_logit_softcapping)")
+            raise ValueError(f"loss_fn has softcap={loss_fn.softcap}, the model's logits need the fused head's "
+                             f"softcap={softcap} (its config's final_logit_softcapping over its logit scale): "
+                             "build the loss with logit_transform(model).op_args(temperature)")
         hidden = self.hidden(mb)
         if loss_fn is None:
-            logp, _ = fused_token_logprobs(hidden, head.weight, mb.targets, bias=head.bias, temperature=temperature,
-                                           softcap=self.softcap, **self.op_kwargs)
+            logp, _ = fused_token_logprobs(hidden, head.weight, mb.targets, bias=head.bias,
+                                           **self.transform.op_args(temperature), **self.op_kwargs)
             return logp
         return loss_fn(hidden, head.weight, mb.targets, mb.mask, mb.advantages, bias=head.bias,
                        old_logp=old_logp, off_policy=mb.off_policy, rewards=mb.rewards, normalizers=normalizers)
-
-
-def logit_softcap(lm: nn.Module) -> Optional[float]:
-    """The model's logit soft cap c (logits ``c * tanh(lm_head(hidden) / c)``: the config's
-    ``final_logit_softcapping``, Gemma 2 and later), or None."""
-    return logit_transform(lm).softcap
-
-
-def _check_plain_head(lm: nn.Module) -> None:
-    """ValueError for a model whose logits are not ``lm_head(hidden)`` up to a soft cap (the fused
-    head computes that one, ``logit_softcap``): a scale after the head, or a head that is not a
-    plain ``nn.Linear``. It would train the model on the log-probs of other logits than the ones
-    it samples from, without a word."""
-    transform = logit_transform(lm)  # refuses heads that are not plain nn.Linear
-    if transform.field is not None:
-        field, value = transform.field
-        raise ValueError(
-            f"{type(lm).__name__} sets {field}={value}: its logits are transformed after lm_head, "
-            "which the fused head does not do; hpt_fast trains models whose logits are lm_head(hidden)"
-        )
 
 
 def gathered_state_dict(lm: nn.Module, rank: int) -> Optional[dict[str, Tensor]]:

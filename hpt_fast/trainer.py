@@ -42,9 +42,10 @@ from hpt_fast.config import Config, ConfigError, build_estimators, dump_config, 
 from hpt_fast.data import DataError, PromptSampler, check_set_names, load_prompt_set, shard
 from hpt_fast.estimator import Normalizers
 from hpt_fast.hpt import BatchRows, assemble_hpt_rows, assemble_luffy_rows, assemble_rl_rows, assemble_sft_rows
+from hpt_fast.logit_head import logit_transform
 from hpt_fast.loss import FusedUnifiedLoss
 from hpt_fast.metrics import MetricsLogger
-from hpt_fast.policy import FusedHeadPolicy, gathered_state_dict, logit_softcap
+from hpt_fast.policy import FusedHeadPolicy, gathered_state_dict
 from hpt_fast.reward import RewardPool
 from hpt_fast.rollout import NativeEngine, RolloutEngine, context_length, end_token_ids
 from hpt_fast.step_stats import StepStats
@@ -224,7 +225,7 @@ class Trainer:
 
         self.sampler = PromptSampler(len(self.train_set), cfg.train.seed, d.shuffle)
         self.losses = {
-            rule: FusedUnifiedLoss(est, temperature=cfg.rollout.temperature, softcap=logit_softcap(model),
+            rule: FusedUnifiedLoss(est, **logit_transform(model).op_args(cfg.rollout.temperature),
                                    **cfg.fused_op.op_kwargs())
             for rule, est in build_estimators(cfg).items()
         }

@@ -40,6 +40,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from hpt_fast.logit_head import LogitTransform
 from hpt_fast.op_inputs import check_options
 from hpt_fast.ops import fused_token_logprobs
 
@@ -124,10 +125,9 @@ class TrlFusedHead:
             # casts each weight tile, the op takes the whole weight in hidden's dtype
             weight = weight.to(hidden.dtype)
             bias = None if bias is None else bias.to(hidden.dtype)
-        scale = float(logit_scale)
-        softcap = None if final_logit_softcapping is None else final_logit_softcapping / scale
+        transform = LogitTransform(scale=float(logit_scale), softcap=final_logit_softcapping)
         logp, entropy, *extras = fused_token_logprobs(
-            hidden, weight, targets, bias=bias, temperature=temperature / scale, softcap=softcap,
+            hidden, weight, targets, bias=bias, **transform.op_args(temperature),
             return_entropy="entropy" in outputs, return_top1="is_top1" in outputs,
             return_logit_mean="mean_logits" in outputs, return_log_sum_sq_probs="log_sum_sq_probs" in outputs,
             **self.op_kwargs,

@@ -303,29 +303,21 @@ def test_end_token_ids():
     ("Cohere", {"logit_scale": 0.0625}),
     ("FalconH1", {"lm_head_multiplier": 0.5}),
 ])
-def test_a_model_that_transforms_its_logits_after_the_head_is_refused(family, settings):
-    """The fused head computes the log-probs of lm_head(hidden): for these models that is not what
-    they sample from, and training them would be wrong without a word."""
+def test_a_model_that_scales_its_logits_after_the_head_is_trained_on_them(family, settings):
+    """Granite divides its logits by logits_scaling, Cohere and Falcon-H1 multiply them: the fused
+    head takes the scale into its temperature, so the policy's log-probs, loss and gradients are
+    those of the model's own logits, which differ from lm_head(hidden)'s."""
     import transformers
-
-    from hpt_fast.policy import FusedHeadPolicy
 
     tiny = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                 num_attention_heads=2, num_key_value_heads=1, head_dim=8)
-    config = getattr(transformers, f"{family}Config")(**tiny, **settings)
-    model = getattr(transformers, f"{family}ForCausalLM")(config)
-    field, value = next(iter(settings.items()))
-    with pytest.raises(ValueError, match=f"sets {field}={value}: its logits are transformed after lm_head"):
-        FusedHeadPolicy(model)
-    neutral = {"logits_scaling": 1.0, "logit_scale": 1.0, "lm_head_multiplier": 1.0}[field]
-    plain = getattr(transformers, f"{family}ForCausalLM")(getattr(transformers, f"{family}Config")(**tiny, **{field: neutral}))
-    FusedHeadPolicy(plain)
-    # the model's own logits: not lm_head(hidden) with the setting, exactly that without it
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}ForCausalLM")(getattr(transformers, f"{family}Config")(**tiny, **settings))
     ids = torch.tensor([[1, 2, 3, 4]])
-    for lm, same in ((model, False), (plain, True)):
-        with torch.no_grad():
-            head = lm.get_output_embeddings()(lm.get_decoder()(input_ids=ids).last_hidden_state)
-            assert torch.allclose(lm(ids).logits, head, atol=1e-6) == same, (family, same)
+    with torch.no_grad():
+        head = model.get_output_embeddings()(model.get_decoder()(input_ids=ids).last_hidden_state)
+        assert not torch.allclose(model(ids).logits, head, atol=1e-3)
+    _policy_matches_the_model(model, temperature=0.7)
 
 
 def _gemma4(**text_settings):
@@ -340,17 +332,15 @@ def _gemma4(**text_settings):
     return Gemma4ForConditionalGeneration(Gemma4Config(text_config=text, vision_config=None, audio_config=None))
 
 
-@pytest.mark.parametrize("field, value", [("logits_scaling", 8.0), ("logit_scale", 0.0625), ("lm_head_multiplier", 0.5)])
-def test_a_logit_transform_in_the_text_config_is_refused(field: str, value: float) -> None:
-    """A logit transform set in the text sub-config (``get_text_config()``) is refused like a top-level one."""
-    from hpt_fast.policy import FusedHeadPolicy
+def test_a_scale_in_the_text_config_is_read_from_there() -> None:
+    """A logit scale set in the text sub-config (``get_text_config()``) is the fused head's as a
+    top-level one is (Granite 4 Vision divides by its text config's logits_scaling)."""
+    from hpt_fast.logit_head import logit_transform
 
     model = _gemma4()
-    FusedHeadPolicy(model)
-    setattr(model.config.get_text_config(), field, value)
-    assert not hasattr(model.config, field)  # the sub-config alone holds it
-    with pytest.raises(ValueError, match=f"sets {field}={value}: its logits are transformed after lm_head"):
-        FusedHeadPolicy(model)
+    model.config.get_text_config().logits_scaling = 8.0
+    assert not hasattr(model.config, "logits_scaling")  # the sub-config alone holds it
+    assert logit_transform(model).scale == 1 / 8
 
 
 def _policy_matches_the_model(lm, temperature: float) -> None:
@@ -359,7 +349,8 @@ def _policy_matches_the_model(lm, temperature: float) -> None:
     from hpt_fast.batching import Row, collate
     from hpt_fast.estimator import get_estimator
     from hpt_fast.loss import FusedUnifiedLoss
-    from hpt_fast.policy import FusedHeadPolicy, logit_softcap
+    from hpt_fast.logit_head import logit_transform
+    from hpt_fast.policy import FusedHeadPolicy
 
     policy = FusedHeadPolicy(lm)
     head = lm.get_output_embeddings()
@@ -375,7 +366,7 @@ def _policy_matches_the_model(lm, temperature: float) -> None:
     est = get_estimator("grpo")
     entropy = -(logprobs.exp() * logprobs).sum(-1) if est.needs_entropy else None
     want_loss, _ = est(want, mb.mask, mb.advantages, off_policy=mb.off_policy, rewards=mb.rewards, entropy=entropy)
-    loss, _ = policy(mb, FusedUnifiedLoss(est, temperature=temperature, softcap=logit_softcap(lm)))
+    loss, _ = policy(mb, FusedUnifiedLoss(est, **logit_transform(lm).op_args(temperature)))
     params = [p for p in (head.weight, getattr(head, "bias", None)) if p is not None]
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
     for g, w in zip(torch.autograd.grad(loss, params), torch.autograd.grad(want_loss, params)):
@@ -394,7 +385,8 @@ def test_a_soft_capped_model_is_trained_on_its_capped_logits(where: str) -> None
     from hpt_fast.batching import Row, collate
     from hpt_fast.estimator import get_estimator
     from hpt_fast.loss import FusedUnifiedLoss
-    from hpt_fast.policy import FusedHeadPolicy, logit_softcap
+    from hpt_fast.logit_head import logit_transform
+    from hpt_fast.policy import FusedHeadPolicy
 
     cap = 0.1
     if where == "config":
@@ -405,7 +397,7 @@ def test_a_soft_capped_model_is_trained_on_its_capped_logits(where: str) -> None
         lm = transformers.Gemma2ForCausalLM(config)
     else:
         lm = _gemma4(final_logit_softcapping=cap)
-    assert logit_softcap(lm) == cap
+    assert logit_transform(lm).softcap == cap
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         head = lm.get_output_embeddings()(lm.get_decoder()(input_ids=ids).last_hidden_state)
@@ -413,7 +405,8 @@ def test_a_soft_capped_model_is_trained_on_its_capped_logits(where: str) -> None
         assert float((lm(ids).logits - head).abs().max()) > 0.05
     _policy_matches_the_model(lm, temperature=0.7)
     mb = collate([Row(0, [1, 2], [3, 4], 1.0, False, 1.0)], [0], pad_id=0)
-    with pytest.raises(ValueError, match=f"loss_fn has softcap=None, the model's logits are capped at {cap}"):
+    with pytest.raises(ValueError, match=f"loss_fn has softcap=None, the model's logits need the fused head's "
+                                         f"softcap={cap}"):
         FusedHeadPolicy(lm)(mb, FusedUnifiedLoss(get_estimator("grpo")))
 
 
