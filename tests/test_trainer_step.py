@@ -108,36 +108,47 @@ def test_recomputed_old_logprobs_are_those_of_the_policy_that_sampled(make_train
     assert abs(metrics["ratio_mean"] - 1.0) > 1e-6 and metrics["approx_kl"] != 0.0
 
 
-def test_a_gemma2_with_sliding_windows_and_soft_caps_trains_end_to_end(make_trainer, tmp_path):
-    """A Gemma 2 given by model.path (sliding-window layers, attention and final logit soft caps
-    that change its logits): the native engine's log-probs of its rollouts, longer than the
-    window, are those the fused head (with the cap) recomputes as pi_old, and a GRPO step trains."""
+@pytest.mark.parametrize("family", ["gemma2", "granite"])
+def test_a_model_that_transforms_its_logits_trains_end_to_end(make_trainer, tmp_path, family):
+    """A model given by model.path whose logits are not lm_head(hidden): a Gemma 2 (sliding-window
+    layers, attention and final logit soft caps) or a Granite (logits divided by logits_scaling).
+    The native engine's log-probs of its rollouts (longer than Gemma's window) are those the fused
+    head (with the cap, or the scale in its temperature) recomputes as pi_old, and a GRPO step trains."""
     import transformers
 
     from hpt_fast.toy import build_tokenizer
 
     tok = build_tokenizer()
-    config = transformers.Gemma2Config(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, sliding_window=4, attn_logit_softcapping=1.0,
-        final_logit_softcapping=1.0, initializer_range=0.5, max_position_embeddings=256,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, initializer_range=0.5,
+                  max_position_embeddings=256, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id)
+    if family == "gemma2":
+        config = transformers.Gemma2Config(**common, sliding_window=4, attn_logit_softcapping=1.0,
+                                           final_logit_softcapping=1.0)
+        model_class = transformers.Gemma2ForCausalLM
+    else:
+        config = transformers.GraniteConfig(**common, logits_scaling=0.25)
+        model_class = transformers.GraniteForCausalLM
     torch.manual_seed(0)
-    lm = transformers.Gemma2ForCausalLM(config)
+    lm = model_class(config)
     ids = torch.tensor([[tok.bos_token_id, 5, 6, 7]])
-    with torch.no_grad():  # the cap shows in the logits
+    with torch.no_grad():  # the cap or the scale shows in the logits
         head = lm.get_output_embeddings()(lm.get_decoder()(input_ids=ids).last_hidden_state)
         assert float((lm(ids).logits - head).abs().max()) > 0.1
-    lm.save_pretrained(tmp_path / "gemma2")
-    trainer = make_trainer(f"model.path={tmp_path / 'gemma2'}", "model.tokenizer=toy", "algorithm.method=grpo",
+    lm.save_pretrained(tmp_path / family)
+    trainer = make_trainer(f"model.path={tmp_path / family}", "model.tokenizer=toy", "algorithm.method=grpo",
                            "rollout.old_logprobs=recompute", "train.mini_batch_prompts=2")
     _rewards(trainer, [[1, 0], [0, 1], [1, 0], [0, 1]])
     seen = _spy_updates(trainer)
     before = [p.detach().clone() for p in trainer.model.parameters()]
     metrics = trainer.train_step()
     mb, old = seen[0][0][0], seen[0][1][0]
-    assert int(mb.mask.sum(-1).max()) > 2 * config.sliding_window
-    torch.testing.assert_close(old[mb.mask], mb.sample_logprobs[mb.mask], atol=1e-4, rtol=0)
+    if family == "gemma2":
+        assert int(mb.mask.sum(-1).max()) > 2 * config.sliding_window
+    # the engine's cached decoding against the full recompute, in float32: Granite's logits are 4x
+    # larger here (log-probs down to -6.5), so its rounding is too
+    torch.testing.assert_close(old[mb.mask], mb.sample_logprobs[mb.mask], atol=1e-4, rtol=1e-4)
     assert math.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert any(not torch.equal(p, b) for p, b in zip(trainer.model.parameters(), before))
