@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-# config fields that scale the logits, with the value that leaves them unchanged
+# config fields that scale the logits (1.0 leaves them unchanged)
 _SCALE_FIELDS = ("logits_scaling", "logit_scale", "lm_head_multiplier", "output_multiplier")
 # models whose logits_scaling multiplies the logits (Granite and MiniCPM3 divide by it)
 _MULTIPLYING_LOGITS_SCALING = ("hyperclovax",)
@@ -29,12 +29,10 @@ _MULTIPLYING_LOGITS_SCALING = ("hyperclovax",)
 
 @dataclass(frozen=True)
 class LogitTransform:
-    """Logits = ``softcap * tanh(scale * lm_head(hidden) / softcap)`` (no tanh when softcap is
-    None). ``field``: the config field that set ``scale`` and its value, for messages, or None."""
+    """Logits = ``softcap * tanh(scale * lm_head(hidden) / softcap)`` (no tanh when softcap is None)."""
 
     scale: float = 1.0
     softcap: Optional[float] = None
-    field: Optional[tuple[str, Any]] = None
 
     def op_args(self, temperature: float = 1.0) -> dict[str, Any]:
         """The fused op's ``temperature`` and ``softcap`` for sampling temperature ``temperature``."""
@@ -85,13 +83,12 @@ def logit_transform(model: nn.Module) -> LogitTransform:
             raise ValueError(f"{type(model).__name__} sets {name}={value!r}: a logit scale the fused head can "
                              "express is a finite number > 0")
         divides = name == "logits_scaling" and getattr(config, "model_type", None) not in _MULTIPLYING_LOGITS_SCALING
-        scales.append((1.0 / value if divides else float(value), (name, value)))
+        scales.append((1.0 / value if divides else float(value), f"{name}={value}"))
     if len(scales) > 1:
-        raise ValueError(f"{type(model).__name__} sets {' and '.join(f'{n}={v}' for _, (n, v) in scales)}: "
-                         "which applies first is not known here")
+        raise ValueError(f"{type(model).__name__} sets {' and '.join(text for _, text in scales)}: no model is "
+                         "known to apply two logit scales, so which of them it applies is not known here")
     softcap, _ = _field(configs, "final_logit_softcapping")
     if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
                                 or not (math.isfinite(softcap) and softcap > 0)):
         raise ValueError(f"{type(model).__name__} sets final_logit_softcapping={softcap!r}, not a finite number > 0")
-    scale, field = scales[0] if scales else (1.0, None)
-    return LogitTransform(scale=scale, softcap=None if softcap is None else float(softcap), field=field)
+    return LogitTransform(scale=scales[0][0] if scales else 1.0, softcap=None if softcap is None else float(softcap))
