@@ -86,8 +86,9 @@ setup(
     extras_require={
         # liger-kernel: the trainer's Liger patch is tested through its real API
         # TRL: hpt_fast.trl_head patches a private name of it, tested against this version
+        # peft: patch_causal_lm_loss under LoRA, tested against this version
         "test": ["pytest", "pytest-benchmark", "triton", "matplotlib", "liger-kernel",
-                 "trl==1.16.0", "accelerate==1.15.0", "datasets==5.2.0"],
+                 "trl==1.16.0", "accelerate==1.15.0", "datasets==5.2.0", "peft==0.21.2"],
         # TRL and what it needs, pinned to the versions bench/step_time_vs_trl.py was measured with
         "bench": ["pytest-benchmark", "liger-kernel", "cut-cross-entropy", "triton",
                   "trl==1.16.0", "accelerate==1.15.0", "datasets==5.2.0"],

@@ -159,7 +159,9 @@ def patch_causal_lm_loss(
 
     Args:
         model: a transformers causal LM (``...ForCausalLM``, or a multimodal
-            ``...ForConditionalGeneration`` whose ``base_model`` returns ``last_hidden_state``).
+            ``...ForConditionalGeneration`` whose ``base_model`` returns ``last_hidden_state``),
+            or a PEFT model around one (the causal LM inside it is patched; adapters on its
+            layers train through the op, one on ``lm_head`` is refused).
         mode: "B" (gradients in the forward, three GEMMs) or "A" (in the backward, four).
         skip_logits: None: the fused loss while ``model.training``, the model's own forward in
             evaluation; True: the fused loss whenever labels are given; False: never (the patch
@@ -178,6 +180,9 @@ def patch_causal_lm_loss(
     chunk_size = check_options(backend, chunk_size, grad_order)
     if accum_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"accum_dtype must be torch.float32, None or the inputs' dtype, got {accum_dtype!r}")
+    if callable(getattr(model, "get_base_model", None)):
+        # a PEFT model: its forward reaches the causal LM's own, which the patch replaces
+        model = model.get_base_model()
     if not hasattr(model, "base_model") or not hasattr(model, "config"):
         raise ValueError(f"{type(model).__name__} is not a transformers PreTrainedModel (no base_model / config)")
     transform = logit_transform(model)

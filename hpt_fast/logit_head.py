@@ -70,7 +70,8 @@ def logit_transform(model: nn.Module) -> LogitTransform:
         raise ValueError(f"{type(model).__name__} has no output embedding (get_output_embeddings() is None)")
     if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
         raise ValueError(
-            f"{type(model).__name__}'s output embedding is a {type(head).__name__}, not a plain nn.Linear: "
+            f"{type(model).__name__}'s output embedding is a {type(head).__module__}.{type(head).__qualname__}, "
+            "not a plain torch.nn.Linear: "
             "the fused head computes hidden @ weight.T + bias and would skip what its forward adds"
         )
     configs = _configs(model)

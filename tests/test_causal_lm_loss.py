@@ -226,7 +226,7 @@ def test_a_head_that_is_not_a_plain_linear_is_refused():
     config = transformers.DoryConfig(**{k: v for k, v in TINY.items() if k != "head_dim"})
     model = transformers.DoryForCausalLM(config)
     for make in (patch_causal_lm_loss, FusedHeadPolicy):
-        with pytest.raises(ValueError, match="output embedding is a DoryLMHead, not a plain nn.Linear"):
+        with pytest.raises(ValueError, match=r"output embedding is a \S+\.DoryLMHead, not a plain torch\.nn\.Linear"):
             make(model)
 
 
@@ -354,3 +354,45 @@ def test_an_fsdp2_head_sharded_as_a_unit_of_its_own_is_refused(one_rank_group):
     with patch_causal_lm_loss(model, backend="cpu"):
         with pytest.raises(ValueError, match="output embedding is sharded .a DTensor. when its loss is computed"):
             model(input_ids=ids, attention_mask=attention_mask, labels=labels)
+
+
+@pytest.mark.parametrize("when", ["before wrapping", "after wrapping"])
+@pytest.mark.parametrize("mode", ["A", "B"])
+def test_lora_adapters_train_through_the_patch(when, mode):
+    """PEFT LoRA on the attention projections, the head frozen: the patch (on the causal LM, or
+    given the PEFT model, on the one inside it) gives the model's own loss and the adapters' own
+    gradients; the frozen head gets none. An adapter on lm_head is refused (the op would skip it)."""
+    peft = pytest.importorskip("peft")
+
+    def lora(model):
+        config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                                 init_lora_weights=False)
+        torch.manual_seed(1)
+        return peft.get_peft_model(model, config).train()
+
+    ids, attention_mask, labels = _batch()
+    own = lora(_model("Qwen2"))
+    want = own(input_ids=ids, attention_mask=attention_mask, labels=labels).loss
+    trained = [p for p in own.parameters() if p.requires_grad]
+    want_grads = torch.autograd.grad(want, trained)
+    if when == "before wrapping":
+        inner = _model("Qwen2")
+        patch = patch_causal_lm_loss(inner, mode=mode, backend="cpu")
+        model = lora(inner)
+    else:
+        model = lora(_model("Qwen2"))
+        patch = patch_causal_lm_loss(model, mode=mode, backend="cpu")
+    assert patch.model is model.get_base_model()
+    out = model(input_ids=ids, attention_mask=attention_mask, labels=labels)
+    assert out.logits is None and not model.get_base_model().lm_head.weight.requires_grad
+    grads = torch.autograd.grad(out.loss, [p for p in model.parameters() if p.requires_grad])
+    torch.testing.assert_close(out.loss, want, rtol=0, atol=1e-6)
+    assert len(grads) == len(want_grads) == 4
+    for g, w in zip(grads, want_grads):
+        assert bool(w.abs().max() > 0)
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+    patch.restore()
+    on_head = peft.get_peft_model(_model("Qwen2", tie_word_embeddings=False),
+                                  peft.LoraConfig(r=2, target_modules=["lm_head"]))
+    with pytest.raises(ValueError, match=r"output embedding is a peft\.tuners\.lora\.layer\.Linear, not a plain torch"):
+        patch_causal_lm_loss(on_head)
