@@ -16,13 +16,14 @@ them in the backward, four GEMMs' worth, holding nothing. The model's transform 
 (a scale, a soft cap: ``hpt_fast.logit_head``) is applied; a head that is not a plain ``nn.Linear``
 is refused. With no label in a batch the loss is 0 (transformers' own mean gives NaN), still
 connected to the model. MoE load-balancing losses (``output_router_logits``) are not added: such a
-call raises. Under DeepSpeed ZeRO-3 the partitioned head is gathered around the op's call (inside
-DeepSpeed's engine its own parameter access already does). Under FSDP2 the head must belong to
+call raises. Under DeepSpeed ZeRO-3 the engine's forward gathers the partitioned head when it is
+read; outside an engine the patch gathers it around the op's call. Under FSDP2 the head must belong to
 the unit of a module that runs (the root, by default): a head sharded as a unit of its own is still
 sharded here, and FSDP would not reduce its gradient, so it is refused.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import types
@@ -114,7 +115,10 @@ class CausalLMLossPatch:
         hidden, targets = hidden.to(weight.device), targets.to(weight.device)
         mask = targets != ignore_index
         op = dict(bias=bias, ignore_index=ignore_index, **self.transform.op_args(), **self.op_kwargs)
-        with zero3.gathered(weight, bias):
+        # a plain call where nothing is partitioned: torch.compile cannot break a graph inside
+        # gathered()'s context manager, which mode B's opaque call needs
+        released = zero3.is_released(weight) or zero3.is_released(bias)
+        with zero3.gathered(weight, bias) if released else contextlib.nullcontext():
             if self.mode == "B":
                 total, _, _ = fused_linear_loss(hidden, weight, targets, _negative_logp, **op)
             else:

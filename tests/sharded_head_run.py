@@ -155,9 +155,10 @@ def compare(ranks: list[dict], strategy: str, head: str) -> None:
                 assert theirs["op_weights"] == [] and len(ours["op_weights"]) == 1
                 if strategy == "fsdp2":  # TRL hands the op a head of its own unit as its full_tensor()
                     assert ours["op_weights"] == ["Parameter" if tied or head == "loss" else "Tensor"]
-                else:  # trl: the op's backward ran through zero3.gathered; loss: the patch's forward did
-                    # (DeepSpeed's own parameter access inside the engine's forward had gathered the head)
+                elif head == "trl":  # the op's backward ran through zero3.gathered
                     assert len(ours["gathers"]) == 1
+                else:  # DeepSpeed's own parameter access inside the engine's forward gathered the head
+                    assert ours["gathers"] == []
                 if head == "trl":
                     assert torch.equal(ours["is_top1"], theirs["is_top1"])
                     for key in ("log_probs", "entropy"):

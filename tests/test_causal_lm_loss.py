@@ -115,6 +115,35 @@ def test_activation_checkpointing_recomputes_the_trunk_under_the_patch(mode):
     _check(model, dict(mode=mode, backend="cpu"))
 
 
+@pytest.mark.parametrize("mode", ["A", "B"])
+def test_a_compiled_patched_model_computes_the_eager_loss_and_gradients(mode):
+    """torch.compile of the patched model (what the Trainer's torch_compile does): mode A's custom
+    ops compile into the graph, mode B runs as one opaque call between the compiled trunk's graphs;
+    the loss and every gradient are the eager ones."""
+    from torch._dynamo.utils import counters
+
+    ids, attention_mask, labels = _batch()
+    results = []
+    torch._dynamo.reset()
+    counters.clear()
+    for compiled in (False, True):
+        model = _model("Qwen2", num_hidden_layers=2)
+        patch_causal_lm_loss(model, mode=mode, backend="cpu")
+        run = torch.compile(model, backend="aot_eager") if compiled else model
+        loss = run(input_ids=ids, attention_mask=attention_mask, labels=labels).loss
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    breaks = list(counters["graph_break"])
+    torch._dynamo.reset()
+    if mode == "A":
+        assert breaks == [] and counters["stats"]["unique_graphs"] == 1
+    else:  # the one break: mode B's call, which takes a Python function
+        assert len(breaks) == 1 and "fused_linear_loss" in breaks[0], breaks
+    (want, want_grads), (got, grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
 def test_pre_shifted_labels_are_scored_without_a_shift():
     model = _model("Qwen2")
     ids, attention_mask, labels = _batch()
@@ -396,3 +425,29 @@ def test_lora_adapters_train_through_the_patch(when, mode):
                                   peft.LoraConfig(r=2, target_modules=["lm_head"]))
     with pytest.raises(ValueError, match=r"output embedding is a peft\.tuners\.lora\.layer\.Linear, not a plain torch"):
         patch_causal_lm_loss(on_head)
+
+
+def test_a_zero3_partitioned_model_outside_its_engine_is_gathered_for_the_loss(one_rank_group, monkeypatch):
+    """A model partitioned by zero.Init (from_pretrained under DeepSpeed's config) called outside a
+    DeepSpeed engine, whose hooks would gather its parameters: the patch gathers the released head
+    around the op (an evaluation loss), and the loss is the plain model's."""
+    deepspeed = pytest.importorskip("deepspeed")
+    from hpt_fast import zero3
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    ids, attention_mask, labels = _batch()
+    plain = _model("Llama", tie_word_embeddings=False)
+    with torch.no_grad():
+        want = plain(input_ids=ids, attention_mask=attention_mask, labels=labels).loss
+    config = {"train_batch_size": 1, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        model = _model("Llama", tie_word_embeddings=False)
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+        model.load_state_dict(plain.state_dict())
+    assert zero3.is_released(model.lm_head.weight)
+    trunk = [p for n, p in model.named_parameters() if not n.startswith("lm_head")]
+    with patch_causal_lm_loss(model, skip_logits=True, backend="cpu"), torch.no_grad():
+        with deepspeed.zero.GatheredParameters(trunk):  # the trunk's modules have no engine hooks either
+            got = model(input_ids=ids, attention_mask=attention_mask, labels=labels).loss
+    assert zero3.is_released(model.lm_head.weight)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
