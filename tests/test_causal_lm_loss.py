@@ -185,12 +185,15 @@ def test_bf16_is_as_close_to_float64_as_the_models_own_loss(mode, how):
 
 
 def test_evaluation_runs_the_models_own_forward_unless_asked():
-    """Not training (or without labels) the model's own forward runs, logits and all; with
-    skip_logits=True evaluation takes the op too, and under no_grad it computes no gradients."""
+    """Not training (or without labels) the model's own forward runs, logits and all, and generate
+    is unchanged; with skip_logits=True evaluation takes the op too, and under no_grad it computes
+    no gradients."""
     model = _model("Qwen2")
     ids, attention_mask, labels = _batch()
+    want = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
     with patch_causal_lm_loss(model, backend="cpu"):
         assert model(input_ids=ids).logits.shape == (3, 9, VOCAB)  # no labels
+        torch.testing.assert_close(model.generate(ids[:1], max_new_tokens=4, do_sample=False), want)
         model.eval()
         own = model(input_ids=ids, attention_mask=attention_mask, labels=labels)
         assert own.logits.shape == (3, 9, VOCAB)
