@@ -17,9 +17,9 @@ them in the backward, four GEMMs' worth, holding nothing. The model's transform 
 is refused. With no label in a batch the loss is 0 (transformers' own mean gives NaN), still
 connected to the model. MoE load-balancing losses (``output_router_logits``) are not added: such a
 call raises. Under DeepSpeed ZeRO-3 the engine's forward gathers the partitioned head when it is
-read; outside an engine the patch gathers it around the op's call. Under FSDP2 the head must belong to
-the unit of a module that runs (the root, by default): a head sharded as a unit of its own is still
-sharded here, and FSDP would not reduce its gradient, so it is refused.
+read; outside an engine the patch gathers it around the op's call. Under FSDP2 the head must
+belong to the unit of a module that runs (the root, by default): a head sharded as a unit of its
+own is still sharded here, and FSDP would not reduce its gradient, so it is refused.
 """
 from __future__ import annotations
 
@@ -136,7 +136,8 @@ class CausalLMLossPatch:
     def restore(self) -> None:
         """Give the model its own forward back."""
         if self.model.forward is not self.forward:
-            raise RuntimeError("the model's forward was replaced since this patch: restore the patches in reverse order")
+            raise RuntimeError("the model's forward was replaced since this patch: "
+                               "restore the patches in reverse order")
         if self._own_forward:
             self.model.forward = self.original_forward
         else:
@@ -181,9 +182,7 @@ def patch_causal_lm_loss(
         raise ValueError(f"mode must be 'A' or 'B', got {mode!r}")
     if skip_logits not in (None, True, False):
         raise ValueError(f"skip_logits must be None, True or False, got {skip_logits!r}")
-    chunk_size = check_options(backend, chunk_size, grad_order)
-    if accum_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"accum_dtype must be torch.float32, None or the inputs' dtype, got {accum_dtype!r}")
+    chunk_size = check_options(backend, chunk_size, grad_order, accum_dtype)
     if callable(getattr(model, "get_base_model", None)):
         # a PEFT model: its forward reaches the causal LM's own, which the patch replaces
         model = model.get_base_model()

@@ -115,12 +115,16 @@ def _integer(value: object) -> Optional[int]:
         return None
 
 
-def check_options(backend: str, chunk_size: Optional[int], grad_order: str) -> Optional[int]:
-    """Raise a clear error for a backend name, chunk size or loop order the op cannot take (what
-    needs no tensor: a caller can check them before it has any); chunk_size as an int or None."""
+def check_options(backend: str, chunk_size: Optional[int], grad_order: str,
+                  accum_dtype: Optional[torch.dtype] = torch.float32) -> Optional[int]:
+    """Raise a clear error for a backend name, chunk size, loop order or sum precision the op cannot
+    take (what needs no tensor: a caller can check them before it has any; whether accum_dtype is
+    the inputs' own is checked with them); chunk_size as an int or None."""
     backends.check_name(backend)
     if grad_order not in GRAD_ORDERS:
         raise ValueError(f"grad_order must be one of {GRAD_ORDERS}, got {grad_order!r}")
+    if accum_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"accum_dtype must be torch.float32, None or the inputs' dtype, got {accum_dtype!r}")
     if chunk_size is None:
         return None
     size = _integer(chunk_size)

@@ -189,10 +189,7 @@ def patch_trl_fused_head(
         ValueError for a bad option; ImportError without TRL; RuntimeError when TRL's head takes
         other arguments than TRL 1.16's.
     """
-    chunk_size = check_options(backend, chunk_size, grad_order)
-    # the op checks it against the inputs' dtype at each call; TRL's head may be any of these
-    if accum_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"accum_dtype must be torch.float32, None or the inputs' dtype, got {accum_dtype!r}")
+    chunk_size = check_options(backend, chunk_size, grad_order, accum_dtype)
     utils = _trl_utils()
     previous = utils._ChunkedLogProbFunction
     trl_head = previous.trl_head if isinstance(previous, TrlFusedHead) else previous

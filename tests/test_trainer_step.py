@@ -359,8 +359,8 @@ def _policy_matches_the_model(lm, temperature: float) -> None:
     (log_softmax(logits / T) of its forward), whatever it does to them after lm_head."""
     from hpt_fast.batching import Row, collate
     from hpt_fast.estimator import get_estimator
-    from hpt_fast.loss import FusedUnifiedLoss
     from hpt_fast.logit_head import logit_transform
+    from hpt_fast.loss import FusedUnifiedLoss
     from hpt_fast.policy import FusedHeadPolicy
 
     policy = FusedHeadPolicy(lm)
@@ -395,8 +395,8 @@ def test_a_soft_capped_model_is_trained_on_its_capped_logits(where: str) -> None
 
     from hpt_fast.batching import Row, collate
     from hpt_fast.estimator import get_estimator
-    from hpt_fast.loss import FusedUnifiedLoss
     from hpt_fast.logit_head import logit_transform
+    from hpt_fast.loss import FusedUnifiedLoss
     from hpt_fast.policy import FusedHeadPolicy
 
     cap = 0.1

@@ -280,7 +280,8 @@ def test_a_sharded_training_step_through_the_op_equals_trls_head(tmp_path, strat
     tied embeddings, through TRL's fused forward, with TRL's head and with the op behind it: the op
     serves the call (no fallback); the per-token outputs, the reduced gradients of every parameter
     and the weights after the update equal those through TRL's head, on both ranks
-    (tests/sharded_head_run.py)."""
+    (tests/sharded_head_run.py). FSDP2's head of its own unit is the exception to "reduced": TRL's
+    forward leaves its gradient each rank's own, with TRL's head as with the op."""
     from sharded_head_run import compare, launch
 
     compare(launch(strategy, "trl", tmp_path), strategy, "trl")
