@@ -27,7 +27,7 @@ import torch
 
 from bench.cli import check_device, cli_description
 from bench.fused_op_table import (
-    DTYPES, REPO_ROOT, _load_average, _proc_status_bytes, _reset_peak_rss, machine_description,
+    DTYPES, REPO_ROOT, load_average, machine_description, proc_status_bytes, reset_peak_rss,
 )
 from bench.implementations import synchronize
 from hpt_fast.causal_lm_loss import patch_causal_lm_loss
@@ -83,9 +83,9 @@ def peak_extra_bytes(name: str, args: argparse.Namespace, dtype: torch.dtype) ->
         step()
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    base = _reset_peak_rss()
+    base = reset_peak_rss()
     step()
-    return _proc_status_bytes("VmHWM") - base
+    return proc_status_bytes("VmHWM") - base
 
 
 def memory(name: str, args: argparse.Namespace, dtype: str) -> Optional[int]:
@@ -171,11 +171,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     print("## A training step's loss: patch_causal_lm_loss against transformers' own\n")
     print(machine_description(args.device) + "\n")
-    started, load_before = time.perf_counter(), _load_average()
+    started, load_before = time.perf_counter(), load_average()
     for dtype in args.dtypes:
         print(run(args, dtype) + "\n", flush=True)
     print(f"{args.repeats} timed rounds per row after one warm-up step. Load average (1, 5, 15 min) before: "
-          f"{load_before}; after: {_load_average()}. Whole run: {(time.perf_counter() - started) / 60:.1f} min.")
+          f"{load_before}; after: {load_average()}. Whole run: {(time.perf_counter() - started) / 60:.1f} min.")
 
 
 if __name__ == "__main__":

@@ -164,7 +164,7 @@ def time_round_robin(impls: list[Impl], shape: Shape, dtype: str, device: str, r
 
 # ---- peak memory, in a fresh subprocess per implementation ----
 
-def _proc_status_bytes(key: str) -> int:
+def proc_status_bytes(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(key + ":"):
@@ -172,7 +172,7 @@ def _proc_status_bytes(key: str) -> int:
     raise RuntimeError(f"{key} not found in /proc/self/status")
 
 
-def _reset_peak_rss() -> int:
+def reset_peak_rss() -> int:
     """Return freed heap pages to the OS, restart the RSS high-water mark there, return the RSS.
 
     The high-water mark is VmHWM, not getrusage's ru_maxrss: ru_maxrss cannot be reset, and a child
@@ -183,7 +183,7 @@ def _reset_peak_rss() -> int:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    return _proc_status_bytes("VmRSS")
+    return proc_status_bytes("VmRSS")
 
 
 def _peak_extra_bytes(step, problem: Problem, grad_bytes: int) -> int:
@@ -197,9 +197,9 @@ def _peak_extra_bytes(step, problem: Problem, grad_bytes: int) -> int:
         synchronize(problem.device)
         peak = torch.cuda.max_memory_allocated(problem.device)
     else:
-        base = _reset_peak_rss()
+        base = reset_peak_rss()
         step()
-        peak = _proc_status_bytes("VmHWM")
+        peak = proc_status_bytes("VmHWM")
     return peak - base - grad_bytes
 
 
@@ -390,7 +390,7 @@ def machine_description(device: str) -> str:
     ])
 
 
-def _load_average() -> str:
+def load_average() -> str:
     """The machine's load averages, as `uptime` prints them: other jobs on a shared machine show here."""
     return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -453,12 +453,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     started = time.perf_counter()
     for shape in args.shapes:
         repeats = args.repeats if args.repeats is not None else default_repeats(shape, args.device)
-        load_before = _load_average()
+        load_before = load_average()
         impls = selected_implementations(args.device, args.impls)
         results = {dtype: run_case(shape, dtype, args.device, repeats, impls) for dtype in args.dtypes}
         print(format_table(shape, impls, results))
         print(f"\n{repeats} timed rounds per implementation, after one warm-up step on {WARMUP_TOKENS} tokens and one untimed step at full size. "
-              f"Load average (1, 5, 15 min) before: {load_before}; after: {_load_average()}.\n", flush=True)
+              f"Load average (1, 5, 15 min) before: {load_before}; after: {load_average()}.\n", flush=True)
     print(FOOTNOTES.format(budget=_budget_text(args.shapes)))
     print(f"\nWhole run: {(time.perf_counter() - started) / 60:.1f} min.")
 

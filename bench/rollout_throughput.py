@@ -32,7 +32,7 @@ import transformers
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from bench.cli import cli_description
-from bench.fused_op_table import _proc_status_bytes, _reset_peak_rss, machine_description
+from bench.fused_op_table import machine_description, proc_status_bytes, reset_peak_rss
 from hpt_fast.rollout import NativeEngine
 
 PAD, EOS = 0, 1
@@ -155,9 +155,9 @@ def memory_child(problem: Problem, engine: str, setting: str) -> int:
         run()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    base = _reset_peak_rss()
+    base = reset_peak_rss()
     run()
-    return _proc_status_bytes("VmHWM") - base
+    return proc_status_bytes("VmHWM") - base
 
 
 def measure_memory(argv: list[str], engine: str, setting: str) -> Optional[int]:
