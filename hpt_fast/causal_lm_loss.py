@@ -15,17 +15,20 @@ them (a ``[V, H]`` weight gradient in the weight's dtype) until the backward; mo
 them in the backward, four GEMMs' worth, holding nothing. The model's transform of the head's output
 (a scale, a soft cap: ``hpt_fast.logit_head``) is applied; a head that is not a plain ``nn.Linear``
 is refused. With no label in a batch the loss is 0 (transformers' own mean gives NaN), still
-connected to the model. MoE load-balancing losses (``output_router_logits``) are not added: such a
-call raises. Under DeepSpeed ZeRO-3 the engine's forward gathers the partitioned head when it is
-read; outside an engine the patch gathers it around the op's call. Under FSDP2 the head must
-belong to the unit of a module that runs (the root, by default): a head sharded as a unit of its
-own is still sharded here, and FSDP would not reduce its gradient, so it is refused.
+connected to the model. With ``output_router_logits`` the MoE load-balancing loss is added as the
+model's own forward adds it, for the families in ``_MOE_AUX_LOSS``; another family's call raises.
+
+Under DeepSpeed ZeRO-3 the engine's forward gathers the partitioned head when it is read; outside
+an engine the patch gathers it around the op's call. Under FSDP2 the head must belong to the unit
+of a module that runs (the root, by default): a head sharded as a unit of its own is still
+sharded here, and FSDP would not reduce its gradient, so it is refused.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import inspect
+import sys
 import types
 from typing import Any, Optional
 
@@ -36,6 +39,12 @@ from hpt_fast import zero3
 from hpt_fast.logit_head import LogitTransform, logit_transform
 from hpt_fast.op_inputs import check_options
 from hpt_fast.ops import fused_linear_loss, fused_token_logprobs
+
+
+# MoE families whose own forward adds router_aux_loss_coef * load_balancing_loss_func(router_logits,
+# num_experts, num_experts_per_tok, attention_mask) of their modeling module to the loss, as the
+# patch does (each checked against the model's own loss in tests/test_causal_lm_loss.py)
+_MOE_AUX_LOSS = frozenset(("mixtral", "olmoe", "qwen2_moe", "qwen3_moe"))
 
 
 def _negative_logp(logp: Tensor, entropy: Optional[Tensor], rows: Tensor) -> Tensor:
@@ -83,7 +92,7 @@ class CausalLMLossPatch:
         return self._fused_loss(model, kwargs)
 
     def _fused_loss(self, model: nn.Module, kwargs: dict[str, Any]) -> Any:
-        from transformers.modeling_outputs import CausalLMOutputWithPast
+        from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
         labels, shift_labels = kwargs.pop("labels", None), kwargs.pop("shift_labels", None)
         num_items = kwargs.pop("num_items_in_batch", None)
@@ -91,9 +100,14 @@ class CausalLMLossPatch:
         kwargs.pop("logits_to_keep", None)  # no logits are made
         return_dict = kwargs.pop("return_dict", None)
         text_config = model.config.get_text_config()
-        if kwargs.get("output_router_logits", getattr(text_config, "output_router_logits", False)):
-            raise ValueError(f"{type(model).__name__} is asked for router logits (output_router_logits): "
-                             "patch_causal_lm_loss does not add the MoE load-balancing loss")
+        router = kwargs.get("output_router_logits")
+        router = getattr(text_config, "output_router_logits", False) if router is None else router
+        if router:
+            if text_config.model_type not in _MOE_AUX_LOSS:
+                raise ValueError(f"{type(model).__name__} is asked for router logits (output_router_logits): "
+                                 f"patch_causal_lm_loss adds the MoE load-balancing loss of {sorted(_MOE_AUX_LOSS)} "
+                                 f"only, not {text_config.model_type!r}'s")
+            kwargs["output_router_logits"] = True
         out = model.base_model(**kwargs)
         hidden = out.last_hidden_state
         if shift_labels is None:
@@ -128,9 +142,19 @@ class CausalLMLossPatch:
             num_items = mask.sum().clamp(min=1)
         elif torch.is_tensor(num_items):
             num_items = num_items.to(total.device)
-        output = CausalLMOutputWithPast(loss=total / num_items, logits=None, cache=getattr(out, "cache", None),
-                                        hidden_states=getattr(out, "hidden_states", None),
-                                        attentions=getattr(out, "attentions", None))
+        loss = total / num_items
+        fields = dict(logits=None, cache=getattr(out, "cache", None), hidden_states=getattr(out, "hidden_states", None),
+                      attentions=getattr(out, "attentions", None))
+        if hasattr(out, "router_logits"):  # an MoE model's output, as its own forward gives it
+            aux = None
+            if router:
+                balance = sys.modules[type(model).__module__].load_balancing_loss_func
+                aux = balance(out.router_logits, model.num_experts, model.num_experts_per_tok,
+                              kwargs.get("attention_mask"))
+                loss = loss + model.router_aux_loss_coef * aux.to(loss.device)
+            output = MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux, router_logits=out.router_logits, **fields)
+        else:
+            output = CausalLMOutputWithPast(loss=loss, **fields)
         return output.to_tuple() if return_dict is False else output
 
     def restore(self) -> None:

@@ -144,6 +144,40 @@ def test_a_compiled_patched_model_computes_the_eager_loss_and_gradients(mode):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("asked", ["in the config", "in the call"])
+@pytest.mark.parametrize("family, settings", [
+    ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+    ("Qwen2Moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+                      shared_expert_intermediate_size=8)),
+    ("Qwen3Moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8)),
+    ("Olmoe", dict(num_experts=4, num_experts_per_tok=2)),
+])
+def test_an_moe_models_load_balancing_loss_is_added_as_its_own_forward_adds_it(family, settings, asked):
+    """With router logits asked for (in the config, or in the call), the patched loss is the
+    model's own: cross-entropy plus router_aux_loss_coef times its load-balancing loss over the
+    non-padding tokens; every gradient (the routers' included) and aux_loss are its own too."""
+    model = _model(family, router_aux_loss_coef=0.5, **settings)
+    call = {}
+    if asked == "in the config":
+        model.config.output_router_logits = True
+    else:
+        call["output_router_logits"] = True
+    ids, attention_mask, labels = _batch()
+    own = model(input_ids=ids, attention_mask=attention_mask, labels=labels, **call)
+    own_grads = torch.autograd.grad(own.loss, list(model.parameters()), allow_unused=True)
+    with patch_causal_lm_loss(model, backend="cpu"):
+        got = model(input_ids=ids, attention_mask=attention_mask, labels=labels, **call)
+    grads = torch.autograd.grad(got.loss, list(model.parameters()), allow_unused=True)
+    assert got.logits is None and float(own.aux_loss.detach()) > 0
+    torch.testing.assert_close(got.aux_loss, own.aux_loss, rtol=0, atol=0)
+    torch.testing.assert_close(got.loss, own.loss, rtol=1e-6, atol=1e-6)
+    for (name, _), g, w in zip(model.named_parameters(), grads, own_grads):
+        if w is None:
+            assert g is None, name
+        else:
+            assert float((g - w).norm()) <= 1e-5 * float(w.norm()) + 1e-7, name
+
+
 def test_pre_shifted_labels_are_scored_without_a_shift():
     model = _model("Qwen2")
     ids, attention_mask, labels = _batch()
@@ -242,11 +276,10 @@ def test_refusals():
             model(input_ids=ids, shift_labels=labels[:, :-2])
         with pytest.raises(TypeError, match="got 'input_ids' twice"):
             model(ids, input_ids=ids, labels=labels)
-    moe = _model("Qwen2Moe", num_experts=2, num_experts_per_tok=1, moe_intermediate_size=8,
-                 shared_expert_intermediate_size=8)
+    moe = _model("GraniteMoe", num_local_experts=2, num_experts_per_tok=1)
     with patch_causal_lm_loss(moe, backend="cpu"):
         moe(input_ids=ids, labels=labels).loss.backward()  # no router logits asked: served
-        with pytest.raises(ValueError, match="output_router_logits"):
+        with pytest.raises(ValueError, match="output_router_logits.*only, not 'granitemoe'"):
             moe(input_ids=ids, labels=labels, output_router_logits=True)
 
 
