@@ -118,8 +118,8 @@ def test_activation_checkpointing_recomputes_the_trunk_under_the_patch(mode):
 @pytest.mark.parametrize("mode", ["A", "B"])
 def test_a_compiled_patched_model_computes_the_eager_loss_and_gradients(mode):
     """torch.compile of the patched model (what the Trainer's torch_compile does): mode A's custom
-    ops compile into the graph, mode B runs as one opaque call between the compiled trunk's graphs;
-    the loss and every gradient are the eager ones."""
+    ops compile into the graph (fullgraph=True), mode B runs as one opaque call between the
+    compiled trunk's graphs; the loss and every gradient are the eager ones."""
     from torch._dynamo.utils import counters
 
     ids, attention_mask, labels = _batch()
@@ -129,7 +129,7 @@ def test_a_compiled_patched_model_computes_the_eager_loss_and_gradients(mode):
     for compiled in (False, True):
         model = _model("Qwen2", num_hidden_layers=2)
         patch_causal_lm_loss(model, mode=mode, backend="cpu")
-        run = torch.compile(model, backend="aot_eager") if compiled else model
+        run = torch.compile(model, backend="aot_eager", fullgraph=mode == "A") if compiled else model
         loss = run(input_ids=ids, attention_mask=attention_mask, labels=labels).loss
         results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
     breaks = list(counters["graph_break"])
