@@ -97,8 +97,8 @@ def _step(strategy: str, head: str, bf16: bool, tied: bool, patched: bool, rank:
     else:
         owner, op_name = causal_lm_loss, "fused_linear_loss"
         patch = causal_lm_loss.patch_causal_lm_loss(model) if patched else contextlib.nullcontext()
-    # an untied head as an FSDP unit of its own: TRL's forward gathers it; the patched model's
-    # loss refuses it (nothing would reduce its gradient), so there it stays in the root's unit
+    # an untied head as an FSDP unit of its own: TRL's forward hands its head full_tensor() (see
+    # the module docstring); the patched loss refuses such a head, so there it stays in the root's
     run, backward, step, grads, weights = {"zero3": _zero3, "fsdp2": _fsdp2}[strategy](
         model, tied, bf16, head_unit=head == "trl")
     g = torch.Generator().manual_seed(1 + rank)  # each rank its own batch
