@@ -111,7 +111,9 @@ class CausalLMLossPatch:
         out = model.base_model(**kwargs)
         hidden = out.last_hidden_state
         if shift_labels is None:
-            hidden, targets = hidden[:, :-1], labels[..., 1:]
+            # as transformers shifts: the labels, padded with an ignored last target, so that hidden
+            # stays whole (a [:, :-1] slice of it would be copied before the op's own row gather)
+            targets = torch.nn.functional.pad(labels[..., 1:], (0, 1), value=ignore_index)
         else:
             targets = shift_labels
         if targets.shape != hidden.shape[:-1]:
