@@ -2,7 +2,7 @@
 
 A transformers causal LM computes its loss from logits it materialises (and upcasts to float32).
 ``patch_causal_lm_loss(model)`` gives that one model a forward that, when it is given ``labels`` (or
-pre-shifted ``shift_labels``) and is training, runs the backbone (``model.base_model``), and hands
+pre-shifted ``shift_labels``) and is training, runs the trunk (``logit_head.trunk_name``), and hands
 the last hidden states and the output embedding to the fused op: the same loss, the cross-entropy
 of each next token summed over the labels that are not ``-100`` and divided by
 ``num_items_in_batch`` (what the transformers ``Trainer`` passes under gradient accumulation) or
@@ -16,7 +16,13 @@ them in the backward, four GEMMs' worth, holding nothing. The model's transform 
 (a scale, a soft cap: ``hpt_fast.logit_head``) is applied; a head that is not a plain ``nn.Linear``
 is refused. With no label in a batch the loss is 0 (transformers' own mean gives NaN), still
 connected to the model. With ``output_router_logits`` the MoE load-balancing loss is added as the
-model's own forward adds it, for the families in ``_MOE_AUX_LOSS``; another family's call raises.
+model's own forward adds it (``_MOE_AUX_LOSS_SOURCE``), or nothing where its forward adds no
+auxiliary loss (DeepSeek-V3, GLM-4-MoE, Llama 4 ...); a family that adds one otherwise is refused.
+
+Which loss a model computes is read from its forward's source, as the patch replaces that forward:
+it must compute transformers' causal-LM loss (``self.loss_function``, ``ForCausalLMLoss``, which
+shifts the labels). Models with a loss of their own (CpmAnt and TrOCR take unshifted labels, XLM
+its own head's) or a custom ``loss_function`` are refused.
 
 Under DeepSpeed ZeRO-3 the engine's forward gathers the partitioned head when it is read; outside
 an engine the patch gathers it around the op's call. Under FSDP2 the head must belong to the unit
@@ -28,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import re
 import sys
 import types
 from typing import Any, Optional
@@ -36,15 +43,45 @@ import torch
 from torch import Tensor, nn
 
 from hpt_fast import zero3
-from hpt_fast.logit_head import LogitTransform, logit_transform
+from hpt_fast.logit_head import LogitTransform, logit_transform, trunk_name
 from hpt_fast.op_inputs import check_options
 from hpt_fast.ops import fused_linear_loss, fused_token_logprobs
 
 
-# MoE families whose own forward adds router_aux_loss_coef * load_balancing_loss_func(router_logits,
-# num_experts, num_experts_per_tok, attention_mask) of their modeling module to the loss, as the
-# patch does (each checked against the model's own loss in tests/test_causal_lm_loss.py)
-_MOE_AUX_LOSS = frozenset(("mixtral", "olmoe", "qwen2_moe", "qwen3_moe"))
+# what an MoE forward adds to its loss with output_router_logits, as the patch adds it (whitespace
+# removed): load_balancing_loss_func of its modeling module, times router_aux_loss_coef (Mixtral,
+# Qwen2/3-MoE, OLMoE, GPT-OSS, PhiMoE, Jamba, GraniteMoE and most others in transformers 5.24)
+_MOE_AUX_LOSS_SOURCE = ("aux_loss=load_balancing_loss_func(outputs.router_logits,self.num_experts,"
+                        "self.num_experts_per_tok,attention_mask,)",
+                        "loss+=self.router_aux_loss_coef*aux_loss.to(loss.device)")
+
+
+def _forward_source(model: nn.Module) -> str:
+    """``type(model).forward``'s source without docstrings, comments and whitespace ("" if unreadable)."""
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return ""
+    source = re.sub(r'"""[\s\S]*?"""', "", source)
+    source = re.sub(r"#[^\n]*", "", source)
+    return re.sub(r"\s+", "", source)
+
+
+def _check_causal_lm_loss(model: nn.Module, source: str) -> None:
+    """Refuse a model whose forward's loss is not transformers' causal-LM loss of its labels."""
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+    name = type(model).__name__
+    if "self.loss_function(" not in source:
+        raise ValueError(f"{name}.forward does not compute its loss with self.loss_function (transformers' "
+                         "ForCausalLMLoss, which shifts the labels), or its source is not readable: the patch "
+                         "reproduces that loss only")
+    custom = getattr(model, "_loss_function", None)  # what `model.loss_function = f` sets
+    loss = custom if custom is not None else LOSS_MAPPING.get(getattr(model, "loss_type", None),
+                                                              LOSS_MAPPING["ForCausalLM"])
+    if loss is not ForCausalLMLoss:
+        raise ValueError(f"{name}'s loss_function is {getattr(loss, '__qualname__', loss)!r}, not transformers' "
+                         "ForCausalLMLoss: the patch computes that loss only")
 
 
 def _negative_logp(logp: Tensor, entropy: Optional[Tensor], rows: Tensor) -> Tensor:
@@ -56,10 +93,14 @@ class CausalLMLossPatch:
     """The patch on one model made by ``patch_causal_lm_loss``; ``restore()`` (or leaving its
     ``with`` block) gives the model its own forward back."""
 
-    def __init__(self, model: nn.Module, transform: LogitTransform, mode: str, skip_logits: Optional[bool],
-                 op_kwargs: dict[str, Any]) -> None:
+    def __init__(self, model: nn.Module, transform: LogitTransform, trunk: str, moe_aux_loss: Optional[bool],
+                 mode: str, skip_logits: Optional[bool], op_kwargs: dict[str, Any]) -> None:
         self.model = model
         self.transform = transform
+        self.trunk = trunk
+        # with router logits, the forward adds: True the load-balancing loss the patch reproduces,
+        # False no auxiliary loss, None one of another form
+        self.moe_aux_loss = moe_aux_loss
         self.mode = mode
         self.skip_logits = skip_logits
         self.op_kwargs = op_kwargs
@@ -103,12 +144,13 @@ class CausalLMLossPatch:
         router = kwargs.get("output_router_logits")
         router = getattr(text_config, "output_router_logits", False) if router is None else router
         if router:
-            if text_config.model_type not in _MOE_AUX_LOSS:
-                raise ValueError(f"{type(model).__name__} is asked for router logits (output_router_logits): "
-                                 f"patch_causal_lm_loss adds the MoE load-balancing loss of {sorted(_MOE_AUX_LOSS)} "
-                                 f"only, not {text_config.model_type!r}'s")
+            if self.moe_aux_loss is None:
+                raise ValueError(f"{type(model).__name__} is asked for router logits (output_router_logits), and its "
+                                 "forward adds an auxiliary loss that is not router_aux_loss_coef * "
+                                 "load_balancing_loss_func(router_logits, num_experts, num_experts_per_tok, "
+                                 "attention_mask), the form patch_causal_lm_loss reproduces")
             kwargs["output_router_logits"] = True
-        out = model.base_model(**kwargs)
+        out = getattr(model, self.trunk)(**kwargs)
         hidden = out.last_hidden_state
         if shift_labels is None:
             # as transformers shifts: the labels, padded with an ignored last target, so that hidden
@@ -149,7 +191,7 @@ class CausalLMLossPatch:
                       attentions=getattr(out, "attentions", None))
         if hasattr(out, "router_logits"):  # an MoE model's output, as its own forward gives it
             aux = None
-            if router:
+            if router and self.moe_aux_loss:
                 balance = sys.modules[type(model).__module__].load_balancing_loss_func
                 aux = balance(out.router_logits, model.num_experts, model.num_experts_per_tok,
                               kwargs.get("attention_mask"))
@@ -190,7 +232,8 @@ def patch_causal_lm_loss(
 
     Args:
         model: a transformers causal LM (``...ForCausalLM``, or a multimodal
-            ``...ForConditionalGeneration`` whose ``base_model`` returns ``last_hidden_state``),
+            ``...ForConditionalGeneration`` whose trunk returns ``last_hidden_state``) that computes
+            transformers' causal-LM loss,
             or a PEFT model around one (the causal LM inside it is patched; adapters on its
             layers train through the op, one on ``lm_head`` is refused).
         mode: "B" (gradients in the forward, three GEMMs) or "A" (in the backward, four).
@@ -201,8 +244,8 @@ def patch_causal_lm_loss(
     Returns:
         The patch (a ``CausalLMLossPatch``), usable as a context manager.
     Raises:
-        ValueError for a bad option, or a model whose head the op cannot compute
-        (``hpt_fast.logit_head.logit_transform``).
+        ValueError for a bad option, a model whose head the op cannot compute
+        (``hpt_fast.logit_head.logit_transform``), or one whose forward computes another loss.
     """
     if mode not in ("A", "B"):
         raise ValueError(f"mode must be 'A' or 'B', got {mode!r}")
@@ -212,8 +255,12 @@ def patch_causal_lm_loss(
     if callable(getattr(model, "get_base_model", None)):
         # a PEFT model: its forward reaches the causal LM's own, which the patch replaces
         model = model.get_base_model()
-    if not hasattr(model, "base_model") or not hasattr(model, "config"):
-        raise ValueError(f"{type(model).__name__} is not a transformers PreTrainedModel (no base_model / config)")
+    if not hasattr(model, "config") or not hasattr(model, "get_output_embeddings"):
+        raise ValueError(f"{type(model).__name__} is not a transformers PreTrainedModel (no config / output embedding)")
     transform = logit_transform(model)
+    source = _forward_source(model)
+    _check_causal_lm_loss(model, source)
+    moe_aux_loss = True if all(part in source for part in _MOE_AUX_LOSS_SOURCE) else (
+        False if "aux_loss" not in source else None)
     op_kwargs = dict(backend=backend, chunk_size=chunk_size, grad_order=grad_order, accum_dtype=accum_dtype)
-    return CausalLMLossPatch(model, transform, mode, skip_logits, op_kwargs)
+    return CausalLMLossPatch(model, transform, trunk_name(model), moe_aux_loss, mode, skip_logits, op_kwargs)

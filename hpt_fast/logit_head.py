@@ -1,17 +1,24 @@
-"""What a transformers causal LM does to ``lm_head``'s output, in the fused op's terms.
+"""What a transformers causal LM does between its trunk and its logits, in the fused op's terms.
 
-The op computes ``log_softmax(softcap(hidden @ W.T + b) / T)``. Some transformers models transform
-the head's output before it is their logits:
+The op computes ``log_softmax(softcap(hidden @ W.T + b) / T)`` from the trunk's last hidden state.
+Some transformers models transform the head's output before it is their logits:
 - a constant factor ``s``: Cohere's ``logit_scale``, Falcon-H1's ``lm_head_multiplier``, the Muse
   models' ``output_multiplier``, ``1 / logits_scaling`` for Granite and MiniCPM3 (which divide by
-  it) and ``logits_scaling`` for HyperCLOVA X (which multiplies);
+  it), ``logits_scaling`` for HyperCLOVA X (which multiplies), and ``1 / logits_mup_width_multiplier``
+  for Inkling (which divides the hidden states by it; its head has no bias, so it is a logit factor);
 - then a tanh soft cap ``c * tanh(z / c)``: ``final_logit_softcapping`` (Gemma 2 and later,
-  Inkling 2, the Muse models after their factor).
+  Inkling 2, the Muse models after their factor), ``logits_soft_cap`` (RecurrentGemma),
+  ``output_logit_soft_cap`` (xLSTM).
 Sampling at temperature T from ``c * tanh(s z / c)`` is the op at soft cap ``c / s`` and
 temperature ``T / s`` (``s > 0``). The fields are read from the config and from its text config,
-where multimodal models keep them; the list is what a search of transformers 5.24's model code
-found. A head that is not a plain ``nn.Linear`` (Dory's learned per-token scale, an adapter on
-``lm_head``) computes something the op does not, so it is refused rather than silently bypassed.
+where multimodal models keep them; the list is what a search of transformers 5.24's causal-LM
+forwards found (``bench/family_sweep.py`` checks every family that builds against its own loss).
+
+What the op cannot compute is refused rather than silently bypassed:
+- a head that is not a plain ``nn.Linear`` (Dory's learned per-token scale, an adapter on ``lm_head``);
+- a head that is not a child of the model beside its trunk: BERT-style prediction heads (BERT,
+  RoBERTa, XLM ...) and ModernBERT's decoder transform the trunk's states before the output embedding;
+- logits cut to the first ``unpadded_vocab_size`` rows of a larger head (Inkling).
 """
 from __future__ import annotations
 
@@ -19,12 +26,16 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import torch
 from torch import nn
 
 # config fields that scale the logits (1.0 leaves them unchanged)
-_SCALE_FIELDS = ("logits_scaling", "logit_scale", "lm_head_multiplier", "output_multiplier")
+_SCALE_FIELDS = ("logits_scaling", "logit_scale", "lm_head_multiplier", "output_multiplier",
+                 "logits_mup_width_multiplier")
 # models whose logits_scaling multiplies the logits (Granite and MiniCPM3 divide by it)
 _MULTIPLYING_LOGITS_SCALING = ("hyperclovax",)
+# config fields of a tanh soft cap on the logits
+_CAP_FIELDS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
 
 
 @dataclass(frozen=True)
@@ -58,13 +69,26 @@ def _field(configs: list[Any], name: str, neutral: Any = None) -> tuple[Any, Any
     return None, None
 
 
-def logit_transform(model: nn.Module) -> LogitTransform:
-    """The transform ``model`` applies after its output embedding (see the module docstring).
+def _one_field(model: nn.Module, configs: list[Any], names: tuple[str, ...], neutral: Any,
+               what: str) -> tuple[Optional[float], Optional[str], Any]:
+    """(value, name, config) of the one field of ``names`` a config sets, or (None, None, None)."""
+    found = []
+    for name in names:
+        value, config = _field(configs, name, neutral)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{type(model).__name__} sets {name}={value!r}: a {what} the fused head can "
+                             "express is a finite number > 0")
+        found.append((float(value), name, config))
+    if len(found) > 1:
+        raise ValueError(f"{type(model).__name__} sets {' and '.join(f'{n}={v}' for v, n, _ in found)}: no model is "
+                         f"known to apply two of them, so which {what} it applies is not known here")
+    return found[0] if found else (None, None, None)
 
-    Raises:
-        ValueError: the output embedding is missing or not a plain ``nn.Linear``; two scale
-            fields are set; a scale or cap is not a finite number > 0.
-    """
+
+def _head_and_trunk(model: nn.Module) -> tuple[nn.Linear, str, list[tuple[str, nn.Module]]]:
+    """(output embedding, name of the trunk's attribute, the other children holding no tensors)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
         raise ValueError(f"{type(model).__name__} has no output embedding (get_output_embeddings() is None)")
@@ -74,22 +98,58 @@ def logit_transform(model: nn.Module) -> LogitTransform:
             "not a plain torch.nn.Linear: "
             "the fused head computes hidden @ weight.T + bias and would skip what its forward adds"
         )
+    children = list(model.named_children())
+    if not any(child is head for _, child in children):
+        where = next(name for name, module in model.named_modules() if module is head)
+        raise ValueError(f"{type(model).__name__}'s output embedding is {where}, inside {where.split('.')[0]!r}, "
+                         "whose forward runs between the trunk and it (a prediction head's transform, in BERT-style "
+                         "models): the fused head reads the trunk's last hidden state and would skip it")
+    others = [(name, child) for name, child in children if child is not head]
+    stateful = [name for name, child in others
+                if next(child.parameters(), None) is not None or next(child.buffers(), None) is not None]
+    if len(stateful) != 1:
+        raise ValueError(f"{type(model).__name__} has {len(stateful)} children with weights beside its output "
+                         f"embedding ({', '.join(stateful) or 'none'}), not one trunk: the fused head reads one "
+                         "trunk's last hidden state and would skip what another adds")
+    return head, stateful[0], [(name, child) for name, child in others if name != stateful[0]]
+
+
+def trunk_name(model: nn.Module) -> str:
+    """The attribute of ``model`` holding its trunk (``"model"``, ``"transformer"``, ...): the module
+    whose last hidden state ``[B, T, H]`` the output embedding reads. Raises like ``logit_transform``."""
+    return _head_and_trunk(model)[1]
+
+
+def logit_transform(model: nn.Module) -> LogitTransform:
+    """The transform ``model`` applies after its output embedding (see the module docstring).
+
+    Raises:
+        ValueError: the output embedding is missing, not a plain ``nn.Linear``, or not the child
+            of ``model`` beside one trunk; two scale or two cap fields are set; a scale or cap is
+            not a finite number > 0; the logits are cut to fewer rows than the head has.
+    """
+    head, _, stateless = _head_and_trunk(model)
     configs = _configs(model)
-    scales = []
-    for name in _SCALE_FIELDS:
-        value, config = _field(configs, name, neutral=1.0)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{type(model).__name__} sets {name}={value!r}: a logit scale the fused head can "
-                             "express is a finite number > 0")
-        divides = name == "logits_scaling" and getattr(config, "model_type", None) not in _MULTIPLYING_LOGITS_SCALING
-        scales.append((1.0 / value if divides else float(value), f"{name}={value}"))
-    if len(scales) > 1:
-        raise ValueError(f"{type(model).__name__} sets {' and '.join(text for _, text in scales)}: no model is "
-                         "known to apply two logit scales, so which of them it applies is not known here")
-    softcap, _ = _field(configs, "final_logit_softcapping")
-    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
-                                or not (math.isfinite(softcap) and softcap > 0)):
-        raise ValueError(f"{type(model).__name__} sets final_logit_softcapping={softcap!r}, not a finite number > 0")
-    return LogitTransform(scale=scales[0][0] if scales else 1.0, softcap=None if softcap is None else float(softcap))
+    scale, name, config = _one_field(model, configs, _SCALE_FIELDS, 1.0, "logit scale")
+    if scale is not None and (name == "logits_mup_width_multiplier" or (
+            name == "logits_scaling" and getattr(config, "model_type", None) not in _MULTIPLYING_LOGITS_SCALING)):
+        scale = 1.0 / scale
+    softcap, _, _ = _one_field(model, configs, _CAP_FIELDS, None, "logit soft cap")
+    unpadded, _ = _field(configs, "unpadded_vocab_size")
+    if unpadded is not None and unpadded < head.out_features:
+        raise ValueError(f"{type(model).__name__} keeps the first unpadded_vocab_size={unpadded} of its head's "
+                         f"{head.out_features} logits: the fused head normalises over every row of the head")
+    for name, child in stateless:
+        # a module between the head and the logits that holds no weights, e.g. Inkling 2's soft cap:
+        # served only if it computes the cap read from the config (or nothing) on a probe
+        probe = torch.linspace(-4.0, 4.0, 9) * (softcap or 1.0)
+        expected = probe if softcap is None else softcap * torch.tanh(probe / softcap)
+        try:
+            agrees = torch.allclose(child(probe), expected, rtol=1e-5, atol=1e-6)
+        except Exception:  # noqa: BLE001 - any failure means the module is not that function
+            agrees = False
+        if not agrees:
+            raise ValueError(f"{type(model).__name__}.{name} ({type(child).__qualname__}) is a module beside the trunk "
+                             "and the output embedding that computes neither the logits' soft cap read from the "
+                             "config nor nothing: the fused head would skip it")
+    return LogitTransform(scale=1.0 if scale is None else scale, softcap=softcap)

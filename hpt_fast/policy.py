@@ -1,6 +1,6 @@
 """The module DeepSpeed trains: a causal LM whose forward ends in the fused head, not in logits.
 
-``FusedHeadPolicy.forward`` runs the model's trunk (``get_decoder()``) and hands its last hidden
+``FusedHeadPolicy.forward`` runs the model's trunk (``logit_head.trunk_name``) and hands its last hidden
 states and the output embedding to the fused op, so no [tokens x vocab] tensor exists. Running
 this inside DeepSpeed's ``engine(...)`` rather than calling the trunk directly matters for ZeRO:
 
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from hpt_fast import zero3
 from hpt_fast.batching import MicroBatch
 from hpt_fast.estimator import Normalizers
-from hpt_fast.logit_head import logit_transform
+from hpt_fast.logit_head import logit_transform, trunk_name
 from hpt_fast.loss import FusedUnifiedLoss
 from hpt_fast.ops import fused_token_logprobs
 
@@ -39,6 +39,7 @@ class FusedHeadPolicy(nn.Module):
     def __init__(self, lm: nn.Module, op_kwargs: Optional[dict[str, Any]] = None) -> None:
         super().__init__()
         self.transform = logit_transform(lm)
+        self.trunk = trunk_name(lm)
         self.lm = lm
         self.op_kwargs = dict(op_kwargs or {})
 
@@ -57,7 +58,7 @@ class FusedHeadPolicy(nn.Module):
     def hidden(self, mb: MicroBatch) -> Tensor:
         """[B, T, H]: the trunk's last hidden state at each position that predicts a target."""
         # no KV cache: nothing decodes after this forward
-        out = self.lm.get_decoder()(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
+        out = getattr(self.lm, self.trunk)(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
         return out.last_hidden_state[:, :-1]
 
     def forward(

@@ -185,6 +185,23 @@ def test_causal_lm_loss_table():
         assert max(losses) - min(losses) < 1e-3 * losses[0]
 
 
+def test_family_sweep():
+    """The family sweep's rows: a family the patch serves is ``same``, BERT's prediction head and
+    CpmAnt's own loss are refused with their reasons, and a MoE family with router logits on is
+    ``same`` (its load-balancing loss compared too)."""
+    rows = {}
+    for argv in (["--families", "qwen2,bert,cpmant"], ["--families", "mixtral,qwen2", "--router"]):
+        out = subprocess.run([sys.executable, "-m", "bench.family_sweep", *argv], cwd=REPO, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        found = [[c.strip() for c in line.strip("|").split("|")] for line in out.stdout.splitlines()
+                 if line.startswith("| ") and not line.startswith("| family") and not line.startswith("| ---")]
+        rows.update({(r[0], "--router" in argv): r[1:] for r in found})
+    assert {key: row[0] for key, row in rows.items()} == {
+        ("qwen2", False): "same", ("bert", False): "refused", ("cpmant", False): "refused", ("mixtral", True): "same"}
+    assert "inside 'cls'" in rows["bert", False][1] and "self.loss_function" in rows["cpmant", False][1]
+
+
 def test_idle_gaps_of_a_trace():
     """The profile's gap list: busy time is the union of device work, gaps are measured from the
     latest end so far, and each names the host call that ran through it."""
@@ -313,6 +330,7 @@ def test_row_kernel_sweep_runs_every_configuration():
     ("bench.rollout_throughput", ["--prompt-lengths", "16"], "expected MIN-MAX with 1 <= MIN <= MAX, got '16'"),
     ("bench.rollout_throughput", ["--sliding-window", "0"], "expected a positive integer, got '0'"),
     ("bench.causal_lm_loss", ["--tokens", "100", "--seq", "64"], "--tokens must be a multiple of --seq"),
+    ("bench.family_sweep", ["--families", "qwen2,no_such_family"], "--families: ['no_such_family'] are not causal-LM"),
 ])
 def test_bad_bench_arguments_are_usage_errors(module, argv, message, capsys):
     """Found before any work, not as a traceback after the header or the first shape's runs."""

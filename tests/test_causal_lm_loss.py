@@ -15,6 +15,7 @@ import transformers
 
 from hpt_fast.causal_lm_loss import patch_causal_lm_loss
 from hpt_fast.logit_head import logit_transform
+from tiny_models import READ_OTHERWISE, tiny_causal_lm
 
 VOCAB = 61
 TINY = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -144,6 +145,25 @@ def test_a_compiled_patched_model_computes_the_eager_loss_and_gradients(mode):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
 
 
+def _same_as_its_own_loss(model, **call):
+    """The patched model's loss (cpu backend) and every parameter's gradient against the model's
+    own forward on the same call, in float32; (own output, patched output)."""
+    params = list(model.parameters())
+    own = model(**call)
+    own_grads = torch.autograd.grad(own.loss, params, allow_unused=True)
+    with patch_causal_lm_loss(model, backend="cpu"):
+        got = model(**call)
+    grads = torch.autograd.grad(got.loss, params, allow_unused=True)
+    assert got.logits is None
+    torch.testing.assert_close(got.loss, own.loss, rtol=1e-6, atol=1e-6)
+    for (name, _), g, w in zip(model.named_parameters(), grads, own_grads):
+        if w is None:
+            assert g is None, name
+        else:
+            assert float((g - w).norm()) <= 1e-5 * float(w.norm()) + 1e-7, name
+    return own, got
+
+
 @pytest.mark.parametrize("asked", ["in the config", "in the call"])
 @pytest.mark.parametrize("family, settings", [
     ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
@@ -151,11 +171,15 @@ def test_a_compiled_patched_model_computes_the_eager_loss_and_gradients(mode):
                       shared_expert_intermediate_size=8)),
     ("Qwen3Moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8)),
     ("Olmoe", dict(num_experts=4, num_experts_per_tok=2)),
+    ("GraniteMoe", dict(num_local_experts=4, num_experts_per_tok=2)),
+    ("Phimoe", dict(num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.0)),
+    ("GptOss", dict(num_local_experts=4, num_experts_per_tok=2, layer_types=["full_attention"])),
 ])
 def test_an_moe_models_load_balancing_loss_is_added_as_its_own_forward_adds_it(family, settings, asked):
     """With router logits asked for (in the config, or in the call), the patched loss is the
     model's own: cross-entropy plus router_aux_loss_coef times its load-balancing loss over the
-    non-padding tokens; every gradient (the routers' included) and aux_loss are its own too."""
+    non-padding tokens; every gradient (the routers' included) and aux_loss are its own too. The
+    families are found by their forward's source, which adds the loss in the form the patch does."""
     model = _model(family, router_aux_loss_coef=0.5, **settings)
     call = {}
     if asked == "in the config":
@@ -163,19 +187,22 @@ def test_an_moe_models_load_balancing_loss_is_added_as_its_own_forward_adds_it(f
     else:
         call["output_router_logits"] = True
     ids, attention_mask, labels = _batch()
-    own = model(input_ids=ids, attention_mask=attention_mask, labels=labels, **call)
-    own_grads = torch.autograd.grad(own.loss, list(model.parameters()), allow_unused=True)
-    with patch_causal_lm_loss(model, backend="cpu"):
-        got = model(input_ids=ids, attention_mask=attention_mask, labels=labels, **call)
-    grads = torch.autograd.grad(got.loss, list(model.parameters()), allow_unused=True)
-    assert got.logits is None and float(own.aux_loss.detach()) > 0
+    own, got = _same_as_its_own_loss(model, input_ids=ids, attention_mask=attention_mask, labels=labels, **call)
+    assert float(own.aux_loss.detach()) > 0
     torch.testing.assert_close(got.aux_loss, own.aux_loss, rtol=0, atol=0)
-    torch.testing.assert_close(got.loss, own.loss, rtol=1e-6, atol=1e-6)
-    for (name, _), g, w in zip(model.named_parameters(), grads, own_grads):
-        if w is None:
-            assert g is None, name
-        else:
-            assert float((g - w).norm()) <= 1e-5 * float(w.norm()) + 1e-7, name
+
+
+def test_an_moe_model_whose_forward_adds_no_auxiliary_loss_is_served_with_router_logits():
+    """DeepSeek-V3's forward takes output_router_logits but adds no load-balancing loss: nor does
+    the patch (its source has no auxiliary loss), and the loss and gradients are the model's own."""
+    model = tiny_causal_lm("deepseek_v3", n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                           moe_intermediate_size=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
+                           kv_lora_rank=8, q_lora_rank=8, head_dim=4, num_key_value_heads=2, num_hidden_layers=2,
+                           first_k_dense_replace=1)
+    ids, attention_mask, labels = _batch()
+    _, got = _same_as_its_own_loss(model, input_ids=ids, attention_mask=attention_mask, labels=labels,
+                                   output_router_logits=True)
+    assert got.router_logits is not None and got.aux_loss is None
 
 
 def test_pre_shifted_labels_are_scored_without_a_shift():
@@ -276,10 +303,11 @@ def test_refusals():
             model(input_ids=ids, shift_labels=labels[:, :-2])
         with pytest.raises(TypeError, match="got 'input_ids' twice"):
             model(ids, input_ids=ids, labels=labels)
-    moe = _model("GraniteMoe", num_local_experts=2, num_experts_per_tok=1)
+    # Doge's forward passes load_balancing_loss_func an argument more than the form the patch reproduces
+    moe = tiny_causal_lm("doge", is_moe=True, num_experts=4, num_experts_per_tok=2)
     with patch_causal_lm_loss(moe, backend="cpu"):
         moe(input_ids=ids, labels=labels).loss.backward()  # no router logits asked: served
-        with pytest.raises(ValueError, match="output_router_logits.*only, not 'granitemoe'"):
+        with pytest.raises(ValueError, match="output_router_logits.*the form patch_causal_lm_loss reproduces"):
             moe(input_ids=ids, labels=labels, output_router_logits=True)
 
 
@@ -293,6 +321,62 @@ def test_a_head_that_is_not_a_plain_linear_is_refused():
     for make in (patch_causal_lm_loss, FusedHeadPolicy):
         with pytest.raises(ValueError, match=r"output embedding is a \S+\.DoryLMHead, not a plain torch\.nn\.Linear"):
             make(model)
+
+
+@pytest.mark.parametrize("family", sorted(READ_OTHERWISE))
+def test_families_whose_head_is_read_otherwise_give_their_own_loss(family):
+    """Llama 4 (its base_model is itself: the trunk is found as the head's sibling), RecurrentGemma
+    and xLSTM (soft caps under other names), Inkling (hidden states divided before the head) and
+    Inkling 2 (its cap a module of its own): the patched loss and every gradient are the model's own."""
+    model_type, settings = READ_OTHERWISE[family]
+    model = tiny_causal_lm(model_type, **settings)
+    transform = logit_transform(model)
+    assert (transform.scale, transform.softcap) != (1.0, None) or model.base_model is model
+    _, _, labels = _batch()
+    _same_as_its_own_loss(model, input_ids=labels.clamp(min=0), labels=labels)
+
+
+@pytest.mark.parametrize("model_type, settings, error", [
+    ("bert", dict(is_decoder=True), r"BertLMHeadModel's output embedding is cls\.predictions\.decoder, inside 'cls'"),
+    ("xlm", dict(emb_dim=16, n_layers=1, n_heads=2), r"is pred_layer\.proj, inside 'pred_layer'"),
+    ("modernbert-decoder", dict(pad_token_id=0),
+     r"2 children with weights beside its output embedding \(model, lm_head\), not one trunk"),
+    ("inkling_text", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+                          unpadded_vocab_size=50),
+     "keeps the first unpadded_vocab_size=50 of its head's 61 logits"),
+])
+def test_a_model_whose_logits_are_not_its_trunk_through_its_head_is_refused(model_type, settings, error):
+    """BERT-style prediction heads transform the trunk's states before the output embedding,
+    ModernBERT's decoder has a second module between them, Inkling cuts its logits: the loss
+    patch and the trainer's policy refuse them (the op would silently compute other logits)."""
+    from hpt_fast.policy import FusedHeadPolicy
+
+    model = tiny_causal_lm(model_type, **settings)
+    for make in (patch_causal_lm_loss, FusedHeadPolicy):
+        with pytest.raises(ValueError, match=error):
+            make(model)
+
+
+def test_a_module_beside_the_trunk_and_head_is_served_only_as_the_configs_cap():
+    """Inkling 2's soft cap is a module of its own: it is probed, and one that caps at another
+    value than the config's is refused."""
+    model = tiny_causal_lm("inkling2_text", final_logit_softcapping=0.5)
+    assert logit_transform(model).softcap == 0.5
+    model.logit_softcap = type(model.logit_softcap)(2.0)
+    with pytest.raises(ValueError, match=r"\.logit_softcap \(Inkling2Softcap\) is a module beside the trunk"):
+        logit_transform(model)
+
+
+def test_a_model_with_a_loss_of_its_own_is_refused():
+    """CpmAnt scores unshifted labels with its own CrossEntropyLoss; a loss_function set on a model
+    replaces transformers' causal-LM loss: the patch reproduces that loss only."""
+    cpmant = tiny_causal_lm("cpmant")
+    with pytest.raises(ValueError, match="CpmAntForCausalLM.forward does not compute its loss with self.loss_function"):
+        patch_causal_lm_loss(cpmant)
+    model = _model("Qwen2")
+    model.loss_function = lambda logits, labels, vocab_size, **kwargs: logits.sum()
+    with pytest.raises(ValueError, match="loss_function is .*not transformers' ForCausalLMLoss"):
+        patch_causal_lm_loss(model)
 
 
 @pytest.mark.parametrize("settings, scale, softcap", [

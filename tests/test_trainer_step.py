@@ -30,6 +30,7 @@ from hpt_fast.rollout import end_token_ids
 from hpt_fast.step_stats import StepStats
 from hpt_fast.toy import build_toy, default_toy_dir, use_toy
 from hpt_fast.trainer import Trainer, _grad_norm, _load_tokenizer
+from tiny_models import READ_OTHERWISE, tiny_causal_lm
 
 # 4 prompts x 2 rollouts of at most 24 tokens, as tests/test_trainer.py
 SMALL = ["train.prompts_per_step=4", "rollout.n=2", "data.max_response_length=24", "validation.every=0",
@@ -329,6 +330,15 @@ def test_a_model_that_scales_its_logits_after_the_head_is_trained_on_them(family
         head = model.get_output_embeddings()(model.get_decoder()(input_ids=ids).last_hidden_state)
         assert not torch.allclose(model(ids).logits, head, atol=1e-3)
     _policy_matches_the_model(model, temperature=0.7)
+
+
+@pytest.mark.parametrize("family", sorted(READ_OTHERWISE))
+def test_families_whose_head_is_read_otherwise_are_trained_on_their_own_logits(family):
+    """Llama 4 (its get_decoder() is the model itself: the policy runs the head's sibling),
+    RecurrentGemma and xLSTM (soft caps under other names), Inkling (hidden states divided before
+    the head), Inkling 2 (its cap a module of its own)."""
+    model_type, settings = READ_OTHERWISE[family]
+    _policy_matches_the_model(tiny_causal_lm(model_type, **settings), temperature=0.7)
 
 
 def _gemma4(**text_settings):

@@ -1,0 +1,176 @@
+"""Every transformers causal-LM family through ``patch_causal_lm_loss``, against its own loss.
+
+Usage (from the repository root):
+    python -m bench.family_sweep [--families llama,qwen2,...] [--router] [--timeout 60]
+
+For each model type that transformers maps to ``AutoModelForCausalLM``, a tiny random model (the
+first of ``SIZES`` that builds and computes its own loss) in evaluation mode (no dropout), float32,
+``use_cache=False`` where its forward takes it: ``model(input_ids, labels=labels)`` as the model
+computes it and through the patch (``skip_logits=True``, the torch backend), and every
+parameter's gradient. A family ends as one of:
+- ``same``: the loss within 1e-5 (relative) and every gradient within 1e-4 of the larger of its
+  own largest element and 1e-3 of the model's largest (a gradient that is zero in exact arithmetic,
+  such as an attention key bias's, is compared at the model's scale, not its own rounding's);
+- ``refused``: the patch raised ``ValueError`` (what the op cannot compute; the reason is printed);
+- ``DIFFERENT``: a silent wrong result; the exit status is then 1;
+- ``error``: the patched call raised anything else;
+- ``not built``: no size in ``SIZES`` built and ran the model's own loss (the reason).
+With ``--router`` only the families whose config has ``output_router_logits`` run, with it on, so
+that the MoE load-balancing loss is compared too. The trainer's policy reads the head as the patch
+does (``hpt_fast.logit_head``), so a family that is ``same`` here has its logits read right there.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import signal
+import sys
+import warnings
+from typing import Optional
+
+import torch
+
+from bench.cli import cli_description
+
+VOCAB = 256
+_BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=16, vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+             eos_token_id=2, moe_intermediate_size=32, num_experts=4, num_local_experts=4, n_routed_experts=4,
+             num_experts_per_tok=2, shared_expert_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
+             kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1,
+             topk_group=1, rotary_dim=8,
+             n_embd=64, n_layer=2, n_head=4, d_model=64, n_positions=256, ffn_dim=128, num_layers=2, num_heads=4,
+             hidden_dropout=0.0, attention_dropout=0.0)
+_HEAD_DIMS = ("head_dim", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "kv_lora_rank", "q_lora_rank")
+_DERIVED = {k: v for k, v in _BASE.items() if k not in _HEAD_DIMS}
+# tried in order: explicit head sizes; the rotary part's (MLA models); sizes the config derives;
+# more layers, for hybrid models whose first layers have no attention; as many key/value heads as
+# query heads
+SIZES = (_BASE, {**_BASE, "head_dim": 8}, _DERIVED, {**_BASE, "num_hidden_layers": 4, "num_layers": 4},
+         {**_DERIVED, "num_hidden_layers": 8, "num_layers": 8}, {**_BASE, "num_key_value_heads": 4})
+
+
+class _Timeout(BaseException):
+    """A family over ``--timeout``: a BaseException, so that the per-size ``except Exception`` lets it through."""
+
+
+def _on_alarm(*_: object) -> None:
+    raise _Timeout()
+
+
+class _NoRouter(Exception):
+    """``--router`` and a config without ``output_router_logits``: not an MoE family."""
+
+
+def _build(model_type: str, router: bool) -> tuple[torch.nn.Module, dict, torch.Tensor]:
+    """A tiny model of ``model_type``, its call's kwargs and its own loss; raises what the last size raised."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    error: Optional[Exception] = None
+    for sizes in SIZES:
+        try:
+            config = AutoConfig.for_model(model_type, **sizes)
+            text = config.get_text_config()
+            for key, value in sizes.items():  # a multimodal model's language model
+                if text is not config and hasattr(text, key):
+                    setattr(text, key, value)
+            if router:
+                if not hasattr(text, "output_router_logits"):
+                    raise _NoRouter()
+                text.output_router_logits = True
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+            head = model.get_output_embeddings()
+            vocab = min(VOCAB, head.weight.shape[0]) if head is not None else VOCAB
+            ids = torch.randint(3, vocab, (2, 12), generator=torch.Generator().manual_seed(1))
+            labels = ids.masked_fill(torch.arange(12) < 3, -100)  # a prompt
+            call = {"input_ids": ids, "labels": labels}
+            if "use_cache" in inspect.signature(model.forward).parameters:
+                call["use_cache"] = False
+            own = model(**call).loss
+            if own is None:
+                raise ValueError("its forward gives no loss")
+            return model, call, own
+        except Exception as exc:  # noqa: BLE001 - the next size may build
+            error = exc
+    assert error is not None
+    raise error
+
+
+def check_family(model_type: str, router: bool = False) -> Optional[tuple[str, str]]:
+    """(outcome, detail) of ``model_type`` (see the module docstring); None for a family without
+    router logits under ``router``."""
+    from hpt_fast.causal_lm_loss import patch_causal_lm_loss
+
+    try:
+        model, call, own = _build(model_type, router)
+    except _NoRouter:
+        return None
+    except Exception as exc:  # noqa: BLE001 - reported, not raised: one family's failure is a row
+        return "not built", f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    own_grads = torch.autograd.grad(own, params, allow_unused=True)
+    try:
+        with patch_causal_lm_loss(model, skip_logits=True, backend="torch"):
+            out = model(**call)
+            grads = torch.autograd.grad(out.loss, params, allow_unused=True)
+    except ValueError as exc:
+        return "refused", str(exc).splitlines()[0][:200]
+    except Exception as exc:  # noqa: BLE001
+        return "error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    loss_error = abs(float(out.loss) - float(own)) / max(abs(float(own)), 1e-12)
+    largest = max(float(g.abs().max()) for g in own_grads if g is not None)
+    worst, worst_name = 0.0, ""
+    for name, param, want, got in zip(names, params, own_grads, grads):
+        want = torch.zeros_like(param) if want is None else want
+        got = torch.zeros_like(param) if got is None else got
+        error = float((got - want).abs().max()) / max(float(want.abs().max()), 1e-3 * largest)
+        if error > worst:
+            worst, worst_name = error, name
+    detail = f"loss {float(own):.6f} / {float(out.loss):.6f} (rel {loss_error:.1e}), worst gradient {worst:.1e} ({worst_name})"
+    return ("same" if loss_error < 1e-5 and worst < 1e-4 else "DIFFERENT"), detail
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=cli_description(__doc__))
+    parser.add_argument("--families", default="", help="comma-separated model types (default: every causal-LM one)")
+    parser.add_argument("--router", action="store_true", help="MoE families only, with router logits on")
+    parser.add_argument("--timeout", type=int, default=60, help="seconds per family (default 60)")
+    args = parser.parse_args(argv)
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    every = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    families = [f for f in args.families.split(",") if f] or every
+    unknown = [f for f in families if f not in every]
+    if unknown:
+        parser.error(f"--families: {unknown} are not causal-LM model types of transformers {transformers.__version__}")
+    if args.timeout <= 0:
+        parser.error(f"--timeout must be > 0, got {args.timeout}")
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_default_handler()  # configs refusing a size print themselves whole
+    signal.signal(signal.SIGALRM, _on_alarm)
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}; {len(families)} families"
+          f"{' (those whose config has output_router_logits, with it on)' if args.router else ''}\n")
+    print("| family | outcome | detail |\n| --- | --- | --- |")
+    counts: dict[str, int] = {}
+    for family in families:
+        signal.alarm(args.timeout)
+        try:
+            row = check_family(family, args.router)
+        except _Timeout:
+            row = "not built", f"over {args.timeout} s"
+        finally:
+            signal.alarm(0)
+        if row is None:
+            continue
+        outcome, detail = row
+        counts[outcome] = counts.get(outcome, 0) + 1
+        print(f"| {family} | {outcome} | {detail.replace('|', '/')} |", flush=True)
+    print("\n" + ", ".join(f"{n} {o}" for o, n in sorted(counts.items())))
+    return 1 if counts.get("DIFFERENT") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
