@@ -15,8 +15,8 @@ parameter's gradient. A family ends as one of:
 - ``DIFFERENT``: a silent wrong result; the exit status is then 1;
 - ``error``: the patched call raised anything else;
 - ``not built``: no size in ``SIZES`` built and ran the model's own loss (the reason).
-With ``--router`` only the families whose config has ``output_router_logits`` run, with it on, so
-that the MoE load-balancing loss is compared too. The trainer's policy reads the head as the patch
+With ``--router`` only the families whose config has ``output_router_logits`` run, with it on
+(and ``router_aux_loss_coef`` 0.5), so that the MoE load-balancing loss is compared too. The trainer's policy reads the head as the patch
 does (``hpt_fast.logit_head``), so a family that is ``same`` here has its logits read right there.
 """
 from __future__ import annotations
@@ -78,6 +78,8 @@ def _build(model_type: str, router: bool) -> tuple[torch.nn.Module, dict, torch.
                 if not hasattr(text, "output_router_logits"):
                     raise _NoRouter()
                 text.output_router_logits = True
+                if hasattr(text, "router_aux_loss_coef"):  # the default 0.001 would hide little in the loss
+                    text.router_aux_loss_coef = 0.5
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
             head = model.get_output_embeddings()
