@@ -18,6 +18,7 @@ from trl.trainer import add_fused_lm_head  # noqa: E402
 
 import hpt_fast.trl_head as trl_head  # noqa: E402
 from hpt_fast.trl_head import patch_trl_fused_head  # noqa: E402
+from tiny_models import READ_OTHERWISE, tiny_causal_lm  # noqa: E402
 
 TRL_HEAD = trl_utils._ChunkedLogProbFunction
 TRL_COMPACTS = trl_utils._use_triton
@@ -177,6 +178,27 @@ def test_a_model_with_trls_fused_head_gets_its_own_logprobs_through_the_op(famil
         assert p.grad is not None, name
         ref = params[name].grad
         assert _rel(p.grad.double(), ref) < 1e-4, (name, _rel(p.grad.double(), ref))
+
+
+@pytest.mark.parametrize("family", ["recurrent_gemma", "xlstm", "inkling", "llama4"])
+def test_trls_fused_head_reads_fewer_transforms_than_these_models_apply(family, op_calls):
+    """What the README says of TRL 1.16's reading of a model (``add_fused_lm_head``), through the
+    op: it misses RecurrentGemma's and xLSTM's soft caps and Inkling's hidden-state divisor, so its
+    loss is not the model's own (the loss patch's is: tests/test_causal_lm_loss.py), and it runs
+    Llama 4's base_model, which is the model itself. When a TRL release reads them, this fails,
+    and the README's paragraph goes."""
+    model_type, settings = READ_OTHERWISE[family]
+    model = tiny_causal_lm(model_type, **settings)
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(1))
+    own = model(input_ids=ids, labels=ids).loss
+    add_fused_lm_head(model)
+    with patch_trl_fused_head():
+        if family == "llama4":
+            with pytest.raises(AttributeError, match="no attribute 'last_hidden_state'"):
+                model(input_ids=ids, labels=ids, fused_lm_head=True)
+            return
+        trl = model(input_ids=ids, labels=ids, fused_lm_head=True).loss
+    assert len(op_calls) == 1 and abs(float(trl - own)) > 1e-3 * float(own)
 
 
 def test_a_bf16_head_cast_to_float32_by_trl(op_calls):
