@@ -4,7 +4,7 @@ Usage (from the repository root):
     python -m bench.family_sweep [--families llama,qwen2,...] [--router] [--timeout 60]
 
 For each model type that transformers maps to ``AutoModelForCausalLM``, a tiny random model (the
-first of ``SIZES`` that builds and computes its own loss) in evaluation mode (no dropout), float32,
+first of its ``FAMILY_SIZES`` and ``SIZES`` that builds and computes its own loss) in evaluation mode (no dropout), float32,
 ``use_cache=False`` where its forward takes it: ``model(input_ids, labels=labels)`` as the model
 computes it and through the patch (``skip_logits=True``, the torch backend), and every
 parameter's gradient. A family ends as one of:
@@ -14,7 +14,7 @@ parameter's gradient. A family ends as one of:
 - ``refused``: the patch raised ``ValueError`` (what the op cannot compute; the reason is printed);
 - ``DIFFERENT``: a silent wrong result; the exit status is then 1;
 - ``error``: the patched call raised anything else;
-- ``not built``: no size in ``SIZES`` built and ran the model's own loss (the reason).
+- ``not built``: no size tried built and ran the model's own loss (the reason).
 With ``--router`` only the families whose config has ``output_router_logits`` run, with it on
 (and ``router_aux_loss_coef`` 0.5), so that the MoE load-balancing loss is compared too. The trainer's policy reads the head as the patch
 does (``hpt_fast.logit_head``), so a family that is ``same`` here has its logits read right there.
@@ -48,6 +48,24 @@ _DERIVED = {k: v for k, v in _BASE.items() if k not in _HEAD_DIMS}
 # query heads
 SIZES = (_BASE, {**_BASE, "head_dim": 8}, _DERIVED, {**_BASE, "num_hidden_layers": 4, "num_layers": 4},
          {**_DERIVED, "num_hidden_layers": 8, "num_layers": 8}, {**_BASE, "num_key_value_heads": 4})
+# families none of SIZES builds, tried first: their own names for the sizes, or validated layouts
+FAMILY_SIZES = {
+    "dbrx": dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=256, vocab_size=VOCAB,
+                 attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                 ffn_config=dict(ffn_hidden_size=128, moe_num_experts=4, moe_top_k=2)),
+    "gemma3n_text": dict(_BASE, num_hidden_layers=4, num_kv_shared_layers=0, hidden_size_per_layer_input=16,
+                         layer_types=["sliding_attention", "full_attention"] * 2, vocab_size_per_layer_input=VOCAB,
+                         laurel_rank=8, activation_sparsity_pattern=[0.0] * 4),
+    "gpt_neo": dict(num_layers=2, attention_types=[[["global", "local"], 1]], hidden_size=64, num_heads=4,
+                    vocab_size=VOCAB, max_position_embeddings=256),
+    "granitemoehybrid": dict(_BASE, layer_types=["mamba", "attention"], mamba_n_heads=8, mamba_d_head=16,
+                             mamba_n_groups=1, mamba_d_state=16, mamba_expand=2),
+    "lfm2_moe": dict(_BASE, num_dense_layers=1, layer_types=["full_attention", "conv"]),
+    "mamba2": dict(hidden_size=64, num_heads=8, head_dim=16, expand=2, n_groups=1, num_hidden_layers=2,
+                   vocab_size=VOCAB, state_size=16),
+    "zamba2": dict(_BASE, layers_block_type=["mamba", "hybrid"], mamba_headdim=16, n_mamba_heads=8, mamba_ngroups=1),
+    "zaya": dict(_BASE, num_experts_per_tok=1),
+}
 
 
 class _Timeout(BaseException):
@@ -67,7 +85,7 @@ def _build(model_type: str, router: bool) -> tuple[torch.nn.Module, dict, torch.
     from transformers import AutoConfig, AutoModelForCausalLM
 
     error: Optional[Exception] = None
-    for sizes in SIZES:
+    for sizes in ((FAMILY_SIZES[model_type],) if model_type in FAMILY_SIZES else ()) + SIZES:
         try:
             config = AutoConfig.for_model(model_type, **sizes)
             text = config.get_text_config()
