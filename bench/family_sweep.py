@@ -1,23 +1,25 @@
-"""Every transformers causal-LM family through ``patch_causal_lm_loss``, against its own loss.
+"""Every transformers causal-LM family through the loss patch and the trainer's policy, against its own logits.
 
 Usage (from the repository root):
     python -m bench.family_sweep [--families llama,qwen2,...] [--router] [--timeout 60]
 
 For each model type that transformers maps to ``AutoModelForCausalLM``, a tiny random model (the
-first of its ``FAMILY_SIZES`` and ``SIZES`` that builds and computes its own loss) in evaluation mode (no dropout), float32,
-``use_cache=False`` where its forward takes it: ``model(input_ids, labels=labels)`` as the model
+first of its ``FAMILY_SIZES`` and ``SIZES`` that builds and computes its own loss) in evaluation
+mode (no dropout), float32, ``use_cache=False`` where its forward takes it: ``model(input_ids, labels=labels)`` as the model
 computes it and through the patch (``skip_logits=True``, the torch backend), and every
-parameter's gradient. A family ends as one of:
-- ``same``: the loss within 1e-5 (relative) and every gradient within 1e-4 of the larger of its
-  own largest element and 1e-3 of the model's largest (a gradient that is zero in exact arithmetic,
-  such as an attention key bias's, is compared at the model's scale, not its own rounding's);
-- ``refused``: the patch raised ``ValueError`` (what the op cannot compute; the reason is printed);
+parameter's gradient; and the trainer's policy (``FusedHeadPolicy``), its log-probs of two
+right-padded rows against the log-softmax of the model's own logits (within 1e-4). Each ends as:
+- ``same``: for the patch, the loss within 1e-5 (relative) and every gradient within 1e-4 of the
+  larger of its own largest element and 1e-3 of the model's largest (a gradient that is zero in
+  exact arithmetic, such as an attention key bias's, is compared at the model's scale, not its own
+  rounding's);
+- ``refused``: a ``ValueError`` (what the op cannot compute; the reason is printed);
 - ``DIFFERENT``: a silent wrong result; the exit status is then 1;
-- ``error``: the patched call raised anything else;
+- ``error``: anything else raised;
 - ``not built``: no size tried built and ran the model's own loss (the reason).
 With ``--router`` only the families whose config has ``output_router_logits`` run, with it on
-(and ``router_aux_loss_coef`` 0.5), so that the MoE load-balancing loss is compared too. The trainer's policy reads the head as the patch
-does (``hpt_fast.logit_head``), so a family that is ``same`` here has its logits read right there.
+(and ``router_aux_loss_coef`` 0.5), so that the MoE load-balancing loss is compared too; the
+policy, which adds no auxiliary loss, is not run then.
 """
 from __future__ import annotations
 
@@ -43,11 +45,12 @@ _BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
              hidden_dropout=0.0, attention_dropout=0.0)
 _HEAD_DIMS = ("head_dim", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "kv_lora_rank", "q_lora_rank")
 _DERIVED = {k: v for k, v in _BASE.items() if k not in _HEAD_DIMS}
-# tried in order: explicit head sizes; the rotary part's (MLA models); sizes the config derives;
-# more layers, for hybrid models whose first layers have no attention; as many key/value heads as
-# query heads
-SIZES = (_BASE, {**_BASE, "head_dim": 8}, _DERIVED, {**_BASE, "num_hidden_layers": 4, "num_layers": 4},
-         {**_DERIVED, "num_hidden_layers": 8, "num_layers": 8}, {**_BASE, "num_key_value_heads": 4})
+# tried in order: explicit head sizes; the rotary part's (MLA models, which also need as many
+# key/value heads as query heads); sizes the config derives; more layers, for hybrid models whose
+# first layers have no attention
+SIZES = (_BASE, {**_BASE, "head_dim": 8, "num_key_value_heads": 4}, _DERIVED,
+         {**_BASE, "num_hidden_layers": 4, "num_layers": 4}, {**_DERIVED, "num_hidden_layers": 8, "num_layers": 8},
+         {**_BASE, "num_key_value_heads": 4})
 # families none of SIZES builds, tried first: their own names for the sizes, or validated layouts
 FAMILY_SIZES = {
     "dbrx": dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=256, vocab_size=VOCAB,
@@ -110,6 +113,11 @@ def _build(model_type: str, router: bool) -> tuple[torch.nn.Module, dict, torch.
             own = model(**call).loss
             if own is None:
                 raise ValueError("its forward gives no loss")
+            # the policy's batches are right-padded: a size whose forward fails under a padding
+            # mask is the size's fault, not the policy's
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=(torch.arange(12) < 9).long().expand(2, 12),
+                      **{k: v for k, v in call.items() if k == "use_cache"})
             return model, call, own
         except Exception as exc:  # noqa: BLE001 - the next size may build
             error = exc
@@ -117,27 +125,24 @@ def _build(model_type: str, router: bool) -> tuple[torch.nn.Module, dict, torch.
     raise error
 
 
-def check_family(model_type: str, router: bool = False) -> Optional[tuple[str, str]]:
-    """(outcome, detail) of ``model_type`` (see the module docstring); None for a family without
-    router logits under ``router``."""
+def _outcome_of_failure(exc: Exception) -> tuple[str, str]:
+    if isinstance(exc, ValueError):
+        return "refused", str(exc).splitlines()[0][:200]
+    return "error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+
+
+def _patch_check(model: torch.nn.Module, call: dict, own: torch.Tensor) -> tuple[str, str]:
+    """The loss patch's loss and every gradient against the model's own."""
     from hpt_fast.causal_lm_loss import patch_causal_lm_loss
 
-    try:
-        model, call, own = _build(model_type, router)
-    except _NoRouter:
-        return None
-    except Exception as exc:  # noqa: BLE001 - reported, not raised: one family's failure is a row
-        return "not built", f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
     own_grads = torch.autograd.grad(own, params, allow_unused=True)
     try:
         with patch_causal_lm_loss(model, skip_logits=True, backend="torch"):
             out = model(**call)
             grads = torch.autograd.grad(out.loss, params, allow_unused=True)
-    except ValueError as exc:
-        return "refused", str(exc).splitlines()[0][:200]
-    except Exception as exc:  # noqa: BLE001
-        return "error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    except Exception as exc:  # noqa: BLE001 - reported, not raised: one family's failure is a row
+        return _outcome_of_failure(exc)
     loss_error = abs(float(out.loss) - float(own)) / max(abs(float(own)), 1e-12)
     largest = max(float(g.abs().max()) for g in own_grads if g is not None)
     worst, worst_name = 0.0, ""
@@ -149,6 +154,41 @@ def check_family(model_type: str, router: bool = False) -> Optional[tuple[str, s
             worst, worst_name = error, name
     detail = f"loss {float(own):.6f} / {float(out.loss):.6f} (rel {loss_error:.1e}), worst gradient {worst:.1e} ({worst_name})"
     return ("same" if loss_error < 1e-5 and worst < 1e-4 else "DIFFERENT"), detail
+
+
+def _policy_check(model: torch.nn.Module, call: dict) -> tuple[str, str]:
+    """The trainer's policy (``FusedHeadPolicy``): its log-probs of two right-padded rows against
+    the log-softmax of the model's own logits."""
+    from hpt_fast.batching import Row, collate
+    from hpt_fast.policy import FusedHeadPolicy
+
+    ids = call["input_ids"].tolist()
+    rows = [Row(0, ids[0][:3], ids[0][3:], 1.0, False, 1.0), Row(1, ids[1][:4], ids[1][4:9], 1.0, False, 1.0)]
+    mb = collate(rows, [0, 1], pad_id=0)
+    extra = {"use_cache": False} if "use_cache" in call else {}
+    try:
+        with torch.no_grad():
+            got = FusedHeadPolicy(model)(mb)
+            logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, **extra).logits[:, :-1]
+    except Exception as exc:  # noqa: BLE001
+        return _outcome_of_failure(exc)
+    want = logits.float().log_softmax(-1).gather(-1, mb.targets.clamp(min=0)[..., None]).squeeze(-1)
+    error = float((got - want.masked_fill(~mb.mask, 0.0)).abs().max())
+    return ("same" if error < 1e-4 else "DIFFERENT"), f"log-probs within {error:.1e}"
+
+
+def check_family(model_type: str, router: bool = False) -> Optional[tuple[str, str, str, str]]:
+    """(the loss patch's outcome, detail, the trainer policy's outcome, detail) of ``model_type``
+    (see the module docstring); None for a family without router logits under ``router``, where
+    the policy (which adds no auxiliary loss) is not run."""
+    try:
+        model, call, own = _build(model_type, router)
+    except _NoRouter:
+        return None
+    except Exception as exc:  # noqa: BLE001 - reported, not raised: one family's failure is a row
+        return "not built", f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}", "", ""
+    patch = _patch_check(model, call, own)
+    return patch + (("", "") if router else _policy_check(model, call))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -173,23 +213,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     signal.signal(signal.SIGALRM, _on_alarm)
     print(f"transformers {transformers.__version__}, torch {torch.__version__}; {len(families)} families"
           f"{' (those whose config has output_router_logits, with it on)' if args.router else ''}\n")
-    print("| family | outcome | detail |\n| --- | --- | --- |")
-    counts: dict[str, int] = {}
+    print("| family | loss patch | detail | trainer's policy | detail |\n| --- | --- | --- | --- | --- |")
+    counts: dict[str, dict[str, int]] = {"loss patch": {}, "trainer's policy": {}}
     for family in families:
         signal.alarm(args.timeout)
         try:
             row = check_family(family, args.router)
         except _Timeout:
-            row = "not built", f"over {args.timeout} s"
+            row = "not built", f"over {args.timeout} s", "", ""
         finally:
             signal.alarm(0)
         if row is None:
             continue
-        outcome, detail = row
-        counts[outcome] = counts.get(outcome, 0) + 1
-        print(f"| {family} | {outcome} | {detail.replace('|', '/')} |", flush=True)
-    print("\n" + ", ".join(f"{n} {o}" for o, n in sorted(counts.items())))
-    return 1 if counts.get("DIFFERENT") else 0
+        for column, outcome in zip(counts, row[::2]):
+            if outcome:
+                counts[column][outcome] = counts[column].get(outcome, 0) + 1
+        print("| " + " | ".join([family] + [cell.replace("|", "/") for cell in row]) + " |", flush=True)
+    print()
+    for column, tally in counts.items():
+        if tally:
+            print(f"{column}: " + ", ".join(f"{n} {o}" for o, n in sorted(tally.items())))
+    return 1 if any(tally.get("DIFFERENT") for tally in counts.values()) else 0
 
 
 if __name__ == "__main__":

@@ -186,9 +186,10 @@ def test_causal_lm_loss_table():
 
 
 def test_family_sweep():
-    """The family sweep's rows: a family the patch serves is ``same``, BERT's prediction head and
-    CpmAnt's own loss are refused with their reasons, and a MoE family with router logits on is
-    ``same`` (its load-balancing loss compared too)."""
+    """The family sweep's rows (loss patch, trainer's policy): a family both serve is ``same``,
+    BERT's prediction head is refused by both and CpmAnt's own loss by the patch (the policy, which
+    has a loss of its own, serves it), each with its reason; a MoE family with router logits on is
+    ``same`` (its load-balancing loss compared too; the policy not run)."""
     rows = {}
     for argv in (["--families", "qwen2,bert,cpmant"], ["--families", "mixtral,qwen2", "--router"]):
         out = subprocess.run([sys.executable, "-m", "bench.family_sweep", *argv], cwd=REPO, capture_output=True,
@@ -197,9 +198,11 @@ def test_family_sweep():
         found = [[c.strip() for c in line.strip("|").split("|")] for line in out.stdout.splitlines()
                  if line.startswith("| ") and not line.startswith("| family") and not line.startswith("| ---")]
         rows.update({(r[0], "--router" in argv): r[1:] for r in found})
-    assert {key: row[0] for key, row in rows.items()} == {
-        ("qwen2", False): "same", ("bert", False): "refused", ("cpmant", False): "refused", ("mixtral", True): "same"}
-    assert "inside 'cls'" in rows["bert", False][1] and "self.loss_function" in rows["cpmant", False][1]
+    assert {key: (row[0], row[2]) for key, row in rows.items()} == {
+        ("qwen2", False): ("same", "same"), ("bert", False): ("refused", "refused"),
+        ("cpmant", False): ("refused", "same"), ("mixtral", True): ("same", "")}
+    assert "inside 'cls'" in rows["bert", False][1] and "inside 'cls'" in rows["bert", False][3]
+    assert "self.loss_function" in rows["cpmant", False][1]
 
 
 def test_idle_gaps_of_a_trace():
