@@ -13,7 +13,7 @@ right-padded rows against the log-softmax of the model's own logits (within 1e-4
   larger of its own largest element and 1e-3 of the model's largest (a gradient that is zero in
   exact arithmetic, such as an attention key bias's, is compared at the model's scale, not its own
   rounding's);
-- ``refused``: a ``ValueError`` (what the op cannot compute; the reason is printed);
+- ``refused``: a ``ValueError`` raised by hpt_fast (what the op cannot compute; the reason is printed);
 - ``DIFFERENT``: a silent wrong result; the exit status is then 1;
 - ``error``: anything else raised;
 - ``not built``: no size tried built and ran the model's own loss (the reason).
@@ -27,6 +27,7 @@ import argparse
 import inspect
 import signal
 import sys
+import traceback
 import warnings
 from typing import Optional
 
@@ -126,7 +127,9 @@ def _build(model_type: str, router: bool) -> tuple[torch.nn.Module, dict, torch.
 
 
 def _outcome_of_failure(exc: Exception) -> tuple[str, str]:
-    if isinstance(exc, ValueError):
+    """``refused`` for a ValueError hpt_fast raised (its innermost frame in the package), else ``error``."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if isinstance(exc, ValueError) and frames and "/hpt_fast/" in frames[-1].filename.replace("\\", "/"):
         return "refused", str(exc).splitlines()[0][:200]
     return "error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
 
