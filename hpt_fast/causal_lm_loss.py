@@ -172,15 +172,17 @@ class CausalLMLossPatch:
                              "its forward. Shard the head with its parent (fully_shard the model, not the head)")
         hidden, targets = hidden.to(weight.device), targets.to(weight.device)
         mask = targets != ignore_index
-        op = dict(bias=bias, ignore_index=ignore_index, **self.transform.op_args(), **self.op_kwargs)
+        op = dict(ignore_index=ignore_index, **self.transform.op_args(), **self.op_kwargs)
         # a plain call where nothing is partitioned: torch.compile cannot break a graph inside
         # gathered()'s context manager, which mode B's opaque call needs
         released = zero3.is_released(weight) or zero3.is_released(bias)
         with zero3.gathered(weight, bias) if released else contextlib.nullcontext():
+            # cut inside the gather: a released ZeRO-3 parameter is empty until gathered
+            kept, kept_bias = self.transform.rows(weight, bias)
             if self.mode == "B":
-                total, _, _ = fused_linear_loss(hidden, weight, targets, _negative_logp, **op)
+                total, _, _ = fused_linear_loss(hidden, kept, targets, _negative_logp, bias=kept_bias, **op)
             else:
-                logp, _ = fused_token_logprobs(hidden, weight, targets, **op)
+                logp, _ = fused_token_logprobs(hidden, kept, targets, bias=kept_bias, **op)
                 total = -logp.sum()
         if num_items is None:
             num_items = mask.sum().clamp(min=1)

@@ -10,7 +10,8 @@ Some transformers models transform the head's output before it is their logits:
   Inkling 2, the Muse models after their factor), ``logits_soft_cap`` (RecurrentGemma),
   ``output_logit_soft_cap`` (xLSTM).
 Sampling at temperature T from ``c * tanh(s z / c)`` is the op at soft cap ``c / s`` and
-temperature ``T / s`` (``s > 0``). The fields are read from the config and from its text config,
+temperature ``T / s`` (``s > 0``). Inkling keeps only the first ``unpadded_vocab_size`` logits of a
+head padded with more rows: the op is given those rows of the head (``LogitTransform.rows``). The fields are read from the config and from its text config,
 where multimodal models keep them; the list is what a search of transformers 5.24's causal-LM
 forwards found (``bench/family_sweep.py`` checks every family that builds against its own loss).
 
@@ -40,10 +41,20 @@ _CAP_FIELDS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_
 
 @dataclass(frozen=True)
 class LogitTransform:
-    """Logits = ``softcap * tanh(scale * lm_head(hidden) / softcap)`` (no tanh when softcap is None)."""
+    """Logits = ``softcap * tanh(scale * lm_head(hidden)[..., :vocab] / softcap)`` (no tanh when
+    softcap is None; every row of the head when vocab is None)."""
 
     scale: float = 1.0
     softcap: Optional[float] = None
+    vocab: Optional[int] = None
+
+    def rows(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The head's weight [V, H] and bias [V] (or None) cut to the rows the logits keep: views
+        (a row slice of a contiguous weight stays contiguous), so gradients reach the whole head,
+        zero in the rows cut, as they do through the model's own slice of its logits."""
+        if self.vocab is None:
+            return weight, bias
+        return weight[: self.vocab], None if bias is None else bias[: self.vocab]
 
     def op_args(self, temperature: float = 1.0) -> dict[str, Any]:
         """The fused op's ``temperature`` and ``softcap`` for sampling temperature ``temperature``."""
@@ -126,7 +137,7 @@ def logit_transform(model: nn.Module) -> LogitTransform:
     Raises:
         ValueError: the output embedding is missing, not a plain ``nn.Linear``, or not the child
             of ``model`` beside one trunk; two scale or two cap fields are set; a scale or cap is
-            not a finite number > 0; the logits are cut to fewer rows than the head has.
+            not a finite number > 0; ``unpadded_vocab_size`` is not an int in [1, the head's rows].
     """
     head, _, stateless = _head_and_trunk(model)
     configs = _configs(model)
@@ -136,9 +147,13 @@ def logit_transform(model: nn.Module) -> LogitTransform:
         scale = 1.0 / scale
     softcap, _, _ = _one_field(model, configs, _CAP_FIELDS, None, "logit soft cap")
     unpadded, _ = _field(configs, "unpadded_vocab_size")
-    if unpadded is not None and unpadded < head.out_features:
-        raise ValueError(f"{type(model).__name__} keeps the first unpadded_vocab_size={unpadded} of its head's "
-                         f"{head.out_features} logits: the fused head normalises over every row of the head")
+    if unpadded is not None and (isinstance(unpadded, bool) or not isinstance(unpadded, int)
+                                 or not 1 <= unpadded <= head.out_features):
+        # Inkling cuts its logits only when the field is below the head's rows; Inkling 2 sizes
+        # its head by it: a larger value cannot be a cut of this head
+        raise ValueError(f"{type(model).__name__} sets unpadded_vocab_size={unpadded!r}: the fused head keeps that "
+                         f"many of its head's {head.out_features} rows, so it must be an int in "
+                         f"[1, {head.out_features}]")
     for name, child in stateless:
         # a module between the head and the logits that holds no weights, e.g. Inkling 2's soft cap:
         # served only if it computes the cap read from the config (or nothing) on a probe
@@ -152,4 +167,5 @@ def logit_transform(model: nn.Module) -> LogitTransform:
             raise ValueError(f"{type(model).__name__}.{name} ({type(child).__qualname__}) is a module beside the trunk "
                              "and the output embedding that computes neither the logits' soft cap read from the "
                              "config nor nothing: the fused head would skip it")
-    return LogitTransform(scale=1.0 if scale is None else scale, softcap=softcap)
+    return LogitTransform(scale=1.0 if scale is None else scale, softcap=softcap,
+                          vocab=unpadded if unpadded is not None and unpadded < head.out_features else None)

@@ -83,11 +83,12 @@ class FusedHeadPolicy(nn.Module):
                              f"softcap={softcap} (its config's final_logit_softcapping over its logit scale): "
                              "build the loss with logit_transform(model).op_args(temperature)")
         hidden = self.hidden(mb)
+        weight, bias = self.transform.rows(head.weight, head.bias)
         if loss_fn is None:
-            logp, _ = fused_token_logprobs(hidden, head.weight, mb.targets, bias=head.bias,
+            logp, _ = fused_token_logprobs(hidden, weight, mb.targets, bias=bias,
                                            **self.transform.op_args(temperature), **self.op_kwargs)
             return logp
-        return loss_fn(hidden, head.weight, mb.targets, mb.mask, mb.advantages, bias=head.bias,
+        return loss_fn(hidden, weight, mb.targets, mb.mask, mb.advantages, bias=bias,
                        old_logp=old_logp, off_policy=mb.off_policy, rewards=mb.rewards, normalizers=normalizers)
 
 

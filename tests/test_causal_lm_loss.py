@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from hpt_fast.causal_lm_loss import patch_causal_lm_loss
-from hpt_fast.logit_head import logit_transform
+from hpt_fast.logit_head import LogitTransform, logit_transform
 from tiny_models import READ_OTHERWISE, tiny_causal_lm
 
 VOCAB = 61
@@ -327,12 +327,15 @@ def test_a_head_that_is_not_a_plain_linear_is_refused():
 def test_families_whose_head_is_read_otherwise_give_their_own_loss(family):
     """Llama 4 (its base_model is itself: the trunk is found as the head's sibling), RecurrentGemma
     and xLSTM (soft caps under other names), Inkling (hidden states divided before the head) and
-    Inkling 2 (its cap a module of its own): the patched loss and every gradient are the model's own."""
+    Inkling 2 (its cap a module of its own), Inkling keeping the first unpadded_vocab_size of its
+    head's logits: the patched loss and every gradient are the model's own."""
     model_type, settings = READ_OTHERWISE[family]
     model = tiny_causal_lm(model_type, **settings)
     transform = logit_transform(model)
-    assert (transform.scale, transform.softcap) != (1.0, None) or model.base_model is model
+    assert transform != LogitTransform() or model.base_model is model
     _, _, labels = _batch()
+    if transform.vocab is not None:  # ids the model's own logits can score
+        labels = torch.where(labels >= 0, labels % transform.vocab, labels)
     _same_as_its_own_loss(model, input_ids=labels.clamp(min=0), labels=labels)
 
 
@@ -342,19 +345,38 @@ def test_families_whose_head_is_read_otherwise_give_their_own_loss(family):
     ("modernbert-decoder", dict(pad_token_id=0),
      r"2 children with weights beside its output embedding \(model, lm_head\), not one trunk"),
     ("inkling_text", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
-                          unpadded_vocab_size=50),
-     "keeps the first unpadded_vocab_size=50 of its head's 61 logits"),
+                          unpadded_vocab_size=70),
+     r"sets unpadded_vocab_size=70: the fused head keeps that many of its head's 61 rows, so it must be an int "
+     r"in \[1, 61\]"),
 ])
 def test_a_model_whose_logits_are_not_its_trunk_through_its_head_is_refused(model_type, settings, error):
     """BERT-style prediction heads transform the trunk's states before the output embedding,
-    ModernBERT's decoder has a second module between them, Inkling cuts its logits: the loss
-    patch and the trainer's policy refuse them (the op would silently compute other logits)."""
+    ModernBERT's decoder has a second module between them, Inkling's unpadded_vocab_size above its
+    head's rows cannot be a cut of them: the loss patch and the trainer's policy refuse them (the op
+    would silently compute other logits)."""
     from hpt_fast.policy import FusedHeadPolicy
 
     model = tiny_causal_lm(model_type, **settings)
     for make in (patch_causal_lm_loss, FusedHeadPolicy):
         with pytest.raises(ValueError, match=error):
             make(model)
+
+
+def test_a_label_in_the_rows_inkling_cuts_is_refused():
+    """Inkling's logits keep the first unpadded_vocab_size=50 of 61 head rows: a label of 55 has
+    no logit, and is refused by the op's range check (the model's own loss cannot score it either),
+    not scored against a padded row."""
+    from hpt_fast.batching import Row, collate
+    from hpt_fast.policy import FusedHeadPolicy
+
+    model_type, settings = READ_OTHERWISE["inkling_unpadded"]
+    model = tiny_causal_lm(model_type, **settings)
+    ids = torch.tensor([[3, 4, 55, 6]])
+    with patch_causal_lm_loss(model, backend="cpu"), pytest.raises(ValueError, match=r"outside \[0, 50\)"):
+        model(input_ids=ids, labels=ids)
+    mb = collate([Row(0, [3, 4], [55, 6], 1.0, False, 1.0)], [0], pad_id=0)
+    with pytest.raises(ValueError, match=r"outside \[0, 50\)"):
+        FusedHeadPolicy(model)(mb)
 
 
 def test_a_module_beside_the_trunk_and_head_is_served_only_as_the_configs_cap():

@@ -22,6 +22,9 @@ READ_OTHERWISE = {
     # divides the hidden states by logits_mup_width_multiplier before its head
     "inkling": ("inkling_text", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
                                      logits_mup_width_multiplier=4.0)),
+    # keeps the first unpadded_vocab_size of its head's logits (ids must lie below it)
+    "inkling_unpadded": ("inkling_text", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+                                              unpadded_vocab_size=50)),
     # its soft cap is a module beside the trunk and the head
     "inkling2": ("inkling2_text", dict(final_logit_softcapping=0.5)),
 }
