@@ -1,7 +1,7 @@
 """Every transformers causal-LM family through the loss patch and the trainer's policy, against its own logits.
 
 Usage (from the repository root):
-    python -m bench.family_sweep [--families llama,qwen2,...] [--router] [--timeout 60]
+    python -m bench.family_sweep [--families llama,qwen2,...] [--router] [--train] [--timeout 60]
 
 For each model type that transformers maps to ``AutoModelForCausalLM``, a tiny random model (the
 first of its ``FAMILY_SIZES`` and ``SIZES`` that builds and computes its own loss) in evaluation
@@ -20,6 +20,11 @@ right-padded rows against the log-softmax of the model's own logits (within 1e-4
 With ``--router`` only the families whose config has ``output_router_logits`` run, with it on
 (and ``router_aux_loss_coef`` 0.5), so that the MoE load-balancing loss is compared too; the
 policy, which adds no auxiliary loss, is not run then.
+With ``--train`` the models run as a trainer runs them: in training mode, every dropout
+probability of the config at 0.1, an MoE router's jitter noise at 0.1, and gradient checkpointing
+on where the model supports it. Each compared forward starts from the same seed, so the model's
+own and the patched (or the policy's) forward draw the same masks wherever they run the same
+modules in the same order; a draw after the head, or one the patch skips, shows as DIFFERENT.
 """
 from __future__ import annotations
 
@@ -84,7 +89,29 @@ class _NoRouter(Exception):
     """``--router`` and a config without ``output_router_logits``: not an MoE family."""
 
 
-def _build(model_type: str, router: bool) -> tuple[torch.nn.Module, dict, torch.Tensor]:
+DROPOUT = 0.1
+_SEED, _OTHER_SEED = 2, 3  # every compared forward's; the one that shows the draws matter
+
+
+# draws a family's model refuses to be built with (DiffLlama has no attention dropout)
+_REFUSED_DRAWS = {"diffllama": ("attention_dropout",)}
+
+
+def _randomise(config: object, model_type: str) -> None:
+    """``--train``'s random draws: every dropout probability (``*dropout*``, ``*pdrop*``) and an MoE
+    router's jitter noise at 0.1, in ``config`` (the text config or the whole one)."""
+    for key, value in list(vars(config).items()):
+        if (("dropout" in key or "pdrop" in key or "jitter" in key) and isinstance(value, (int, float))
+                and not isinstance(value, bool) and key not in _REFUSED_DRAWS.get(model_type, ())):
+            setattr(config, key, DROPOUT)
+
+
+def _seeded(fn, *args, seed: int = _SEED, **kwargs):  # noqa: ANN001, ANN202 - a forward under a fixed seed
+    torch.manual_seed(seed)
+    return fn(*args, **kwargs)
+
+
+def _build(model_type: str, router: bool, train: bool) -> tuple[torch.nn.Module, dict, torch.Tensor]:
     """A tiny model of ``model_type``, its call's kwargs and its own loss; raises what the last size raised."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -102,8 +129,13 @@ def _build(model_type: str, router: bool) -> tuple[torch.nn.Module, dict, torch.
                 text.output_router_logits = True
                 if hasattr(text, "router_aux_loss_coef"):  # the default 0.001 would hide little in the loss
                     text.router_aux_loss_coef = 0.5
+            if train:
+                for each in {id(c): c for c in (config, text)}.values():
+                    _randomise(each, model_type)
             torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).train(train)
+            if train and model.supports_gradient_checkpointing:
+                model.gradient_checkpointing_enable()
             head = model.get_output_embeddings()
             vocab = min(VOCAB, head.weight.shape[0]) if head is not None else VOCAB
             ids = torch.randint(3, vocab, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -111,7 +143,7 @@ def _build(model_type: str, router: bool) -> tuple[torch.nn.Module, dict, torch.
             call = {"input_ids": ids, "labels": labels}
             if "use_cache" in inspect.signature(model.forward).parameters:
                 call["use_cache"] = False
-            own = model(**call).loss
+            own = _seeded(model, **call).loss
             if own is None:
                 raise ValueError("its forward gives no loss")
             # the policy's batches are right-padded: a size whose forward fails under a padding
@@ -142,7 +174,7 @@ def _patch_check(model: torch.nn.Module, call: dict, own: torch.Tensor) -> tuple
     own_grads = torch.autograd.grad(own, params, allow_unused=True)
     try:
         with patch_causal_lm_loss(model, skip_logits=True, backend="torch"):
-            out = model(**call)
+            out = _seeded(model, **call)
             grads = torch.autograd.grad(out.loss, params, allow_unused=True)
     except Exception as exc:  # noqa: BLE001 - reported, not raised: one family's failure is a row
         return _outcome_of_failure(exc)
@@ -171,8 +203,8 @@ def _policy_check(model: torch.nn.Module, call: dict) -> tuple[str, str]:
     extra = {"use_cache": False} if "use_cache" in call else {}
     try:
         with torch.no_grad():
-            got = FusedHeadPolicy(model)(mb)
-            logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, **extra).logits[:, :-1]
+            got = _seeded(FusedHeadPolicy(model), mb)
+            logits = _seeded(model, input_ids=mb.input_ids, attention_mask=mb.attention_mask, **extra).logits[:, :-1]
     except Exception as exc:  # noqa: BLE001
         return _outcome_of_failure(exc)
     want = logits.float().log_softmax(-1).gather(-1, mb.targets.clamp(min=0)[..., None]).squeeze(-1)
@@ -180,17 +212,21 @@ def _policy_check(model: torch.nn.Module, call: dict) -> tuple[str, str]:
     return ("same" if error < 1e-4 else "DIFFERENT"), f"log-probs within {error:.1e}"
 
 
-def check_family(model_type: str, router: bool = False) -> Optional[tuple[str, str, str, str]]:
+def check_family(model_type: str, router: bool = False, train: bool = False) -> Optional[tuple[str, str, str, str]]:
     """(the loss patch's outcome, detail, the trainer policy's outcome, detail) of ``model_type``
     (see the module docstring); None for a family without router logits under ``router``, where
     the policy (which adds no auxiliary loss) is not run."""
     try:
-        model, call, own = _build(model_type, router)
+        model, call, own = _build(model_type, router, train)
     except _NoRouter:
         return None
     except Exception as exc:  # noqa: BLE001 - reported, not raised: one family's failure is a row
         return "not built", f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}", "", ""
     patch = _patch_check(model, call, own)
+    if train and patch[0] != "refused":  # how far the draws move the loss: 0 would make this an eval-mode check
+        with torch.no_grad():
+            moved = abs(float(_seeded(model, **call, seed=_OTHER_SEED).loss) - float(own))
+        patch = patch[0], f"{patch[1]}; another seed moves it by {moved:.1e}"
     return patch + (("", "") if router else _policy_check(model, call))
 
 
@@ -198,6 +234,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=cli_description(__doc__))
     parser.add_argument("--families", default="", help="comma-separated model types (default: every causal-LM one)")
     parser.add_argument("--router", action="store_true", help="MoE families only, with router logits on")
+    parser.add_argument("--train", action="store_true",
+                        help="training mode: dropout and router jitter 0.1, gradient checkpointing on")
     parser.add_argument("--timeout", type=int, default=60, help="seconds per family (default 60)")
     args = parser.parse_args(argv)
     import transformers
@@ -215,13 +253,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     transformers.logging.disable_default_handler()  # configs refusing a size print themselves whole
     signal.signal(signal.SIGALRM, _on_alarm)
     print(f"transformers {transformers.__version__}, torch {torch.__version__}; {len(families)} families"
-          f"{' (those whose config has output_router_logits, with it on)' if args.router else ''}\n")
+          f"{' (those whose config has output_router_logits, with it on)' if args.router else ''}"
+          f"{'; training mode, dropout and router jitter ' + str(DROPOUT) + ', gradient checkpointing' if args.train else ''}\n")
     print("| family | loss patch | detail | trainer's policy | detail |\n| --- | --- | --- | --- | --- |")
     counts: dict[str, dict[str, int]] = {"loss patch": {}, "trainer's policy": {}}
     for family in families:
         signal.alarm(args.timeout)
         try:
-            row = check_family(family, args.router)
+            row = check_family(family, args.router, args.train)
         except _Timeout:
             row = "not built", f"over {args.timeout} s", "", ""
         finally:

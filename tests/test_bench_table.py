@@ -189,20 +189,26 @@ def test_family_sweep():
     """The family sweep's rows (loss patch, trainer's policy): a family both serve is ``same``,
     BERT's prediction head is refused by both and CpmAnt's own loss by the patch (the policy, which
     has a loss of its own, serves it), each with its reason; a MoE family with router logits on is
-    ``same`` (its load-balancing loss compared too; the policy not run)."""
+    ``same`` (its load-balancing loss compared too; the policy not run); in training mode (dropout,
+    router jitter, gradient checkpointing) both are ``same`` under draws that move the loss."""
     rows = {}
-    for argv in (["--families", "qwen2,bert,cpmant"], ["--families", "mixtral,qwen2", "--router"]):
+    for argv in (["--families", "qwen2,bert,cpmant"], ["--families", "mixtral,qwen2", "--router"],
+                 ["--families", "gpt2,mixtral", "--train"]):
         out = subprocess.run([sys.executable, "-m", "bench.family_sweep", *argv], cwd=REPO, capture_output=True,
                              text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         found = [[c.strip() for c in line.strip("|").split("|")] for line in out.stdout.splitlines()
                  if line.startswith("| ") and not line.startswith("| family") and not line.startswith("| ---")]
-        rows.update({(r[0], "--router" in argv): r[1:] for r in found})
+        rows.update({(r[0], argv[-1] if argv[-1].startswith("--") else ""): r[1:] for r in found})
     assert {key: (row[0], row[2]) for key, row in rows.items()} == {
-        ("qwen2", False): ("same", "same"), ("bert", False): ("refused", "refused"),
-        ("cpmant", False): ("refused", "same"), ("mixtral", True): ("same", "")}
-    assert "inside 'cls'" in rows["bert", False][1] and "inside 'cls'" in rows["bert", False][3]
-    assert "self.loss_function" in rows["cpmant", False][1]
+        ("qwen2", ""): ("same", "same"), ("bert", ""): ("refused", "refused"),
+        ("cpmant", ""): ("refused", "same"), ("mixtral", "--router"): ("same", ""),
+        ("gpt2", "--train"): ("same", "same"), ("mixtral", "--train"): ("same", "same")}
+    assert "inside 'cls'" in rows["bert", ""][1] and "inside 'cls'" in rows["bert", ""][3]
+    assert "self.loss_function" in rows["cpmant", ""][1]
+    for family in ("gpt2", "mixtral"):  # the draws (dropout, router jitter) change the loss: they ran
+        moved = float(re.search(r"another seed moves it by (\S+)$", rows[family, "--train"][1]).group(1))
+        assert moved > 1e-4, (family, moved)
 
 
 def test_idle_gaps_of_a_trace():
