@@ -57,6 +57,10 @@ _DERIVED = {k: v for k, v in _BASE.items() if k not in _HEAD_DIMS}
 SIZES = (_BASE, {**_BASE, "head_dim": 8, "num_key_value_heads": 4}, _DERIVED,
          {**_BASE, "num_hidden_layers": 4, "num_layers": 4}, {**_DERIVED, "num_hidden_layers": 8, "num_layers": 8},
          {**_BASE, "num_key_value_heads": 4})
+# an encoder-decoder's sizes, for its decoder-only causal LM
+_ENC_DEC = dict(d_model=64, encoder_attention_heads=4, decoder_attention_heads=4, encoder_layers=1, decoder_layers=2,
+                encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=VOCAB, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2)
 # families none of SIZES builds, tried first: their own names for the sizes, or validated layouts
 FAMILY_SIZES = {
     "dbrx": dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=256, vocab_size=VOCAB,
@@ -72,6 +76,19 @@ FAMILY_SIZES = {
     "lfm2_moe": dict(_BASE, num_dense_layers=1, layer_types=["full_attention", "conv"]),
     "mamba2": dict(hidden_size=64, num_heads=8, head_dim=16, expand=2, n_groups=1, num_hidden_layers=2,
                    vocab_size=VOCAB, state_size=16),
+    "plbart": dict(_ENC_DEC, max_position_embeddings=256),
+    "prophetnet": dict(hidden_size=64, num_encoder_attention_heads=4, num_decoder_attention_heads=4,
+                       num_encoder_layers=1, num_decoder_layers=2, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                       vocab_size=VOCAB, max_position_embeddings=256, ngram=2),
+    "reformer": dict(is_decoder=True, hidden_size=64, num_attention_heads=4, attention_head_size=16,
+                     feed_forward_size=128, vocab_size=VOCAB, max_position_embeddings=256, axial_pos_shape=[16, 16],
+                     axial_pos_embds_dim=[32, 32], attn_layers=["local", "lsh"], local_attn_chunk_length=4,
+                     lsh_attn_chunk_length=4, pad_token_id=0, eos_token_id=2),
+    "whisper": dict(_ENC_DEC, max_target_positions=256, decoder_start_token_id=1),
+    "xlnet": dict(d_model=64, n_layer=2, n_head=4, d_inner=128, vocab_size=VOCAB),
+    "xmod": dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128, vocab_size=VOCAB,
+                 max_position_embeddings=256, pad_token_id=0, is_decoder=True, languages=["en_XX"],
+                 default_language="en_XX"),
     "zamba2": dict(_BASE, layers_block_type=["mamba", "hybrid"], mamba_headdim=16, n_mamba_heads=8, mamba_ngroups=1),
     "zaya": dict(_BASE, num_experts_per_tok=1),
 }
@@ -111,8 +128,9 @@ def _seeded(fn, *args, seed: int = _SEED, **kwargs):  # noqa: ANN001, ANN202 - a
     return fn(*args, **kwargs)
 
 
-def _build(model_type: str, router: bool, train: bool) -> tuple[torch.nn.Module, dict, torch.Tensor]:
-    """A tiny model of ``model_type``, its call's kwargs and its own loss; raises what the last size raised."""
+def _build(model_type: str, router: bool, train: bool) -> tuple[torch.nn.Module, dict, torch.Tensor, tuple]:
+    """A tiny model of ``model_type``, its call's kwargs, its own loss and its parameters' gradients
+    of it (None where unused); raises what the family's own size raised, else the last size's error."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     error: Optional[Exception] = None
@@ -146,14 +164,16 @@ def _build(model_type: str, router: bool, train: bool) -> tuple[torch.nn.Module,
             own = _seeded(model, **call).loss
             if own is None:
                 raise ValueError("its forward gives no loss")
+            own_grads = torch.autograd.grad(own, [p for p in model.parameters() if p.requires_grad],
+                                            allow_unused=True)
             # the policy's batches are right-padded: a size whose forward fails under a padding
             # mask is the size's fault, not the policy's
             with torch.no_grad():
                 model(input_ids=ids, attention_mask=(torch.arange(12) < 9).long().expand(2, 12),
                       **{k: v for k, v in call.items() if k == "use_cache"})
-            return model, call, own
+            return model, call, own.detach(), own_grads
         except Exception as exc:  # noqa: BLE001 - the next size may build
-            error = exc
+            error = exc if error is None or model_type not in FAMILY_SIZES else error
     assert error is not None
     raise error
 
@@ -166,12 +186,11 @@ def _outcome_of_failure(exc: Exception) -> tuple[str, str]:
     return "error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
 
 
-def _patch_check(model: torch.nn.Module, call: dict, own: torch.Tensor) -> tuple[str, str]:
+def _patch_check(model: torch.nn.Module, call: dict, own: torch.Tensor, own_grads: tuple) -> tuple[str, str]:
     """The loss patch's loss and every gradient against the model's own."""
     from hpt_fast.causal_lm_loss import patch_causal_lm_loss
 
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
-    own_grads = torch.autograd.grad(own, params, allow_unused=True)
     try:
         with patch_causal_lm_loss(model, skip_logits=True, backend="torch"):
             out = _seeded(model, **call)
@@ -217,12 +236,12 @@ def check_family(model_type: str, router: bool = False, train: bool = False) -> 
     (see the module docstring); None for a family without router logits under ``router``, where
     the policy (which adds no auxiliary loss) is not run."""
     try:
-        model, call, own = _build(model_type, router, train)
+        model, call, own, own_grads = _build(model_type, router, train)
     except _NoRouter:
         return None
     except Exception as exc:  # noqa: BLE001 - reported, not raised: one family's failure is a row
         return "not built", f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}", "", ""
-    patch = _patch_check(model, call, own)
+    patch = _patch_check(model, call, own, own_grads)
     if train and patch[0] != "refused":  # how far the draws move the loss: 0 would make this an eval-mode check
         with torch.no_grad():
             moved = abs(float(_seeded(model, **call, seed=_OTHER_SEED).loss) - float(own))

@@ -23,7 +23,10 @@ What the op cannot compute is refused rather than silently bypassed:
 """
 from __future__ import annotations
 
+import ast
+import inspect
 import math
+import textwrap
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -98,6 +101,65 @@ def _one_field(model: nn.Module, configs: list[Any], names: tuple[str, ...], neu
     return found[0] if found else (None, None, None)
 
 
+def _trunk_reads(fn: Any, head_attr: str) -> list[str]:
+    """What ``fn`` (a model's forward) reads from a trunk's output to compute the input of
+    ``self.<head_attr>(...)``: the subscripts and attributes, as source, taken of a name bound to
+    the result of a ``self...(...)`` call, followed back through plain assignments. [] where the
+    source is not readable or the head is not called by that name."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return []
+    bound: dict[str, list[ast.expr]] = {}
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else (
+            [node.target] if isinstance(node, ast.AnnAssign) else [])
+        for target in targets:
+            if isinstance(target, ast.Name) and node.value is not None:
+                bound.setdefault(target.id, []).append(node.value)
+
+    def called_on_self(value: ast.expr) -> bool:
+        if not isinstance(value, ast.Call):
+            return False
+        func = value.func
+        while isinstance(func, ast.Attribute):
+            func = func.value
+        return isinstance(func, ast.Name) and func.id == "self"
+
+    outputs = {name for name, values in bound.items() if any(called_on_self(v) for v in values)}
+    reads: list[str] = []
+    seen: set[str] = set()
+
+    def follow(expr: ast.expr) -> None:
+        for node in ast.walk(expr):
+            if isinstance(node, (ast.Subscript, ast.Attribute)) and isinstance(node.value, ast.Name) \
+                    and node.value.id in outputs:
+                reads.append(ast.unparse(node))
+            elif isinstance(node, ast.Name) and node.id in bound and node.id not in outputs and node.id not in seen:
+                # a trunk's output is where the trail ends: what went into the trunk is not read
+                seen.add(node.id)
+                for value in bound[node.id]:
+                    follow(value)
+
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and node.args and isinstance(node.func, ast.Attribute)
+                and node.func.attr == head_attr and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "self"):
+            follow(node.args[0])
+    return reads
+
+
+def _check_head_input(model: nn.Module, head_attr: str) -> None:
+    """Refuse a forward that applies its head to another output of its trunk than the last
+    hidden state (its first), which is what the fused head reads."""
+    other = [read for read in _trunk_reads(type(model).forward, head_attr)
+             if not (read.endswith(".last_hidden_state") or read.endswith("[0]"))]
+    if other:
+        raise ValueError(f"{type(model).__name__}.forward applies its output embedding ({head_attr}) to "
+                         f"{', '.join(sorted(set(other)))} of its trunk's output, not to its last hidden state, "
+                         "which the fused head reads")
+
+
 def _head_and_trunk(model: nn.Module) -> tuple[nn.Linear, str, list[tuple[str, nn.Module]]]:
     """(output embedding, name of the trunk's attribute, the other children holding no tensors)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -115,6 +177,7 @@ def _head_and_trunk(model: nn.Module) -> tuple[nn.Linear, str, list[tuple[str, n
         raise ValueError(f"{type(model).__name__}'s output embedding is {where}, inside {where.split('.')[0]!r}, "
                          "whose forward runs between the trunk and it (a prediction head's transform, in BERT-style "
                          "models): the fused head reads the trunk's last hidden state and would skip it")
+    _check_head_input(model, next(name for name, child in children if child is head))
     others = [(name, child) for name, child in children if child is not head]
     stateful = [name for name, child in others
                 if next(child.parameters(), None) is not None or next(child.buffers(), None) is not None]

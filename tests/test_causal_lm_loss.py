@@ -362,6 +362,24 @@ def test_a_model_whose_logits_are_not_its_trunk_through_its_head_is_refused(mode
             make(model)
 
 
+def test_a_head_applied_to_another_trunk_output_is_refused():
+    """ProphetNet's causal LM applies its head to the decoder's n-gram predicting streams
+    (``outputs[1]``), not its last hidden state: read from its forward's source, the loss patch and
+    the trainer's policy refuse it (the policy gave log-probs 0.3 off before this check)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hpt_fast.policy import FusedHeadPolicy
+
+    config = AutoConfig.for_model("prophetnet", hidden_size=16, num_encoder_attention_heads=2,
+                                  num_decoder_attention_heads=2, num_encoder_layers=1, num_decoder_layers=1,
+                                  encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=VOCAB, ngram=2)
+    model = AutoModelForCausalLM.from_config(config)
+    for make in (patch_causal_lm_loss, FusedHeadPolicy):
+        with pytest.raises(ValueError, match=r"ProphetNetForCausalLM\.forward applies its output embedding "
+                                             r"\(lm_head\) to outputs\[1\] of its trunk's output"):
+            make(model)
+
+
 def test_a_label_in_the_rows_inkling_cuts_is_refused():
     """Inkling's logits keep the first unpadded_vocab_size=50 of 61 head rows: a label of 55 has
     no logit, and is refused by the op's range check (the model's own loss cannot score it either),
