@@ -11,15 +11,17 @@ Some transformers models transform the head's output before it is their logits:
   ``output_logit_soft_cap`` (xLSTM).
 Sampling at temperature T from ``c * tanh(s z / c)`` is the op at soft cap ``c / s`` and
 temperature ``T / s`` (``s > 0``). Inkling keeps only the first ``unpadded_vocab_size`` logits of a
-head padded with more rows: the op is given those rows of the head (``LogitTransform.rows``). The fields are read from the config and from its text config,
-where multimodal models keep them; the list is what a search of transformers 5.24's causal-LM
-forwards found (``bench/family_sweep.py`` checks every family that builds against its own loss).
+head padded with more rows: the op is given those rows of the head (``LogitTransform.rows``). The
+fields are read from the config and from its text config, where multimodal models keep them; the
+list is what a search of transformers 5.24's causal-LM forwards found (``bench/family_sweep.py``
+checks every family that builds against its own loss).
 
 What the op cannot compute is refused rather than silently bypassed:
 - a head that is not a plain ``nn.Linear`` (Dory's learned per-token scale, an adapter on ``lm_head``);
 - a head that is not a child of the model beside its trunk: BERT-style prediction heads (BERT,
   RoBERTa, XLM ...) and ModernBERT's decoder transform the trunk's states before the output embedding;
-- logits cut to the first ``unpadded_vocab_size`` rows of a larger head (Inkling).
+- a forward that applies the head to another output of its trunk than the last hidden state
+  (ProphetNet's n-gram predicting streams), found in its source.
 """
 from __future__ import annotations
 
