@@ -21,7 +21,9 @@ What the op cannot compute is refused rather than silently bypassed:
 - a head that is not a child of the model beside its trunk: BERT-style prediction heads (BERT,
   RoBERTa, XLM ...) and ModernBERT's decoder transform the trunk's states before the output embedding;
 - a forward that applies the head to another output of its trunk than the last hidden state
-  (ProphetNet's n-gram predicting streams), found in its source.
+  (ProphetNet's n-gram predicting streams), or to a transform of it other than a cast, a reshape,
+  a slice or a scale field above (MiniCPM's remote code divides it by ``hidden_size /
+  dim_model_base``), found in its source.
 """
 from __future__ import annotations
 
@@ -103,15 +105,22 @@ def _one_field(model: nn.Module, configs: list[Any], names: tuple[str, ...], neu
     return found[0] if found else (None, None, None)
 
 
-def _trunk_reads(fn: Any, head_attr: str) -> list[str]:
-    """What ``fn`` (a model's forward) reads from a trunk's output to compute the input of
-    ``self.<head_attr>(...)``: the subscripts and attributes, as source, taken of a name bound to
-    the result of a ``self...(...)`` call, followed back through plain assignments. [] where the
-    source is not readable or the head is not called by that name."""
+# what a forward may do to its trunk's output on the way into its head: cast, reshape, slice, or
+# scale by a field read as the logit scale (dividing hidden states by s divides the bias-free
+# logits by s)
+_CASTS_AND_SHAPES = ("to", "contiguous", "float", "type_as", "view", "reshape")
+
+
+def _head_input(fn: Any, head_attr: str) -> tuple[list[str], list[str]]:
+    """What ``fn`` (a model's forward) computes the input of ``self.<head_attr>(...)`` from, as
+    source: (what it reads of a trunk's output, the result of a ``self...(...)`` call: its
+    subscripts and attributes; anything else it does on the way: the transforms), followed back
+    through plain assignments. ([], []) where the source is not readable or the head is not
+    called by that name."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
     except (OSError, TypeError, SyntaxError):
-        return []
+        return [], []
     bound: dict[str, list[ast.expr]] = {}
     for node in ast.walk(tree):
         targets = node.targets if isinstance(node, ast.Assign) else (
@@ -130,36 +139,59 @@ def _trunk_reads(fn: Any, head_attr: str) -> list[str]:
 
     outputs = {name for name, values in bound.items() if any(called_on_self(v) for v in values)}
     reads: list[str] = []
+    transforms: list[str] = []
     seen: set[str] = set()
 
+    def is_scale(expr: ast.expr) -> bool:
+        return any(isinstance(n, ast.Attribute) and n.attr in _SCALE_FIELDS for n in ast.walk(expr))
+
     def follow(expr: ast.expr) -> None:
-        for node in ast.walk(expr):
-            if isinstance(node, (ast.Subscript, ast.Attribute)) and isinstance(node.value, ast.Name) \
-                    and node.value.id in outputs:
-                reads.append(ast.unparse(node))
-            elif isinstance(node, ast.Name) and node.id in bound and node.id not in outputs and node.id not in seen:
-                # a trunk's output is where the trail ends: what went into the trunk is not read
-                seen.add(node.id)
-                for value in bound[node.id]:
+        if isinstance(expr, ast.Name):
+            # a trunk's output is where the trail ends: what went into the trunk is not read
+            if expr.id in bound and expr.id not in outputs and expr.id not in seen:
+                seen.add(expr.id)
+                for value in bound[expr.id]:
                     follow(value)
+        elif isinstance(expr, (ast.Subscript, ast.Attribute)) and (
+                (isinstance(expr.value, ast.Name) and expr.value.id in outputs) or called_on_self(expr.value)):
+            reads.append(ast.unparse(expr))
+        elif isinstance(expr, ast.Subscript):
+            follow(expr.value)  # a slice of the positions
+        elif isinstance(expr, ast.IfExp):
+            follow(expr.body)
+            follow(expr.orelse)
+        elif isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name) and expr.func.id == "slice_logits_to_keep":
+            follow(expr.args[0])
+        elif isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute) and expr.func.attr in _CASTS_AND_SHAPES:
+            follow(expr.func.value)
+        elif isinstance(expr, ast.BinOp) and isinstance(expr.op, (ast.Div, ast.Mult)) and is_scale(expr.right):
+            follow(expr.left)
+        else:
+            transforms.append(ast.unparse(expr))
 
     for node in ast.walk(tree):
         if (isinstance(node, ast.Call) and node.args and isinstance(node.func, ast.Attribute)
                 and node.func.attr == head_attr and isinstance(node.func.value, ast.Name)
                 and node.func.value.id == "self"):
             follow(node.args[0])
-    return reads
+    return reads, transforms
 
 
 def _check_head_input(model: nn.Module, head_attr: str) -> None:
     """Refuse a forward that applies its head to another output of its trunk than the last
-    hidden state (its first), which is what the fused head reads."""
-    other = [read for read in _trunk_reads(type(model).forward, head_attr)
-             if not (read.endswith(".last_hidden_state") or read.endswith("[0]"))]
+    hidden state (its first), or transforms that state first otherwise than by a logit scale
+    read from the config: the fused head reads the last hidden state as it is."""
+    name = type(model).__name__
+    reads, transforms = _head_input(type(model).forward, head_attr)
+    other = [read for read in reads if not (read.endswith(".last_hidden_state") or read.endswith("[0]"))]
     if other:
-        raise ValueError(f"{type(model).__name__}.forward applies its output embedding ({head_attr}) to "
+        raise ValueError(f"{name}.forward applies its output embedding ({head_attr}) to "
                          f"{', '.join(sorted(set(other)))} of its trunk's output, not to its last hidden state, "
                          "which the fused head reads")
+    if transforms:
+        raise ValueError(f"{name}.forward computes its output embedding's ({head_attr}) input as "
+                         f"{'; '.join(sorted(set(transforms)))}: the fused head reads the trunk's last hidden state "
+                         f"as it is, scaled only by a logit scale field of the config ({', '.join(_SCALE_FIELDS)})")
 
 
 def _head_and_trunk(model: nn.Module) -> tuple[nn.Linear, str, list[tuple[str, nn.Module]]]:
@@ -179,7 +211,6 @@ def _head_and_trunk(model: nn.Module) -> tuple[nn.Linear, str, list[tuple[str, n
         raise ValueError(f"{type(model).__name__}'s output embedding is {where}, inside {where.split('.')[0]!r}, "
                          "whose forward runs between the trunk and it (a prediction head's transform, in BERT-style "
                          "models): the fused head reads the trunk's last hidden state and would skip it")
-    _check_head_input(model, next(name for name, child in children if child is head))
     others = [(name, child) for name, child in children if child is not head]
     stateful = [name for name, child in others
                 if next(child.parameters(), None) is not None or next(child.buffers(), None) is not None]
@@ -187,6 +218,7 @@ def _head_and_trunk(model: nn.Module) -> tuple[nn.Linear, str, list[tuple[str, n
         raise ValueError(f"{type(model).__name__} has {len(stateful)} children with weights beside its output "
                          f"embedding ({', '.join(stateful) or 'none'}), not one trunk: the fused head reads one "
                          "trunk's last hidden state and would skip what another adds")
+    _check_head_input(model, next(name for name, child in children if child is head))
     return head, stateful[0], [(name, child) for name, child in others if name != stateful[0]]
 
 

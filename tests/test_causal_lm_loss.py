@@ -380,6 +380,50 @@ def test_a_head_applied_to_another_trunk_output_is_refused():
             make(model)
 
 
+class _WidthScaledLlama(transformers.LlamaForCausalLM):
+    """As MiniCPM's remote code does: the hidden states divided by hidden_size / dim_model_base
+    before the head, under no field the fused head reads."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden_states = outputs.last_hidden_state
+        logits = self.lm_head(hidden_states / (self.config.hidden_size / self.config.dim_model_base))
+        loss = None if labels is None else self.loss_function(logits=logits, labels=labels, vocab_size=VOCAB)
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+class _MupScaledLlama(_WidthScaledLlama):
+    """The same division under a field the fused head reads as the logit scale (MiniCPM3's)."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden_states = outputs.last_hidden_state
+        logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype) / self.config.logits_scaling)
+        loss = None if labels is None else self.loss_function(logits=logits, labels=labels, vocab_size=VOCAB)
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+def test_a_transform_of_the_hidden_states_before_the_head_is_refused_unless_it_is_a_read_scale():
+    """A forward (remote code, say) that transforms the trunk's last hidden state before its head
+    under no field the fused head reads is refused, naming the expression (the op would compute the
+    undivided logits: 4x too large here); the same division by ``logits_scaling`` is served, and the
+    patched loss and every gradient are the model's own."""
+    from hpt_fast.policy import FusedHeadPolicy
+
+    torch.manual_seed(0)
+    model = _WidthScaledLlama(transformers.LlamaConfig(**TINY, dim_model_base=4))
+    for make in (patch_causal_lm_loss, FusedHeadPolicy):
+        with pytest.raises(ValueError, match=r"_WidthScaledLlama\.forward computes its output embedding's \(lm_head\) "
+                                             r"input as hidden_states / \(self\.config\.hidden_size / "
+                                             r"self\.config\.dim_model_base\)"):
+            make(model)
+    torch.manual_seed(0)
+    model = _MupScaledLlama(transformers.LlamaConfig(**TINY, logits_scaling=4.0))
+    assert logit_transform(model).scale == 0.25
+    _, _, labels = _batch()
+    _same_as_its_own_loss(model, input_ids=labels.clamp(min=0), labels=labels)
+
+
 def test_a_label_in_the_rows_inkling_cuts_is_refused():
     """Inkling's logits keep the first unpadded_vocab_size=50 of 61 head rows: a label of 55 has
     no logit, and is refused by the op's range check (the model's own loss cannot score it either),
