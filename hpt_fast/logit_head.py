@@ -23,7 +23,9 @@ What the op cannot compute is refused rather than silently bypassed:
 - a forward that applies the head to another output of its trunk than the last hidden state
   (ProphetNet's n-gram predicting streams), or to a transform of it other than a cast, a reshape,
   a slice or a scale field above (MiniCPM's remote code divides it by ``hidden_size /
-  dim_model_base``), found in its source.
+  dim_model_base``), or that transforms the head's output otherwise than by the scale and cap
+  fields above (Phi-3-small's remote code divides its logits by ``mup_width_multiplier``), found
+  in its source.
 """
 from __future__ import annotations
 
@@ -105,93 +107,152 @@ def _one_field(model: nn.Module, configs: list[Any], names: tuple[str, ...], neu
     return found[0] if found else (None, None, None)
 
 
-# what a forward may do to its trunk's output on the way into its head: cast, reshape, slice, or
-# scale by a field read as the logit scale (dividing hidden states by s divides the bias-free
-# logits by s)
+# what a forward may do to its trunk's output on the way into its head, and to the head's output
+# on the way to its logits: cast, reshape, slice, scale by a field read above (dividing the hidden
+# states by s divides the bias-free logits by s), and after the head, cap with a cap field read
 _CASTS_AND_SHAPES = ("to", "contiguous", "float", "type_as", "view", "reshape")
+# functions a cap is computed with (xLSTM's soft_cap(logits, cap) takes the cap field itself)
+_CAP_CALLS = ("tanh", "soft_cap", "softcap")
 
 
-def _head_input(fn: Any, head_attr: str) -> tuple[list[str], list[str]]:
-    """What ``fn`` (a model's forward) computes the input of ``self.<head_attr>(...)`` from, as
-    source: (what it reads of a trunk's output, the result of a ``self...(...)`` call: its
-    subscripts and attributes; anything else it does on the way: the transforms), followed back
-    through plain assignments. ([], []) where the source is not readable or the head is not
-    called by that name."""
+@dataclass
+class _ForwardReading:
+    """What a model's forward does around its head ``self.<head_attr>``, read from its source:
+    ``reads``, the subscripts and attributes it takes of a trunk's output (the result of a
+    ``self...(...)`` call) for the head's input; ``before``, anything else it does on the way into
+    the head; ``after``, anything it does to the head's output on the way to its ``logits=``
+    other than what the fused head applies. All as source text; empty where the source is not
+    readable."""
+
+    reads: list[str]
+    before: list[str]
+    after: list[str]
+
+
+def _read_forward(fn: Any, head_attr: str, stateless: tuple[str, ...]) -> _ForwardReading:
+    """``fn``'s reading (see ``_ForwardReading``); ``stateless``: the model's children without
+    weights that ``logit_transform`` probes as the cap, which the logits may pass through."""
+    reading = _ForwardReading([], [], [])
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
     except (OSError, TypeError, SyntaxError):
-        return [], []
+        return reading
     bound: dict[str, list[ast.expr]] = {}
     for node in ast.walk(tree):
         targets = node.targets if isinstance(node, ast.Assign) else (
-            [node.target] if isinstance(node, ast.AnnAssign) else [])
+            [node.target] if isinstance(node, (ast.AnnAssign, ast.NamedExpr)) else [])
         for target in targets:
             if isinstance(target, ast.Name) and node.value is not None:
                 bound.setdefault(target.id, []).append(node.value)
 
-    def called_on_self(value: ast.expr) -> bool:
+    def self_call(value: ast.expr) -> Optional[str]:
+        """The first attribute of a ``self.<attr>...(...)`` call, else None."""
         if not isinstance(value, ast.Call):
-            return False
+            return None
         func = value.func
-        while isinstance(func, ast.Attribute):
+        while isinstance(func, ast.Attribute) and isinstance(func.value, ast.Attribute):
             func = func.value
-        return isinstance(func, ast.Name) and func.id == "self"
+        return func.attr if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) \
+            and func.value.id == "self" else None
 
-    outputs = {name for name, values in bound.items() if any(called_on_self(v) for v in values)}
-    reads: list[str] = []
-    transforms: list[str] = []
+    def read_field(expr: ast.expr, fields: tuple[str, ...]) -> bool:
+        """Whether ``expr`` holds one of ``fields``, as an attribute or through a local bound to one."""
+        for node in ast.walk(expr):
+            if isinstance(node, ast.Attribute) and node.attr in fields:
+                return True
+            if isinstance(node, ast.Name) and any(
+                    isinstance(n, ast.Attribute) and n.attr in fields for v in bound.get(node.id, ()) for n in ast.walk(v)):
+                return True
+        return False
+
+    outputs = {name for name, values in bound.items() if any(self_call(v) for v in values)}
+
+    def passes(expr: ast.expr, fields: tuple[str, ...], follow) -> bool:  # noqa: ANN001
+        """Follow what the fused head also does (a slice, a cast or reshape, a field's scale); False otherwise."""
+        if isinstance(expr, ast.Subscript):
+            follow(expr.value)
+        elif isinstance(expr, ast.IfExp):
+            follow(expr.body)
+            follow(expr.orelse)
+        elif isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute) and expr.func.attr in _CASTS_AND_SHAPES:
+            follow(expr.func.value)
+        elif isinstance(expr, ast.BinOp) and isinstance(expr.op, (ast.Div, ast.Mult)) and read_field(expr.right, fields):
+            follow(expr.left)
+        elif isinstance(expr, ast.BinOp) and isinstance(expr.op, ast.Mult) and read_field(expr.left, fields):
+            follow(expr.right)
+        else:
+            return False
+        return True
+
     seen: set[str] = set()
 
-    def is_scale(expr: ast.expr) -> bool:
-        return any(isinstance(n, ast.Attribute) and n.attr in _SCALE_FIELDS for n in ast.walk(expr))
-
-    def follow(expr: ast.expr) -> None:
+    def into_head(expr: ast.expr) -> None:
         if isinstance(expr, ast.Name):
             # a trunk's output is where the trail ends: what went into the trunk is not read
             if expr.id in bound and expr.id not in outputs and expr.id not in seen:
                 seen.add(expr.id)
                 for value in bound[expr.id]:
-                    follow(value)
+                    into_head(value)
         elif isinstance(expr, (ast.Subscript, ast.Attribute)) and (
-                (isinstance(expr.value, ast.Name) and expr.value.id in outputs) or called_on_self(expr.value)):
-            reads.append(ast.unparse(expr))
-        elif isinstance(expr, ast.Subscript):
-            follow(expr.value)  # a slice of the positions
-        elif isinstance(expr, ast.IfExp):
-            follow(expr.body)
-            follow(expr.orelse)
+                (isinstance(expr.value, ast.Name) and expr.value.id in outputs) or self_call(expr.value)):
+            reading.reads.append(ast.unparse(expr))
         elif isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name) and expr.func.id == "slice_logits_to_keep":
-            follow(expr.args[0])
-        elif isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute) and expr.func.attr in _CASTS_AND_SHAPES:
-            follow(expr.func.value)
-        elif isinstance(expr, ast.BinOp) and isinstance(expr.op, (ast.Div, ast.Mult)) and is_scale(expr.right):
-            follow(expr.left)
-        else:
-            transforms.append(ast.unparse(expr))
+            into_head(expr.args[0])
+        elif not passes(expr, _SCALE_FIELDS, into_head):
+            reading.before.append(ast.unparse(expr))
+
+    def from_head(expr: ast.expr) -> None:
+        if isinstance(expr, ast.Constant):  # logits=None
+            return
+        if isinstance(expr, ast.Name):
+            if expr.id in bound and expr.id not in seen:
+                seen.add(expr.id)
+                for value in bound[expr.id]:
+                    from_head(value)
+            return
+        called = self_call(expr)
+        if called == head_attr:
+            return
+        name = ast.unparse(expr.func).rsplit(".", 1)[-1] if isinstance(expr, ast.Call) else ""
+        if called in stateless or (called is None and name in _CAP_CALLS):
+            # a cap: a module logit_transform probes, or a tanh whose scaling passes() reads
+            from_head(expr.args[0] if expr.args else expr.func.value)
+        elif not passes(expr, _SCALE_FIELDS + _CAP_FIELDS, from_head):
+            reading.after.append(ast.unparse(expr))
 
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Call) and node.args and isinstance(node.func, ast.Attribute)
-                and node.func.attr == head_attr and isinstance(node.func.value, ast.Name)
-                and node.func.value.id == "self"):
-            follow(node.args[0])
-    return reads, transforms
+        if self_call(node) == head_attr and node.args and isinstance(node.func, ast.Attribute) \
+                and node.func.attr == head_attr:
+            into_head(node.args[0])
+    seen.clear()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            for keyword in node.keywords:
+                if keyword.arg == "logits":
+                    from_head(keyword.value)
+    return reading
 
 
-def _check_head_input(model: nn.Module, head_attr: str) -> None:
-    """Refuse a forward that applies its head to another output of its trunk than the last
-    hidden state (its first), or transforms that state first otherwise than by a logit scale
-    read from the config: the fused head reads the last hidden state as it is."""
+def _check_forward(model: nn.Module, head_attr: str, stateless: tuple[str, ...]) -> None:
+    """Refuse a forward that applies its head to another output of its trunk than the last hidden
+    state (its first), transforms that state first otherwise than by a logit scale field, or
+    transforms the head's output otherwise than by the scale and cap fields read above: the fused
+    head reads the last hidden state as it is and applies only those."""
     name = type(model).__name__
-    reads, transforms = _head_input(type(model).forward, head_attr)
-    other = [read for read in reads if not (read.endswith(".last_hidden_state") or read.endswith("[0]"))]
+    reading = _read_forward(type(model).forward, head_attr, stateless)
+    other = [read for read in reading.reads if not (read.endswith(".last_hidden_state") or read.endswith("[0]"))]
     if other:
         raise ValueError(f"{name}.forward applies its output embedding ({head_attr}) to "
                          f"{', '.join(sorted(set(other)))} of its trunk's output, not to its last hidden state, "
                          "which the fused head reads")
-    if transforms:
+    if reading.before:
         raise ValueError(f"{name}.forward computes its output embedding's ({head_attr}) input as "
-                         f"{'; '.join(sorted(set(transforms)))}: the fused head reads the trunk's last hidden state "
-                         f"as it is, scaled only by a logit scale field of the config ({', '.join(_SCALE_FIELDS)})")
+                         f"{'; '.join(sorted(set(reading.before)))}: the fused head reads the trunk's last hidden "
+                         f"state as it is, scaled only by a logit scale field of the config ({', '.join(_SCALE_FIELDS)})")
+    if reading.after:
+        raise ValueError(f"{name}.forward computes its logits from its output embedding's ({head_attr}) output as "
+                         f"{'; '.join(sorted(set(reading.after)))}: the fused head applies only a logit scale "
+                         f"({', '.join(_SCALE_FIELDS)}) and a tanh soft cap ({', '.join(_CAP_FIELDS)}) of the config")
 
 
 def _head_and_trunk(model: nn.Module) -> tuple[nn.Linear, str, list[tuple[str, nn.Module]]]:
@@ -218,8 +279,9 @@ def _head_and_trunk(model: nn.Module) -> tuple[nn.Linear, str, list[tuple[str, n
         raise ValueError(f"{type(model).__name__} has {len(stateful)} children with weights beside its output "
                          f"embedding ({', '.join(stateful) or 'none'}), not one trunk: the fused head reads one "
                          "trunk's last hidden state and would skip what another adds")
-    _check_head_input(model, next(name for name, child in children if child is head))
-    return head, stateful[0], [(name, child) for name, child in others if name != stateful[0]]
+    stateless = [(name, child) for name, child in others if name != stateful[0]]
+    _check_forward(model, next(name for name, child in children if child is head), tuple(n for n, _ in stateless))
+    return head, stateful[0], stateless
 
 
 def trunk_name(model: nn.Module) -> str:

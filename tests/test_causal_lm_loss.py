@@ -392,6 +392,18 @@ class _WidthScaledLlama(transformers.LlamaForCausalLM):
         return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
 
 
+class _MupDividedLogitsLlama(transformers.LlamaForCausalLM):
+    """As Phi-3-small's remote code does: the logits divided by mup_width_multiplier after the
+    head, under no field the fused head reads."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        logits = self.lm_head(outputs[0])
+        logits = logits / self.config.mup_width_multiplier
+        loss = None if labels is None else self.loss_function(logits=logits, labels=labels, vocab_size=VOCAB)
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
 class _MupScaledLlama(_WidthScaledLlama):
     """The same division under a field the fused head reads as the logit scale (MiniCPM3's)."""
 
@@ -403,19 +415,25 @@ class _MupScaledLlama(_WidthScaledLlama):
         return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
 
 
-def test_a_transform_of_the_hidden_states_before_the_head_is_refused_unless_it_is_a_read_scale():
-    """A forward (remote code, say) that transforms the trunk's last hidden state before its head
-    under no field the fused head reads is refused, naming the expression (the op would compute the
-    undivided logits: 4x too large here); the same division by ``logits_scaling`` is served, and the
-    patched loss and every gradient are the model's own."""
+@pytest.mark.parametrize("cls, settings, error", [
+    (_WidthScaledLlama, dict(dim_model_base=4), r"_WidthScaledLlama\.forward computes its output embedding's "
+     r"\(lm_head\) input as hidden_states / \(self\.config\.hidden_size / self\.config\.dim_model_base\)"),
+    (_MupDividedLogitsLlama, dict(mup_width_multiplier=4.0), r"_MupDividedLogitsLlama\.forward computes its logits "
+     r"from its output embedding's \(lm_head\) output as logits / self\.config\.mup_width_multiplier"),
+])
+def test_a_transform_around_the_head_is_refused_unless_the_op_applies_it(cls, settings, error):
+    """A forward (remote code, say) that transforms the trunk's last hidden state before its head,
+    or the head's output after it, under no field the fused head reads is refused, naming the
+    expression (the op would compute the untransformed logits: 4x too large here); the same
+    division by ``logits_scaling`` is served, and the patched loss and every gradient are the
+    model's own (each family of transformers that scales or caps its logits passes this reading:
+    ``bench/family_sweep.py``)."""
     from hpt_fast.policy import FusedHeadPolicy
 
     torch.manual_seed(0)
-    model = _WidthScaledLlama(transformers.LlamaConfig(**TINY, dim_model_base=4))
+    model = cls(transformers.LlamaConfig(**TINY, **settings))
     for make in (patch_causal_lm_loss, FusedHeadPolicy):
-        with pytest.raises(ValueError, match=r"_WidthScaledLlama\.forward computes its output embedding's \(lm_head\) "
-                                             r"input as hidden_states / \(self\.config\.hidden_size / "
-                                             r"self\.config\.dim_model_base\)"):
+        with pytest.raises(ValueError, match=error):
             make(model)
     torch.manual_seed(0)
     model = _MupScaledLlama(transformers.LlamaConfig(**TINY, logits_scaling=4.0))
