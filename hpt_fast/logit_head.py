@@ -144,6 +144,9 @@ def _read_forward(fn: Any, head_attr: str, stateless: tuple[str, ...]) -> _Forwa
         for target in targets:
             if isinstance(target, ast.Name) and node.value is not None:
                 bound.setdefault(target.id, []).append(node.value)
+        if isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):  # logits *= s
+            bound.setdefault(node.target.id, []).append(
+                ast.BinOp(left=ast.Name(id=node.target.id, ctx=ast.Load()), op=node.op, right=node.value))
 
     def self_call(value: ast.expr) -> Optional[str]:
         """The first attribute of a ``self.<attr>...(...)`` call, else None."""

@@ -404,6 +404,17 @@ class _MupDividedLogitsLlama(transformers.LlamaForCausalLM):
         return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
 
 
+class _InPlaceScaledLogitsLlama(transformers.LlamaForCausalLM):
+    """The logits scaled in place (``*=``) by a field the fused head does not read."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        logits = self.lm_head(outputs.last_hidden_state)
+        logits *= self.config.output_multiplier_scale
+        loss = None if labels is None else self.loss_function(logits=logits, labels=labels, vocab_size=VOCAB)
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
 class _MupScaledLlama(_WidthScaledLlama):
     """The same division under a field the fused head reads as the logit scale (MiniCPM3's)."""
 
@@ -420,6 +431,8 @@ class _MupScaledLlama(_WidthScaledLlama):
      r"\(lm_head\) input as hidden_states / \(self\.config\.hidden_size / self\.config\.dim_model_base\)"),
     (_MupDividedLogitsLlama, dict(mup_width_multiplier=4.0), r"_MupDividedLogitsLlama\.forward computes its logits "
      r"from its output embedding's \(lm_head\) output as logits / self\.config\.mup_width_multiplier"),
+    (_InPlaceScaledLogitsLlama, dict(output_multiplier_scale=4.0), r"_InPlaceScaledLogitsLlama\.forward computes its "
+     r"logits from its output embedding's \(lm_head\) output as logits \* self\.config\.output_multiplier_scale"),
 ])
 def test_a_transform_around_the_head_is_refused_unless_the_op_applies_it(cls, settings, error):
     """A forward (remote code, say) that transforms the trunk's last hidden state before its head,
