@@ -61,11 +61,21 @@ SIZES = (_BASE, {**_BASE, "head_dim": 8, "num_key_value_heads": 4}, _DERIVED,
 _ENC_DEC = dict(d_model=64, encoder_attention_heads=4, decoder_attention_heads=4, encoder_layers=1, decoder_layers=2,
                 encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=VOCAB, pad_token_id=0, bos_token_id=1,
                 eos_token_id=2)
+# one of BLT's four parts (its defaults are full-size: over a minute to build)
+_BLT_PART = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, intermediate_size=128)
 # families none of SIZES builds, tried first: their own names for the sizes, or validated layouts
 FAMILY_SIZES = {
+    "blt": dict(vocab_size=260, max_position_embeddings=256, encoder_hash_byte_group_vocab=512,
+                encoder_hash_byte_group_size=[3, 4], local_attention_window_len=64, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2, patcher_config=_BLT_PART, global_config=dict(_BLT_PART, num_hidden_layers=2),
+                encoder_config=dict(_BLT_PART, hidden_size_global=64), decoder_config=dict(_BLT_PART, hidden_size_global=64)),
+    "cohere_compass_text": dict(_BASE, rope_parameters={kind: dict(rope_type="default", rope_theta=10000.0)
+                                                        for kind in ("full_attention", "sliding_attention")}),
     "dbrx": dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=256, vocab_size=VOCAB,
                  attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
                  ffn_config=dict(ffn_hidden_size=128, moe_num_experts=4, moe_top_k=2)),
+    "dots3_note": dict(_BASE, num_key_value_heads=4, vision_config=dict(adapter_out_dim=64),
+                       audio_config=dict(adapter_out_dim=64)),
     "gemma3n_text": dict(_BASE, num_hidden_layers=4, num_kv_shared_layers=0, hidden_size_per_layer_input=16,
                          layer_types=["sliding_attention", "full_attention"] * 2, vocab_size_per_layer_input=VOCAB,
                          laurel_rank=8, activation_sparsity_pattern=[0.0] * 4),
@@ -80,8 +90,10 @@ FAMILY_SIZES = {
     "prophetnet": dict(hidden_size=64, num_encoder_attention_heads=4, num_decoder_attention_heads=4,
                        num_encoder_layers=1, num_decoder_layers=2, encoder_ffn_dim=128, decoder_ffn_dim=128,
                        vocab_size=VOCAB, max_position_embeddings=256, ngram=2),
+    # in training mode Reformer takes only sequences as long as axial_pos_shape's product (the
+    # sweep's 12 tokens); in evaluation mode its reversible layers cannot backpropagate at all
     "reformer": dict(is_decoder=True, hidden_size=64, num_attention_heads=4, attention_head_size=16,
-                     feed_forward_size=128, vocab_size=VOCAB, max_position_embeddings=256, axial_pos_shape=[16, 16],
+                     feed_forward_size=128, vocab_size=VOCAB, max_position_embeddings=12, axial_pos_shape=[3, 4],
                      axial_pos_embds_dim=[32, 32], attn_layers=["local", "lsh"], local_attn_chunk_length=4,
                      lsh_attn_chunk_length=4, pad_token_id=0, eos_token_id=2),
     "whisper": dict(_ENC_DEC, max_target_positions=256, decoder_start_token_id=1),
@@ -116,11 +128,20 @@ _REFUSED_DRAWS = {"diffllama": ("attention_dropout",)}
 
 def _randomise(config: object, model_type: str) -> None:
     """``--train``'s random draws: every dropout probability (``*dropout*``, ``*pdrop*``) and an MoE
-    router's jitter noise at 0.1, in ``config`` (the text config or the whole one)."""
+    router's jitter noise at 0.1, in ``config`` (the text config or the whole one) and in each
+    config nested in it (BLT keeps its dropout in its parts' configs)."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import PretrainedConfig
+
     for key, value in list(vars(config).items()):
-        if (("dropout" in key or "pdrop" in key or "jitter" in key) and isinstance(value, (int, float))
+        if isinstance(value, PretrainedConfig):
+            _randomise(value, model_type)
+        elif (("dropout" in key or "pdrop" in key or "jitter" in key) and isinstance(value, (int, float))
                 and not isinstance(value, bool) and key not in _REFUSED_DRAWS.get(model_type, ())):
-            setattr(config, key, DROPOUT)
+            try:
+                setattr(config, key, DROPOUT)
+            except StrictDataclassError:  # a field declared int, which no probability can be set to (MPT's attn_pdrop)
+                pass
 
 
 def _seeded(fn, *args, seed: int = _SEED, **kwargs):  # noqa: ANN001, ANN202 - a forward under a fixed seed
@@ -172,6 +193,8 @@ def _build(model_type: str, router: bool, train: bool) -> tuple[torch.nn.Module,
                 model(input_ids=ids, attention_mask=(torch.arange(12) < 9).long().expand(2, 12),
                       **{k: v for k, v in call.items() if k == "use_cache"})
             return model, call, own.detach(), own_grads
+        except _NoRouter:  # the config class has no router logits at any size: not an MoE family
+            raise
         except Exception as exc:  # noqa: BLE001 - the next size may build
             error = exc if error is None or model_type not in FAMILY_SIZES else error
     assert error is not None

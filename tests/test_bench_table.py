@@ -189,11 +189,13 @@ def test_family_sweep():
     """The family sweep's rows (loss patch, trainer's policy): a family both serve is ``same``,
     BERT's prediction head is refused by both and CpmAnt's own loss by the patch (the policy, which
     has a loss of its own, serves it), each with its reason; a MoE family with router logits on is
-    ``same`` (its load-balancing loss compared too; the policy not run); in training mode (dropout,
-    router jitter, gradient checkpointing) both are ``same`` under draws that move the loss."""
+    ``same`` (its load-balancing loss compared too; the policy not run) and a family without router
+    logits has no row, even one whose first sizes fail (Falcon); in training mode (dropout, router
+    jitter, gradient checkpointing) both are ``same`` under draws that move the loss, BLT's
+    included, whose dropout is in its parts' nested configs."""
     rows = {}
-    for argv in (["--families", "qwen2,bert,cpmant"], ["--families", "mixtral,qwen2", "--router"],
-                 ["--families", "gpt2,mixtral", "--train"]):
+    for argv in (["--families", "qwen2,bert,cpmant"], ["--families", "mixtral,qwen2,falcon", "--router"],
+                 ["--families", "gpt2,mixtral,blt", "--train"]):
         out = subprocess.run([sys.executable, "-m", "bench.family_sweep", *argv], cwd=REPO, capture_output=True,
                              text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
@@ -203,10 +205,11 @@ def test_family_sweep():
     assert {key: (row[0], row[2]) for key, row in rows.items()} == {
         ("qwen2", ""): ("same", "same"), ("bert", ""): ("refused", "refused"),
         ("cpmant", ""): ("refused", "same"), ("mixtral", "--router"): ("same", ""),
-        ("gpt2", "--train"): ("same", "same"), ("mixtral", "--train"): ("same", "same")}
+        ("gpt2", "--train"): ("same", "same"), ("mixtral", "--train"): ("same", "same"),
+        ("blt", "--train"): ("same", "same")}
     assert "inside 'cls'" in rows["bert", ""][1] and "inside 'cls'" in rows["bert", ""][3]
     assert "self.loss_function" in rows["cpmant", ""][1]
-    for family in ("gpt2", "mixtral"):  # the draws (dropout, router jitter) change the loss: they ran
+    for family in ("gpt2", "mixtral", "blt"):  # the draws (dropout, router jitter) change the loss: they ran
         moved = float(re.search(r"another seed moves it by (\S+)$", rows[family, "--train"][1]).group(1))
         assert moved > 1e-4, (family, moved)
 
