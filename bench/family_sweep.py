@@ -4,8 +4,10 @@ Usage (from the repository root):
     python -m bench.family_sweep [--families llama,qwen2,...] [--router] [--train] [--timeout 60]
 
 For each model type that transformers maps to ``AutoModelForCausalLM``, a tiny random model (the
-first of its ``FAMILY_SIZES`` and ``SIZES`` that builds and computes its own loss) in evaluation
-mode (no dropout), float32, ``use_cache=False`` where its forward takes it: ``model(input_ids, labels=labels)`` as the model
+first of its ``FAMILY_SIZES`` and ``SIZES`` that builds and computes its own loss; every logit
+scale and soft cap field its config has set to ``HEAD_SCALE`` / ``HEAD_CAP``, values a default of
+1 or no cap would hide) in evaluation mode (no dropout), float32, ``use_cache=False`` where its
+forward takes it: ``model(input_ids, labels=labels)`` as the model
 computes it and through the patch (``skip_logits=True``, the torch backend), and every
 parameter's gradient; and the trainer's policy (``FusedHeadPolicy``), its log-probs of two
 right-padded rows against the log-softmax of the model's own logits (within 1e-4). Each ends as:
@@ -144,6 +146,30 @@ def _randomise(config: object, model_type: str) -> None:
                 pass
 
 
+# what the sweep sets the logit scale and cap fields a config has to: values their defaults (a scale
+# of 1, no cap) would hide, a cap that bites on a tiny random model's logits
+HEAD_SCALE, HEAD_CAP = 3.0, 2.0
+
+
+def _exercise_head_fields(config: object, text: object) -> None:
+    """Set every logit scale and soft cap field (``hpt_fast.logit_head``) that ``config`` or its text
+    config has to ``HEAD_SCALE`` / ``HEAD_CAP``, so that a field the model applies, or has but does
+    not apply, shows in its row; one that cannot be set (MiniCPM3's derived ``logits_scaling``)
+    keeps its value."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    from hpt_fast.logit_head import CAP_FIELDS, SCALE_FIELDS
+
+    for each in {id(c): c for c in (config, text)}.values():
+        for fields, value in ((SCALE_FIELDS, HEAD_SCALE), (CAP_FIELDS, HEAD_CAP)):
+            for name in fields:
+                if hasattr(each, name):
+                    try:
+                        setattr(each, name, value)
+                    except (AttributeError, StrictDataclassError):
+                        pass
+
+
 def _seeded(fn, *args, seed: int = _SEED, **kwargs):  # noqa: ANN001, ANN202 - a forward under a fixed seed
     torch.manual_seed(seed)
     return fn(*args, **kwargs)
@@ -162,6 +188,7 @@ def _build(model_type: str, router: bool, train: bool) -> tuple[torch.nn.Module,
             for key, value in sizes.items():  # a multimodal model's language model
                 if text is not config and hasattr(text, key):
                     setattr(text, key, value)
+            _exercise_head_fields(config, text)
             if router:
                 if not hasattr(text, "output_router_logits"):
                     raise _NoRouter()

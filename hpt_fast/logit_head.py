@@ -10,7 +10,10 @@ Some transformers models transform the head's output before it is their logits:
   Inkling 2, the Muse models after their factor), ``logits_soft_cap`` (RecurrentGemma),
   ``output_logit_soft_cap`` (xLSTM).
 Sampling at temperature T from ``c * tanh(s z / c)`` is the op at soft cap ``c / s`` and
-temperature ``T / s`` (``s > 0``). Inkling keeps only the first ``unpadded_vocab_size`` logits of a
+temperature ``T / s`` (``s > 0``). Where the forward's source can be read, it decides: a scale
+field multiplies or divides as the source does, and a scale or cap field the forward never applies
+on the way to its logits is not applied (transformers' MPT has ``logit_scale`` and ignores it);
+where it cannot, the fields apply as the families above apply them. Inkling keeps only the first ``unpadded_vocab_size`` logits of a
 head padded with more rows: the op is given those rows of the head (``LogitTransform.rows``). The
 fields are read from the config and from its text config, where multimodal models keep them; the
 list is what a search of transformers 5.24's causal-LM forwards found (``bench/family_sweep.py``
@@ -24,8 +27,9 @@ What the op cannot compute is refused rather than silently bypassed:
   (ProphetNet's n-gram predicting streams), or to a transform of it other than a cast, a reshape,
   a slice or a scale field above (MiniCPM's remote code divides it by ``hidden_size /
   dim_model_base``), or that transforms the head's output otherwise than by the scale and cap
-  fields above (Phi-3-small's remote code divides its logits by ``mup_width_multiplier``), found
-  in its source.
+  fields above (Phi-3-small's remote code divides its logits by ``mup_width_multiplier``), or
+  applies a tanh under no cap field, or reads a cap field without a tanh, found in its source;
+  a forward that both multiplies and divides by one scale field.
 """
 from __future__ import annotations
 
@@ -40,12 +44,12 @@ import torch
 from torch import nn
 
 # config fields that scale the logits (1.0 leaves them unchanged)
-_SCALE_FIELDS = ("logits_scaling", "logit_scale", "lm_head_multiplier", "output_multiplier",
+SCALE_FIELDS = ("logits_scaling", "logit_scale", "lm_head_multiplier", "output_multiplier",
                  "logits_mup_width_multiplier")
 # models whose logits_scaling multiplies the logits (Granite and MiniCPM3 divide by it)
 _MULTIPLYING_LOGITS_SCALING = ("hyperclovax",)
 # config fields of a tanh soft cap on the logits
-_CAP_FIELDS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+CAP_FIELDS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
 
 
 @dataclass(frozen=True)
@@ -121,18 +125,26 @@ class _ForwardReading:
     ``reads``, the subscripts and attributes it takes of a trunk's output (the result of a
     ``self...(...)`` call) for the head's input; ``before``, anything else it does on the way into
     the head; ``after``, anything it does to the head's output on the way to its ``logits=``
-    other than what the fused head applies. All as source text; empty where the source is not
-    readable."""
+    other than what the fused head applies (all three as source text); ``fields``, the logit scale
+    and cap fields it multiplies (``"mul"``) or divides (``"div"``) by on either way, or passes to
+    a cap function (``"cap"``), as (field, how); ``cap_module``, whether the logits pass through a
+    weightless child module (the cap ``logit_transform`` probes); ``tanh``, whether they pass
+    through a cap function (``tanh``, ``soft_cap``); ``read``, whether it calls its
+    head at all (False, and all empty, where the source is not readable)."""
 
     reads: list[str]
     before: list[str]
     after: list[str]
+    fields: list[tuple[str, str]]
+    cap_module: bool = False
+    tanh: bool = False
+    read: bool = False
 
 
 def _read_forward(fn: Any, head_attr: str, stateless: tuple[str, ...]) -> _ForwardReading:
     """``fn``'s reading (see ``_ForwardReading``); ``stateless``: the model's children without
     weights that ``logit_transform`` probes as the cap, which the logits may pass through."""
-    reading = _ForwardReading([], [], [])
+    reading = _ForwardReading([], [], [], [])
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
     except (OSError, TypeError, SyntaxError):
@@ -158,15 +170,16 @@ def _read_forward(fn: Any, head_attr: str, stateless: tuple[str, ...]) -> _Forwa
         return func.attr if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) \
             and func.value.id == "self" else None
 
-    def read_field(expr: ast.expr, fields: tuple[str, ...]) -> bool:
-        """Whether ``expr`` holds one of ``fields``, as an attribute or through a local bound to one."""
+    def read_field(expr: ast.expr, fields: tuple[str, ...]) -> Optional[str]:
+        """The one of ``fields`` that ``expr`` holds, as an attribute or through a local bound to one, else None."""
         for node in ast.walk(expr):
             if isinstance(node, ast.Attribute) and node.attr in fields:
-                return True
-            if isinstance(node, ast.Name) and any(
-                    isinstance(n, ast.Attribute) and n.attr in fields for v in bound.get(node.id, ()) for n in ast.walk(v)):
-                return True
-        return False
+                return node.attr
+            if isinstance(node, ast.Name):
+                for n in (n for v in bound.get(node.id, ()) for n in ast.walk(v)):
+                    if isinstance(n, ast.Attribute) and n.attr in fields:
+                        return n.attr
+        return None
 
     outputs = {name for name, values in bound.items() if any(self_call(v) for v in values)}
 
@@ -180,8 +193,10 @@ def _read_forward(fn: Any, head_attr: str, stateless: tuple[str, ...]) -> _Forwa
         elif isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute) and expr.func.attr in _CASTS_AND_SHAPES:
             follow(expr.func.value)
         elif isinstance(expr, ast.BinOp) and isinstance(expr.op, (ast.Div, ast.Mult)) and read_field(expr.right, fields):
+            reading.fields.append((read_field(expr.right, fields), "div" if isinstance(expr.op, ast.Div) else "mul"))
             follow(expr.left)
         elif isinstance(expr, ast.BinOp) and isinstance(expr.op, ast.Mult) and read_field(expr.left, fields):
+            reading.fields.append((read_field(expr.left, fields), "mul"))
             follow(expr.right)
         else:
             return False
@@ -201,7 +216,7 @@ def _read_forward(fn: Any, head_attr: str, stateless: tuple[str, ...]) -> _Forwa
             reading.reads.append(ast.unparse(expr))
         elif isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name) and expr.func.id == "slice_logits_to_keep":
             into_head(expr.args[0])
-        elif not passes(expr, _SCALE_FIELDS, into_head):
+        elif not passes(expr, SCALE_FIELDS, into_head):
             reading.before.append(ast.unparse(expr))
 
     def from_head(expr: ast.expr) -> None:
@@ -219,13 +234,19 @@ def _read_forward(fn: Any, head_attr: str, stateless: tuple[str, ...]) -> _Forwa
         name = ast.unparse(expr.func).rsplit(".", 1)[-1] if isinstance(expr, ast.Call) else ""
         if called in stateless or (called is None and name in _CAP_CALLS):
             # a cap: a module logit_transform probes, or a tanh whose scaling passes() reads
+            reading.cap_module |= called in stateless
+            reading.tanh |= called not in stateless
+            for arg in expr.args[1:]:  # xLSTM's soft_cap(logits, cap)
+                if read_field(arg, CAP_FIELDS):
+                    reading.fields.append((read_field(arg, CAP_FIELDS), "cap"))
             from_head(expr.args[0] if expr.args else expr.func.value)
-        elif not passes(expr, _SCALE_FIELDS + _CAP_FIELDS, from_head):
+        elif not passes(expr, SCALE_FIELDS + CAP_FIELDS, from_head):
             reading.after.append(ast.unparse(expr))
 
     for node in ast.walk(tree):
         if self_call(node) == head_attr and node.args and isinstance(node.func, ast.Attribute) \
                 and node.func.attr == head_attr:
+            reading.read = True
             into_head(node.args[0])
     seen.clear()
     for node in ast.walk(tree):
@@ -236,8 +257,8 @@ def _read_forward(fn: Any, head_attr: str, stateless: tuple[str, ...]) -> _Forwa
     return reading
 
 
-def _check_forward(model: nn.Module, head_attr: str, stateless: tuple[str, ...]) -> None:
-    """Refuse a forward that applies its head to another output of its trunk than the last hidden
+def _check_forward(model: nn.Module, head_attr: str, stateless: tuple[str, ...]) -> _ForwardReading:
+    """The forward's reading (``_read_forward``). Refuse a forward that applies its head to another output of its trunk than the last hidden
     state (its first), transforms that state first otherwise than by a logit scale field, or
     transforms the head's output otherwise than by the scale and cap fields read above: the fused
     head reads the last hidden state as it is and applies only those."""
@@ -251,15 +272,17 @@ def _check_forward(model: nn.Module, head_attr: str, stateless: tuple[str, ...])
     if reading.before:
         raise ValueError(f"{name}.forward computes its output embedding's ({head_attr}) input as "
                          f"{'; '.join(sorted(set(reading.before)))}: the fused head reads the trunk's last hidden "
-                         f"state as it is, scaled only by a logit scale field of the config ({', '.join(_SCALE_FIELDS)})")
+                         f"state as it is, scaled only by a logit scale field of the config ({', '.join(SCALE_FIELDS)})")
     if reading.after:
         raise ValueError(f"{name}.forward computes its logits from its output embedding's ({head_attr}) output as "
                          f"{'; '.join(sorted(set(reading.after)))}: the fused head applies only a logit scale "
-                         f"({', '.join(_SCALE_FIELDS)}) and a tanh soft cap ({', '.join(_CAP_FIELDS)}) of the config")
+                         f"({', '.join(SCALE_FIELDS)}) and a tanh soft cap ({', '.join(CAP_FIELDS)}) of the config")
+    return reading
 
 
-def _head_and_trunk(model: nn.Module) -> tuple[nn.Linear, str, list[tuple[str, nn.Module]]]:
-    """(output embedding, name of the trunk's attribute, the other children holding no tensors)."""
+def _head_and_trunk(model: nn.Module) -> tuple[nn.Linear, str, list[tuple[str, nn.Module]], _ForwardReading]:
+    """(output embedding, name of the trunk's attribute, the other children holding no tensors, the
+    forward's reading)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
         raise ValueError(f"{type(model).__name__} has no output embedding (get_output_embeddings() is None)")
@@ -283,8 +306,9 @@ def _head_and_trunk(model: nn.Module) -> tuple[nn.Linear, str, list[tuple[str, n
                          f"embedding ({', '.join(stateful) or 'none'}), not one trunk: the fused head reads one "
                          "trunk's last hidden state and would skip what another adds")
     stateless = [(name, child) for name, child in others if name != stateful[0]]
-    _check_forward(model, next(name for name, child in children if child is head), tuple(n for n, _ in stateless))
-    return head, stateful[0], stateless
+    reading = _check_forward(model, next(name for name, child in children if child is head),
+                             tuple(n for n, _ in stateless))
+    return head, stateful[0], stateless, reading
 
 
 def trunk_name(model: nn.Module) -> str:
@@ -301,13 +325,32 @@ def logit_transform(model: nn.Module) -> LogitTransform:
             of ``model`` beside one trunk; two scale or two cap fields are set; a scale or cap is
             not a finite number > 0; ``unpadded_vocab_size`` is not an int in [1, the head's rows].
     """
-    head, _, stateless = _head_and_trunk(model)
+    head, _, stateless, reading = _head_and_trunk(model)
     configs = _configs(model)
-    scale, name, config = _one_field(model, configs, _SCALE_FIELDS, 1.0, "logit scale")
-    if scale is not None and (name == "logits_mup_width_multiplier" or (
+    scale, name, config = _one_field(model, configs, SCALE_FIELDS, 1.0, "logit scale")
+    applied = {how for field, how in reading.fields if field == name}
+    if scale is not None and reading.read:
+        # the forward's source says how it applies the field (remote code may use a known name
+        # either way round), and a field it never applies on the way to its logits is not theirs
+        if len(applied) > 1:
+            raise ValueError(f"{type(model).__name__}.forward both multiplies and divides by {name}: which scale "
+                             "its logits have is not known here")
+        scale = None if not applied else (scale if applied == {"mul"} else 1.0 / scale)
+    elif scale is not None and (name == "logits_mup_width_multiplier" or (
             name == "logits_scaling" and getattr(config, "model_type", None) not in _MULTIPLYING_LOGITS_SCALING)):
+        # an unreadable forward: how the known families apply the field
         scale = 1.0 / scale
-    softcap, _, _ = _one_field(model, configs, _CAP_FIELDS, None, "logit soft cap")
+    softcap, cap_name, _ = _one_field(model, configs, CAP_FIELDS, None, "logit soft cap")
+    if reading.read and not reading.cap_module:
+        caps_read = {field for field, _ in reading.fields if field in CAP_FIELDS}
+        if reading.tanh != bool(caps_read):
+            # a tanh is the cap only with a cap field around it, and a cap field caps only through one
+            raise ValueError(f"{type(model).__name__}.forward " + (
+                f"applies a tanh to its logits under no logit soft cap field ({', '.join(CAP_FIELDS)})"
+                if reading.tanh else f"reads {', '.join(sorted(caps_read))} on the way to its logits without a tanh")
+                + ": the fused head caps the logits as c * tanh(logits / c), c a cap field of the config, or not at all")
+        if cap_name not in caps_read:
+            softcap = None  # a cap field its forward never reads on the way to its logits
     unpadded, _ = _field(configs, "unpadded_vocab_size")
     if unpadded is not None and (isinstance(unpadded, bool) or not isinstance(unpadded, int)
                                  or not 1 <= unpadded <= head.out_features):

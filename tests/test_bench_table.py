@@ -188,13 +188,14 @@ def test_causal_lm_loss_table():
 def test_family_sweep():
     """The family sweep's rows (loss patch, trainer's policy): a family both serve is ``same``,
     BERT's prediction head is refused by both and CpmAnt's own loss by the patch (the policy, which
-    has a loss of its own, serves it), each with its reason; a MoE family with router logits on is
+    has a loss of its own, serves it), each with its reason; MPT, whose config's logit_scale (set by
+    the sweep) its forward ignores, is ``same`` in both; a MoE family with router logits on is
     ``same`` (its load-balancing loss compared too; the policy not run) and a family without router
     logits has no row, even one whose first sizes fail (Falcon); in training mode (dropout, router
     jitter, gradient checkpointing) both are ``same`` under draws that move the loss, BLT's
     included, whose dropout is in its parts' nested configs."""
     rows = {}
-    for argv in (["--families", "qwen2,bert,cpmant"], ["--families", "mixtral,qwen2,falcon", "--router"],
+    for argv in (["--families", "qwen2,bert,cpmant,mpt"], ["--families", "mixtral,qwen2,falcon", "--router"],
                  ["--families", "gpt2,mixtral,blt", "--train"]):
         out = subprocess.run([sys.executable, "-m", "bench.family_sweep", *argv], cwd=REPO, capture_output=True,
                              text=True, timeout=300)
@@ -204,7 +205,7 @@ def test_family_sweep():
         rows.update({(r[0], argv[-1] if argv[-1].startswith("--") else ""): r[1:] for r in found})
     assert {key: (row[0], row[2]) for key, row in rows.items()} == {
         ("qwen2", ""): ("same", "same"), ("bert", ""): ("refused", "refused"),
-        ("cpmant", ""): ("refused", "same"), ("mixtral", "--router"): ("same", ""),
+        ("cpmant", ""): ("refused", "same"), ("mpt", ""): ("same", "same"), ("mixtral", "--router"): ("same", ""),
         ("gpt2", "--train"): ("same", "same"), ("mixtral", "--train"): ("same", "same"),
         ("blt", "--train"): ("same", "same")}
     assert "inside 'cls'" in rows["bert", ""][1] and "inside 'cls'" in rows["bert", ""][3]

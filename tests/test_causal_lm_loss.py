@@ -15,7 +15,7 @@ import transformers
 
 from hpt_fast.causal_lm_loss import patch_causal_lm_loss
 from hpt_fast.logit_head import LogitTransform, logit_transform
-from tiny_models import READ_OTHERWISE, tiny_causal_lm
+from tiny_models import READ_OTHERWISE, tiny_causal_lm, unreadable_forward
 
 VOCAB = 61
 TINY = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -455,6 +455,85 @@ def test_a_transform_around_the_head_is_refused_unless_the_op_applies_it(cls, se
     _same_as_its_own_loss(model, input_ids=labels.clamp(min=0), labels=labels)
 
 
+class _MultipliedScalingLlama(transformers.LlamaForCausalLM):
+    """Remote code that multiplies its logits by ``logits_scaling`` (as HyperCLOVA X does) under
+    another model type than the families known to multiply by it (Granite and MiniCPM3 divide)."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        logits = self.lm_head(outputs.last_hidden_state) * self.config.logits_scaling
+        loss = None if labels is None else self.loss_function(logits=logits, labels=labels, vocab_size=VOCAB)
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+class _UncappedTanhLlama(transformers.LlamaForCausalLM):
+    """A bare tanh on the logits (a cap of 1), under no cap field the fused head reads."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        logits = torch.tanh(self.lm_head(outputs.last_hidden_state))
+        loss = None if labels is None else self.loss_function(logits=logits, labels=labels, vocab_size=VOCAB)
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+class _CapFieldWithoutTanhLlama(transformers.LlamaForCausalLM):
+    """A cap field read on the way to the logits without a tanh (a division, not a cap)."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        logits = self.lm_head(outputs.last_hidden_state) / self.config.final_logit_softcapping
+        loss = None if labels is None else self.loss_function(logits=logits, labels=labels, vocab_size=VOCAB)
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+@pytest.mark.parametrize("cls, settings, scale", [
+    (_MultipliedScalingLlama, dict(logits_scaling=4.0), 4.0),
+    # a field its forward never applies (transformers' MPT has logit_scale and ignores it)
+    (transformers.LlamaForCausalLM, dict(logit_scale=4.0), 1.0),
+    (transformers.LlamaForCausalLM, dict(final_logit_softcapping=2.0), 1.0),
+])
+def test_the_scale_and_cap_are_those_its_forward_applies(cls, settings, scale):
+    """A logit scale field is applied the way the forward's source applies it (multiplied here,
+    where the field's known families divide), and a scale or cap field set in the config but
+    never read on the way to the logits is not applied: the patched loss, every gradient and the
+    policy's log-probs are the model's own (both were silent wrong results before)."""
+    from hpt_fast.policy import FusedHeadPolicy
+
+    torch.manual_seed(0)
+    model = cls(transformers.LlamaConfig(**TINY, **settings))
+    transform = logit_transform(model)
+    assert (transform.scale, transform.softcap) == (scale, None)
+    ids, attention_mask, labels = _batch()
+    _same_as_its_own_loss(model, input_ids=ids, attention_mask=attention_mask, labels=labels)
+    from hpt_fast.batching import Row, collate
+
+    rows = [Row(0, ids[0, :3].tolist(), ids[0, 3:].tolist(), 1.0, False, 1.0),
+            Row(1, ids[1, :2].tolist(), ids[1, 2:6].tolist(), 1.0, False, 1.0)]
+    mb = collate(rows, [0, 1], pad_id=0)
+    ids, attention_mask = mb.input_ids, mb.attention_mask
+    with torch.no_grad():
+        got = FusedHeadPolicy(model, {"backend": "torch"})(mb)
+        logits = model(input_ids=ids, attention_mask=attention_mask).logits[:, :-1]
+    want = logits.log_softmax(-1).gather(-1, mb.targets.clamp(min=0)[..., None])[..., 0].masked_fill(~mb.mask, 0.0)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls, settings, error", [
+    (_UncappedTanhLlama, {}, r"_UncappedTanhLlama\.forward applies a tanh to its logits under no logit soft cap field"),
+    (_CapFieldWithoutTanhLlama, dict(final_logit_softcapping=2.0),
+     r"_CapFieldWithoutTanhLlama\.forward reads final_logit_softcapping on the way to its logits without a tanh"),
+])
+def test_a_tanh_without_a_cap_field_or_a_cap_field_without_a_tanh_is_refused(cls, settings, error):
+    """The fused head's cap is c * tanh(logits / c) with c a cap field: a forward that caps under
+    another constant, or reads a cap field otherwise, is refused by the patch and the policy."""
+    from hpt_fast.policy import FusedHeadPolicy
+
+    model = cls(transformers.LlamaConfig(**TINY, **settings))
+    for make in (patch_causal_lm_loss, FusedHeadPolicy):
+        with pytest.raises(ValueError, match=error):
+            make(model)
+
+
 def test_a_label_in_the_rows_inkling_cuts_is_refused():
     """Inkling's logits keep the first unpadded_vocab_size=50 of 61 head rows: a label of 55 has
     no logit, and is refused by the op's range check (the model's own loss cannot score it either),
@@ -500,18 +579,24 @@ def test_a_model_with_a_loss_of_its_own_is_refused():
     ({}, 1.0, None),
 ])
 def test_the_transform_read_from_a_config(settings, scale, softcap):
-    """Granite-style division, a multiplier before a cap (the Muse models' order)."""
-    model = _model("Qwen2")
-    for k, v in settings.items():
-        setattr(model.config, k, v)
-    transform = logit_transform(model)
-    assert (transform.scale, transform.softcap) == (scale, softcap)
-    assert transform.op_args(0.7) == {"temperature": 0.7 / scale,
-                                      "softcap": None if softcap is None else softcap / scale}
+    """Where the forward's source cannot be read, the fields as their known families apply them:
+    Granite-style division, a multiplier before a cap (the Muse models' order). Where it can,
+    only what it applies: Qwen2's forward applies none of these fields."""
+    for readable in (True, False):
+        model = _model("Qwen2") if readable else unreadable_forward(_model("Qwen2"))
+        for k, v in settings.items():
+            setattr(model.config, k, v)
+        transform = logit_transform(model)
+        want = (1.0, None) if readable else (scale, softcap)
+        assert (transform.scale, transform.softcap) == want
+        assert transform.op_args(0.7) == {"temperature": 0.7 / want[0],
+                                          "softcap": None if want[1] is None else want[1] / want[0]}
 
 
 def test_hyperclovax_multiplies_by_its_logits_scaling():
-    model = _model("Qwen2")
+    """Its transformers forward multiplies (read from its source: the sweep); an unreadable one
+    is taken to, by its model type."""
+    model = unreadable_forward(_model("Qwen2"))
     model.config.logits_scaling = 4.0
     model.config.model_type = "hyperclovax"
     assert logit_transform(model).scale == 4.0

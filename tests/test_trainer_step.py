@@ -30,7 +30,7 @@ from hpt_fast.rollout import end_token_ids
 from hpt_fast.step_stats import StepStats
 from hpt_fast.toy import build_toy, default_toy_dir, use_toy
 from hpt_fast.trainer import Trainer, _grad_norm, _load_tokenizer
-from tiny_models import READ_OTHERWISE, tiny_causal_lm
+from tiny_models import READ_OTHERWISE, tiny_causal_lm, unreadable_forward
 
 # 4 prompts x 2 rollouts of at most 24 tokens, as tests/test_trainer.py
 SMALL = ["train.prompts_per_step=4", "rollout.n=2", "data.max_response_length=24", "validation.every=0",
@@ -355,10 +355,11 @@ def _gemma4(**text_settings):
 
 def test_a_scale_in_the_text_config_is_read_from_there() -> None:
     """A logit scale set in the text sub-config (``get_text_config()``) is the fused head's as a
-    top-level one is (Granite 4 Vision divides by its text config's logits_scaling)."""
+    top-level one is (Granite 4 Vision divides by its text config's logits_scaling), under a
+    forward that applies it (Gemma 4's does not: read from an unreadable one, as its family does)."""
     from hpt_fast.logit_head import logit_transform
 
-    model = _gemma4()
+    model = unreadable_forward(_gemma4())
     model.config.get_text_config().logits_scaling = 8.0
     assert not hasattr(model.config, "logits_scaling")  # the sub-config alone holds it
     assert logit_transform(model).scale == 1 / 8
