@@ -70,7 +70,8 @@ FAMILY_SIZES = {
     "blt": dict(vocab_size=260, max_position_embeddings=256, encoder_hash_byte_group_vocab=512,
                 encoder_hash_byte_group_size=[3, 4], local_attention_window_len=64, pad_token_id=0, bos_token_id=1,
                 eos_token_id=2, patcher_config=_BLT_PART, global_config=dict(_BLT_PART, num_hidden_layers=2),
-                encoder_config=dict(_BLT_PART, hidden_size_global=64), decoder_config=dict(_BLT_PART, hidden_size_global=64)),
+                encoder_config=dict(_BLT_PART, hidden_size_global=64),
+                decoder_config=dict(_BLT_PART, hidden_size_global=64)),
     "cohere_compass_text": dict(_BASE, rope_parameters={kind: dict(rope_type="default", rope_theta=10000.0)
                                                         for kind in ("full_attention", "sliding_attention")}),
     "dbrx": dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=256, vocab_size=VOCAB,

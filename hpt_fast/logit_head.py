@@ -13,8 +13,9 @@ Sampling at temperature T from ``c * tanh(s z / c)`` is the op at soft cap ``c /
 temperature ``T / s`` (``s > 0``). Where the forward's source can be read, it decides: a scale
 field multiplies or divides as the source does, and a scale or cap field the forward never applies
 on the way to its logits is not applied (transformers' MPT has ``logit_scale`` and ignores it);
-where it cannot, the fields apply as the families above apply them. Inkling keeps only the first ``unpadded_vocab_size`` logits of a
-head padded with more rows: the op is given those rows of the head (``LogitTransform.rows``). The
+where it cannot, the fields apply as the families above apply them. Inkling keeps only the first
+``unpadded_vocab_size`` logits of a head padded with more rows: the op is given those rows of the
+head (``LogitTransform.rows``). The
 fields are read from the config and from its text config, where multimodal models keep them; the
 list is what a search of transformers 5.24's causal-LM forwards found (``bench/family_sweep.py``
 checks every family that builds against its own loss).
@@ -129,8 +130,8 @@ class _ForwardReading:
     and cap fields it multiplies (``"mul"``) or divides (``"div"``) by on either way, or passes to
     a cap function (``"cap"``), as (field, how); ``cap_module``, whether the logits pass through a
     weightless child module (the cap ``logit_transform`` probes); ``tanh``, whether they pass
-    through a cap function (``tanh``, ``soft_cap``); ``read``, whether it calls its
-    head at all (False, and all empty, where the source is not readable)."""
+    through a cap function (``tanh``, ``soft_cap``); ``read``, whether it calls its head at all
+    (False, and all empty, where the source is not readable)."""
 
     reads: list[str]
     before: list[str]
@@ -258,10 +259,11 @@ def _read_forward(fn: Any, head_attr: str, stateless: tuple[str, ...]) -> _Forwa
 
 
 def _check_forward(model: nn.Module, head_attr: str, stateless: tuple[str, ...]) -> _ForwardReading:
-    """The forward's reading (``_read_forward``). Refuse a forward that applies its head to another output of its trunk than the last hidden
-    state (its first), transforms that state first otherwise than by a logit scale field, or
-    transforms the head's output otherwise than by the scale and cap fields read above: the fused
-    head reads the last hidden state as it is and applies only those."""
+    """The forward's reading (``_read_forward``). Refuse a forward that applies its head to another
+    output of its trunk than the last hidden state (its first), transforms that state first
+    otherwise than by a logit scale field, or transforms the head's output otherwise than by the
+    scale and cap fields read above: the fused head reads the last hidden state as it is and
+    applies only those."""
     name = type(model).__name__
     reading = _read_forward(type(model).forward, head_attr, stateless)
     other = [read for read in reading.reads if not (read.endswith(".last_hidden_state") or read.endswith("[0]"))]
@@ -323,7 +325,9 @@ def logit_transform(model: nn.Module) -> LogitTransform:
     Raises:
         ValueError: the output embedding is missing, not a plain ``nn.Linear``, or not the child
             of ``model`` beside one trunk; two scale or two cap fields are set; a scale or cap is
-            not a finite number > 0; ``unpadded_vocab_size`` is not an int in [1, the head's rows].
+            not a finite number > 0; ``unpadded_vocab_size`` is not an int in [1, the head's rows];
+            the forward (read from its source) applies a tanh under no cap field, reads a cap field
+            without a tanh, or both multiplies and divides by the scale field.
     """
     head, _, stateless, reading = _head_and_trunk(model)
     configs = _configs(model)
@@ -348,7 +352,8 @@ def logit_transform(model: nn.Module) -> LogitTransform:
             raise ValueError(f"{type(model).__name__}.forward " + (
                 f"applies a tanh to its logits under no logit soft cap field ({', '.join(CAP_FIELDS)})"
                 if reading.tanh else f"reads {', '.join(sorted(caps_read))} on the way to its logits without a tanh")
-                + ": the fused head caps the logits as c * tanh(logits / c), c a cap field of the config, or not at all")
+                + ": the fused head caps the logits as c * tanh(logits / c), c a cap field of the config, "
+                "or not at all")
         if cap_name not in caps_read:
             softcap = None  # a cap field its forward never reads on the way to its logits
     unpadded, _ = _field(configs, "unpadded_vocab_size")
