@@ -129,11 +129,21 @@ _SEED, _OTHER_SEED = 2, 3  # every compared forward's; the one that shows the dr
 _REFUSED_DRAWS = {"diffllama": ("attention_dropout",)}
 
 
+def _set_if_allowed(config: object, key: str, value: float) -> None:
+    """``config.key = value``, unless the config refuses it: a field declared int, which no
+    probability can be set to (MPT's attn_pdrop), or a derived property (MiniCPM3's logits_scaling)."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        setattr(config, key, value)
+    except (AttributeError, StrictDataclassError):
+        pass
+
+
 def _randomise(config: object, model_type: str) -> None:
     """``--train``'s random draws: every dropout probability (``*dropout*``, ``*pdrop*``) and an MoE
     router's jitter noise at 0.1, in ``config`` (the text config or the whole one) and in each
     config nested in it (BLT keeps its dropout in its parts' configs)."""
-    from huggingface_hub.errors import StrictDataclassError
     from transformers import PretrainedConfig
 
     for key, value in list(vars(config).items()):
@@ -141,10 +151,7 @@ def _randomise(config: object, model_type: str) -> None:
             _randomise(value, model_type)
         elif (("dropout" in key or "pdrop" in key or "jitter" in key) and isinstance(value, (int, float))
                 and not isinstance(value, bool) and key not in _REFUSED_DRAWS.get(model_type, ())):
-            try:
-                setattr(config, key, DROPOUT)
-            except StrictDataclassError:  # a field declared int, which no probability can be set to (MPT's attn_pdrop)
-                pass
+            _set_if_allowed(config, key, DROPOUT)
 
 
 # what the sweep sets the logit scale and cap fields a config has to: values their defaults (a scale
@@ -157,18 +164,13 @@ def _exercise_head_fields(config: object, text: object) -> None:
     config has to ``HEAD_SCALE`` / ``HEAD_CAP``, so that a field the model applies, or has but does
     not apply, shows in its row; one that cannot be set (MiniCPM3's derived ``logits_scaling``)
     keeps its value."""
-    from huggingface_hub.errors import StrictDataclassError
-
     from hpt_fast.logit_head import CAP_FIELDS, SCALE_FIELDS
 
     for each in {id(c): c for c in (config, text)}.values():
         for fields, value in ((SCALE_FIELDS, HEAD_SCALE), (CAP_FIELDS, HEAD_CAP)):
             for name in fields:
                 if hasattr(each, name):
-                    try:
-                        setattr(each, name, value)
-                    except (AttributeError, StrictDataclassError):
-                        pass
+                    _set_if_allowed(each, name, value)
 
 
 def _seeded(fn, *args, seed: int = _SEED, **kwargs):  # noqa: ANN001, ANN202 - a forward under a fixed seed
