@@ -332,10 +332,10 @@ def logit_transform(model: nn.Module) -> LogitTransform:
     head, _, stateless, reading = _head_and_trunk(model)
     configs = _configs(model)
     scale, name, config = _one_field(model, configs, SCALE_FIELDS, 1.0, "logit scale")
-    applied = {how for field, how in reading.fields if field == name}
     if scale is not None and reading.read:
         # the forward's source says how it applies the field (remote code may use a known name
         # either way round), and a field it never applies on the way to its logits is not theirs
+        applied = {how for field, how in reading.fields if field == name}
         if len(applied) > 1:
             raise ValueError(f"{type(model).__name__}.forward both multiplies and divides by {name}: which scale "
                              "its logits have is not known here")
