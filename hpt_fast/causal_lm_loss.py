@@ -25,9 +25,11 @@ shifts the labels). Models with a loss of their own (CpmAnt and TrOCR take unshi
 its own head's) or a custom ``loss_function`` are refused.
 
 Under DeepSpeed ZeRO-3 the engine's forward gathers the partitioned head when it is read; outside
-an engine the patch gathers it around the op's call. Under FSDP2 the head must belong to the unit
-of a module that runs (the root, by default): a head sharded as a unit of its own is still
-sharded here, and FSDP would not reduce its gradient, so it is refused.
+an engine the patch gathers it around the op's call. Under FSDP2 a head in its parent's unit (the
+root's, by default) is unsharded while the parent's forward runs; a head sharded as a unit of its
+own is called with the op as its forward, so that FSDP2's hooks unshard it around the op and
+reduce its gradient after the backward, as they do around its own forward (hooks of other kinds on
+such a head see the summed loss as its output).
 """
 from __future__ import annotations
 
@@ -87,6 +89,28 @@ def _check_causal_lm_loss(model: nn.Module, source: str) -> None:
 def _negative_logp(logp: Tensor, entropy: Optional[Tensor], rows: Tensor) -> Tensor:
     """Mode B's token loss: cross-entropy of each token."""
     return -logp
+
+
+def _is_fsdp_unit(module: nn.Module) -> bool:
+    """Whether ``module`` is sharded by FSDP2 as a unit of its own (``fully_shard(module)``)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def _as_forward(module: nn.Module, fn: Any, *args: Any) -> Any:
+    """``fn(*args)``, run as ``module``'s forward: inside the hooks its ``__call__`` runs."""
+    own = vars(module).get("forward")
+    module.forward = fn
+    try:
+        return module(*args)
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
 
 class CausalLMLossPatch:
@@ -162,28 +186,28 @@ class CausalLMLossPatch:
             raise ValueError(f"labels give targets of shape {tuple(targets.shape)} for hidden states "
                              f"{tuple(hidden.shape[:-1])} (shift_labels must match the input's [batch, sequence])")
         head = model.get_output_embeddings()
-        weight, bias = head.weight, head.bias
-        if hasattr(weight, "full_tensor"):
-            # FSDP2 unshards a module's parameters around its forward and reduces their gradients
-            # after its backward; a head sharded as a unit of its own never runs here, so its
-            # gradient would stay each rank's own (full_tensor()'s backward only slices)
-            raise ValueError(f"{type(model).__name__}'s output embedding is sharded (a DTensor) when its loss is "
-                             "computed: an FSDP unit of its own, whose gradient FSDP would not reduce without "
-                             "its forward. Shard the head with its parent (fully_shard the model, not the head)")
-        hidden, targets = hidden.to(weight.device), targets.to(weight.device)
+        hidden, targets = hidden.to(head.weight.device), targets.to(head.weight.device)
         mask = targets != ignore_index
         op = dict(ignore_index=ignore_index, **self.transform.op_args(), **self.op_kwargs)
-        # a plain call where nothing is partitioned: torch.compile cannot break a graph inside
-        # gathered()'s context manager, which mode B's opaque call needs
-        released = zero3.is_released(weight) or zero3.is_released(bias)
-        with zero3.gathered(weight, bias) if released else contextlib.nullcontext():
-            # cut inside the gather: a released ZeRO-3 parameter is empty until gathered
-            kept, kept_bias = self.transform.rows(weight, bias)
+
+        def head_loss(hidden: Tensor) -> Tensor:
+            # the head's parameters as they are when called: gathered by ZeRO-3 or unsharded by FSDP2
+            kept, kept_bias = self.transform.rows(head.weight, head.bias)
             if self.mode == "B":
-                total, _, _ = fused_linear_loss(hidden, kept, targets, _negative_logp, bias=kept_bias, **op)
-            else:
-                logp, _ = fused_token_logprobs(hidden, kept, targets, bias=kept_bias, **op)
-                total = -logp.sum()
+                return fused_linear_loss(hidden, kept, targets, _negative_logp, bias=kept_bias, **op)[0]
+            return -fused_token_logprobs(hidden, kept, targets, bias=kept_bias, **op)[0].sum()
+
+        if _is_fsdp_unit(head):
+            # FSDP2 unshards a unit's parameters around its module's forward and reduces their
+            # gradients after its backward: a head sharded as a unit of its own is called, with
+            # the op as its forward, so that both happen
+            total = _as_forward(head, head_loss, hidden)
+        else:
+            # a plain call where nothing is partitioned: torch.compile cannot break a graph inside
+            # gathered()'s context manager, which mode B's opaque call needs
+            released = zero3.is_released(head.weight) or zero3.is_released(head.bias)
+            with zero3.gathered(head.weight, head.bias) if released else contextlib.nullcontext():
+                total = head_loss(hidden)
         if num_items is None:
             num_items = mask.sum().clamp(min=1)
         elif torch.is_tensor(num_items):

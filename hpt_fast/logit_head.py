@@ -29,8 +29,10 @@ What the op cannot compute is refused rather than silently bypassed:
   a slice or a scale field above (MiniCPM's remote code divides it by ``hidden_size /
   dim_model_base``), or that transforms the head's output otherwise than by the scale and cap
   fields above (Phi-3-small's remote code divides its logits by ``mup_width_multiplier``), or
-  applies a tanh under no cap field, or reads a cap field without a tanh, found in its source;
-  a forward that both multiplies and divides by one scale field.
+  applies a tanh under no cap field, reads a cap field without a tanh, or caps otherwise than as
+  ``c * tanh(z / c)`` (a cap field divided into the tanh and multiplied out of it), found in its
+  source; a forward that both multiplies and divides by one scale field; two scale or two cap
+  fields that it applies (or, where its source cannot be read, that the config sets).
 """
 from __future__ import annotations
 
@@ -108,7 +110,7 @@ def _one_field(model: nn.Module, configs: list[Any], names: tuple[str, ...], neu
         found.append((float(value), name, config))
     if len(found) > 1:
         raise ValueError(f"{type(model).__name__} sets {' and '.join(f'{n}={v}' for v, n, _ in found)}: no model is "
-                         f"known to apply two of them, so which {what} it applies is not known here")
+                         f"known to apply two of them, so which {what} its logits have is not known here")
     return found[0] if found else (None, None, None)
 
 
@@ -324,38 +326,51 @@ def logit_transform(model: nn.Module) -> LogitTransform:
 
     Raises:
         ValueError: the output embedding is missing, not a plain ``nn.Linear``, or not the child
-            of ``model`` beside one trunk; two scale or two cap fields are set; a scale or cap is
-            not a finite number > 0; ``unpadded_vocab_size`` is not an int in [1, the head's rows];
-            the forward (read from its source) applies a tanh under no cap field, reads a cap field
-            without a tanh, or both multiplies and divides by the scale field.
+            of ``model`` beside one trunk; two scale or two cap fields are set that the forward
+            applies (all that are set, where its source cannot be read); a scale or cap is not a
+            finite number > 0; ``unpadded_vocab_size`` is not an int in [1, the head's rows]; the
+            forward (read from its source) applies a tanh under no cap field, reads a cap field
+            without a tanh, caps otherwise than as ``c * tanh(z / c)``, or both multiplies and
+            divides by the scale field.
     """
     head, _, stateless, reading = _head_and_trunk(model)
     configs = _configs(model)
-    scale, name, config = _one_field(model, configs, SCALE_FIELDS, 1.0, "logit scale")
+    # where the source is read, a field its forward never applies on the way to its logits is not
+    # theirs (MPT sets logit_scale and ignores it), so only the fields it applies are looked up
+    applies = {field for field, _ in reading.fields}
+    scale, name, config = _one_field(
+        model, configs, tuple(f for f in SCALE_FIELDS if f in applies) if reading.read else SCALE_FIELDS,
+        1.0, "logit scale")
     if scale is not None and reading.read:
         # the forward's source says how it applies the field (remote code may use a known name
-        # either way round), and a field it never applies on the way to its logits is not theirs
+        # either way round)
         applied = {how for field, how in reading.fields if field == name}
         if len(applied) > 1:
             raise ValueError(f"{type(model).__name__}.forward both multiplies and divides by {name}: which scale "
                              "its logits have is not known here")
-        scale = None if not applied else (scale if applied == {"mul"} else 1.0 / scale)
+        scale = scale if applied == {"mul"} else 1.0 / scale
     elif scale is not None and (name == "logits_mup_width_multiplier" or (
             name == "logits_scaling" and getattr(config, "model_type", None) not in _MULTIPLYING_LOGITS_SCALING)):
         # an unreadable forward: how the known families apply the field
         scale = 1.0 / scale
-    softcap, cap_name, _ = _one_field(model, configs, CAP_FIELDS, None, "logit soft cap")
-    if reading.read and not reading.cap_module:
+    # a cap module (Inkling 2's) takes its field when it is built, not in the forward: it is probed below
+    read_caps = reading.read and not reading.cap_module
+    softcap, cap_name, _ = _one_field(
+        model, configs, tuple(f for f in CAP_FIELDS if f in applies) if read_caps else CAP_FIELDS,
+        None, "logit soft cap")
+    if read_caps:
         caps_read = {field for field, _ in reading.fields if field in CAP_FIELDS}
-        if reading.tanh != bool(caps_read):
-            # a tanh is the cap only with a cap field around it, and a cap field caps only through one
+        # a tanh is the cap only with a cap field around it, a cap field caps only through one, and
+        # only as c * tanh(logits / c): divided into the tanh and multiplied out of it, or handed
+        # to a cap function (xLSTM's soft_cap(logits, c))
+        hows = {how for field, how in reading.fields if field == cap_name}
+        if reading.tanh != bool(caps_read) or (softcap is not None and "cap" not in hows and hows != {"div", "mul"}):
             raise ValueError(f"{type(model).__name__}.forward " + (
-                f"applies a tanh to its logits under no logit soft cap field ({', '.join(CAP_FIELDS)})"
-                if reading.tanh else f"reads {', '.join(sorted(caps_read))} on the way to its logits without a tanh")
+                f"reads {', '.join(sorted(caps_read))} on the way to its logits without a tanh" if not reading.tanh
+                else f"applies a tanh to its logits under no logit soft cap field ({', '.join(CAP_FIELDS)})"
+                if not caps_read else f"caps its logits with {cap_name} otherwise than as c * tanh(logits / c)")
                 + ": the fused head caps the logits as c * tanh(logits / c), c a cap field of the config, "
                 "or not at all")
-        if cap_name not in caps_read:
-            softcap = None  # a cap field its forward never reads on the way to its logits
     unpadded, _ = _field(configs, "unpadded_vocab_size")
     if unpadded is not None and (isinstance(unpadded, bool) or not isinstance(unpadded, int)
                                  or not 1 <= unpadded <= head.out_features):

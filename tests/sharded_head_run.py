@@ -9,13 +9,14 @@ as transformers computes it and through ``patch_causal_lm_loss``. In float32 and
 precision (DeepSpeed's bf16: bf16 weights, float32 master weights; FSDP2's
 ``MixedPrecisionPolicy``: bf16 compute, float32 parameters and reductions), untied and tied
 embeddings. Under ZeRO-3 every parameter is partitioned, however small. Under FSDP2 each decoder
-layer and the model are sharded; for ``trl`` an untied head is a unit of its own, which never runs
-as a module, so TRL's forward hands its head (and so the op) the head's ``full_tensor()``. That
-head's gradient is not reduced over the ranks, with TRL's head as with the op (``full_tensor()``'s
-backward only slices; FSDP reduces a unit's gradients after its module's backward), so that case
-checks the op against TRL's head, not the reduction. ``patch_causal_lm_loss`` refuses such a head,
-so for ``loss`` the head stays in the root's unit. Each rank saves what it saw to
-OUT_DIR/rank_R.pt; ``compare`` is what the tests check of them.
+layer and the model are sharded, and an untied head is a unit of its own. For ``trl`` that head
+never runs as a module, so TRL's forward hands its head (and so the op) the head's
+``full_tensor()``, and its gradient is not reduced over the ranks, with TRL's head as with the op
+(``full_tensor()``'s backward only slices; FSDP reduces a unit's gradients after its module's
+backward): that case checks the op against TRL's head, not the reduction. ``patch_causal_lm_loss``
+calls such a head with the op as its forward, so FSDP2 unshards it and reduces its gradient, as
+around the model's own call of it. Each rank saves what it saw to OUT_DIR/rank_R.pt; ``compare``
+is what the tests check of them.
 """
 from __future__ import annotations
 
@@ -97,10 +98,9 @@ def _step(strategy: str, head: str, bf16: bool, tied: bool, patched: bool, rank:
     else:
         owner, op_name = causal_lm_loss, "fused_linear_loss"
         patch = causal_lm_loss.patch_causal_lm_loss(model) if patched else contextlib.nullcontext()
-    # an untied head as an FSDP unit of its own: TRL's forward hands its head full_tensor() (see
-    # the module docstring); the patched loss refuses such a head, so there it stays in the root's
+    # an untied head as an FSDP unit of its own (see the module docstring)
     run, backward, step, grads, weights = {"zero3": _zero3, "fsdp2": _fsdp2}[strategy](
-        model, tied, bf16, head_unit=head == "trl")
+        model, tied, bf16, head_unit=True)
     g = torch.Generator().manual_seed(1 + rank)  # each rank its own batch
     ids = torch.randint(0, 97, (2, 11), generator=g)
     labels = ids.clone()
@@ -153,7 +153,9 @@ def compare(ranks: list[dict], strategy: str, head: str) -> None:
             for rank in ranks:
                 ours, theirs = rank[(bf16, tied, True)], rank[(bf16, tied, False)]
                 assert theirs["op_weights"] == [] and len(ours["op_weights"]) == 1
-                if strategy == "fsdp2":  # TRL hands the op a head of its own unit as its full_tensor()
+                if strategy == "fsdp2":
+                    # TRL hands the op a head of its own unit as its full_tensor(); the patched
+                    # loss, the head's unsharded parameter
                     assert ours["op_weights"] == ["Parameter" if tied or head == "loss" else "Tensor"]
                 elif head == "trl":  # the op's backward ran through zero3.gathered
                     assert len(ours["gathers"]) == 1

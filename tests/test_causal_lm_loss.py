@@ -328,11 +328,15 @@ def test_families_whose_head_is_read_otherwise_give_their_own_loss(family):
     """Llama 4 (its base_model is itself: the trunk is found as the head's sibling), RecurrentGemma
     and xLSTM (soft caps under other names), Inkling (hidden states divided before the head) and
     Inkling 2 (its cap a module of its own), Inkling keeping the first unpadded_vocab_size of its
-    head's logits: the patched loss and every gradient are the model's own."""
+    head's logits, MPT with a logit_scale its forward ignores: the patched loss and every gradient
+    are the model's own."""
     model_type, settings = READ_OTHERWISE[family]
     model = tiny_causal_lm(model_type, **settings)
     transform = logit_transform(model)
-    assert transform != LogitTransform() or model.base_model is model
+    if family == "mpt":  # the config's logit_scale, which its forward ignores, is not applied
+        assert model.config.logit_scale == 3.0 and transform == LogitTransform()
+    else:
+        assert transform != LogitTransform() or model.base_model is model
     _, _, labels = _batch()
     if transform.vocab is not None:  # ids the model's own logits can score
         labels = torch.where(labels >= 0, labels % transform.vocab, labels)
@@ -486,23 +490,41 @@ class _CapFieldWithoutTanhLlama(transformers.LlamaForCausalLM):
         return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
 
 
-@pytest.mark.parametrize("cls, settings, scale", [
-    (_MultipliedScalingLlama, dict(logits_scaling=4.0), 4.0),
+class _CappedLlama(transformers.LlamaForCausalLM):
+    """Gemma 2's cap, c * tanh(z / c) with c its final_logit_softcapping, in Gemma 2's three steps."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        logits = self.lm_head(outputs.last_hidden_state)
+        if self.config.final_logit_softcapping is not None:
+            logits = logits / self.config.final_logit_softcapping
+            logits = torch.tanh(logits)
+            logits = logits * self.config.final_logit_softcapping
+        loss = None if labels is None else self.loss_function(logits=logits, labels=labels, vocab_size=VOCAB)
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+@pytest.mark.parametrize("cls, settings, scale, softcap", [
+    (_MultipliedScalingLlama, dict(logits_scaling=4.0), 4.0, None),
     # a field its forward never applies (transformers' MPT has logit_scale and ignores it)
-    (transformers.LlamaForCausalLM, dict(logit_scale=4.0), 1.0),
-    (transformers.LlamaForCausalLM, dict(final_logit_softcapping=2.0), 1.0),
+    (transformers.LlamaForCausalLM, dict(logit_scale=4.0), 1.0, None),
+    (transformers.LlamaForCausalLM, dict(final_logit_softcapping=2.0), 1.0, None),
+    # two fields set, one applied: the one applied
+    (_MultipliedScalingLlama, dict(logits_scaling=4.0, logit_scale=2.0), 4.0, None),
+    (_CappedLlama, dict(final_logit_softcapping=2.0, logits_soft_cap=5.0), 1.0, 2.0),
 ])
-def test_the_scale_and_cap_are_those_its_forward_applies(cls, settings, scale):
+def test_the_scale_and_cap_are_those_its_forward_applies(cls, settings, scale, softcap):
     """A logit scale field is applied the way the forward's source applies it (multiplied here,
     where the field's known families divide), and a scale or cap field set in the config but
-    never read on the way to the logits is not applied: the patched loss, every gradient and the
-    policy's log-probs are the model's own (both were silent wrong results before)."""
+    never read on the way to the logits is not applied, nor counted against the one it applies:
+    the patched loss, every gradient and the policy's log-probs are the model's own (the first
+    three were silent wrong results before, the last two refused)."""
     from hpt_fast.policy import FusedHeadPolicy
 
     torch.manual_seed(0)
     model = cls(transformers.LlamaConfig(**TINY, **settings))
     transform = logit_transform(model)
-    assert (transform.scale, transform.softcap) == (scale, None)
+    assert (transform.scale, transform.softcap) == (scale, softcap)
     ids, attention_mask, labels = _batch()
     _same_as_its_own_loss(model, input_ids=ids, attention_mask=attention_mask, labels=labels)
     from hpt_fast.batching import Row, collate
@@ -518,14 +540,39 @@ def test_the_scale_and_cap_are_those_its_forward_applies(cls, settings, scale):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
+class _TanhTimesCapLlama(transformers.LlamaForCausalLM):
+    """A cap field multiplied out of a tanh it is not divided into: c * tanh(z)."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        logits = torch.tanh(self.lm_head(outputs.last_hidden_state)) * self.config.final_logit_softcapping
+        loss = None if labels is None else self.loss_function(logits=logits, labels=labels, vocab_size=VOCAB)
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+class _TanhOfDividedLlama(transformers.LlamaForCausalLM):
+    """A cap field divided into a tanh and not multiplied out of it: tanh(z / c)."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        logits = torch.nn.functional.tanh(self.lm_head(outputs.last_hidden_state) / self.config.logits_soft_cap)
+        loss = None if labels is None else self.loss_function(logits=logits, labels=labels, vocab_size=VOCAB)
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
 @pytest.mark.parametrize("cls, settings, error", [
     (_UncappedTanhLlama, {}, r"_UncappedTanhLlama\.forward applies a tanh to its logits under no logit soft cap field"),
     (_CapFieldWithoutTanhLlama, dict(final_logit_softcapping=2.0),
      r"_CapFieldWithoutTanhLlama\.forward reads final_logit_softcapping on the way to its logits without a tanh"),
+    (_TanhTimesCapLlama, dict(final_logit_softcapping=2.0),
+     r"_TanhTimesCapLlama\.forward caps its logits with final_logit_softcapping otherwise than as c \* tanh"),
+    (_TanhOfDividedLlama, dict(logits_soft_cap=2.0),
+     r"_TanhOfDividedLlama\.forward caps its logits with logits_soft_cap otherwise than as c \* tanh"),
 ])
-def test_a_tanh_without_a_cap_field_or_a_cap_field_without_a_tanh_is_refused(cls, settings, error):
+def test_a_cap_other_than_a_cap_fields_c_tanh_z_over_c_is_refused(cls, settings, error):
     """The fused head's cap is c * tanh(logits / c) with c a cap field: a forward that caps under
-    another constant, or reads a cap field otherwise, is refused by the patch and the policy."""
+    another constant, reads a cap field otherwise, or arranges the tanh otherwise, is refused by
+    the patch and the policy."""
     from hpt_fast.policy import FusedHeadPolicy
 
     model = cls(transformers.LlamaConfig(**TINY, **settings))
@@ -679,7 +726,8 @@ def test_the_transformers_trainer_with_gradient_accumulation_trains_as_without_t
 def test_a_sharded_training_step_through_the_patch_equals_the_models_own_loss(tmp_path, strategy):
     """One step on two gloo ranks, each its own batch, of a model sharded by DeepSpeed ZeRO-3 (every
     parameter partitioned: the patch gathers the head, which never runs as a module, for mode B's
-    forward) or FSDP2 (an untied head a unit of its own: the op gets its full_tensor()), in float32
+    forward) or FSDP2 (an untied head a unit of its own: the patch calls it, the op as its
+    forward, so that FSDP2 unshards it and reduces its gradient), in float32
     and in each one's bf16 mixed precision, untied and tied embeddings: the loss, the reduced
     gradients of every parameter and the weights after the update equal those of the model's own
     loss on both ranks (tests/sharded_head_run.py)."""
@@ -689,20 +737,32 @@ def test_a_sharded_training_step_through_the_patch_equals_the_models_own_loss(tm
     compare(launch(strategy, "loss", tmp_path), strategy, "loss")
 
 
-def test_an_fsdp2_head_sharded_as_a_unit_of_its_own_is_refused(one_rank_group):
-    """Such a head never runs as a module under the patch, so FSDP2 would neither unshard it nor
-    reduce its gradient: a clear error instead of each rank's unreduced gradient."""
+@pytest.mark.parametrize("mode", ["A", "B"])
+def test_an_fsdp2_head_sharded_as_a_unit_of_its_own_is_unsharded_around_the_op(one_rank_group, mode):
+    """Such a head is called with the op as its forward, so FSDP2 unshards it around the op and
+    hands its gradient to the sharded parameter after the backward, as around its own forward
+    (before, the op got the sharded head and was refused): the loss and every parameter's
+    gradient equal those of the model's own loss under the same sharding. On two ranks, with the
+    reduction: test_a_sharded_training_step_through_the_patch_equals_the_models_own_loss."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    model = _model("Llama", tie_word_embeddings=False)
     mesh = init_device_mesh("cpu", (1,))
-    fully_shard(model.lm_head, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    own_model, model = (_model("Llama", tie_word_embeddings=False) for _ in range(2))
+    for m in (own_model, model):
+        fully_shard(m.lm_head, mesh=mesh)
+        fully_shard(m, mesh=mesh)
     ids, attention_mask, labels = _batch()
-    with patch_causal_lm_loss(model, backend="cpu"):
-        with pytest.raises(ValueError, match="output embedding is sharded .a DTensor. when its loss is computed"):
-            model(input_ids=ids, attention_mask=attention_mask, labels=labels)
+    own = own_model(input_ids=ids, attention_mask=attention_mask, labels=labels)
+    own.loss.backward()
+    with patch_causal_lm_loss(model, mode=mode, backend="cpu"):
+        got = model(input_ids=ids, attention_mask=attention_mask, labels=labels)
+    got.loss.backward()
+    assert got.logits is None and "forward" not in vars(model.lm_head)
+    torch.testing.assert_close(got.loss, own.loss, rtol=1e-6, atol=1e-6)
+    for (name, p), q in zip(model.named_parameters(), own_model.parameters()):
+        want = q.grad.full_tensor()
+        assert float((p.grad.full_tensor() - want).norm()) <= 1e-5 * float(want.norm()), name
 
 
 @pytest.mark.parametrize("when", ["before wrapping", "after wrapping"])

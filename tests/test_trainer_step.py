@@ -336,7 +336,8 @@ def test_a_model_that_scales_its_logits_after_the_head_is_trained_on_them(family
 def test_families_whose_head_is_read_otherwise_are_trained_on_their_own_logits(family):
     """Llama 4 (its get_decoder() is the model itself: the policy runs the head's sibling),
     RecurrentGemma and xLSTM (soft caps under other names), Inkling (hidden states divided before
-    the head, or its logits cut to unpadded_vocab_size), Inkling 2 (its cap a module of its own)."""
+    the head, or its logits cut to unpadded_vocab_size), Inkling 2 (its cap a module of its own),
+    MPT (a logit_scale its forward ignores)."""
     model_type, settings = READ_OTHERWISE[family]
     _policy_matches_the_model(tiny_causal_lm(model_type, **settings), temperature=0.7)
 

@@ -180,10 +180,11 @@ def test_a_model_with_trls_fused_head_gets_its_own_logprobs_through_the_op(famil
         assert _rel(p.grad.double(), ref) < 1e-4, (name, _rel(p.grad.double(), ref))
 
 
-@pytest.mark.parametrize("family", ["recurrent_gemma", "xlstm", "inkling", "llama4"])
+@pytest.mark.parametrize("family", ["recurrent_gemma", "xlstm", "inkling", "mpt", "llama4"])
 def test_trls_fused_head_reads_fewer_transforms_than_these_models_apply(family, op_calls):
     """What the README says of TRL 1.16's reading of a model (``add_fused_lm_head``), through the
-    op: it misses RecurrentGemma's and xLSTM's soft caps and Inkling's hidden-state divisor, so its
+    op: it misses RecurrentGemma's and xLSTM's soft caps and Inkling's hidden-state divisor, and
+    applies the logit_scale a config of transformers' MPT sets and its forward ignores, so its
     loss is not the model's own (the loss patch's is: tests/test_causal_lm_loss.py), and it runs
     Llama 4's base_model, which is the model itself. When a TRL release reads them, this fails,
     and the README's paragraph goes."""

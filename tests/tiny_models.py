@@ -27,6 +27,8 @@ READ_OTHERWISE = {
                                               unpadded_vocab_size=50)),
     # its soft cap is a module beside the trunk and the head
     "inkling2": ("inkling2_text", dict(final_logit_softcapping=0.5)),
+    # sets a logit scale field its forward ignores
+    "mpt": ("mpt", dict(logit_scale=3.0)),
 }
 
 
