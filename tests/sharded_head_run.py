@@ -21,6 +21,7 @@ is what the tests check of them.
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 import warnings
 from pathlib import Path
@@ -82,16 +83,40 @@ def _fsdp2(model: torch.nn.Module, tied: bool, bf16: bool, head_unit: bool) -> W
             lambda: {name: p.detach().full_tensor().clone() for name, p in model.named_parameters()})
 
 
+def _batch(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s (input ids, labels, advantages)."""
+    g = torch.Generator().manual_seed(1 + rank)
+    ids = torch.randint(0, 97, (2, 11), generator=g)
+    labels = ids.clone()
+    labels[0, :4] = -100
+    return ids, labels, torch.randn(2, 10, generator=g)
+
+
+def _trl_loss(out: Any, advantages: torch.Tensor) -> torch.Tensor:
+    return (out.log_probs * advantages).sum() + 0.1 * out.entropy.sum()
+
+
 def _step(strategy: str, head: str, bf16: bool, tied: bool, patched: bool, rank: int) -> dict:
     torch.manual_seed(0)  # the same model on every rank
     config = transformers.Qwen2Config(
         vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, head_dim=8, tie_word_embeddings=tied)
     model = transformers.Qwen2ForCausalLM(config)
+    own_head_grads = []
     if head == "trl":
         import hpt_fast.trl_head as trl_head
         from trl.trainer import add_fused_lm_head
 
+        if strategy == "fsdp2" and not (tied or bf16 or patched):
+            # the head gradient of each rank's batch through TRL's head on an unsharded copy, for
+            # what compare() checks of FSDP2's head of its own unit
+            plain = copy.deepcopy(model)
+            add_fused_lm_head(plain, temperature=0.7, outputs=OUTPUTS)
+            for r in range(dist.get_world_size()):
+                plain.zero_grad()
+                ids, labels, advantages = _batch(r)
+                _trl_loss(plain(input_ids=ids, labels=labels, fused_lm_head=True), advantages).backward()
+                own_head_grads.append(plain.lm_head.weight.grad.clone())
         add_fused_lm_head(model, temperature=0.7, outputs=OUTPUTS)
         owner, op_name = trl_head, "fused_token_logprobs"
         patch = trl_head.patch_trl_fused_head() if patched else contextlib.nullcontext()
@@ -101,11 +126,7 @@ def _step(strategy: str, head: str, bf16: bool, tied: bool, patched: bool, rank:
     # an untied head as an FSDP unit of its own (see the module docstring)
     run, backward, step, grads, weights = {"zero3": _zero3, "fsdp2": _fsdp2}[strategy](
         model, tied, bf16, head_unit=True)
-    g = torch.Generator().manual_seed(1 + rank)  # each rank its own batch
-    ids = torch.randint(0, 97, (2, 11), generator=g)
-    labels = ids.clone()
-    labels[0, :4] = -100
-    advantages = torch.randn(2, 10, generator=g)
+    ids, labels, advantages = _batch(rank)  # each rank its own batch
     op_weights, gathers = [], []
     op, gathered = getattr(owner, op_name), zero3.gathered
 
@@ -125,7 +146,7 @@ def _step(strategy: str, head: str, bf16: bool, tied: bool, patched: bool, rank:
             warnings.filterwarnings("error", message="hpt_fast's TRL head")
             if head == "trl":
                 out = run(input_ids=ids, labels=labels, fused_lm_head=True)
-                backward((out.log_probs * advantages).sum() + 0.1 * out.entropy.sum())
+                backward(_trl_loss(out, advantages))
                 outputs = {k: getattr(out, k).detach().clone() for k in OUTPUTS}
             else:
                 out = run(input_ids=ids, labels=labels)
@@ -134,7 +155,8 @@ def _step(strategy: str, head: str, bf16: bool, tied: bool, patched: bool, rank:
     finally:
         setattr(owner, op_name, op)
         zero3.gathered = gathered
-    result = {"op_weights": op_weights, "gathers": gathers, "grads": grads(), **outputs}
+    result = {"op_weights": op_weights, "gathers": gathers, "grads": grads(), "own_head_grads": own_head_grads,
+              **outputs}
     step()
     return {**result, "weights": weights()}
 
@@ -192,6 +214,17 @@ def compare(ranks: list[dict], strategy: str, head: str) -> None:
                 torch.testing.assert_close(ranks[1][(bf16, tied, True)]["grads"][name], g, rtol=0, atol=0)
             output = "log_probs" if head == "trl" else "loss"
             assert not torch.equal(ranks[0][(bf16, tied, True)][output], ranks[1][(bf16, tied, True)][output])
+    if strategy == "fsdp2" and head == "trl":
+        # TRL's FSDP2 head of its own unit (README): each rank's shard of its gradient is that
+        # rank's own batch's, not the mean over the ranks the other parameters get. When a TRL
+        # release reduces it, this fails, and the README's sentence goes.
+        own = ranks[0][(False, False, False)]["own_head_grads"]
+        shards = torch.cat([g.chunk(len(own))[r] for r, g in enumerate(own)])
+        for rank in ranks:
+            for patched in (False, True):
+                got = rank[(False, False, patched)]["grads"]["lm_head.weight"]
+                torch.testing.assert_close(got, shards, rtol=1e-5, atol=1e-6)
+                assert float((got - sum(own) / len(own)).abs().max()) > 1e-3
 
 
 def launch(strategy: str, head: str, out_dir: Path) -> list[dict]:

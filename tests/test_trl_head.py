@@ -304,7 +304,8 @@ def test_a_sharded_training_step_through_the_op_equals_trls_head(tmp_path, strat
     serves the call (no fallback); the per-token outputs, the reduced gradients of every parameter
     and the weights after the update equal those through TRL's head, on both ranks
     (tests/sharded_head_run.py). FSDP2's head of its own unit is the exception to "reduced": TRL's
-    forward leaves its gradient each rank's own, with TRL's head as with the op."""
+    forward leaves its gradient each rank's own, with TRL's head as with the op (checked against
+    an unsharded copy: each rank's shard is its own batch's gradient)."""
     from sharded_head_run import compare, launch
 
     compare(launch(strategy, "trl", tmp_path), strategy, "trl")
