@@ -44,7 +44,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from hpt_fast import zero3
+from hpt_fast import fsdp2, zero3
 from hpt_fast.logit_head import LogitTransform, logit_transform, trunk_name
 from hpt_fast.op_inputs import check_options
 from hpt_fast.ops import fused_linear_loss, fused_token_logprobs
@@ -89,28 +89,6 @@ def _check_causal_lm_loss(model: nn.Module, source: str) -> None:
 def _negative_logp(logp: Tensor, entropy: Optional[Tensor], rows: Tensor) -> Tensor:
     """Mode B's token loss: cross-entropy of each token."""
     return -logp
-
-
-def _is_fsdp_unit(module: nn.Module) -> bool:
-    """Whether ``module`` is sharded by FSDP2 as a unit of its own (``fully_shard(module)``)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch built without distributed
-        return False
-    return isinstance(module, FSDPModule)
-
-
-def _as_forward(module: nn.Module, fn: Any, *args: Any) -> Any:
-    """``fn(*args)``, run as ``module``'s forward: inside the hooks its ``__call__`` runs."""
-    own = vars(module).get("forward")
-    module.forward = fn
-    try:
-        return module(*args)
-    finally:
-        if own is None:
-            del module.forward
-        else:
-            module.forward = own
 
 
 class CausalLMLossPatch:
@@ -197,11 +175,11 @@ class CausalLMLossPatch:
                 return fused_linear_loss(hidden, kept, targets, _negative_logp, bias=kept_bias, **op)[0]
             return -fused_token_logprobs(hidden, kept, targets, bias=kept_bias, **op)[0].sum()
 
-        if _is_fsdp_unit(head):
+        if fsdp2.is_unit(head):
             # FSDP2 unshards a unit's parameters around its module's forward and reduces their
             # gradients after its backward: a head sharded as a unit of its own is called, with
             # the op as its forward, so that both happen
-            total = _as_forward(head, head_loss, hidden)
+            total = fsdp2.as_forward(head, head_loss, hidden)
         else:
             # a plain call where nothing is partitioned: torch.compile cannot break a graph inside
             # gathered()'s context manager, which mode B's opaque call needs

@@ -60,8 +60,11 @@ def _check_inputs(
             # a DTensor's GEMM would meet the op's plain buffers deep inside it, after work started
             raise TypeError(
                 f"{name} is a {type(t).__name__}, a tensor subclass (FSDP2 and tensor parallelism shard "
-                "parameters as DTensor): the op takes plain tensors; pass a DTensor's full_tensor(), or call "
-                "the op where the module's parameters are unsharded"
+                "parameters as DTensor): the op takes plain tensors. Under FSDP2, call it where the module's "
+                "parameters are unsharded: in the forward of a module whose unit holds them, or through "
+                "hpt_fast.fsdp2.as_forward for a head sharded as a unit of its own (a full_tensor() would leave "
+                "its gradient unreduced over the ranks); under tensor parallelism, with the same tokens on "
+                "every rank, pass its full_tensor()"
             )
     autocast = _autocast_dtype(hidden.device)
     dtype = compute_dtype(hidden, autocast)
