@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from hpt_fast import fsdp2, zero3
-from hpt_fast.logit_head import LogitTransform, logit_transform, trunk_name
+from hpt_fast.logit_head import LogitTransform, logit_transform, trunk_name, uncompiled
 from hpt_fast.op_inputs import check_options
 from hpt_fast.ops import fused_linear_loss, fused_token_logprobs
 
@@ -222,6 +222,16 @@ class CausalLMLossPatch:
         self.restore()
 
 
+def _inner_model(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's and PEFT's wrappers: each wrapper's forward reaches its
+    inner model's, which the patch replaces (the compiled wrapper calls it, looked up at call time)."""
+    while True:
+        model = uncompiled(model)
+        if not callable(getattr(model, "get_base_model", None)):
+            return model
+        model = model.get_base_model()  # a PEFT model
+
+
 def patch_causal_lm_loss(
     model: nn.Module,
     *,
@@ -239,7 +249,8 @@ def patch_causal_lm_loss(
             ``...ForConditionalGeneration`` whose trunk returns ``last_hidden_state``) that computes
             transformers' causal-LM loss,
             or a PEFT model around one (the causal LM inside it is patched; adapters on its
-            layers train through the op, one on ``lm_head`` is refused).
+            layers train through the op, one on ``lm_head`` is refused), either of them compiled
+            (``torch.compile(model)``: the model inside is patched, and compiled as patched).
         mode: "B" (gradients in the forward, three GEMMs) or "A" (in the backward, four).
         skip_logits: None: the fused loss while ``model.training``, the model's own forward in
             evaluation; True: the fused loss whenever labels are given; False: never (the patch
@@ -256,9 +267,7 @@ def patch_causal_lm_loss(
     if skip_logits not in (None, True, False):
         raise ValueError(f"skip_logits must be None, True or False, got {skip_logits!r}")
     chunk_size = check_options(backend, chunk_size, grad_order, accum_dtype)
-    if callable(getattr(model, "get_base_model", None)):
-        # a PEFT model: its forward reaches the causal LM's own, which the patch replaces
-        model = model.get_base_model()
+    model = _inner_model(model)
     if not hasattr(model, "config") or not hasattr(model, "get_output_embeddings"):
         raise ValueError(f"{type(model).__name__} is not a transformers PreTrainedModel (no config / output embedding)")
     transform = logit_transform(model)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import ast
 import inspect
 import math
+import sys
 import textwrap
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -284,6 +285,16 @@ def _check_forward(model: nn.Module, head_attr: str, stateless: tuple[str, ...])
     return reading
 
 
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile(module)`` returned ``model`` for, else ``model``. The compiled
+    wrapper's attributes and forward reach the module's own (looked up when called)."""
+    # torch.compile's wrapper class, from the torch._dynamo that compiling it imported
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    while dynamo is not None and isinstance(model, dynamo.OptimizedModule):
+        model = model._orig_mod
+    return model
+
+
 def _head_and_trunk(model: nn.Module) -> tuple[nn.Linear, str, list[tuple[str, nn.Module]], _ForwardReading]:
     """(output embedding, name of the trunk's attribute, the other children holding no tensors, the
     forward's reading)."""
@@ -317,12 +328,14 @@ def _head_and_trunk(model: nn.Module) -> tuple[nn.Linear, str, list[tuple[str, n
 
 def trunk_name(model: nn.Module) -> str:
     """The attribute of ``model`` holding its trunk (``"model"``, ``"transformer"``, ...): the module
-    whose last hidden state ``[B, T, H]`` the output embedding reads. Raises like ``logit_transform``."""
-    return _head_and_trunk(model)[1]
+    whose last hidden state ``[B, T, H]`` the output embedding reads (of the module ``torch.compile``
+    wrapped, for a compiled model). Raises like ``logit_transform``."""
+    return _head_and_trunk(uncompiled(model))[1]
 
 
 def logit_transform(model: nn.Module) -> LogitTransform:
-    """The transform ``model`` applies after its output embedding (see the module docstring).
+    """The transform ``model`` (or the module ``torch.compile`` wrapped) applies after its output
+    embedding (see the module docstring).
 
     Raises:
         ValueError: the output embedding is missing, not a plain ``nn.Linear``, or not the child
@@ -333,6 +346,7 @@ def logit_transform(model: nn.Module) -> LogitTransform:
             without a tanh, caps otherwise than as ``c * tanh(z / c)``, or both multiplies and
             divides by the scale field.
     """
+    model = uncompiled(model)
     head, _, stateless, reading = _head_and_trunk(model)
     configs = _configs(model)
     # where the source is read, a field its forward never applies on the way to its logits is not

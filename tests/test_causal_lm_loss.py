@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from hpt_fast.causal_lm_loss import patch_causal_lm_loss
-from hpt_fast.logit_head import LogitTransform, logit_transform
+from hpt_fast.logit_head import LogitTransform, logit_transform, trunk_name
 from tiny_models import READ_OTHERWISE, tiny_causal_lm, unreadable_forward
 
 VOCAB = 61
@@ -116,11 +116,14 @@ def test_activation_checkpointing_recomputes_the_trunk_under_the_patch(mode):
     _check(model, dict(mode=mode, backend="cpu"))
 
 
+@pytest.mark.parametrize("patched", ["before compiling", "after compiling"])
 @pytest.mark.parametrize("mode", ["A", "B"])
-def test_a_compiled_patched_model_computes_the_eager_loss_and_gradients(mode):
-    """torch.compile of the patched model (what the Trainer's torch_compile does): mode A's custom
-    ops compile into the graph (fullgraph=True), mode B runs as one opaque call between the
-    compiled trunk's graphs; the loss and every gradient are the eager ones."""
+def test_a_compiled_patched_model_computes_the_eager_loss_and_gradients(mode, patched):
+    """torch.compile of the patched model (what the Trainer's torch_compile does), or the patch of
+    a compiled model (the model inside the wrapper is patched; before, the wrapper was refused as
+    a BERT-style head): mode A's custom ops compile into the graph (fullgraph=True), mode B runs as
+    one opaque call between the compiled trunk's graphs; the loss and every gradient are the eager
+    ones."""
     from torch._dynamo.utils import counters
 
     ids, attention_mask, labels = _batch()
@@ -129,8 +132,12 @@ def test_a_compiled_patched_model_computes_the_eager_loss_and_gradients(mode):
     counters.clear()
     for compiled in (False, True):
         model = _model("Qwen2", num_hidden_layers=2)
-        patch_causal_lm_loss(model, mode=mode, backend="cpu")
+        if patched == "before compiling" or not compiled:
+            patch_causal_lm_loss(model, mode=mode, backend="cpu")
         run = torch.compile(model, backend="aot_eager", fullgraph=mode == "A") if compiled else model
+        if patched == "after compiling" and compiled:
+            patch_causal_lm_loss(run, mode=mode, backend="cpu")
+            assert "forward" in vars(model)
         loss = run(input_ids=ids, attention_mask=attention_mask, labels=labels).loss
         results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
     breaks = list(counters["graph_break"])
@@ -638,6 +645,15 @@ def test_the_transform_read_from_a_config(settings, scale, softcap):
         assert (transform.scale, transform.softcap) == want
         assert transform.op_args(0.7) == {"temperature": 0.7 / want[0],
                                           "softcap": None if want[1] is None else want[1] / want[0]}
+
+
+def test_a_compiled_models_head_is_read_as_the_models_own():
+    """torch.compile's wrapper holds the model as a child: read as such, its head was "inside
+    '_orig_mod'" (refused as a BERT-style head); the module it wraps is read instead."""
+    model = _model("Granite", logits_scaling=8.0)
+    compiled = torch.compile(model)
+    assert logit_transform(compiled) == logit_transform(model) == LogitTransform(scale=0.125)
+    assert trunk_name(compiled) == trunk_name(model) == "model"
 
 
 def test_hyperclovax_multiplies_by_its_logits_scaling():
