@@ -223,13 +223,19 @@ class CausalLMLossPatch:
 
 
 def _inner_model(model: nn.Module) -> nn.Module:
-    """The model inside torch.compile's and PEFT's wrappers: each wrapper's forward reaches its
-    inner model's, which the patch replaces (the compiled wrapper calls it, looked up at call time)."""
+    """The model inside the wrappers of torch.compile, DDP, a DeepSpeed engine and PEFT: each
+    wrapper's forward calls its inner model's, looked up when called, which the patch replaces."""
+    # the engine's class, from the deepspeed that built it
+    engine = sys.modules.get("deepspeed.runtime.engine")
     while True:
         model = uncompiled(model)
-        if not callable(getattr(model, "get_base_model", None)):
+        if isinstance(model, nn.parallel.DistributedDataParallel) or (
+                engine is not None and isinstance(model, engine.DeepSpeedEngine)):
+            model = model.module
+        elif callable(getattr(model, "get_base_model", None)):  # a PEFT model
+            model = model.get_base_model()
+        else:
             return model
-        model = model.get_base_model()  # a PEFT model
 
 
 def patch_causal_lm_loss(
@@ -249,8 +255,9 @@ def patch_causal_lm_loss(
             ``...ForConditionalGeneration`` whose trunk returns ``last_hidden_state``) that computes
             transformers' causal-LM loss,
             or a PEFT model around one (the causal LM inside it is patched; adapters on its
-            layers train through the op, one on ``lm_head`` is refused), either of them compiled
-            (``torch.compile(model)``: the model inside is patched, and compiled as patched).
+            layers train through the op, one on ``lm_head`` is refused); inside the wrapper of
+            ``torch.compile`` (compiled as patched), of DDP or of a DeepSpeed engine, the model
+            inside is patched.
         mode: "B" (gradients in the forward, three GEMMs) or "A" (in the backward, four).
         skip_logits: None: the fused loss while ``model.training``, the model's own forward in
             evaluation; True: the fused loss whenever labels are given; False: never (the patch

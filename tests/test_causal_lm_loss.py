@@ -823,6 +823,32 @@ def test_lora_adapters_train_through_the_patch(when, mode):
         patch_causal_lm_loss(on_head)
 
 
+@pytest.mark.parametrize("wrapper", ["DistributedDataParallel", "DeepSpeedEngine"])
+def test_a_model_wrapped_for_data_parallel_training_is_patched_inside(one_rank_group, monkeypatch, wrapper):
+    """Given DDP's or a DeepSpeed engine's wrapper (refused before: not a transformers model, or
+    the engine as a BERT-style head), the patch patches the model inside; the wrapper's loss and
+    every gradient are the model's own."""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    ids, attention_mask, labels = _batch()
+    plain = _model("Llama", tie_word_embeddings=False)
+    plain(input_ids=ids, attention_mask=attention_mask, labels=labels).loss.backward()
+    model = _model("Llama", tie_word_embeddings=False)
+    if wrapper == "DeepSpeedEngine":
+        deepspeed = pytest.importorskip("deepspeed")
+        wrapped, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                           config={"train_micro_batch_size_per_gpu": 1}, dist_init_required=False)
+    else:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    with patch_causal_lm_loss(wrapped, backend="cpu"):
+        assert "forward" in vars(model)
+        got = wrapped(input_ids=ids, attention_mask=attention_mask, labels=labels)
+    # a DeepSpeed engine takes the backward itself
+    getattr(wrapped, "backward", lambda loss: loss.backward())(got.loss)
+    assert got.logits is None and "forward" not in vars(model)
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        assert float((p.grad - q.grad).norm()) <= 1e-5 * float(q.grad.norm()), name
+
+
 def test_a_zero3_partitioned_model_outside_its_engine_is_gathered_for_the_loss(one_rank_group, monkeypatch):
     """A model partitioned by zero.Init (from_pretrained under DeepSpeed's config) called outside a
     DeepSpeed engine, whose hooks would gather its parameters: the patch gathers the released head
