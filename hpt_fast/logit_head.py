@@ -30,8 +30,8 @@ What the op cannot compute is refused rather than silently bypassed:
   dim_model_base``), or that transforms the head's output otherwise than by the scale and cap
   fields above (Phi-3-small's remote code divides its logits by ``mup_width_multiplier``), or
   applies a tanh under no cap field, reads a cap field without a tanh, or caps otherwise than as
-  ``c * tanh(z / c)`` (a cap field divided into the tanh and multiplied out of it), found in its
-  source; a forward that both multiplies and divides by one scale field; two scale or two cap
+  ``c * tanh(z / c)`` (a cap field divided into the tanh and multiplied out of it, or handed to a
+  cap function whose own source computes that), found in its source; a forward that both multiplies and divides by one scale field; two scale or two cap
   fields that it applies (or, where its source cannot be read, that the config sets).
 """
 from __future__ import annotations
@@ -145,6 +145,44 @@ class _ForwardReading:
     read: bool = False
 
 
+def _resolve(expr: ast.expr, fn: Any) -> Any:
+    """The object a dotted name (``soft_cap``, ``utils.soft_cap``) in ``fn``'s source refers to,
+    through its module's globals; None when it is not such a name or not found."""
+    if isinstance(expr, ast.Attribute):
+        owner = _resolve(expr.value, fn)
+        return None if owner is None else getattr(owner, expr.attr, None)
+    return getattr(fn, "__globals__", {}).get(expr.id) if isinstance(expr, ast.Name) else None
+
+
+def _caps_as_c_tanh_z_over_c(fn: Any) -> bool:
+    """Whether the source of ``fn(z, c, ...)``, a cap function the forward hands its logits and a
+    cap field (xLSTM's ``soft_cap``), returns ``c * tanh(z / c)`` (or ``z`` itself, for no cap)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    definition = tree.body[0]
+    if not isinstance(definition, ast.FunctionDef) or len(definition.args.args) < 2:
+        return False
+    z, c = (arg.arg for arg in definition.args.args[:2])
+
+    def name(expr: ast.expr, want: str) -> bool:
+        return isinstance(expr, ast.Name) and expr.id == want
+
+    def tanh_of_z_over_c(expr: ast.expr) -> bool:
+        return (isinstance(expr, ast.Call) and ast.unparse(expr.func).rsplit(".", 1)[-1] == "tanh"
+                and len(expr.args) == 1 and isinstance(expr.args[0], ast.BinOp)
+                and isinstance(expr.args[0].op, ast.Div) and name(expr.args[0].left, z) and name(expr.args[0].right, c))
+
+    returns = [node.value for node in ast.walk(definition) if isinstance(node, ast.Return)]
+    return bool(returns) and all(
+        value is not None and (name(value, z) or (
+            isinstance(value, ast.BinOp) and isinstance(value.op, ast.Mult) and (
+                (name(value.left, c) and tanh_of_z_over_c(value.right))
+                or (tanh_of_z_over_c(value.left) and name(value.right, c)))))
+        for value in returns)
+
+
 def _read_forward(fn: Any, head_attr: str, stateless: tuple[str, ...]) -> _ForwardReading:
     """``fn``'s reading (see ``_ForwardReading``); ``stateless``: the model's children without
     weights that ``logit_transform`` probes as the cap, which the logits may pass through."""
@@ -240,9 +278,12 @@ def _read_forward(fn: Any, head_attr: str, stateless: tuple[str, ...]) -> _Forwa
             # a cap: a module logit_transform probes, or a tanh whose scaling passes() reads
             reading.cap_module |= called in stateless
             reading.tanh |= called not in stateless
-            for arg in expr.args[1:]:  # xLSTM's soft_cap(logits, cap)
+            for arg in [*expr.args[1:], *(k.value for k in expr.keywords)]:  # xLSTM's soft_cap(logits, cap)
                 if read_field(arg, CAP_FIELDS):
                     reading.fields.append((read_field(arg, CAP_FIELDS), "cap"))
+                    if not _caps_as_c_tanh_z_over_c(_resolve(expr.func, inspect.unwrap(fn))):
+                        reading.after.append(f"{ast.unparse(expr)} (whose source does not read as "
+                                             "c * tanh(z / c))")
             from_head(expr.args[0] if expr.args else expr.func.value)
         elif not passes(expr, SCALE_FIELDS + CAP_FIELDS, from_head):
             reading.after.append(ast.unparse(expr))

@@ -5,7 +5,8 @@ DeepSpeed ZeRO-3 or by FSDP2, with and without one of hpt_fast's patches:
 
 ``trl``: TRL's fused LM head (``add_fused_lm_head``), as TRL ships it and with hpt_fast's op
 behind it (``patch_trl_fused_head``); ``loss``: the model's own ``model(..., labels=...).loss``,
-as transformers computes it and through ``patch_causal_lm_loss``. In float32 and in bf16 mixed
+as transformers computes it and through ``patch_causal_lm_loss``, given the DeepSpeed engine
+(which patches the model inside it) or the FSDP2-sharded model. In float32 and in bf16 mixed
 precision (DeepSpeed's bf16: bf16 weights, float32 master weights; FSDP2's
 ``MixedPrecisionPolicy``: bf16 compute, float32 parameters and reductions), untied and tied
 embeddings. Under ZeRO-3 every parameter is partitioned, however small. Under FSDP2 each decoder
@@ -122,10 +123,13 @@ def _step(strategy: str, head: str, bf16: bool, tied: bool, patched: bool, rank:
         patch = trl_head.patch_trl_fused_head() if patched else contextlib.nullcontext()
     else:
         owner, op_name = causal_lm_loss, "fused_linear_loss"
-        patch = causal_lm_loss.patch_causal_lm_loss(model) if patched else contextlib.nullcontext()
     # an untied head as an FSDP unit of its own (see the module docstring)
     run, backward, step, grads, weights = {"zero3": _zero3, "fsdp2": _fsdp2}[strategy](
         model, tied, bf16, head_unit=True)
+    if head == "loss":
+        # patched through what runs it: the DeepSpeed engine (the model inside is patched), or
+        # the model FSDP2 shards in place
+        patch = causal_lm_loss.patch_causal_lm_loss(run) if patched else contextlib.nullcontext()
     ids, labels, advantages = _batch(rank)  # each rank its own batch
     op_weights, gathers = [], []
     op, gathered = getattr(owner, op_name), zero3.gathered

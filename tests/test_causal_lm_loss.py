@@ -497,6 +497,42 @@ class _CapFieldWithoutTanhLlama(transformers.LlamaForCausalLM):
         return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
 
 
+class _TanhCaps:
+    @staticmethod
+    def soft_cap(values, cap=None):
+        """xLSTM's cap function's signature and computation."""
+        if cap is None:
+            return values
+        return torch.tanh(values / cap) * cap
+
+
+class _ClampCaps:
+    @staticmethod
+    def soft_cap(values, cap):
+        """A cap function of that signature that clamps instead."""
+        return values.clamp(-cap, cap)
+
+
+class _CapFunctionLlama(transformers.LlamaForCausalLM):
+    """Its logits capped by a cap function handed the cap field, as xLSTM's are (by keyword here)."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        logits = _TanhCaps.soft_cap(self.lm_head(outputs.last_hidden_state), cap=self.config.final_logit_softcapping)
+        loss = None if labels is None else self.loss_function(logits=logits, labels=labels, vocab_size=VOCAB)
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+class _ClampCapFunctionLlama(transformers.LlamaForCausalLM):
+    """The same call of a cap function that clamps."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        logits = _ClampCaps.soft_cap(self.lm_head(outputs.last_hidden_state), self.config.final_logit_softcapping)
+        loss = None if labels is None else self.loss_function(logits=logits, labels=labels, vocab_size=VOCAB)
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
 class _CappedLlama(transformers.LlamaForCausalLM):
     """Gemma 2's cap, c * tanh(z / c) with c its final_logit_softcapping, in Gemma 2's three steps."""
 
@@ -519,6 +555,8 @@ class _CappedLlama(transformers.LlamaForCausalLM):
     # two fields set, one applied: the one applied
     (_MultipliedScalingLlama, dict(logits_scaling=4.0, logit_scale=2.0), 4.0, None),
     (_CappedLlama, dict(final_logit_softcapping=2.0, logits_soft_cap=5.0), 1.0, 2.0),
+    # a cap function handed the field, its source read
+    (_CapFunctionLlama, dict(final_logit_softcapping=2.0), 1.0, 2.0),
 ])
 def test_the_scale_and_cap_are_those_its_forward_applies(cls, settings, scale, softcap):
     """A logit scale field is applied the way the forward's source applies it (multiplied here,
@@ -575,11 +613,13 @@ class _TanhOfDividedLlama(transformers.LlamaForCausalLM):
      r"_TanhTimesCapLlama\.forward caps its logits with final_logit_softcapping otherwise than as c \* tanh"),
     (_TanhOfDividedLlama, dict(logits_soft_cap=2.0),
      r"_TanhOfDividedLlama\.forward caps its logits with logits_soft_cap otherwise than as c \* tanh"),
+    (_ClampCapFunctionLlama, dict(final_logit_softcapping=2.0),
+     r"_ClampCaps\.soft_cap\(.*\) \(whose source does not read as c \* tanh\(z / c\)\)"),
 ])
 def test_a_cap_other_than_a_cap_fields_c_tanh_z_over_c_is_refused(cls, settings, error):
     """The fused head's cap is c * tanh(logits / c) with c a cap field: a forward that caps under
-    another constant, reads a cap field otherwise, or arranges the tanh otherwise, is refused by
-    the patch and the policy."""
+    another constant, reads a cap field otherwise, arranges the tanh otherwise, or hands the field
+    to a cap function whose source computes another cap, is refused by the patch and the policy."""
     from hpt_fast.policy import FusedHeadPolicy
 
     model = cls(transformers.LlamaConfig(**TINY, **settings))
@@ -741,12 +781,12 @@ def test_the_transformers_trainer_with_gradient_accumulation_trains_as_without_t
 @pytest.mark.parametrize("strategy", ["zero3", "fsdp2"])
 def test_a_sharded_training_step_through_the_patch_equals_the_models_own_loss(tmp_path, strategy):
     """One step on two gloo ranks, each its own batch, of a model sharded by DeepSpeed ZeRO-3 (every
-    parameter partitioned: the patch gathers the head, which never runs as a module, for mode B's
-    forward) or FSDP2 (an untied head a unit of its own: the patch calls it, the op as its
-    forward, so that FSDP2 unshards it and reduces its gradient), in float32
-    and in each one's bf16 mixed precision, untied and tied embeddings: the loss, the reduced
-    gradients of every parameter and the weights after the update equal those of the model's own
-    loss on both ranks (tests/sharded_head_run.py)."""
+    parameter partitioned: the patch, given the engine, patches the model inside it and gathers
+    the head, which never runs as a module, for mode B's forward) or FSDP2 (an untied head a unit
+    of its own: the patch calls it, the op as its forward, so that FSDP2 unshards it and reduces
+    its gradient), in float32 and in each one's bf16 mixed precision, untied and tied embeddings:
+    the loss, the reduced gradients of every parameter and the weights after the update equal
+    those of the model's own loss on both ranks (tests/sharded_head_run.py)."""
     pytest.importorskip("deepspeed")
     from sharded_head_run import compare, launch
 
@@ -823,27 +863,19 @@ def test_lora_adapters_train_through_the_patch(when, mode):
         patch_causal_lm_loss(on_head)
 
 
-@pytest.mark.parametrize("wrapper", ["DistributedDataParallel", "DeepSpeedEngine"])
-def test_a_model_wrapped_for_data_parallel_training_is_patched_inside(one_rank_group, monkeypatch, wrapper):
-    """Given DDP's or a DeepSpeed engine's wrapper (refused before: not a transformers model, or
-    the engine as a BERT-style head), the patch patches the model inside; the wrapper's loss and
-    every gradient are the model's own."""
-    monkeypatch.setenv("LOCAL_RANK", "0")
+def test_a_model_wrapped_by_ddp_is_patched_inside(one_rank_group):
+    """Given DDP's wrapper (refused before, as not a transformers model), the patch patches the
+    model inside; the wrapper's loss and every gradient are the model's own. (A DeepSpeed engine's
+    wrapper: the two-rank ZeRO-3 step, test_a_sharded_training_step_through_the_patch_...)"""
     ids, attention_mask, labels = _batch()
     plain = _model("Llama", tie_word_embeddings=False)
     plain(input_ids=ids, attention_mask=attention_mask, labels=labels).loss.backward()
     model = _model("Llama", tie_word_embeddings=False)
-    if wrapper == "DeepSpeedEngine":
-        deepspeed = pytest.importorskip("deepspeed")
-        wrapped, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                                           config={"train_micro_batch_size_per_gpu": 1}, dist_init_required=False)
-    else:
-        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    wrapped = torch.nn.parallel.DistributedDataParallel(model)
     with patch_causal_lm_loss(wrapped, backend="cpu"):
         assert "forward" in vars(model)
         got = wrapped(input_ids=ids, attention_mask=attention_mask, labels=labels)
-    # a DeepSpeed engine takes the backward itself
-    getattr(wrapped, "backward", lambda loss: loss.backward())(got.loss)
+    got.loss.backward()
     assert got.logits is None and "forward" not in vars(model)
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
         assert float((p.grad - q.grad).norm()) <= 1e-5 * float(q.grad.norm()), name
