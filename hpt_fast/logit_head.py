@@ -31,8 +31,9 @@ What the op cannot compute is refused rather than silently bypassed:
   fields above (Phi-3-small's remote code divides its logits by ``mup_width_multiplier``), or
   applies a tanh under no cap field, reads a cap field without a tanh, or caps otherwise than as
   ``c * tanh(z / c)`` (a cap field divided into the tanh and multiplied out of it, or handed to a
-  cap function whose own source computes that), found in its source; a forward that both multiplies and divides by one scale field; two scale or two cap
-  fields that it applies (or, where its source cannot be read, that the config sets).
+  cap function whose own source computes that), found in its source; a forward that both
+  multiplies and divides by one scale field; two scale or two cap fields that it applies (or,
+  where its source cannot be read, that the config sets).
 """
 from __future__ import annotations
 
