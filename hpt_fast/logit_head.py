@@ -175,13 +175,15 @@ def _caps_as_c_tanh_z_over_c(fn: Any) -> bool:
                 and len(expr.args) == 1 and isinstance(expr.args[0], ast.BinOp)
                 and isinstance(expr.args[0].op, ast.Div) and name(expr.args[0].left, z) and name(expr.args[0].right, c))
 
+    def capped(value: Optional[ast.expr]) -> bool:
+        return isinstance(value, ast.BinOp) and isinstance(value.op, ast.Mult) and (
+            (name(value.left, c) and tanh_of_z_over_c(value.right))
+            or (tanh_of_z_over_c(value.left) and name(value.right, c)))
+
     returns = [node.value for node in ast.walk(definition) if isinstance(node, ast.Return)]
-    return bool(returns) and all(
-        value is not None and (name(value, z) or (
-            isinstance(value, ast.BinOp) and isinstance(value.op, ast.Mult) and (
-                (name(value.left, c) and tanh_of_z_over_c(value.right))
-                or (tanh_of_z_over_c(value.left) and name(value.right, c)))))
-        for value in returns)
+    # z itself only beside a capped return: its no-cap path, not a function that never caps
+    return any(capped(value) for value in returns) and all(
+        capped(value) or (value is not None and name(value, z)) for value in returns)
 
 
 def _read_forward(fn: Any, head_attr: str, stateless: tuple[str, ...]) -> _ForwardReading:

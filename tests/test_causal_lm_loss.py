@@ -497,20 +497,27 @@ class _CapFieldWithoutTanhLlama(transformers.LlamaForCausalLM):
         return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
 
 
-class _TanhCaps:
-    @staticmethod
-    def soft_cap(values, cap=None):
-        """xLSTM's cap function's signature and computation."""
-        if cap is None:
-            return values
-        return torch.tanh(values / cap) * cap
+def _tanh_cap(values, cap=None):
+    """xLSTM's cap function's signature and computation."""
+    if cap is None:
+        return values
+    return torch.tanh(values / cap) * cap
 
 
-class _ClampCaps:
-    @staticmethod
-    def soft_cap(values, cap):
-        """A cap function of that signature that clamps instead."""
-        return values.clamp(-cap, cap)
+def _clamp_cap(values, cap):
+    """A cap function of that signature that clamps instead."""
+    return values.clamp(-cap, cap)
+
+
+def _no_cap(values, cap=None):
+    """One that returns its logits as they are."""
+    return values
+
+
+class _Caps:
+    """The cap function _CapFunctionLlama calls (a test may set another)."""
+
+    soft_cap = staticmethod(_tanh_cap)
 
 
 class _CapFunctionLlama(transformers.LlamaForCausalLM):
@@ -518,17 +525,7 @@ class _CapFunctionLlama(transformers.LlamaForCausalLM):
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        logits = _TanhCaps.soft_cap(self.lm_head(outputs.last_hidden_state), cap=self.config.final_logit_softcapping)
-        loss = None if labels is None else self.loss_function(logits=logits, labels=labels, vocab_size=VOCAB)
-        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
-
-
-class _ClampCapFunctionLlama(transformers.LlamaForCausalLM):
-    """The same call of a cap function that clamps."""
-
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        logits = _ClampCaps.soft_cap(self.lm_head(outputs.last_hidden_state), self.config.final_logit_softcapping)
+        logits = _Caps.soft_cap(self.lm_head(outputs.last_hidden_state), cap=self.config.final_logit_softcapping)
         loss = None if labels is None else self.loss_function(logits=logits, labels=labels, vocab_size=VOCAB)
         return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
 
@@ -605,23 +602,30 @@ class _TanhOfDividedLlama(transformers.LlamaForCausalLM):
         return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
 
 
-@pytest.mark.parametrize("cls, settings, error", [
-    (_UncappedTanhLlama, {}, r"_UncappedTanhLlama\.forward applies a tanh to its logits under no logit soft cap field"),
-    (_CapFieldWithoutTanhLlama, dict(final_logit_softcapping=2.0),
+_OTHER_CAP_FUNCTION = r"_Caps\.soft_cap\(.*\) \(whose source does not read as c \* tanh\(z / c\)\)"
+
+
+@pytest.mark.parametrize("cls, cap_function, settings, error", [
+    (_UncappedTanhLlama, None, {},
+     r"_UncappedTanhLlama\.forward applies a tanh to its logits under no logit soft cap field"),
+    (_CapFieldWithoutTanhLlama, None, dict(final_logit_softcapping=2.0),
      r"_CapFieldWithoutTanhLlama\.forward reads final_logit_softcapping on the way to its logits without a tanh"),
-    (_TanhTimesCapLlama, dict(final_logit_softcapping=2.0),
+    (_TanhTimesCapLlama, None, dict(final_logit_softcapping=2.0),
      r"_TanhTimesCapLlama\.forward caps its logits with final_logit_softcapping otherwise than as c \* tanh"),
-    (_TanhOfDividedLlama, dict(logits_soft_cap=2.0),
+    (_TanhOfDividedLlama, None, dict(logits_soft_cap=2.0),
      r"_TanhOfDividedLlama\.forward caps its logits with logits_soft_cap otherwise than as c \* tanh"),
-    (_ClampCapFunctionLlama, dict(final_logit_softcapping=2.0),
-     r"_ClampCaps\.soft_cap\(.*\) \(whose source does not read as c \* tanh\(z / c\)\)"),
+    (_CapFunctionLlama, _clamp_cap, dict(final_logit_softcapping=2.0), _OTHER_CAP_FUNCTION),
+    (_CapFunctionLlama, _no_cap, dict(final_logit_softcapping=2.0), _OTHER_CAP_FUNCTION),
 ])
-def test_a_cap_other_than_a_cap_fields_c_tanh_z_over_c_is_refused(cls, settings, error):
+def test_a_cap_other_than_a_cap_fields_c_tanh_z_over_c_is_refused(cls, cap_function, settings, error, monkeypatch):
     """The fused head's cap is c * tanh(logits / c) with c a cap field: a forward that caps under
     another constant, reads a cap field otherwise, arranges the tanh otherwise, or hands the field
-    to a cap function whose source computes another cap, is refused by the patch and the policy."""
+    to a cap function (``cap_function`` as _Caps.soft_cap) whose source computes another cap or
+    none, is refused by the patch and the policy."""
     from hpt_fast.policy import FusedHeadPolicy
 
+    if cap_function is not None:
+        monkeypatch.setattr(_Caps, "soft_cap", staticmethod(cap_function))
     model = cls(transformers.LlamaConfig(**TINY, **settings))
     for make in (patch_causal_lm_loss, FusedHeadPolicy):
         with pytest.raises(ValueError, match=error):
