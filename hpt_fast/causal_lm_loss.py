@@ -275,6 +275,10 @@ def patch_causal_lm_loss(
         raise ValueError(f"skip_logits must be None, True or False, got {skip_logits!r}")
     chunk_size = check_options(backend, chunk_size, grad_order, accum_dtype)
     model = _inner_model(model)
+    if isinstance(model, nn.DataParallel):
+        # its replicas, made on every call, would copy the patched forward bound to this model
+        raise ValueError("nn.DataParallel's replicas cannot run the patched forward: patch the model under "
+                         "DistributedDataParallel (through its wrapper or before wrapping), or unwrapped")
     if not hasattr(model, "config") or not hasattr(model, "get_output_embeddings"):
         raise ValueError(f"{type(model).__name__} is not a transformers PreTrainedModel (no config / output embedding)")
     transform = logit_transform(model)

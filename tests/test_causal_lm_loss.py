@@ -885,6 +885,14 @@ def test_a_model_wrapped_by_ddp_is_patched_inside(one_rank_group):
         assert float((p.grad - q.grad).norm()) <= 1e-5 * float(q.grad.norm()), name
 
 
+def test_a_model_wrapped_by_data_parallel_is_refused():
+    """nn.DataParallel replicates the model on every call, copying its forward: the patched forward,
+    bound to the original, would run there; refused with the alternatives, where it was "not a
+    transformers PreTrainedModel"."""
+    with pytest.raises(ValueError, match=r"nn\.DataParallel's replicas cannot run the patched forward"):
+        patch_causal_lm_loss(torch.nn.DataParallel(_model("Llama")))
+
+
 def test_a_zero3_partitioned_model_outside_its_engine_is_gathered_for_the_loss(one_rank_group, monkeypatch):
     """A model partitioned by zero.Init (from_pretrained under DeepSpeed's config) called outside a
     DeepSpeed engine, whose hooks would gather its parameters: the patch gathers the released head
