@@ -44,7 +44,7 @@ OUTPUTS = ("log_probs", "entropy", "is_top1", "mean_logits")
 Wrapped = tuple[Any, Callable, Callable, Callable, Callable]
 
 
-def _zero3(model: torch.nn.Module, tied: bool, bf16: bool, head_unit: bool) -> Wrapped:
+def _zero3(model: torch.nn.Module, tied: bool, bf16: bool) -> Wrapped:
     """What runs the forward, the backward (given the loss), the update, and what returns the full
     gradients and the full weights of every parameter (collectives: every rank calls them)."""
     import deepspeed
@@ -65,7 +65,7 @@ def _zero3(model: torch.nn.Module, tied: bool, bf16: bool, head_unit: bool) -> W
             lambda: {name: safe_get_full_grad(p).clone() for name, p in engine.module.named_parameters()}, weights)
 
 
-def _fsdp2(model: torch.nn.Module, tied: bool, bf16: bool, head_unit: bool) -> Wrapped:
+def _fsdp2(model: torch.nn.Module, tied: bool, bf16: bool) -> Wrapped:
     """As ``_zero3``, under FSDP2 (``bf16``: bf16 compute, float32 parameters and reductions)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -75,7 +75,7 @@ def _fsdp2(model: torch.nn.Module, tied: bool, bf16: bool, head_unit: bool) -> W
         settings["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in model.model.layers:
         fully_shard(layer, **settings)
-    if not tied and head_unit:
+    if not tied:  # an untied head as a unit of its own (see the module docstring)
         fully_shard(model.lm_head, **settings)
     fully_shard(model, **settings)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -123,9 +123,7 @@ def _step(strategy: str, head: str, bf16: bool, tied: bool, patched: bool, rank:
         patch = trl_head.patch_trl_fused_head() if patched else contextlib.nullcontext()
     else:
         owner, op_name = causal_lm_loss, "fused_linear_loss"
-    # an untied head as an FSDP unit of its own (see the module docstring)
-    run, backward, step, grads, weights = {"zero3": _zero3, "fsdp2": _fsdp2}[strategy](
-        model, tied, bf16, head_unit=True)
+    run, backward, step, grads, weights = {"zero3": _zero3, "fsdp2": _fsdp2}[strategy](model, tied, bf16)
     if head == "loss":
         # patched through what runs it: the DeepSpeed engine (the model inside is patched), or
         # the model FSDP2 shards in place
