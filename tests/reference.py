@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -75,3 +75,71 @@ def rel_err(actual: Tensor, expected: Tensor) -> float:
         return float("inf")
     scale = expected.abs().max().clamp_min(1e-12)
     return float((actual - expected).abs().max() / scale) if actual.numel() else 0.0
+
+
+def float32_error_scales(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    terms: Callable[[Tensor, Tensor], Tensor],
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    logits_dtype: Optional[torch.dtype] = None,
+    softcap: Optional[float] = None,
+) -> dict[str, tuple[float, float]]:
+    """What the fused op's errors are measured against, per output: ``(scale, floor)``, where an
+    error within ``tol * scale + k * eps * floor`` is the inputs' rounding (``tol``, by dtype) or
+    the float32 arithmetic's (``eps``), not a defect.
+
+    ``terms(logp [N], entropy [N]) -> [M]``: the objective whose gradient is checked, as a sum of
+    per-token terms (float64). Outputs: ``logp``, ``entropy``, ``loss`` (the terms' sum),
+    ``hidden``, ``weight``, ``bias``. The scales (maxima over the output's elements):
+    - values: their own magnitude; the floor of logp and entropy is ``1 + max |z|`` (z the scaled
+      logits: float32 holds z to eps * |z|), the loss's the terms' magnitudes plus their
+      sensitivity to that error.
+    - gradients: the products of magnitudes (``|dL/dlogits| @ |weight|``, ...), which bound what
+      rounding the gradient block (bf16 GEMM inputs) or summing it costs, where ``|G @ W|``
+      cancels. The floor is float32's resolution of the block near p = 1, where ``1 - p`` and
+      ``log p + H`` are differences of nearly equal numbers: ``(|dL/dlogp| + 2 |dL/dH|) * p``,
+      times the cap's and temperature's factor, through the same products.
+    """
+    h = hidden.detach().double().reshape(-1, hidden.shape[-1])
+    w = weight.detach().double()
+    x = h @ w.t()
+    if bias is not None:
+        x = x + bias.detach().double()
+    if logits_dtype is not None:
+        x = x.to(logits_dtype).double()
+    x.requires_grad_()
+    capped = softcap * torch.tanh(x / softcap) if softcap is not None else x
+    z = capped / temperature
+    logprobs = torch.log_softmax(z, dim=-1)
+    t = targets.reshape(-1)
+    valid = t != ignore_index
+    logp = logprobs.gather(-1, t.clamp(0, w.shape[0] - 1).unsqueeze(-1)).squeeze(-1) * valid
+    entropy = -(logprobs.exp() * logprobs.clamp(min=torch.finfo(logprobs.dtype).min)).sum(-1) * valid
+    per_term = terms(logp, entropy)
+    g_logits, g_logp, g_ent = torch.autograd.grad(per_term.sum(), [x, logp, entropy], allow_unused=True)
+    g_logp = torch.zeros_like(logp) if g_logp is None else g_logp
+    g_ent = torch.zeros_like(entropy) if g_ent is None else g_ent
+
+    with torch.no_grad():
+        reach = 1 + z.abs().amax(-1) * valid
+        chain = (1 - torch.tanh(x / softcap) ** 2) / temperature if softcap is not None else 1 / temperature
+        g_abs = g_logits.abs()
+        g_floor = ((g_logp.abs() + 2 * g_ent.abs()).unsqueeze(-1) * logprobs.exp() * chain)
+        w_abs, h_abs = w.abs(), h.abs()
+
+        def most(x: Tensor) -> float:
+            return float(x.max()) if x.numel() else 0.0
+
+        return {
+            "logp": (most(logp.abs()), most(reach)),
+            "entropy": (most(entropy.abs()), most(reach)),
+            "loss": (abs(float(per_term.sum())),
+                     float(per_term.abs().sum() + ((g_logp.abs() + g_ent.abs()) * reach).sum())),
+            "hidden": (most(g_abs @ w_abs), most(g_floor @ w_abs)),
+            "weight": (most(g_abs.t() @ h_abs), most(g_floor.t() @ h_abs)),
+            "bias": (most(g_abs.sum(0)), most(g_floor.sum(0))),
+        }

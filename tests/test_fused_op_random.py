@@ -8,10 +8,20 @@ one-id vocabulary a non-zero gradient at temperatures other than 1.
 
 The reference rounds the logits to the inputs' dtype, as the op's GEMM does, then works in
 float64; so the tolerances measure the op's own arithmetic rather than bf16's rounding of the
-logits, and are tighter than the grid tests'.
+logits, and are tighter than the grid tests'. They are relative to the scales of the op's errors
+(``tests.reference.float32_error_scales``), not to each output's largest magnitude: measured that
+way, 38 of 10,400 seeds beyond these 60 failed, nearly all on near-deterministic rows (V of 2,
+temperature 0.3), where a gradient of 1e-6 is a difference of terms of order 1 that a float32
+implementation (the op, or naive PyTorch in float32) gets right to those terms only, or on a loss
+that is a small sum of large terms. Measured against the scales, none of 17,000 seeds failed, with
+the gradients' tolerances halved, and a 1% error in the torch backend's gradient fails 15 of
+these 60 seeds (14 before).
+
+``HPT_FAST_TEST_SEEDS=START:STOP`` runs other seeds than the default 0:60.
 """
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from typing import Optional
@@ -20,15 +30,15 @@ import pytest
 import torch
 
 from hpt_fast import backends, fused_linear_loss, fused_token_logprobs
-from tests.reference import backend_device, reference_logprobs, rel_err
+from tests.reference import backend_device, float32_error_scales, reference_logprobs
 
-N_CASES = 60
-# relative tolerance (max error / max |reference|) of values and of gradients, by dtype
+SEEDS = range(*map(int, os.environ.get("HPT_FAST_TEST_SEEDS", "0:60").split(":")))
+# tolerance of values and of gradients, by dtype, relative to float32_error_scales' scales (_assert_within)
 TOL = {
     torch.float64: (1e-9, 1e-7),
-    torch.float32: (1e-5, 1e-4),
-    torch.bfloat16: (2e-2, 5e-2),
-    torch.float16: (3e-3, 1e-2),
+    torch.float32: (1e-5, 5e-5),
+    torch.bfloat16: (2e-2, 2.5e-2),
+    torch.float16: (3e-3, 5e-3),
 }
 
 
@@ -88,7 +98,7 @@ def _token_loss(g1: torch.Tensor, g2: torch.Tensor):
     return fn
 
 
-@pytest.mark.parametrize("seed", range(N_CASES))
+@pytest.mark.parametrize("seed", SEEDS)
 def test_random_configuration(seed):
     c = draw_case(seed)
     try:
@@ -134,12 +144,35 @@ def test_random_configuration(seed):
         if c.with_entropy:
             outs, ref_outs = outs + [entropy], ref_outs + [ref_ent]
 
+    if c.mode == "A":
+        def terms(lp, ent):
+            return lp * g1 + (ent * g2 if c.with_entropy else 0)
+    else:
+        def terms(lp, ent):
+            return ref_fn(lp.reshape(-1)[rows], ent.reshape(-1)[rows] if c.with_entropy else None, rows)
+    scales = float32_error_scales(ref_in[0], ref_in[1], targets, terms, ref_in[2] if c.bias else None,
+                                  c.temperature, logits_dtype=c.dtype, softcap=c.softcap)
+    names = ["loss"] * (c.mode == "B") + ["logp"] + ["entropy"] * c.with_entropy
     value_tol, grad_tol = TOL[c.dtype]
-    for got, want in zip(outs, ref_outs):
-        assert rel_err(got.cpu(), want) <= value_tol, (c, "values")
+    for name, got, want in zip(names, outs, ref_outs):
+        _assert_within(got, want, value_tol, scales[name], c, name)
     for name, got, want in zip(("hidden", "weight", "bias"), grads, ref_grads):
         assert got.dtype == c.dtype and got.shape == want.shape, (c, name)
         if float(want.abs().max()) == 0:
             assert bool((got == 0).all()), (c, name, "must be exactly 0")
         else:
-            assert rel_err(got.cpu(), want) <= grad_tol, (c, name)
+            _assert_within(got, want, grad_tol, scales[name], c, name)
+
+
+def _assert_within(got: torch.Tensor, want: torch.Tensor, tol: float, scales: tuple[float, float], c: Case,
+                   name: str) -> None:
+    """|got - want| within tol of the output's scale, plus 16 ulps of the op's arithmetic (float32,
+    or float64 for float64 inputs) of its floor (``float32_error_scales``), plus the output
+    dtype's smallest subnormal (a gradient there is rounded to it). NaN and inf fail."""
+    scale, floor = scales
+    eps = torch.finfo(torch.float64 if c.dtype == torch.float64 else torch.float32).eps
+    allowed = tol * scale + 16 * eps * floor + torch.finfo(got.dtype).tiny * torch.finfo(got.dtype).eps
+    got = got.detach().cpu().double()
+    assert bool(torch.isfinite(got).all()), (c, name, "not finite")
+    err = float((got - want.detach().double()).abs().max())
+    assert err <= allowed, (c, name, f"error {err:.3g} > {allowed:.3g} (scale {scale:.3g}, floor {floor:.3g})")
