@@ -306,3 +306,56 @@ def test_accum_dtype_reaches_the_fused_op(name, monkeypatch):
     for g, w in zip(got, want):
         assert g.dtype == torch.bfloat16
         assert float((g.double() - w).abs().max()) <= 0.05 * float(w.abs().max())
+
+
+def _random_case(seed: int):
+    """A preset with random settings the preset takes, and a float64 batch of random shape: rows with
+    no response token, zero / per-row / per-token advantages, with or without old log-probs and a
+    bias, soft-capped logits, one-id vocabularies."""
+    import random
+
+    rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
+    name = rng.choice(list(PRESETS))
+    settings = {"max_response_length": rng.choice([4, 13])}
+    settings["loss_agg"] = rng.choice(["token-mean", "seq-mean-token-mean", "token-sum-norm"])
+    settings["entropy_coef"] = rng.choice([0.0, 0.01, -0.02])
+    if PRESETS[name].defaults.clip_low is not None and rng.random() < 0.5:
+        settings["clip_low"], settings["clip_high"] = rng.choice([(0.2, 0.28), (0.1, 0.1)])
+    est = get_estimator(name, **settings)
+    b, t, h, v = rng.choice([1, 2, 5]), rng.choice([1, 6]), rng.choice([1, 4]), rng.choice([1, 2, 7])
+    mask = torch.rand(b, t, generator=g) < rng.choice([0.0, 0.5, 1.0])
+    hidden = torch.randn(b, t, h, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(v, generator=g, dtype=torch.float64).requires_grad_() if rng.random() < 0.5 else None
+    targets = torch.randint(0, v, (b, t), generator=g).masked_fill(~mask, -100)
+    adv = rng.choice([torch.zeros(b), torch.randn(b, generator=g), torch.randn(b, t, generator=g)])
+    old = 0.3 * torch.randn(b, t, generator=g, dtype=torch.float64) - 1.0 if rng.random() < 0.7 else None
+    return dict(
+        est=est, op=dict(temperature=rng.choice([1.0, 0.6]), softcap=rng.choice([None, 3.0]),
+                         chunk_size=rng.choice([None, 1, 3])),
+        hidden=hidden, weight=weight, bias=bias, targets=targets, mask=mask,
+        adv=None if name == "sft" else adv, old=old, rewards=(torch.rand(b, generator=g) < 0.5).double(),
+        off=torch.rand(b, generator=g) < 0.5 if est.preset.takes_demos and est.preset.rollout is not None else None)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_random_configurations_match_the_estimator_on_materialised_logits(seed):
+    """Random presets, settings and batches (``_random_case``): FusedUnifiedLoss's loss, gradients
+    and statistics equal the estimator's on float64 log_softmax over the full logits."""
+    x = _random_case(seed)
+    est, op = x["est"], x["op"]
+    params = [p for p in (x["hidden"], x["weight"], x["bias"]) if p is not None]
+    args = (x["mask"], x["adv"])
+    kwargs = dict(old_logp=x["old"], off_policy=x["off"], rewards=x["rewards"])
+    loss, stats = FusedUnifiedLoss(est, backend="torch", **op)(x["hidden"], x["weight"], x["targets"], *args,
+                                                               bias=x["bias"], **kwargs)
+    logp, entropy = reference_logprobs(x["hidden"], x["weight"], x["targets"], x["bias"], op["temperature"],
+                                       softcap=op["softcap"])
+    ref_loss, ref_stats = est(logp, *args, entropy=entropy if est.needs_entropy else None, **kwargs)
+    torch.testing.assert_close(loss, ref_loss, **TOL[torch.float64])
+    if ref_loss.requires_grad:
+        for got, want in zip(torch.autograd.grad(loss, params), torch.autograd.grad(ref_loss, params)):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert set(stats) == set(ref_stats)
+    for key in stats:
+        torch.testing.assert_close(stats[key], ref_stats[key], **TOL[torch.float64])
