@@ -35,6 +35,28 @@ class _RoundTo(torch.autograd.Function):
         return grad, None
 
 
+def _logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], logits_dtype: Optional[torch.dtype]) -> Tensor:
+    """hidden @ weight.T + bias in float64, rounded to ``logits_dtype`` (straight-through gradient)."""
+    logits = hidden.double() @ weight.double().t()
+    if bias is not None:
+        logits = logits + bias.double()
+    return logits if logits_dtype is None else _RoundTo.apply(logits, logits_dtype)
+
+
+def _logprobs(logits: Tensor, targets: Tensor, temperature: float, ignore_index: int,
+              softcap: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
+    """(logp, entropy, z) of float64 logits: z the capped logits over the temperature."""
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    z = logits / temperature
+    logprobs = torch.log_softmax(z, dim=-1)
+    valid = targets != ignore_index
+    logp = logprobs.gather(-1, targets.clamp(0, logits.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+    # -inf logits (masked vocabulary entries) have p = 0: their term is 0 (clamped, not 0 * -inf)
+    entropy = -(logprobs.exp() * logprobs.clamp(min=torch.finfo(logprobs.dtype).min)).sum(-1)
+    return logp * valid, entropy * valid, z
+
+
 def reference_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -52,20 +74,9 @@ def reference_logprobs(
     ``softcap``: the logits become softcap * tanh(logits / softcap) (after that rounding, as in
     the op, whose GEMM output is what it caps), before the temperature.
     """
-    h, w = hidden.double(), weight.double()
-    logits = h @ w.t()
-    if bias is not None:
-        logits = logits + bias.double()
-    if logits_dtype is not None:
-        logits = _RoundTo.apply(logits, logits_dtype)
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    logprobs = torch.log_softmax(logits / temperature, dim=-1)
-    valid = targets != ignore_index
-    logp = logprobs.gather(-1, targets.clamp(0, weight.shape[0] - 1).unsqueeze(-1)).squeeze(-1)
-    # -inf logits (masked vocabulary entries) have p = 0: their term is 0 (clamped, not 0 * -inf)
-    entropy = -(logprobs.exp() * logprobs.clamp(min=torch.finfo(logprobs.dtype).min)).sum(-1)
-    return logp * valid, entropy * valid
+    logp, entropy, _ = _logprobs(_logits(hidden, weight, bias, logits_dtype), targets, temperature, ignore_index,
+                                 softcap)
+    return logp, entropy
 
 
 def rel_err(actual: Tensor, expected: Tensor) -> float:
@@ -106,29 +117,20 @@ def float32_error_scales(
     """
     h = hidden.detach().double().reshape(-1, hidden.shape[-1])
     w = weight.detach().double()
-    x = h @ w.t()
-    if bias is not None:
-        x = x + bias.detach().double()
-    if logits_dtype is not None:
-        x = x.to(logits_dtype).double()
-    x.requires_grad_()
-    capped = softcap * torch.tanh(x / softcap) if softcap is not None else x
-    z = capped / temperature
-    logprobs = torch.log_softmax(z, dim=-1)
+    x = _logits(h, w, None if bias is None else bias.detach(), logits_dtype).requires_grad_()
     t = targets.reshape(-1)
-    valid = t != ignore_index
-    logp = logprobs.gather(-1, t.clamp(0, w.shape[0] - 1).unsqueeze(-1)).squeeze(-1) * valid
-    entropy = -(logprobs.exp() * logprobs.clamp(min=torch.finfo(logprobs.dtype).min)).sum(-1) * valid
+    logp, entropy, z = _logprobs(x, t, temperature, ignore_index, softcap)
     per_term = terms(logp, entropy)
-    g_logits, g_logp, g_ent = torch.autograd.grad(per_term.sum(), [x, logp, entropy], allow_unused=True)
+    g_logits, g_logp, g_ent = torch.autograd.grad(per_term.sum(), [x, logp, entropy], allow_unused=True,
+                                                 retain_graph=True)
     g_logp = torch.zeros_like(logp) if g_logp is None else g_logp
     g_ent = torch.zeros_like(entropy) if g_ent is None else g_ent
+    chain = torch.autograd.grad(z.sum(), x)[0]  # dz / dx, elementwise: the cap's and temperature's factor
 
     with torch.no_grad():
-        reach = 1 + z.abs().amax(-1) * valid
-        chain = (1 - torch.tanh(x / softcap) ** 2) / temperature if softcap is not None else 1 / temperature
+        reach = 1 + z.abs().amax(-1) * (t != ignore_index)
         g_abs = g_logits.abs()
-        g_floor = ((g_logp.abs() + 2 * g_ent.abs()).unsqueeze(-1) * logprobs.exp() * chain)
+        g_floor = (g_logp.abs() + 2 * g_ent.abs()).unsqueeze(-1) * torch.softmax(z, dim=-1) * chain.abs()
         w_abs, h_abs = w.abs(), h.abs()
 
         def most(x: Tensor) -> float:
