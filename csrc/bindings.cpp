@@ -211,7 +211,8 @@ at::Tensor row_stats(
 at::Tensor grad_logits(
     const at::Tensor& logits,
     const at::Tensor& targets,
-    const at::Tensor& lse,
+    const at::Tensor& m,
+    const at::Tensor& log_s,
     const std::optional<at::Tensor>& entropy,
     const at::Tensor& g_logp,
     const std::optional<at::Tensor>& g_ent,
@@ -230,7 +231,8 @@ at::Tensor grad_logits(
       out.sizes());
   check_alias(out, logits, "out", "logits");
   check_vector(targets, "targets", block.rows, at::kLong);
-  check_vector(lse, "lse", block.rows, at::kFloat);
+  check_vector(m, "m", block.rows, at::kFloat);
+  check_vector(log_s, "log_s", block.rows, at::kFloat);
   check_vector(g_logp, "g_logp", block.rows, at::kFloat);
   const float* g_ent_ptr = nullptr;
   const float* entropy_ptr = nullptr;
@@ -247,7 +249,8 @@ at::Tensor grad_logits(
       block,
       col_offset,
       targets.data_ptr<int64_t>(),
-      lse.data_ptr<float>(),
+      m.data_ptr<float>(),
+      log_s.data_ptr<float>(),
       entropy_ptr,
       g_logp.data_ptr<float>(),
       g_ent_ptr,
@@ -332,7 +335,8 @@ PYBIND11_MODULE(_C, m) {
       &hpt::grad_logits,
       py::arg("logits"),
       py::arg("targets"),
-      py::arg("lse"),
+      py::arg("m"),
+      py::arg("log_s"),
       py::arg("entropy"),
       py::arg("g_logp"),
       py::arg("g_ent"),

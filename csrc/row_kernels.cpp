@@ -494,19 +494,21 @@ int64_t row_stats(const RowStatsArgs& a) {
 template <bool kSoftcap>
 struct GradRow {
   Scale<kSoftcap> scale;
-  float lse;
+  float m;  // log p = (z - m) - log_s: see GradArgs
+  float log_s;
   float a;  // -g_logp * inv_temp
   float b;  // -g_ent * inv_temp
   float h;  // entropy
-  float target_add;  // g_logp * inv_temp
 
-  // The target column's d. log p = z - lse with z rounded first, as the statistics pass rounded
-  // it: then p is exactly 1 for a one-column row, whose gradient is exactly 0 (an FMA left it ~1e-6).
+  // The target column's d. log p = (z - m) - log_s with z rounded first, as the statistics pass
+  // rounded it: then p is exactly 1 for a one-column row, whose gradient is exactly 0 (an FMA left
+  // it ~1e-6).
   float at_target(float x) const {
-    const float log_p = scale(x) - lse;
+    const float log_p = (scale(x) - m) - log_s;
     const float p = std::exp(log_p);
+    // g_logp * (1 - p) as -a * -expm1(log p): near p = 1, 1 - p in float32 keeps few of its digits.
     // p = 0 at a -inf logit, whose factor would be infinite: 0 * inf is NaN
-    const float d = (p == 0.f ? 0.f : p * (a + b * (log_p + h))) + target_add;
+    const float d = a * std::expm1(log_p) + (p == 0.f ? 0.f : p * b * (log_p + h));
     if constexpr (kSoftcap) {
       return d * scale.slope(x);
     } else {
@@ -523,7 +525,7 @@ Vec grad_of(const Vec& x, const GradRow<kSoftcap>& g) {
   } else {
     z = g.scale(x);
   }
-  const Vec log_p = z - Vec(g.lse);  // no FMA: see GradRow::at_target
+  const Vec log_p = (z - Vec(g.m)) - Vec(g.log_s);  // no FMA: see GradRow::at_target
   const Vec p = vexp(log_p);
   Vec d;
   if constexpr (kEntropy) {
@@ -595,11 +597,11 @@ GradRow<kSoftcap> grad_row(const GradArgs& a, int64_t r) {
   const bool with_ent = a.g_ent != nullptr;
   return GradRow<kSoftcap>{
       Scale<kSoftcap>(a.inv_temp, a.softcap),
-      a.lse[r],
+      a.m[r],
+      a.log_s[r],
       -g_logp * a.inv_temp,
       with_ent ? -a.g_ent[r] * a.inv_temp : 0.f,
       with_ent ? a.entropy[r] : 0.f,
-      g_logp * a.inv_temp,
   };
 }
 

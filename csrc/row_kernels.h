@@ -38,13 +38,16 @@ struct RowStatsArgs {
 };
 
 // `logits` may be a slab of vocabulary columns [col_offset, col_offset + cols) of the full rows;
-// lse and entropy are those of the full rows, and a row's one-hot term is written only when its
-// target lies inside the slab.
+// the log-sum-exp (m + log_s) and entropy are those of the full rows, and a row's one-hot term is
+// written only when its target lies inside the slab.
 struct GradArgs {
   Block logits;
   int64_t col_offset;
   const int64_t* targets;
-  const float* lse;
+  // the log-sum-exp in two parts, so that log p = (z - m) - log_s near 0 keeps its own precision
+  // (m + log_s as one float is resolved only to float32's spacing at m)
+  const float* m;
+  const float* log_s;
   const float* entropy;  // read only when g_ent is set
   const float* g_logp;
   const float* g_ent;  // nullptr: no entropy term

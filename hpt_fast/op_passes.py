@@ -89,7 +89,8 @@ def _block_view(buffer: Tensor, rows: int, cols: int, row_stride: int) -> Tensor
 class RowData:
     """Per-token tensors of the N scored tokens, all [N], float32 (float64 for float64 inputs).
 
-    logp, lse, entropy (None when not computed): the row statistics of the logits.
+    logp, entropy (None when not computed): the row statistics of the logits; norm [N, 2]: their
+    log-sum-exp as (m, log s) (``row_state.finish``).
     g_logp, g_ent (None: no entropy term): d loss / d logp and d loss / d entropy, what the
     gradient pass turns into d loss / d logits.
     top1 (None when not computed): bool, whether the target's logit is the row's largest.
@@ -98,7 +99,7 @@ class RowData:
     """
 
     logp: Optional[Tensor]
-    lse: Tensor
+    norm: Tensor
     entropy: Optional[Tensor]
     g_logp: Optional[Tensor] = None
     g_ent: Optional[Tensor] = None
@@ -113,12 +114,12 @@ class RowData:
         logp = torch.empty(hidden.shape[0], dtype=stat_dtype(hidden), device=hidden.device)
         top1 = torch.empty(hidden.shape[0], dtype=torch.bool, device=hidden.device) if with_top1 else None
         sums = logp.new_empty(hidden.shape[0], 2) if vocab else None
-        return cls(logp, torch.empty_like(logp), torch.empty_like(logp) if with_entropy else None, top1=top1,
-                   sums=sums, vocab=vocab)
+        entropy = torch.empty_like(logp) if with_entropy else None
+        return cls(logp, logp.new_empty(hidden.shape[0], 2), entropy, top1=top1, sums=sums, vocab=vocab)
 
     def finish(self, r: slice, state: Tensor) -> None:
         """Set the statistics of rows ``r`` from their complete running state [len(r), 6]."""
-        self.logp[r], self.lse[r], entropy = row_state.finish(state, self.entropy is not None, self.lse.dtype)
+        self.logp[r], self.norm[r], entropy = row_state.finish(state, self.entropy is not None, self.norm.dtype)
         if entropy is not None:
             self.entropy[r] = entropy
         if self.top1 is not None:
@@ -169,7 +170,7 @@ def stats_pass(
     buffer: Tensor,
     on_chunk: Optional[ChunkHook] = None,
 ) -> None:
-    """Fill rows.logp / lse / entropy: one GEMM and one ``row_stats`` per block, in ``plan.order``.
+    """Fill rows.logp / norm / entropy: one GEMM and one ``row_stats`` per block, in ``plan.order``.
 
     In token order each chunk's statistics are final after its block, and ``on_chunk(start, end,
     logits)``, when given, runs then, while the block still holds their logits [end - start, V]
@@ -302,7 +303,7 @@ class GradientPass:
     """The input gradients of hidden [N, H], weight [V, H] and bias [V], built block by block.
 
     For each logits block (token rows ``r``, vocabulary columns ``c``) the backend turns the block
-    into d loss / d logits in place, from the rows' lse, entropy, g_logp and g_ent (``rows``,
+    into d loss / d logits in place, from the rows' norm, entropy, g_logp and g_ent (``rows``,
     complete for the block's tokens before ``step`` sees it); then two GEMMs:
     grad_hidden[r] (+)= block @ weight[c] and grad_weight[c] (+)= block.T @ hidden[r]. In token
     order (``plan.order == "tokens"``, c = all of V) grad_hidden's rows are written once and
@@ -337,7 +338,7 @@ class GradientPass:
         """Turn logits [r, c] into their gradient in place and add its share to the results."""
         rows, g_ent = self.rows, self.rows.g_ent
         self.plan.backend.grad_logits(
-            logits, self.targets[r], rows.lse[r], None if g_ent is None else rows.entropy[r],
+            logits, self.targets[r], rows.norm[r], None if g_ent is None else rows.entropy[r],
             rows.g_logp[r], None if g_ent is None else g_ent[r], self.plan.inv_temp, logits,
             col_offset=c.start, softcap=self.plan.softcap,
         )

@@ -69,9 +69,9 @@ def _token_logprobs(
 
     Returns logp [...] and entropy [...] (or [0] without ``with_entropy``) at targets' shape, 0
     at ignored positions, float32 (float64 for float64 inputs); and for the backward, of the Nv
-    scored positions among the n = targets.numel(): their statistics [1 or 2, n] (lse, then
-    entropy, in the first Nv columns: the returned entropy may be edited by the caller), their
-    flat indices int64 [n] (the first Nv entries), and int64 [3] on the CPU: (tokens per chunk,
+    scored positions among the n = targets.numel(): their statistics [2 or 3, n] (the log-sum-exp's
+    two parts m and log s, then entropy, in the first Nv columns: the returned entropy may be
+    edited by the caller), their flat indices int64 [n] (the first Nv entries), and int64 [3] on the CPU: (tokens per chunk,
     1 for vocabulary order, Nv), so that the backward recomputes the forward's blocks bit for bit;
     then bool [...] (or [0] without ``with_top1``): the target's logit is its row's largest; last,
     [2, ...] (or [0] without ``with_sums``): each position's mean scaled logit over the vocabulary
@@ -86,8 +86,8 @@ def _token_logprobs(
         rows = op_passes.RowData.empty(h, with_entropy, with_top1, vocab=weight.shape[0] if with_sums else 0)
         op_passes.stats_pass(plan, h, w, b, t, rows, op_passes.block_buffer(plan, h, w.shape[0]))
     shape, n, n_scored = tuple(targets.shape), targets.numel(), h.shape[0]
-    kept = [rows.lse] if rows.entropy is None else [rows.lse, rows.entropy]
-    stats = rows.lse.new_zeros((len(kept), n))
+    kept = [*rows.norm.t()] + ([] if rows.entropy is None else [rows.entropy])
+    stats = rows.norm.new_zeros((len(kept), n))
     stats[:, :n_scored] = torch.stack(kept)
     scored = t.new_zeros(n)
     scored[:n_scored] = torch.arange(n, device=t.device) if index is None else index
@@ -107,7 +107,7 @@ def _token_logprobs_fake(hidden, weight, bias, targets, temperature, ignore_inde
     stat = op_passes.stat_dtype(hidden)
     logp = targets.new_empty(targets.shape, dtype=stat)
     entropy = targets.new_empty(targets.shape if with_entropy else (0,), dtype=stat)
-    stats = targets.new_empty((2 if with_entropy else 1, targets.numel()), dtype=stat)
+    stats = targets.new_empty((3 if with_entropy else 2, targets.numel()), dtype=stat)
     scored = targets.new_empty((targets.numel(),), dtype=torch.int64)
     top1 = targets.new_empty(targets.shape if with_top1 else (0,), dtype=torch.bool)
     sums = targets.new_empty((2, *targets.shape) if with_sums else (0,), dtype=stat)
@@ -131,17 +131,17 @@ def _token_logprobs_backward(
         "A", backend, hidden, weight.shape[0], h.shape[0], chunk, temperature, order, accum_dtype, dtype, weight.dtype,
         softcap,
     )
-    lse, entropy = stats[0, :n_scored], (stats[1, :n_scored] if stats.shape[0] > 1 else None)
-    g_logp = op_inputs.gather_rows(g_logp.reshape(-1).to(lse.dtype), index)
+    norm, entropy = stats[:2, :n_scored].t(), (stats[2, :n_scored] if stats.shape[0] > 2 else None)
+    g_logp = op_inputs.gather_rows(g_logp.reshape(-1).to(norm.dtype), index)
     if g_ent is not None and entropy is not None:
-        g_ent = op_inputs.gather_rows(g_ent.reshape(-1).to(lse.dtype), index)
+        g_ent = op_inputs.gather_rows(g_ent.reshape(-1).to(norm.dtype), index)
     else:
         g_ent = None
     want_h, want_w, want_b = want
     dtypes = _dtypes(hidden, weight, bias if want_b else None)
     with op_inputs.autocast_off(h.device):
         h, w, b = _cast(plan.dtype, h, weight, bias)
-        rows = op_passes.RowData(None, lse, entropy, g_logp, g_ent)
+        rows = op_passes.RowData(None, norm, entropy, g_logp, g_ent)
         grads = op_passes.GradientPass(plan, h, w, t, rows, dtypes, want_h, want_w)
         grads.recompute(b, op_passes.block_buffer(plan, h, w.shape[0]))
     grad_h, grad_w, grad_b = grads.result()
@@ -204,9 +204,9 @@ class _LinearLoss(torch.autograd.Function):
         dtypes = _dtypes(hidden, weight, bias if want_b else None)
         hidden, weight, bias = _cast(plan.dtype, hidden, weight, bias)  # the GEMMs' dtype
         rows = op_passes.RowData.empty(hidden, with_entropy)
-        rows.g_logp = torch.empty_like(rows.lse)
-        rows.g_ent = torch.empty_like(rows.lse) if with_entropy else None
-        total = rows.lse.new_zeros(())
+        rows.g_logp = torch.empty_like(rows.logp)
+        rows.g_ent = torch.empty_like(rows.logp) if with_entropy else None
+        total = rows.logp.new_zeros(())
         status = torch.empty(hidden.shape[0], dtype=torch.uint8, device=hidden.device)
         buffer = op_passes.block_buffer(plan, hidden, weight.shape[0])
         grads = None

@@ -9,13 +9,13 @@ from .scaled import scaled, tanh
 
 @triton.jit
 def grad_logits_kernel(
-    logits_ptr, targets_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, out_ptr,
+    logits_ptr, targets_ptr, m_ptr, log_s_ptr, ent_ptr, g_logp_ptr, g_ent_ptr, out_ptr,
     V, col_offset, stride_logits, stride_out, inv_temp, inv_softcap, cap_scale,
     BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Grid (C, cdiv(V, BLOCK_V)): program (row, j) writes columns [j * BLOCK_V, (j + 1) * BLOCK_V).
 
-    With ``z = logits * inv_temp`` and ``log p = z - lse`` it stores
+    With ``z = logits * inv_temp`` and ``log p = (z - m) - log s`` it stores
     ``inv_temp * (g_logp * (onehot(target) - p) - g_ent * p * (log p + H))`` in out's dtype; with
     ``SOFTCAP``, ``z = tanh(logits * inv_softcap) * cap_scale`` (``kernels.scaled``) and the value
     is also multiplied by ``1 - tanh(logits * inv_softcap) ** 2``.
@@ -25,7 +25,8 @@ def grad_logits_kernel(
     vocabulary, or all of it); out: [C, V] any float dtype, row stride ``stride_out``, may alias
     logits (each program reads its tile before writing it); both have unit column stride.
     targets: [C] integer vocabulary ids, compared with column ids, never used as an address;
-    lse, g_logp: [C] float32 of the whole rows; entropy and g_ent: [C] float32, read only when
+    m, log_s, g_logp: [C] float32 of the whole rows (the log-sum-exp is m + log s, kept apart so
+    that log p near 0 keeps its own precision); entropy and g_ent: [C] float32, read only when
     ``HAS_ENT``.
     """
     row = tl.program_id(0).to(tl.int64)
@@ -33,16 +34,19 @@ def grad_logits_kernel(
     mask = cols < V
     x = tl.load(logits_ptr + row * stride_logits + cols, mask=mask, other=0.0).to(tl.float32)
     z = scaled(x, inv_temp, inv_softcap, cap_scale, SOFTCAP)
-    # a no-op on real columns (z <= max <= lse); keeps exp() of padded lanes, where z = 0, finite
-    logp = tl.minimum(z - tl.load(lse_ptr + row), 0.0)
+    # a no-op on real columns (z <= m, log s >= 0); keeps exp() of padded lanes, where z = 0, finite
+    logp = tl.minimum((z - tl.load(m_ptr + row)) - tl.load(log_s_ptr + row), 0.0)
     p = tl.exp(logp)
     g_logp = tl.load(g_logp_ptr + row)
-    d = -g_logp * p
+    ent_term = tl.zeros_like(p)
     if HAS_ENT:
         # p = 0 at -inf logits: their term is 0, not 0 * (-inf) (NaN)
-        d -= tl.load(g_ent_ptr + row) * p * tl.where(p > 0.0, logp + tl.load(ent_ptr + row), 0.0)
+        ent_term = tl.load(g_ent_ptr + row) * p * tl.where(p > 0.0, logp + tl.load(ent_ptr + row), 0.0)
+    # g_logp * (onehot - p): at the target column 1 - p = -expm1(log p), as near p = 1 1 - p in
+    # float32 keeps few of its digits (a series above log p = -1e-2, exact to float32 there)
+    expm1 = tl.where(logp > -1e-2, logp * (1.0 + logp * (0.5 + logp * (1.0 / 6.0 + logp * (1.0 / 24.0)))), p - 1.0)
     target = tl.load(targets_ptr + row)
-    d = tl.where(cols + col_offset == target, d + g_logp, d)
+    d = tl.where(cols + col_offset == target, -g_logp * expm1, -g_logp * p) - ent_term
     d *= inv_temp
     if SOFTCAP:
         t = tanh(x * inv_softcap)

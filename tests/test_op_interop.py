@@ -510,8 +510,8 @@ def test_mode_a_custom_ops_pass_torch_opcheck_in_other_dtypes(dtype, backend):
 
 @pytest.mark.parametrize("ignored", [True, False], ids=["some-ignored", "all-scored"])
 def test_mode_a_forward_hands_the_backward_its_scored_rows(ignored):
-    """What the forward op keeps for the backward, of the Nv scored positions: their lse and
-    entropy in the first Nv columns of stats, their flat indices in the first Nv entries of
+    """What the forward op keeps for the backward, of the Nv scored positions: their log-sum-exp's
+    two parts (m, log s) and entropy in the first Nv columns of stats, their flat indices in the first Nv entries of
     scored (also when none is ignored; zeros after them), (chunk, vocabulary order, Nv) in cut;
     against float64."""
     hidden, weight, bias, targets = (x.detach() for x in _leaves(torch.float32, seed=17))
@@ -522,14 +522,15 @@ def test_mode_a_forward_hands_the_backward_its_scored_rows(ignored):
     _, ent, stats, scored, cut, *_ = ops._token_logprobs(*args)
     rows = (targets.reshape(-1) != -100).nonzero().squeeze(1)
     n_scored = rows.numel()
-    assert cut.tolist() == [4, 1, n_scored] and stats.shape == (2, 12) and scored.shape == (12,)
+    assert cut.tolist() == [4, 1, n_scored] and stats.shape == (3, 12) and scored.shape == (12,)
     assert torch.equal(scored[:n_scored], rows)
     # the rest is zeros, not whatever memory held: the outputs are deterministic (opcheck and
     # AOT's comparisons of a compiled call with eager rely on it)
     assert not stats[:, n_scored:].any() and not scored[n_scored:].any()
     logits = (hidden.reshape(12, -1).double() @ weight.double().t() + bias.double()) / 0.8
-    assert rel_err(stats[0, :n_scored], torch.logsumexp(logits, -1)[rows]) < 1e-6
-    assert torch.equal(stats[1, :n_scored], ent.reshape(-1)[rows])
+    assert rel_err(stats[0, :n_scored], logits.max(-1).values[rows]) < 1e-6
+    assert rel_err(stats[0, :n_scored].double() + stats[1, :n_scored], torch.logsumexp(logits, -1)[rows]) < 1e-6
+    assert torch.equal(stats[2, :n_scored], ent.reshape(-1)[rows])
     _, ref_ent = reference_logprobs(hidden, weight, targets, bias, 0.8)
     assert rel_err(ent, ref_ent) < 1e-5
 

@@ -45,7 +45,7 @@ def row_stats(
 def grad_logits(
     logits: Tensor,
     targets: Tensor,
-    lse: Tensor,
+    norm: Tensor,
     entropy: Tensor | None,
     g_logp: Tensor,
     g_ent: Tensor | None,
@@ -58,7 +58,8 @@ def grad_logits(
     return _C.grad_logits(
         logits,
         targets.long().contiguous(),
-        _f32(lse),
+        _f32(norm[:, 0]),
+        _f32(norm[:, 1]),
         None if entropy is None or g_ent is None else _f32(entropy),
         _f32(g_logp),
         None if g_ent is None else _f32(g_ent),

@@ -90,7 +90,7 @@ def row_stats(
 def grad_logits(
     logits: Tensor,
     targets: Tensor,
-    lse: Tensor,
+    norm: Tensor,
     entropy: Tensor | None,
     g_logp: Tensor,
     g_ent: Tensor | None,
@@ -106,7 +106,8 @@ def grad_logits(
             ids ``col_offset .. col_offset + Vs - 1`` (Vs = V for a block of whole rows).
         targets: [C] int64 vocabulary ids in [0, V); a target outside the block's columns adds
             no one-hot term here and is never used as an index.
-        lse: [C] float32 of the whole rows (``row_state.finish``); entropy: [C] float32 or None.
+        norm: [C, 2] float32, the whole rows' log-sum-exp as (m, log s) (``row_state.finish``):
+            log p = (z - m) - log s, each part at its own precision; entropy: [C] float32 or None.
         g_logp: [C] float32; g_ent: [C] float32 or None (no entropy term).
         inv_temp: 1 / temperature.
         out: [C, Vs], any float dtype; may be ``logits`` itself (in place).
@@ -118,22 +119,29 @@ def grad_logits(
     # two block-sized temporaries: log p (reused for the per-element factor) and p (becomes d);
     # a soft cap keeps a third, tanh, for the chain rule's factor
     logp_all, tanh = _scaled(logits, inv_temp, softcap)
-    logp_all -= lse[:, None]
+    logp_all.sub_(norm[:, :1]).sub_(norm[:, 1:])
+    local = targets - col_offset
+    in_block = (local >= 0) & (local < logp_all.shape[1])
+    column = local.clamp(0, logp_all.shape[1] - 1)[:, None]  # in range; a row not in_block keeps its d
+    logp_t = logp_all.gather(1, column).squeeze(1)
     p = logp_all.exp()
     # below -1e4, p is exactly 0 (float32 and float64); clamping keeps the entropy factor finite
     # there (-inf logits), so that p * factor is 0 rather than NaN
     logp_all.clamp_(min=-1e4)
-    # d = -p * (g_logp + g_ent * (log p + H)), then + g_logp at the target column
+    # d = -p * (g_logp + g_ent * (log p + H)) off the target column
     if g_ent is None:
         p.mul_(-g_logp[:, None])
     else:
         logp_all.add_(entropy[:, None]).mul_(g_ent[:, None]).add_(g_logp[:, None])
         p.mul_(logp_all).neg_()
     del logp_all
-    local = targets - col_offset
-    in_block = (local >= 0) & (local < p.shape[1])
-    # rows whose target lies in another slab scatter a zero onto a clamped, in-range column
-    p.scatter_add_(1, local.clamp(0, p.shape[1] - 1)[:, None], (g_logp * in_block)[:, None])
+    # at it g_logp * (1 - p) - g_ent * p * (log p + H), with 1 - p = -expm1(log p): near p = 1,
+    # 1 - p in floating point keeps few of its digits
+    d_t = -g_logp * torch.expm1(logp_t)
+    if g_ent is not None:
+        p_t = logp_t.exp()
+        d_t = d_t - g_ent * torch.where(p_t > 0, p_t * (logp_t + entropy), 0.0)
+    p.scatter_(1, column, torch.where(in_block, d_t, p.gather(1, column).squeeze(1))[:, None])
     p.mul_(inv_temp)
     if tanh is not None:
         p.mul_(tanh.square_().neg_().add_(1.0))

@@ -93,7 +93,7 @@ def row_stats(
 def grad_logits(
     logits: Tensor,
     targets: Tensor,
-    lse: Tensor,
+    norm: Tensor,
     entropy: Tensor | None,
     g_logp: Tensor,
     g_ent: Tensor | None,
@@ -108,7 +108,8 @@ def grad_logits(
         logits: [C, Vs] float32 / bfloat16 / float16, the raw (untempered) logits of vocabulary
             ids ``col_offset .. col_offset + Vs - 1``, unit column stride.
         targets: [C] int64 in [0, V); one outside the block's columns adds no one-hot term here.
-        lse: [C] float32 of the whole rows (``row_state.finish``); entropy: [C] float32 or None.
+        norm: [C, 2] float32, the whole rows' log-sum-exp as (m, log s) (``row_state.finish``);
+            entropy: [C] float32 or None.
         g_logp: [C] float32; g_ent: [C] float32 or None (no entropy term).
         inv_temp: 1 / temperature.
         out: [C, Vs], any float dtype, unit column stride; may be ``logits`` itself (in place).
@@ -118,7 +119,7 @@ def grad_logits(
         ``out``.
     """
     return _grad_logits(
-        logits, targets, lse, entropy, g_logp, g_ent, inv_temp, out, col_offset,
+        logits, targets, norm, entropy, g_logp, g_ent, inv_temp, out, col_offset,
         _block(logits.shape[1], _GRAD_MAX_BLOCK_V), softcap=softcap,
     )
 
@@ -133,7 +134,7 @@ def accumulate_(acc: Tensor, x: Tensor) -> Tensor:
 
 
 def _grad_logits(
-    logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor | None, g_logp: Tensor,
+    logits: Tensor, targets: Tensor, norm: Tensor, entropy: Tensor | None, g_logp: Tensor,
     g_ent: Tensor | None, inv_temp: float, out: Tensor, col_offset: int, block_v: int,
     num_warps: int | None = None, *, softcap: float | None = None,
 ) -> Tensor:
@@ -145,14 +146,15 @@ def _grad_logits(
     if n_rows == 0:
         return out
     has_ent = g_ent is not None
-    targets, lse, g_logp = targets.contiguous(), lse.contiguous(), g_logp.contiguous()
+    targets, g_logp = targets.contiguous(), g_logp.contiguous()
+    m, log_s = norm[:, 0].contiguous(), norm[:, 1].contiguous()
     # without the entropy term the kernel never reads these pointers; any float32 tensor will do
-    entropy = entropy.contiguous() if has_ent else lse
+    entropy = entropy.contiguous() if has_ent else g_logp
     g_ent = g_ent.contiguous() if has_ent else g_logp
     grid = (n_rows, triton.cdiv(vocab, block_v))
     with _on_device(logits):
         grad_logits_kernel[grid](
-            logits, targets, lse, entropy, g_logp, g_ent, out,
+            logits, targets, m, log_s, entropy, g_logp, g_ent, out,
             vocab, col_offset, logits.stride(0), out.stride(0), inv_temp, *_cap_args(inv_temp, softcap),
             BLOCK_V=block_v, HAS_ENT=has_ent, SOFTCAP=softcap is not None, num_warps=num_warps or _warps(block_v),
             enable_fp_fusion=False,
