@@ -98,10 +98,11 @@ def float32_error_scales(
     ignore_index: int = -100,
     logits_dtype: Optional[torch.dtype] = None,
     softcap: Optional[float] = None,
-) -> dict[str, tuple[float, float]]:
-    """What the fused op's errors are measured against, per output: ``(scale, floor)``, where an
-    error within ``tol * scale + k * eps * floor`` is the inputs' rounding (``tol``, by dtype) or
-    the float32 arithmetic's (``eps``), not a defect.
+) -> dict[str, tuple[float, float, float]]:
+    """What the fused op's errors are measured against, per output: ``(scale, floor, fan)``,
+    where an error within ``tol * scale + k * eps * floor + u * fan`` is the inputs' rounding
+    (``tol``, by dtype), the float32 arithmetic's (``eps``) or, for a 16-bit dtype, its subnormal
+    spacing ``u``, not a defect.
 
     ``terms(logp [N], entropy [N]) -> [M]``: the objective whose gradient is checked, as a sum of
     per-token terms (float64). Outputs: ``logp``, ``entropy``, ``loss`` (the terms' sum),
@@ -113,7 +114,9 @@ def float32_error_scales(
       rounding the gradient block (bf16 GEMM inputs) or summing it costs, where ``|G @ W|``
       cancels. The floor is float32's resolution of the block near p = 1, where ``1 - p`` and
       ``log p + H`` are differences of nearly equal numbers: ``(|dL/dlogp| + 2 |dL/dH|) * p``,
-      times the cap's and temperature's factor, through the same products.
+      times the cap's and temperature's factor, through the same products. The fan is what
+      one unit in each element of the gradient block adds up to through the same products: a
+      block element rounded to a 16-bit subnormal is off by up to its spacing (values: 1).
     """
     h = hidden.detach().double().reshape(-1, hidden.shape[-1])
     w = weight.detach().double()
@@ -128,7 +131,8 @@ def float32_error_scales(
     chain = torch.autograd.grad(z.sum(), x)[0]  # dz / dx, elementwise: the cap's and temperature's factor
 
     with torch.no_grad():
-        reach = 1 + z.abs().amax(-1) * (t != ignore_index)
+        valid = t != ignore_index
+        reach = 1 + z.abs().amax(-1) * valid
         g_abs = g_logits.abs()
         g_floor = (g_logp.abs() + 2 * g_ent.abs()).unsqueeze(-1) * torch.softmax(z, dim=-1) * chain.abs()
         w_abs, h_abs = w.abs(), h.abs()
@@ -137,11 +141,11 @@ def float32_error_scales(
             return float(x.max()) if x.numel() else 0.0
 
         return {
-            "logp": (most(logp.abs()), most(reach)),
-            "entropy": (most(entropy.abs()), most(reach)),
+            "logp": (most(logp.abs()), most(reach), 1.0),
+            "entropy": (most(entropy.abs()), most(reach), 1.0),
             "loss": (abs(float(per_term.sum())),
-                     float(per_term.abs().sum() + ((g_logp.abs() + g_ent.abs()) * reach).sum())),
-            "hidden": (most(g_abs @ w_abs), most(g_floor @ w_abs)),
-            "weight": (most(g_abs.t() @ h_abs), most(g_floor.t() @ h_abs)),
-            "bias": (most(g_abs.sum(0)), most(g_floor.sum(0))),
+                     float(per_term.abs().sum() + ((g_logp.abs() + g_ent.abs()) * reach).sum()), 1.0),
+            "hidden": (most(g_abs @ w_abs), most(g_floor @ w_abs), max(1.0, most(w_abs.sum(0)))),
+            "weight": (most(g_abs.t() @ h_abs), most(g_floor.t() @ h_abs), max(1.0, most(h_abs[valid].sum(0)))),
+            "bias": (most(g_abs.sum(0)), most(g_floor.sum(0)), max(1.0, float(valid.sum()))),
         }

@@ -164,14 +164,15 @@ def test_random_configuration(seed):
             _assert_within(got, want, grad_tol, scales[name], c, name)
 
 
-def _assert_within(got: torch.Tensor, want: torch.Tensor, tol: float, scales: tuple[float, float], c: Case,
-                   name: str) -> None:
+def _assert_within(got: torch.Tensor, want: torch.Tensor, tol: float, scales: tuple[float, float, float],
+                   c: Case, name: str) -> None:
     """|got - want| within tol of the output's scale, plus 16 ulps of the op's arithmetic (float32,
-    or float64 for float64 inputs) of its floor (``float32_error_scales``), plus the output
-    dtype's smallest subnormal (a gradient there is rounded to it). NaN and inf fail."""
-    scale, floor = scales
+    or float64 for float64 inputs) of its floor, plus the inputs' dtype's smallest subnormal
+    through its fan (``float32_error_scales``: a gradient block or a gradient there is rounded to
+    it). NaN and inf fail."""
+    scale, floor, fan = scales
     eps = torch.finfo(torch.float64 if c.dtype == torch.float64 else torch.float32).eps
-    allowed = tol * scale + 16 * eps * floor + torch.finfo(got.dtype).tiny * torch.finfo(got.dtype).eps
+    allowed = tol * scale + 16 * eps * floor + torch.finfo(c.dtype).tiny * torch.finfo(c.dtype).eps * fan
     got = got.detach().cpu().double()
     assert bool(torch.isfinite(got).all()), (c, name, "not finite")
     err = float((got - want.detach().double()).abs().max())
