@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import statistics
 import subprocess
 import sys
@@ -413,9 +414,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
-    try:
-        import trl  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("trl") is None:
         sys.exit("TRL is not installed: pip install -e '.[bench]' (it is in the bench extra only)")
     import transformers
 

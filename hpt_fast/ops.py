@@ -71,11 +71,12 @@ def _token_logprobs(
     at ignored positions, float32 (float64 for float64 inputs); and for the backward, of the Nv
     scored positions among the n = targets.numel(): their statistics [2 or 3, n] (the log-sum-exp's
     two parts m and log s, then entropy, in the first Nv columns: the returned entropy may be
-    edited by the caller), their flat indices int64 [n] (the first Nv entries), and int64 [3] on the CPU: (tokens per chunk,
-    1 for vocabulary order, Nv), so that the backward recomputes the forward's blocks bit for bit;
-    then bool [...] (or [0] without ``with_top1``): the target's logit is its row's largest; last,
-    [2, ...] (or [0] without ``with_sums``): each position's mean scaled logit over the vocabulary
-    and log sum_v p_v^2 (``row_state.logit_sums``), 0 at ignored positions.
+    edited by the caller), their flat indices int64 [n] (the first Nv entries), and int64 [3] on
+    the CPU: (tokens per chunk, 1 for vocabulary order, Nv), so that the backward recomputes the
+    forward's blocks bit for bit; then bool [...] (or [0] without ``with_top1``): the target's
+    logit is its row's largest; last, [2, ...] (or [0] without ``with_sums``): each position's
+    mean scaled logit over the vocabulary and log sum_v p_v^2 (``row_state.logit_sums``), 0 at
+    ignored positions.
     """
     h, t, index, plan = _prepare(
         hidden, weight, targets, bias, temperature, ignore_index, backend, chunk_size, "A", grad_order,
