@@ -7,8 +7,9 @@ Three tables, each measured against a float64 computation on the same float32 va
   naive (materialised logits, log_softmax, autograd) and through the op's torch and cpu
   backends, with logits scaled up to |z| of about 190 and half the targets their row's largest
   logit (confident tokens);
-- one near-deterministic row (V 2, scaled logits near 100, 1 - p of its target near 1e-5), where
-  the gradient is a difference of terms of order 1: naive and the op's backends.
+- near-deterministic rows: one at V 2 (scaled logits near 100, 1 - p of its target near 1e-5),
+  and rows at the table's V whose target leads until 1 - p is 1e-3, 1e-5 or 1e-7, where logp,
+  the entropy and the gradient are of the order of 1 - p: naive and the op's backends.
 
     python -m bench.float32_precision
 """
@@ -106,7 +107,8 @@ def main() -> None:
         print_rows(f"{scale:g}, {temperature:g}: {z_max:.0f}",
                    errors(h, w, targets, temperature, None, g_logp, g_ent))
 
-    print("\n### One near-deterministic row: V 2, logits 30 and 26.5, temperature 0.3 (z 100 and 88.3)\n")
+    print("\n### Near-deterministic rows\n")
+    print("V 2: logits 30 and 26.5, temperature 0.3 (z 100 and 88.3); the others at temperature 1.\n")
     g = torch.Generator().manual_seed(2)
     h = torch.randn(1, 64, generator=g, dtype=torch.float64)
     w = torch.randn(2, 64, generator=g, dtype=torch.float64) / 8
@@ -115,10 +117,27 @@ def main() -> None:
     targets = torch.tensor([0])
     ones = torch.ones(1, dtype=torch.float64)
     p_other = torch.softmax(h.float().double() @ w.float().double().t() / 0.3, -1)[0, 1]
-    print(f"1 - p(target) = {float(p_other):.2e}\n")
+    print(f"At V 2, 1 - p(target) = {float(p_other):.2e}.\n")
     print("| row | way | logp | entropy | grad_hidden | grad_weight |")
     print("| --- | --- | --- | --- | --- | --- |")
     print_rows("V 2", errors(h, w, targets, 0.3, None, ones, ones))
+    for tail in (1e-3, 1e-5, 1e-7):
+        h, w, targets = peaked_row(args.vocab, tail)
+        print_rows(f"V {args.vocab}, 1 - p {tail:.0e}", errors(h, w, targets, 1.0, None, ones, ones))
+
+
+def peaked_row(vocab: int, tail: float) -> tuple[Tensor, Tensor, Tensor]:
+    """hidden [1, 64] and weight [vocab, 64] float64 and targets [1]: random, the target's weight
+    row then moved along the hidden vector until 1 - p of the target is ``tail``."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(1, 64, generator=g, dtype=torch.float64)
+    w = torch.randn(vocab, 64, generator=g, dtype=torch.float64) / 8
+    target = vocab // 3
+    logits = (h @ w.t())[0]
+    others = torch.logsumexp(torch.cat([logits[:target], logits[target + 1:]]), 0)
+    wanted = float(others) - float(torch.tensor(tail, dtype=torch.float64).log())
+    w[target] += h[0] * (wanted - float(h[0] @ w[target])) / float(h[0] @ h[0])
+    return h, w, torch.tensor([target])
 
 
 if __name__ == "__main__":

@@ -336,25 +336,40 @@ float scale_and_max(const T* x, int64_t n, const Scale<kSoftcap>& scale, float* 
 }
 
 // Adds exp(z - m), with kEntropy exp(z - m) * (z - m), and with kSums exp(2 (z - m)) and z of
-// the buffer to the sums (shift m).
-template <bool kEntropy, bool kSums>
+// the buffer to the sums (shift m). With kAtMax (the buffer holds z equal to m) those z, each
+// contributing exp(0) = 1, are counted apart and the count added in double: summed in float32 in
+// a lane holding a 1, the others' terms would keep only float32's spacing at 1, and near p = 1
+// (1 - p of 1e-7) they are all of log s.
+template <bool kEntropy, bool kSums, bool kAtMax>
 void add_exp_sums(const float* z, int64_t n, SoftmaxSums& sums) {
   // while every z seen is -inf (entries masked by a -inf bias), shift by 0: -inf - -inf is NaN
   const Vec shift(sums.m == kNegInf ? 0.f : sums.m);
   // e = 0 where d = -inf: the entropy term d is clamped to a finite value so that e * d is 0
   // rather than NaN (clamp_min keeps a NaN)
   const Vec lowest(std::numeric_limits<float>::lowest());
-  Vec s0(0.f), s1(0.f), t0(0.f), t1(0.f), q0(0.f), q1(0.f), y0(0.f), y1(0.f);
+  const Vec zero(0.f);
+  const Vec one(1.f);
+  // e with kAtMax: 0 where d == 0, counted in c instead
+  const auto terms = [&](const Vec& d, Vec& c) {
+    const Vec e = vexp(d);
+    if constexpr (kAtMax) {
+      const Vec at = d == zero;
+      c = c + (at & one);
+      return Vec::blendv(e, zero, at);
+    }
+    return e;
+  };
+  Vec r0(0.f), r1(0.f), c0(0.f), c1(0.f), t0(0.f), t1(0.f), q0(0.f), q1(0.f), y0(0.f), y1(0.f);
   int64_t i = 0;
   for (; i + kStep <= n; i += kStep) {
     const Vec z0 = Vec::loadu(z + i);
     const Vec z1 = Vec::loadu(z + i + kVec);
     const Vec d0 = z0 - shift;
     const Vec d1 = z1 - shift;
-    const Vec e0 = vexp(d0);
-    const Vec e1 = vexp(d1);
-    s0 = s0 + e0;
-    s1 = s1 + e1;
+    const Vec e0 = terms(d0, c0);
+    const Vec e1 = terms(d1, c1);
+    r0 = r0 + e0;
+    r1 = r1 + e1;
     if constexpr (kEntropy) {
       t0 = at::vec::fmadd(e0, at::vec::clamp_min(d0, lowest), t0);
       t1 = at::vec::fmadd(e1, at::vec::clamp_min(d1, lowest), t1);
@@ -368,11 +383,13 @@ void add_exp_sums(const float* z, int64_t n, SoftmaxSums& sums) {
   }
   for (; i < n; i += kVec) {
     const int64_t rest = std::min(kVec, n - i);
-    const Vec zero(0.f);
     const Vec zi = Vec::set(zero, Vec::loadu(z + i, rest), rest);
     const Vec d = Vec::set(zero, zi - shift, rest);
-    const Vec e = Vec::set(zero, vexp(d), rest);
-    s0 = s0 + e;
+    // lanes past the end (d = 0) add nothing, neither a term nor a count
+    Vec c(0.f);
+    const Vec e = Vec::set(zero, terms(d, c), rest);
+    c0 = c0 + Vec::set(zero, c, rest);
+    r0 = r0 + e;
     if constexpr (kEntropy) {
       t0 = at::vec::fmadd(e, at::vec::clamp_min(d, lowest), t0);
     }
@@ -381,12 +398,13 @@ void add_exp_sums(const float* z, int64_t n, SoftmaxSums& sums) {
       y0 = y0 + zi;
     }
   }
-  sums.s += sum_lanes(s0 + s1);
+  const double count = kAtMax ? sum_lanes(c0 + c1) : 0.0;
+  sums.s += sum_lanes(r0 + r1) + count;
   if constexpr (kEntropy) {
     sums.s1 += sum_lanes(t0 + t1);
   }
   if constexpr (kSums) {
-    sums.s2 += sum_lanes(q0 + q1);
+    sums.s2 += sum_lanes(q0 + q1) + count;
     sums.sz += sum_lanes(y0 + y1);
   }
 }
@@ -398,8 +416,14 @@ SoftmaxSums softmax_sums(const T* x, int64_t n, const Scale<kSoftcap>& scale) {
   SoftmaxSums sums;
   for (int64_t begin = 0; begin < n; begin += kChunk) {
     const int64_t len = std::min(kChunk, n - begin);
-    sums.shift_to(std::max(sums.m, scale_and_max(x + begin, len, scale, z)));
-    add_exp_sums<kEntropy, kSums>(z, len, sums);
+    const float run_max = scale_and_max(x + begin, len, scale, z);
+    sums.shift_to(std::max(sums.m, run_max));
+    // only a run holding the maximum so far holds exp(0) = 1 terms
+    if (run_max == sums.m) {
+      add_exp_sums<kEntropy, kSums, true>(z, len, sums);
+    } else {
+      add_exp_sums<kEntropy, kSums, false>(z, len, sums);
+    }
   }
   return sums;
 }

@@ -10,9 +10,14 @@ The state is a ``[C, 6]`` float64 tensor, one row per token: column 0 is ``m``, 
 ``s = sum exp(z - m)``; 2 is ``s1 = sum exp(z - m) * (z - m)`` (kept only when the entropy is
 wanted); 3 is ``z_t``, the target's ``z``, written by the call whose columns contain the target;
 4 and 5, kept only when the logit sums are wanted (``logit_sums``), are ``s2 = sum exp(2 (z - m))``
-and ``sz = sum z``. The sums stay in float64 between blocks, as they are within one in the C++
-kernels, so a row cut into slabs loses nothing to rounding between them, and one block
-reproduces a whole-row pass.
+and ``sz = sum z``. The sums stay in float64 between blocks, so a row cut into slabs loses
+nothing to rounding between them, and one block reproduces a whole-row pass.
+
+Within a block every backend adds the terms in float32, but keeps the maximum's exp(0) = 1 out
+of those sums and adds it in float64 (the C++ and Triton kernels count the z equal to the
+maximum; the torch backend takes each row's largest term out): in one float32 sum with the 1,
+the other terms of a near-deterministic row (1 - p of 1e-7, where they are all of log s, log p
+and the entropy) would keep only float32's spacing at 1, 6e-8.
 """
 from __future__ import annotations
 

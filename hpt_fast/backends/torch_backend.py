@@ -65,11 +65,18 @@ def row_stats(
     m_old, s_old = state[:, row_state.M], state[:, row_state.S]
     # the block in its own dtype (m_old holds one of its values, so the cast is exact); the
     # state's sums in float64
-    m = torch.maximum(m_old.to(z.dtype), z.amax(dim=1))
+    block_max, top = z.max(dim=1, keepdim=True)
+    m = torch.maximum(m_old.to(z.dtype), block_max.squeeze(1))
     # shifted logits keep exp() finite for logits of any magnitude; a row with nothing but -inf
     # so far (vocabulary entries masked by a -inf bias) is shifted by 0, not by -inf (NaN)
     zs = z.sub_(torch.where(m == float("-inf"), 0.0, m)[:, None])
     e = zs.exp()
+    # each row's largest term (exp(0) = 1 where the block holds the row's maximum) is taken out
+    # of the float32 sums and added in float64: summed with a 1 in float32, the others' terms near
+    # p = 1 (1 - p of 1e-7, all of log s) would keep only float32's spacing at 1. A tie at the
+    # maximum leaves a second 1 in the sum, but then p <= 1/2 and nothing is lost.
+    e_top = e.gather(1, top).squeeze(1)
+    e.scatter_(1, top, 0.0)
     m = m.double()
     # rows with nothing seen yet have s_old = 0 and m_old = -inf: their old sums stay 0, not NaN
     seen = s_old > 0
@@ -77,11 +84,14 @@ def row_stats(
     if with_entropy:
         shift = torch.where(seen, m_old - m, 0.0)
         # e = 0 at -inf logits: their term is 0, not 0 * (-inf) (NaN stays NaN)
-        s1_blk = torch.linalg.vecdot(e, zs.clamp_(min=torch.finfo(zs.dtype).min)).double()
+        zs.clamp_(min=torch.finfo(zs.dtype).min)
+        s1_blk = torch.linalg.vecdot(e, zs).double() + (e_top * zs.gather(1, top).squeeze(1)).double()
         state[:, row_state.S1] = scale * (state[:, row_state.S1] + shift * s_old) + s1_blk
+    e_top = e_top.double()
     if with_sums:
-        state[:, row_state.S2] = scale.square() * state[:, row_state.S2] + torch.linalg.vecdot(e, e).double()
-    state[:, row_state.S] = scale * s_old + e.sum(dim=1).double()
+        s2_blk = torch.linalg.vecdot(e, e).double() + e_top.square()
+        state[:, row_state.S2] = scale.square() * state[:, row_state.S2] + s2_blk
+    state[:, row_state.S] = scale * s_old + e.sum(dim=1).double() + e_top
     state[:, row_state.M] = m
     state[:, row_state.Z_T] = torch.where(in_block, z_t.double(), state[:, row_state.Z_T])
     return state

@@ -181,8 +181,8 @@ def _row_stats(
     n_splits = triton.cdiv(vocab, split_v)
     merge = n_splits == 1
     cap = _cap_args(inv_temp, softcap)
-    # the partial sums of split rows (m, s, s1, s2, sz), each [C, n_splits]; unused when merging
-    parts = (state,) * 5 if merge else torch.empty(5, n_rows, n_splits, dtype=torch.float32, device=logits.device)
+    # the partial sums of split rows (m, k, r, s1, s2, sz), each [C, n_splits]; unused when merging
+    parts = (state,) * 6 if merge else torch.empty(6, n_rows, n_splits, dtype=torch.float32, device=logits.device)
     flags = dict(WITH_ENT=with_entropy, WITH_SUMS=with_sums, SOFTCAP=softcap is not None,
                  STATE_WIDTH=row_state.WIDTH, enable_fp_fusion=False)
     with _on_device(logits):
