@@ -127,9 +127,10 @@ def test_a_dominant_logit_gives_an_entropy_of_zero_not_below(backend: str, dtype
             assert (entropy >= 0).all() and (logp <= 0).all(), (entropy, logp)
             assert (entropy[underflow] == 0).all() and not torch.signbit(entropy).any()
             # s = 1 + 1e-10 keeps its 1e-10 (the maximum's 1 is counted apart from the others'
-            # terms), which is 1/29 of these entropies
+            # terms), which is 1/29 of these entropies; a GPU's approximate exp is off by about
+            # 3.4e-6 at exp(-57)
             rel = (entropy.double() - want).abs() / want
-            assert (rel[~underflow] < 1e-5).all(), (entropy, want)
+            assert (rel[~underflow] < 2e-5).all(), (entropy, want)
 
 
 def _peaked_rows(vocab: int, dtype: torch.dtype, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,8 +159,9 @@ def _peaked_rows(vocab: int, dtype: torch.dtype, gen: torch.Generator) -> tuple[
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_near_deterministic_and_tied_rows_keep_their_small_sums(backend: str, dtype: torch.dtype) -> None:
     """Every row's logp, entropy, log sum p^2 and the log s of ``row_state.finish``'s log-sum-exp
-    within 2e-6 of float64's, relative to each row's own value, whole and cut in slabs (Triton:
-    also split over programs). Near p = 1 these are all of the order of 1 - p: before the row's
+    within 5e-6 of float64's, relative to each row's own value, whole and cut in slabs (Triton:
+    also split over programs; at most 3.9e-7 on the CPU, and the bound leaves room for a GPU's
+    approximate exp, whose error grows with |z - m|). Near p = 1 these are all of the order of 1 - p: before the row's
     largest exp(0) = 1 was counted apart from the others' terms, float32 resolved them only to its
     spacing at 1 (6e-8): at 1 - p of 2e-8 the torch and triton backends rounded logp and log s to
     0, and the cpu backend's were 5% off."""
@@ -194,7 +196,7 @@ def test_near_deterministic_and_tied_rows_keep_their_small_sums(backend: str, dt
                "log s": norm[:, 1]}
         for name, value in got.items():
             err = (value.double().cpu() - want[name]).abs() / want[name].abs().clamp_min(1e-30)
-            assert float(err.max()) <= 2e-6, (name, err.tolist())
+            assert float(err.max()) <= 5e-6, (name, err.tolist())
 
 
 def test_an_entropy_rounded_below_zero_is_zero() -> None:
