@@ -1145,7 +1145,7 @@ def test_the_target_columns_gradient_keeps_float32_precision(backend, with_entro
     (log p + H)``, within 1e-6 of float64's (of its terms' magnitudes), row by row, for 1 - p
     from 0.35 to 1e-7, closely around 0.01 and 0.3. 1 - p is -expm1(log p); Triton, which has
     no expm1, took it as p - 1 below log p = -0.01 (6e-8 absolute: 6.6e-6 relative at 1 - p =
-    0.0101) until it took a longer series once per row (2e-7)."""
+    0.0101) until it took a longer series once per row (2e-7; both under the CPU interpreter)."""
     _skip_unavailable(backend)
     module = backends.load(backend)
     device = backend_device(backend)
