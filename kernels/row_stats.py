@@ -9,10 +9,10 @@ contributing exp(0) = 1) and ``r`` the sum over the others, added in float64 onl
 into the state: in one float32 sum with the 1, a near-deterministic row's other terms (1 - p of
 1e-7) would keep only float32's spacing at 1. ``s2`` likewise leaves out its k ones. A row may
 be split over several programs, each covering ``split_v`` columns and writing partial sums; a
-second kernel then merges the partials of each row. Either way the
-row's sums over the block are merged into its running state (``hpt_fast.backends.row_state``),
-the block being all of the row's columns or one slab of them; ``row_state.finish`` turns the
-complete state into logp, lse and entropy, ``row_state.logit_sums`` into the logit sums.
+second kernel then merges the partials of each row. Either way the row's sums over the block
+are merged into its running state (``hpt_fast.backends.row_state``), the block being all of the
+row's columns or one slab of them; ``row_state.finish`` turns the complete state into logp, the
+log-sum-exp as (m, log s) and entropy, ``row_state.logit_sums`` into the logit sums.
 """
 from __future__ import annotations
 
@@ -80,8 +80,8 @@ def row_stats_kernel(
     sz: ``row_state``'s layout). With ``MERGE`` (n_splits == 1) the program merges its sums into
     the state directly, otherwise it writes them into part_m / part_k / part_r / part_s1 /
     part_s2 / part_sz ([C, n_splits] float32, contiguous) for ``row_stats_combine_kernel``.
-    ``split_v`` is a multiple of BLOCK_V. ``SOFTCAP``: z as in ``kernels.scaled`` (inv_softcap, cap_scale), else
-    ``logits * inv_temp``.
+    ``split_v`` is a multiple of BLOCK_V. ``SOFTCAP``: z as in ``kernels.scaled`` (inv_softcap,
+    cap_scale), else ``logits * inv_temp``.
     """
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)

@@ -9,14 +9,16 @@ block's dtype; float64 blocks, used for gradcheck, stay float64 in this backend 
 
 - ``row_stats`` merges the block's columns into each row's running softmax state
   (``row_state``), from which ``row_state.finish`` gives ``logp = z[target] - logsumexp(z)``,
-  ``lse = logsumexp(z)`` and ``entropy = -sum(softmax(z) * log_softmax(z))`` once every column
-  of the row has been seen, in one block or in several vocabulary slabs.
+  ``norm``, logsumexp(z) in two parts (m, log s), and ``entropy = -sum(softmax(z) *
+  log_softmax(z))`` once every column of the row has been seen, in one block or in several
+  vocabulary slabs.
 - ``grad_logits`` writes ``d loss / d logits`` for per-token ``g_logp = d loss / d logp`` and
   ``g_ent = d loss / d entropy``:
   ``inv_temp * (g_logp * (onehot - p) - g_ent * p * (log p + H))``, times
   ``1 - tanh(logits / softcap) ** 2`` with a soft cap. The block may be a slab of
-  vocabulary columns ``[col_offset, col_offset + cols)`` of the full rows: ``lse`` and the entropy
-  are those of the full rows, and the one-hot term lands only on rows whose target is in the slab.
+  vocabulary columns ``[col_offset, col_offset + cols)`` of the full rows: ``norm`` and the
+  entropy are those of the full rows, and the one-hot term lands only on rows whose target is
+  in the slab.
 - ``accumulate_`` adds a low-precision block into a float32 accumulator.
 """
 from __future__ import annotations
